@@ -1,0 +1,1 @@
+"""The knnlm command line (installed as the package knnlm.cli)."""

@@ -1,0 +1,37 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from tqdm import tqdm
+
+from knnlm.lm import DEFAULT_MODEL
+
+datastore_option = click.option(
+    "--datastore", "-d", envvar="KNNLM_DATASTORE", default="datastores/default", show_envvar=True,
+    type=click.Path(file_okay=False), help="Datastore directory.")
+model_option = click.option(
+    "--model", "-m", default=None,
+    help=f"Hub id, local directory or .gguf file [default: the datastore's model, else {DEFAULT_MODEL}].")
+device_option = click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "tok") -> tqdm:
+    """A tqdm bar on stderr showing rate per second."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)
+
+
+def print_json(obj) -> None:
+    """JSON on stdout."""
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
+def print_table(rows: list[tuple[str, object]]) -> None:
+    """Two aligned columns."""
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")

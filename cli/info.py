@@ -1,0 +1,59 @@
+"""`knnlm info`."""
+
+from __future__ import annotations
+
+import click
+
+from knnlm.datastore import open_datastore
+from knnlm.index import read_index_info
+from knnlm.tune import load_lambda
+
+from .common import json_option, print_json, print_table
+
+
+def _mib(path) -> str:
+    """File size in MiB, or '-' if absent."""
+    return f"{path.stat().st_size / 2**20:.1f} MiB" if path.exists() else "-"
+
+
+@click.command("info")
+@click.argument("datastore", type=click.Path(file_okay=False), default="datastores/default",
+                envvar="KNNLM_DATASTORE")
+@json_option
+def info_cmd(datastore, as_json):
+    """Describe DATASTORE: model, size, corpus, index, tuned λ."""
+    ds = open_datastore(datastore)
+    index, lam = read_index_info(ds), load_lambda(ds.path)
+    m = {k: v for k, v in ds.meta.items() if k != "documents"}
+    if as_json:
+        print_json({"path": str(ds.path), "meta": m, "documents": len(ds.documents), "index": index,
+                    "lambda": lam})
+        return
+    c, b = m["corpus"], m["build"]
+    rows = [
+        ("datastore", ds.path),
+        ("model", f"{m['model']['name']} (fingerprint {m['model']['fingerprint']})"),
+        ("tokenizer", m["tokenizer"]["fingerprint"]),
+        ("keys", f"{ds.count} × {ds.dim} float16, {_mib(ds.path / 'keys.npy')}"),
+        ("values", f"{ds.count} int32, {_mib(ds.path / 'vals.npy')}"),
+        ("key source", m["key_source"]),
+        ("windows", f"context {m['context']}, stride {m['stride']}"),
+        ("corpus", f"{c['source']} ({len(c['files'])} files, {len(ds.documents)} documents stored)"),
+        ("held out", f"{m['holdout']['dev_documents']} dev, {m['holdout']['test_documents']} test documents "
+                     f"(share {m['holdout']['share']} each)"),
+        ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"),
+    ]
+    if index:
+        detail = (f"{index['factory']}: nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
+                  f"trained on {index['train_size']} keys ({index['reason']})"
+                  if index["kind"] == "ivfpq" else f"exact (Flat): {index['reason']}")
+        rows.append(("index", f"{detail}; {_mib(ds.path / 'index.faiss')}, built in {index['total_seconds']} s"))
+    else:
+        rows.append(("index", "none (run `knnlm train-index`)"))
+    if lam:
+        ada = " and an adaptive schedule" if lam.get("adaptive") else ""
+        rows.append(("tuned", f"λ {lam['lambda']:.3f}, T {lam['temperature']:.3g}{ada} ({lam.get('created', '')})"))
+    print_table(rows)
+
+
+COMMANDS = [info_cmd]

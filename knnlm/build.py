@@ -1,0 +1,278 @@
+"""Building a datastore: run the frozen LM over a corpus, stream keys and values to disk, resumably."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .arrays import NpyAppender, write_json
+from .corpus import STORE, iter_documents, open_corpus
+from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore
+from .errors import KNNLMError
+from .index import IndexConfig, train_index
+from .lm import DEFAULT_MODEL, LM, load_lm
+from .windows import check_window, length_batches, pad_batch, plan_windows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Settings of `build-datastore`."""
+
+    model: str = DEFAULT_MODEL  # hub id, local directory, .gguf file or the bundled default
+    device: str | None = None  # torch device; None: cuda when available, else cpu
+    trust_remote_code: bool = False  # run the model repository's own code (off unless asked)
+    context: int = 512  # tokens per window: a key sees up to this many tokens, itself included
+    stride: int = 256  # tokens a window advances; later windows own their last `stride` positions
+    batch_size: int = 8  # windows per forward pass
+    holdout: float = 0.05  # share of the corpus for each of the dev and test parts (0 turns it off)
+    glob: str = "**/*.txt"  # files of a folder corpus
+    fmt: str = "auto"  # "auto" (JSONL by suffix), "text" or "jsonl"
+    text_field: str = "text"  # JSONL field with a document's text
+    shuffle_seed: int | None = None  # shuffle document order with this seed; None: sorted order
+    max_tokens: int | None = None  # stop adding documents once the datastore has this many keys
+    block_windows: int = 64  # windows between checkpoints (sorted by length within a block)
+    build_index: bool = True  # train the index at the end
+    index: IndexConfig = field(default_factory=IndexConfig)  # index settings
+    overwrite: bool = False  # replace an existing datastore (only once the new one is whole)
+    resume: bool = False  # continue an interrupted build
+
+
+# Settings that must match for --resume to continue a build (the rest may change, e.g. batch size).
+_RESUME_KEYS = ("context", "stride", "holdout", "glob", "fmt", "text_field", "shuffle_seed", "max_tokens",
+                "block_windows")
+
+
+def _partial_dir(out: Path) -> Path:
+    """Where a build in progress lives until it is whole."""
+    return out.with_name(out.name + ".partial")
+
+
+def _prepare_dirs(out: Path, cfg: BuildConfig) -> tuple[Path, dict | None]:
+    """Check what exists at out, and return (work dir, checkpoint or None)."""
+    work = _partial_dir(out)
+    if out.exists() and not cfg.overwrite:
+        raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
+                         "the new one is whole) or --out for another place.")
+    if work.exists():
+        ckpt = work / "progress.json"
+        if cfg.resume and ckpt.exists():
+            return work, json.loads(ckpt.read_text())
+        if not cfg.resume and not cfg.overwrite:
+            raise KNNLMError(f"An interrupted build is in {work}; pass --resume to continue it or "
+                             "--overwrite to start over.")
+        shutil.rmtree(work)
+    elif cfg.resume:
+        log.info("nothing to resume in %s; starting a new build", work)
+    work.mkdir(parents=True)
+    return work, None
+
+
+class _Writer:
+    """The files of a build in progress, and its checkpoints."""
+
+    def __init__(self, work: Path, dim: int, ckpt: dict | None):
+        s = ckpt or {"seq": 0, "window": 0, "rows": 0, "scheduled": 0, "docs_bytes": 0, "holdout_bytes": 0,
+                     "skipped": 0, "heldout": {"dev": 0, "test": 0}, "seconds": 0.0}
+        self.state, self.work = s, work
+        self.keys = NpyAppender(work / "keys.npy", np.float16, (dim,), s["rows"])
+        self.vals = NpyAppender(work / "vals.npy", np.int32, (), s["rows"])
+        self.docs = self._open_log("docs.jsonl", s["docs_bytes"])
+        self.holdout = self._open_log("holdout.jsonl", s["holdout_bytes"])
+        self.t0 = time.time() - s["seconds"]
+
+    def _open_log(self, name: str, size: int):
+        """A JSONL file cut back to its checkpointed size, open for appending."""
+        path = self.work / name
+        path.touch()
+        os.truncate(path, size)
+        return open(path, "a")
+
+    def checkpoint(self, seq: int, window: int) -> None:
+        """Make everything written so far durable and record where to continue."""
+        for a in (self.keys, self.vals):
+            a.flush()
+        for f in (self.docs, self.holdout):
+            f.flush()
+            os.fsync(f.fileno())
+        self.state.update(seq=seq, window=window, rows=self.keys.rows, docs_bytes=self.docs.tell(),
+                          holdout_bytes=self.holdout.tell(), seconds=time.time() - self.t0)
+        write_json(self.work / "progress.json", self.state)
+
+    def close(self) -> None:
+        """Close files, leaving them resumable."""
+        for a in (self.keys, self.vals):
+            a.close()
+        for f in (self.docs, self.holdout):
+            f.close()
+
+
+def _run_block(lm: LM, block: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys (fp16) and values of a block's owned positions, in block order; block items are (window, ids, labels)."""
+    outs: list = [None] * len(block)
+    for batch in length_batches([len(b[1]) for b in block], batch_size):
+        ids, mask = pad_batch([block[i][1] for i in batch])
+        keys, _ = lm.forward(ids, mask, logits=False)  # (B, T, d)
+        keys = keys.cpu().numpy()
+        for j, i in enumerate(batch):
+            w, _toks, labels = block[i]
+            outs[i] = (keys[j, w.own_from - w.begin: w.own_to - w.begin], labels)
+    k = np.concatenate([o[0] for o in outs]) if outs else np.zeros((0, lm.dim), np.float32)
+    v = np.concatenate([o[1] for o in outs]) if outs else np.zeros(0, np.int32)
+    k16 = k.astype(np.float16)
+    if not np.isfinite(k16).all():
+        raise KNNLMError("Some keys overflow float16 (|x| > 65504); this model's hidden states are too large "
+                         "for the float16 datastore format.")
+    return k16, v
+
+
+def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: BuildConfig = BuildConfig(),
+                    lm: LM | None = None, progress=None) -> Datastore:
+    """Build a datastore from a corpus.
+
+    Args:
+        corpus: a text file, a folder, a JSONL file, or "-" for stdin (see corpus.open_corpus).
+        out: the datastore directory; None means $KNNLM_DATASTORE or datastores/default.
+        cfg: build settings.
+        lm: an already loaded model (else cfg.model is loaded).
+        progress: optional callable taking the number of tokens just stored.
+
+    Returns:
+        The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
+    """
+    out = datastore_path(out)
+    if not 0 <= cfg.holdout < 0.34:
+        raise KNNLMError(f"--holdout {cfg.holdout} must be in [0, 0.34): it is the share of each of dev and test.")
+    check_window(cfg.context, cfg.stride)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed)
+    lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
+    check_window(cfg.context, cfg.stride, lm.max_positions)
+    work, ckpt = _prepare_dirs(out, cfg)
+    settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
+    if ckpt is not None:
+        if json.loads((work / "settings.json").read_text()) != json.loads(json.dumps(settings)):
+            raise KNNLMError(f"The interrupted build in {work} used other settings, model or corpus; pass the "
+                             "same ones to --resume, or --overwrite to start over.")
+        if ckpt.get("done"):
+            log.info("arrays already complete; finishing")
+    else:
+        write_json(work / "settings.json", settings)
+
+    w = _Writer(work, lm.dim, ckpt)
+    s = w.state
+    try:
+        if not s.get("done"):
+            _fill(lm, src, cfg, w, progress)
+        w.state["done"] = True
+        w.checkpoint(w.state["seq"], w.state["window"])
+    finally:
+        w.close()
+    if s["rows"] == 0:
+        shutil.rmtree(work)
+        raise KNNLMError(f"Corpus {corpus} gave no tokens for the datastore (every document is empty, "
+                         "one token long, or held out); pass a larger corpus or a smaller --holdout.")
+    return _finish(lm, src, cfg, w, out, progress)
+
+
+def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
+    """Stream documents through the LM into the writer, checkpointing every block."""
+    s = w.state
+    block: list = []
+    start_seq, start_win = s["seq"], s["window"]
+
+    def flush(seq: int, window: int) -> None:
+        if block:
+            k, v = _run_block(lm, block, cfg.batch_size)
+            w.keys.append(k)
+            w.vals.append(v)
+            if progress:
+                progress(len(v))
+            block.clear()
+        w.checkpoint(seq, window)
+
+    for seq, split, name, text in iter_documents(src, cfg.holdout, start_seq):
+        if split != STORE:
+            if text.strip():
+                w.holdout.write(json.dumps({"split": split, "name": name, "text": text}) + "\n")
+                s["heldout"][split] += 1
+            continue
+        resumed = seq == start_seq and start_win > 0
+        if not resumed and cfg.max_tokens and s["scheduled"] >= cfg.max_tokens:
+            flush(seq, 0)
+            return
+        ids = lm.encode(text)
+        if len(ids) < 2:
+            s["skipped"] += 1
+            continue
+        if not resumed:
+            # Token j > 0 of this document is vals[start + j - 1]; token 0 is kept here.
+            w.docs.write(json.dumps([name, s["scheduled"], len(ids) - 1, int(ids[0])]) + "\n")
+            s["scheduled"] += len(ids) - 1
+        for win in plan_windows(seq, len(ids), cfg.context, cfg.stride):
+            if resumed and win.index < start_win:
+                continue
+            # A window's last position predicts the token just past it, so labels come from the document.
+            labels = np.asarray(ids[win.own_from + 1: win.own_to + 1], dtype=np.int32)
+            block.append((win, ids[win.begin: win.end], labels))
+            if len(block) >= cfg.block_windows:
+                flush(seq, win.index + 1)
+    flush(len(src.docs) + 3, 0)
+
+
+def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> Datastore:
+    """Seal the arrays, write meta.json, train the index, and move the datastore into place."""
+    import faiss
+    import torch
+    import transformers
+
+    work, s = w.work, w.state
+    NpyAppender(work / "keys.npy", np.float16, (lm.dim,), s["rows"]).finish()
+    NpyAppender(work / "vals.npy", np.int32, (), s["rows"]).finish()
+    docs = [json.loads(line) for line in open(work / "docs.jsonl")]
+    seconds = s["seconds"]
+    meta = {
+        "format": FORMAT_VERSION,
+        "model": {"name": cfg.model, "fingerprint": lm.fingerprint, "vocab_size": lm.vocab_size},
+        "tokenizer": {"fingerprint": lm.tokenizer_fingerprint},
+        "key_source": KEY_SOURCE,
+        "dim": lm.dim,
+        "dtype": {"keys": "float16", "vals": "int32"},
+        "count": s["rows"],
+        "context": cfg.context,
+        "stride": cfg.stride,
+        "holdout": {"share": cfg.holdout, "dev_documents": s["heldout"]["dev"],
+                    "test_documents": s["heldout"]["test"],
+                    "rule": "one document: its tail; several: every round(1/share)-th to dev, the next to test"},
+        "corpus": {"source": src.source, "glob": cfg.glob, "format": cfg.fmt, "text_field": cfg.text_field,
+                   "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
+                   "documents_skipped": s["skipped"]},
+        "documents": docs,
+        "build": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
+                  "tokens_per_s": round(s["rows"] / seconds, 1) if seconds else None,
+                  "device": lm.device, "batch_size": cfg.batch_size,
+                  "versions": {"knnlm": __version__, "torch": torch.__version__,
+                               "transformers": transformers.__version__, "faiss": faiss.__version__}},
+    }
+    write_json(work / "meta.json", meta)
+    ds = open_datastore(work)
+    if cfg.build_index:
+        train_index(ds, cfg.index)
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out)
+    for name in ("progress.json", "settings.json", "docs.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    return open_datastore(out)

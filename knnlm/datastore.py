@@ -1,0 +1,161 @@
+"""A built datastore on disk: meta.json, keys.npy, vals.npy, held-out text; reading and checking it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KNNLMError
+
+FORMAT_VERSION = 1
+DEFAULT_DATASTORE = os.path.join("datastores", "default")
+KEY_SOURCE = "input of the output projection (lm_head): final hidden state after the final norm"
+
+
+def datastore_path(path: str | os.PathLike | None) -> Path:
+    """The datastore directory: the given one, $KNNLM_DATASTORE, or datastores/default."""
+    return Path(path or os.environ.get("KNNLM_DATASTORE") or DEFAULT_DATASTORE)
+
+
+@dataclass
+class Datastore:
+    """An opened datastore; arrays are memory-mapped, never read whole."""
+
+    path: Path
+    meta: dict
+    _docs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def count(self) -> int:
+        """Number of keys."""
+        return int(self.meta["count"])
+
+    @property
+    def dim(self) -> int:
+        """Key width."""
+        return int(self.meta["dim"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this build: model, tokenizer, count and build time."""
+        m = self.meta
+        return f"{m['model']['fingerprint']}-{m['tokenizer']['fingerprint']}-{m['count']}-{m['build']['finished']}"
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """(N, d) float16 keys, memory-mapped."""
+        return _open_array(self.path / "keys.npy", np.float16, (self.count, self.dim))
+
+    @cached_property
+    def vals(self) -> np.ndarray:
+        """(N,) int32 next tokens, memory-mapped."""
+        return _open_array(self.path / "vals.npy", np.int32, (self.count,))
+
+    @property
+    def documents(self) -> list:
+        """[name, first key row, key count, first token] per stored document."""
+        return self.meta["documents"]
+
+    def locate(self, rows: np.ndarray) -> np.ndarray:
+        """Document number of each key row."""
+        starts = np.array([d[1] for d in self.documents], dtype=np.int64)
+        return np.searchsorted(starts, np.asarray(rows), side="right") - 1
+
+    def context_tokens(self, row: int, max_tokens: int = 64) -> tuple[str, int, list[int]]:
+        """(document name, position, up to max_tokens token ids ending at key `row`'s token)."""
+        d = int(self.locate(np.array([row]))[0])
+        name, start, _count, first = self.documents[d]
+        pos = row - start  # the key at `row` is the hidden state of token `pos` in its document
+        lo = max(0, pos - max_tokens + 1)
+        # Token j > 0 of a document is vals[start + j - 1]; token 0 is stored in the doc table.
+        toks = [int(v) for v in self.vals[start + max(lo, 1) - 1: start + pos]]
+        if lo == 0:
+            toks = [first] + toks
+        return name, pos, toks
+
+    def heldout(self, split: str) -> list[tuple[str, str]]:
+        """(name, text) of the held-out documents of a split ("dev" or "test")."""
+        path = self.path / "holdout.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec["split"] == split:
+                    out.append((rec["name"], rec["text"]))
+        return out
+
+    def check_compatible(self, lm) -> None:
+        """Refuse a model, tokenizer or key width other than the one this datastore was built with."""
+        m = self.meta
+        if lm.dim != self.dim:
+            raise KNNLMError(f"Datastore {self.path} has keys of width {self.dim} but model {lm.name} gives "
+                             f"{lm.dim}; use the model it was built with ({m['model']['name']}).")
+        if lm.fingerprint != m["model"]["fingerprint"]:
+            raise KNNLMError(f"Datastore {self.path} was built with another model ({m['model']['name']}, "
+                             f"fingerprint {m['model']['fingerprint']}, not {lm.fingerprint}); "
+                             "pass that model with --model, or rebuild the datastore.")
+        if lm.tokenizer_fingerprint != m["tokenizer"]["fingerprint"]:
+            raise KNNLMError(f"Datastore {self.path} was built with another tokenizer; pass the model it "
+                             f"was built with ({m['model']['name']}) or rebuild the datastore.")
+
+
+def _open_array(path: Path, dtype, shape: tuple) -> np.ndarray:
+    """Memory-map a .npy file and check it has the dtype and shape meta.json promises."""
+    if not path.exists():
+        raise KNNLMError(f"{path} is missing; the datastore is incomplete: rebuild it with "
+                         "`knnlm build-datastore --overwrite`.")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise KNNLMError(f"{path} is shorter than meta.json says ({shape[0]} rows) or damaged ({e}); "
+                         "rebuild the datastore with `knnlm build-datastore --overwrite`.") from e
+    if arr.dtype != np.dtype(dtype) or arr.shape != shape:
+        raise KNNLMError(f"{path} holds {arr.dtype} {arr.shape} but meta.json says {np.dtype(dtype)} {shape}; "
+                         "rebuild the datastore with `knnlm build-datastore --overwrite`.")
+    return arr
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of a datastore directory, checked for the fields readers rely on."""
+    mp = path / "meta.json"
+    if not path.is_dir():
+        hint = " (an interrupted build can be continued with --resume)" if path.with_name(path.name + ".partial").exists() else ""
+        raise KNNLMError(f"Datastore {path} does not exist{hint}; build one with `knnlm build-datastore CORPUS`"
+                         " or pass --datastore.")
+    if not mp.exists():
+        raise KNNLMError(f"{path} has no meta.json, so it is not a complete datastore; rebuild it with "
+                         "`knnlm build-datastore CORPUS --out {path} --overwrite`.")
+    try:
+        meta = json.loads(mp.read_text())
+        for key in ("format", "model", "tokenizer", "dim", "count", "documents", "build"):
+            meta[key]
+    except (ValueError, KeyError, TypeError) as e:
+        raise KNNLMError(f"{mp} is corrupt ({e}); rebuild the datastore with `knnlm build-datastore --overwrite`.") from e
+    if meta["format"] != FORMAT_VERSION:
+        raise KNNLMError(f"{path} is a datastore of format {meta['format']}, this knnlm reads format "
+                         f"{FORMAT_VERSION}; rebuild it with this version.")
+    return meta
+
+
+def open_datastore(path: str | os.PathLike | None = None, check_arrays: bool = True) -> Datastore:
+    """Open a datastore directory and check it is whole.
+
+    Args:
+        path: the directory; None means $KNNLM_DATASTORE or datastores/default.
+        check_arrays: also check that keys.npy and vals.npy have the shape meta.json says.
+
+    Returns:
+        A Datastore; raises KNNLMError, with the fix, for anything missing or inconsistent.
+    """
+    p = datastore_path(path)
+    ds = Datastore(p, read_meta(p))
+    if check_arrays:
+        ds.keys, ds.vals  # noqa: B018 - opening them validates shape and dtype
+    return ds

