@@ -13,8 +13,8 @@ from .common import datastore_option, device_option, json_option, model_option, 
 def retrieval_options(f):
     """--k, --nprobe, --rerank/--no-rerank, --exact."""
     f = click.option("--exact", is_flag=True, help="Brute-force search over keys.npy instead of the index.")(f)
-    f = click.option("--rerank/--no-rerank", default=None,
-                     help="Exact distances for the retrieved keys [default: on for an approximate index].")(f)
+    f = click.option("--rerank/--no-rerank", default=True,
+                     help="Recompute exact distances of the retrieved keys from keys.npy.")(f)
     f = click.option("--nprobe", default=8, help="IVF lists visited per query.")(f)
     f = click.option("--k", "k", default=1000, help="Neighbours per token.")(f)
     return f
@@ -23,8 +23,9 @@ def retrieval_options(f):
 def window_options(f):
     """--context, --stride, --batch-size."""
     f = click.option("--batch-size", "-b", default=4, help="Windows per forward pass.")(f)
-    f = click.option("--stride", default=256, help="Tokens a window advances.")(f)
-    f = click.option("--context", default=512, help="Tokens of left context per window.")(f)
+    f = click.option("--stride", type=int, default=None, help="Tokens a window advances [default: the datastore's].")(f)
+    f = click.option("--context", type=int, default=None,
+                     help="Tokens of left context per window [default: the datastore's].")(f)
     return f
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .arrays import NpyAppender, write_json
-from .corpus import STORE, iter_documents, open_corpus
+from .corpus import STORE, check_documents, iter_documents, open_corpus
 from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
@@ -154,6 +154,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         raise KNNLMError(f"--holdout {cfg.holdout} must be in [0, 0.34): it is the share of each of dev and test.")
     check_window(cfg.context, cfg.stride)
     src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed)
+    check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
     check_window(cfg.context, cfg.stride, lm.max_positions)
     work, ckpt = _prepare_dirs(out, cfg)

@@ -134,6 +134,12 @@ def open_corpus(
     return corpus
 
 
+def check_documents(corpus: Corpus) -> None:
+    """Read every document once, so a file that is not text fails before any work is done."""
+    for ref in corpus.docs:
+        corpus.read(ref)
+
+
 def split_of(index: int, holdout: float) -> str:
     """Which part document `index` of a multi-document corpus goes to: every round(1/h)-th to dev, the next to test."""
     if holdout <= 0:

@@ -28,8 +28,8 @@ class EvalConfig:
     lam: str = "0.25"  # λ: a number in [0, 1], "tuned" or "adaptive" (from lambda.json)
     temperature: float | None = None  # T of softmax(-d/T); None: the tuned T, else 1
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # k, nprobe, rerank, exact
-    context: int = 512  # tokens per window
-    stride: int = 256  # tokens a window advances
+    context: int | None = None  # tokens per window; None: the datastore's (keys then match exactly)
+    stride: int | None = None  # tokens a window advances; None: the datastore's
     batch_size: int = 4  # windows per forward pass (logits are B·T·V floats)
     model: str | None = None  # None: the model the datastore was built with
     device: str | None = None  # torch device; None: cuda when available, else cpu
@@ -157,17 +157,18 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
     temperature = cfg.temperature or choice.temperature or tuned.get("temperature") or 1.0
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
-    check_window(cfg.context, cfg.stride, lm.max_positions)
+    context, stride = cfg.context or ds.meta["context"], cfg.stride or ds.meta["stride"]
+    check_window(context, stride, lm.max_positions)
     docs, what = resolve_docs(ds, corpus, split, cfg.glob)
     retriever = Retriever(ds, cfg.retrieval)
     timer = Timer()
     t0 = time.perf_counter()
-    scores = score_documents(lm, retriever, docs, cfg.context, cfg.stride, cfg.batch_size, progress, timer)
+    scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer)
     seconds = time.perf_counter() - t0
     if len(scores) == 0:
         raise KNNLMError(f"{what} has no tokens to score (each document needs two or more); pass more text.")
     scores.attrs.update(datastore=ds.fingerprint, datastore_path=str(ds.path), model=lm.name,
-                        model_fingerprint=lm.fingerprint, context=cfg.context, stride=cfg.stride,
+                        model_fingerprint=lm.fingerprint, context=context, stride=stride,
                         corpus=what, **retriever.describe)
     lambdas = choice.lambdas_for(scores.nn_dist)
     out = report(scores, lambdas, temperature)

@@ -76,6 +76,11 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
         xt = np.asarray(ds.keys[sample], dtype=np.float32)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = cfg.seed
+        # faiss trains each 9-dim PQ sub-quantizer with up to 65k points and 25 iterations by
+        # default: 50 s on 2 cores for 64 of them. 16k points and 15 iterations cost a quarter, and
+        # exact re-ranking makes up the small loss in code quality.
+        pq = faiss.downcast_index(index).pq
+        pq.cp.max_points_per_centroid, pq.cp.niter, pq.cp.seed = 64, 15, cfg.seed
         log.info("training %s on %d keys", p["factory"], len(xt))
         index.train(xt)
         del xt

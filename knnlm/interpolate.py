@@ -15,9 +15,10 @@ def neighbor_log_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
     top = np.max(logits, axis=1, keepdims=True)  # (n, 1)
     # A row with no neighbour at all has top = -inf; keep it -inf instead of nan.
     top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         lse = top + np.log(np.sum(np.exp(logits - top), axis=1, keepdims=True))
-    return logits - lse  # (n, k)
+        out = logits - lse  # (n, k)
+    return np.where(np.isfinite(logits), out, -np.inf)
 
 
 def knn_log_prob(

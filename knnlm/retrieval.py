@@ -22,7 +22,7 @@ class RetrievalConfig:
 
     k: int = 1000  # neighbours per query
     nprobe: int = 8  # IVF lists visited per query
-    rerank: bool | None = None  # recompute exact distances from keys.npy; None: on for approximate indexes
+    rerank: bool = True  # recompute exact distances of the retrieved keys from keys.npy
     exact: bool = False  # brute-force search over keys.npy instead of the index (RAM: N·d·4 bytes)
 
 
@@ -68,8 +68,8 @@ class Retriever:
             ivf = faiss.try_extract_index_ivf(self.index)
             if ivf is not None:
                 ivf.nprobe = cfg.nprobe
-        # Re-ranking an exact search changes nothing but float16 rounding of the keys, so skip it.
-        self.rerank = (self.kind != "exact") if cfg.rerank is None else cfg.rerank
+        # Also for exact search: faiss's float32 ‖q‖²+‖k‖²−2q·k loses digits that re-ranking restores.
+        self.rerank = cfg.rerank
         self.k = cfg.k
 
     @property
@@ -83,6 +83,8 @@ class Retriever:
         dists, ids = self.index.search(q, self.k)
         if self.rerank:
             dists = exact_distances(q, self.ds.keys, ids)
+            # Without this, every key page ever re-ranked would count towards this process's RSS.
+            self.ds.release()
             order = np.argsort(dists, axis=1, kind="stable")
             dists = np.take_along_axis(dists, order, axis=1)
             ids = np.take_along_axis(ids, order, axis=1)

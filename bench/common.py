@@ -1,0 +1,54 @@
+"""Shared pieces of the benchmarks: real text, synthetic datastores, peak memory."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from knnlm.arrays import write_json
+from knnlm.datastore import FORMAT_VERSION, KEY_SOURCE
+
+
+def stdlib_texts(n_files: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(name, text) of n_files Python files of the standard library, picked with a seed."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if 2_000 < p.stat().st_size < 60_000)
+    random.Random(seed).shuffle(files)
+    return [(str(p), p.read_text(errors="replace")) for p in files[:n_files]]
+
+
+def synthetic_datastore(path: Path, lm, n: int, seed: int = 0, chunk: int = 100_000) -> Path:
+    """A datastore of n random keys (float16, written in chunks) that passes the compatibility check for lm."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    keys = np.lib.format.open_memmap(path / "keys.npy", mode="w+", dtype=np.float16, shape=(n, lm.dim))
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        keys[lo:hi] = rng.normal(0, 1, size=(hi - lo, lm.dim)).astype(np.float16)
+    keys.flush()
+    del keys
+    np.save(path / "vals.npy", rng.integers(0, lm.vocab_size, n).astype(np.int32))
+    write_json(path / "meta.json", {
+        "format": FORMAT_VERSION, "model": {"name": lm.name, "fingerprint": lm.fingerprint,
+                                            "vocab_size": lm.vocab_size},
+        "tokenizer": {"fingerprint": lm.tokenizer_fingerprint}, "key_source": KEY_SOURCE, "dim": lm.dim,
+        "dtype": {"keys": "float16", "vals": "int32"}, "count": n, "context": 512, "stride": 256,
+        "holdout": {"share": 0, "dev_documents": 0, "test_documents": 0},
+        "corpus": {"source": "synthetic", "files": []}, "documents": [["synthetic", 0, n, 0]],
+        "build": {"finished": f"synthetic-{n}-{seed}", "seconds": 0, "tokens_per_s": None, "device": "cpu"}})
+    return path
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def threads() -> int:
+    """CPU threads torch and faiss may use."""
+    return os.cpu_count() or 1

@@ -1,0 +1,170 @@
+"""The command line: bad input gets one sentence and a non-zero exit; every flag reaches its config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import knnlm.cli.build as cli_build
+import knnlm.cli.evaluate as cli_eval
+from knnlm.cli.main import cli
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def _one_sentence_error(result, *words):
+    assert result.exit_code != 0
+    msg = result.output.strip().splitlines()[-1]
+    assert msg.startswith("Error: ")
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+@pytest.fixture
+def built(tiny_model_dir, corpus_dir):
+    r = run("build-datastore", corpus_dir, "--model", tiny_model_dir, "--glob", "*.txt", "--context", 64,
+            "--stride", 32, "--holdout", 0.2)
+    assert r.exit_code == 0, r.output
+    return Path("datastores/default")
+
+
+def test_build_eval_info_with_defaults(built, tiny_model_dir):
+    assert (built / "keys.npy").exists() and not Path("datastores/default.partial").exists()
+    r = run("eval", "--lambda", "0.25", "--k", 32, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["corpus"].startswith("test part") and out["tokens"] > 0
+    assert out["lm_ppl"] > 1 and out["knn_lm_ppl"] > 1 and out["k"] == 32
+    r = run("eval", "--lambda", "0", "--k", 8)
+    assert r.exit_code == 0 and "kNN-LM perplexity" in r.output
+    r = run("info", "--json")
+    info = json.loads(r.stdout)
+    assert info["meta"]["count"] > 0 and info["index"]["kind"] in ("exact", "ivfpq")
+    r = run("info")
+    assert "index" in r.output and "held out" in r.output
+
+
+def test_stdin_and_jsonl_corpora(tiny_model_dir, corpus_texts, tmp_path):
+    text = corpus_texts["bisect.py"]
+    r = run("build-datastore", "-", "--model", tiny_model_dir, "--out", "from-stdin", "--context", 64,
+            "--stride", 32, "--no-index", input=text)
+    assert r.exit_code == 0, r.output
+    lines = [json.dumps({"body": t}) for t in corpus_texts.values()]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    r = run("build-datastore", tmp_path / "c.jsonl", "--text-field", "body", "--model", tiny_model_dir,
+            "--out", "from-jsonl", "--context", 64, "--stride", 32, "--no-index", "--holdout", 0)
+    assert r.exit_code == 0, r.output
+    meta = json.loads(Path("from-jsonl/meta.json").read_text())
+    assert len(meta["documents"]) == 7 and meta["documents"][0][0].endswith("c.jsonl:1")
+
+
+def test_bad_input(tiny_model_dir, corpus_dir, tmp_path):
+    m = ["--model", tiny_model_dir]
+    _one_sentence_error(run("build-datastore", tmp_path / "nope.txt", *m), "does not exist")
+    (tmp_path / "empty.txt").write_text("")
+    _one_sentence_error(run("build-datastore", tmp_path / "empty.txt", *m), "empty")
+    (tmp_path / "bin.txt").write_bytes(b"\x89PNG\x00\x01\x02")
+    _one_sentence_error(run("build-datastore", tmp_path / "bin.txt", *m), "not a text file")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    _one_sentence_error(run("build-datastore", tmp_path / "latin.txt", *m), "not UTF-8")
+    _one_sentence_error(run("build-datastore", corpus_dir, *m, "--glob", "*.md"), "no files matching", "--glob")
+    _one_sentence_error(run("build-datastore", corpus_dir / "bisect.py.txt", "--model", tmp_path / "no-model"),
+                        "not found", "offline")
+    _one_sentence_error(run("build-datastore", corpus_dir / "bisect.py.txt", *m, "--stride", 600, "--context", 512),
+                        "--stride")
+    assert not Path("datastores/default").exists() and not Path("datastores/default.partial").exists()
+
+
+def test_existing_output_is_never_touched(built, tiny_model_dir, corpus_dir):
+    before = (built / "keys.npy").read_bytes()
+    _one_sentence_error(run("build-datastore", corpus_dir, "--model", tiny_model_dir, "--glob", "*.txt"),
+                        "already exists", "--overwrite")
+    assert (built / "keys.npy").read_bytes() == before
+    r = run("build-datastore", corpus_dir, "--model", tiny_model_dir, "--glob", "bisect*.txt", "--context", 64,
+            "--stride", 32, "--overwrite", "--no-index")
+    assert r.exit_code == 0, r.output
+    assert (built / "keys.npy").read_bytes() != before and not (built / "index.faiss").exists()
+
+
+def test_damaged_datastores(built):
+    meta = (built / "meta.json").read_text()
+    (built / "meta.json").write_text(meta[:50])
+    _one_sentence_error(run("info"), "corrupt")
+    (built / "meta.json").unlink()
+    _one_sentence_error(run("eval"), "no meta.json")
+    (built / "meta.json").write_text(meta)
+    keys = built / "keys.npy"
+    keys.write_bytes(keys.read_bytes()[:-4096])
+    _one_sentence_error(run("eval"), "shorter than meta.json says")
+    _one_sentence_error(run("eval", "--datastore", "nowhere"), "does not exist")
+
+
+def test_every_build_flag_reaches_its_config(monkeypatch, tmp_path):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(corpus, out, cfg, progress=None):
+        seen.update(corpus=corpus, out=out, cfg=cfg)
+        raise Stop
+
+    monkeypatch.setattr(cli_build, "build_datastore", fake)
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(Stop):
+        run("build-datastore", tmp_path / "c.txt", "--model", "m", "--out", "o", "--context", 100, "--stride", 50,
+            "--batch-size", 3, "--holdout", 0.1, "--glob", "*.md", "--format", "jsonl", "--text-field", "body",
+            "--shuffle-seed", 7, "--max-tokens", 999, "--no-index", "--nlist", 64, "--code-size", 16,
+            "--train-size", 5000, "--exact", "--seed", 3, "--overwrite", "--resume", "--device", "cpu",
+            "--trust-remote-code")
+    c = seen["cfg"]
+    assert seen["out"] == "o"
+    assert (c.model, c.context, c.stride, c.batch_size, c.holdout, c.glob, c.fmt, c.text_field) == \
+        ("m", 100, 50, 3, 0.1, "*.md", "jsonl", "body")
+    assert (c.shuffle_seed, c.max_tokens, c.build_index, c.overwrite, c.resume, c.device, c.trust_remote_code) == \
+        (7, 999, False, True, True, "cpu", True)
+    assert (c.index.nlist, c.index.code_size, c.index.train_size, c.index.exact, c.index.seed) == (64, 16, 5000, True, 3)
+
+
+def test_every_eval_flag_reaches_its_config(monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(datastore, corpus, cfg, progress=None):
+        seen.update(datastore=datastore, corpus=corpus, cfg=cfg)
+        raise Stop
+
+    monkeypatch.setattr(cli_eval, "run_eval", fake)
+    with pytest.raises(Stop):
+        run("eval", "--datastore", "d", "--corpus", "c.txt", "--glob", "*.py", "--lambda", "adaptive",
+            "--temperature", 30, "--k", 5, "--nprobe", 3, "--no-rerank", "--exact", "--context", 100, "--stride", 10,
+            "--batch-size", 2, "--save-scores", "s.h5", "--model", "m", "--device", "cpu", "--trust-remote-code")
+    c = seen["cfg"]
+    assert (seen["datastore"], seen["corpus"]) == ("d", "c.txt")
+    assert (c.lam, c.temperature, c.context, c.stride, c.batch_size, c.model, c.device, c.trust_remote_code,
+            c.glob, c.save_scores) == ("adaptive", 30.0, 100, 10, 2, "m", "cpu", True, "*.py", "s.h5")
+    r = c.retrieval
+    assert (r.k, r.nprobe, r.rerank, r.exact) == (5, 3, False, True)
+
+
+def test_datastore_env_var(monkeypatch, built):
+    Path("datastores/default").rename("elsewhere")
+    monkeypatch.setenv("KNNLM_DATASTORE", "elsewhere")
+    r = run("info", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["path"] == "elsewhere"
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "knnlm", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "build-datastore" in r.stdout

@@ -1,0 +1,176 @@
+"""Evaluation: exact identities, brute-force p_kNN, self-retrieval, re-ranking, refusals, scores cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_datastore
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.datastore import open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.evaluate import EvalConfig, run_eval, score_documents
+from knnlm.interpolate import interpolate, knn_log_prob, perplexity
+from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.scores import load_scores
+
+CTX, STRIDE = 64, 32
+
+
+@pytest.fixture
+def store(tiny_lm, tiny_model_dir, corpus_dir):
+    """A datastore of 5 of the 7 corpus files (1 dev, 1 test held out), exact index."""
+    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.2, glob="*.txt")
+    return build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
+
+
+def _reference_nll(lm, text, context, stride):
+    """Summed NLL and token count from the model's own loss, grouping positions by their window start."""
+    ids = lm.encode(text)
+    starts = {}
+    for p in range(len(ids) - 1):
+        b = 0 if p < context else ((p - context) // stride + 1) * stride
+        starts.setdefault(b, []).append(p)
+    total, count = 0.0, 0
+    for b, ps in starts.items():
+        x = torch.tensor([ids[b: ps[-1] + 2]])
+        labels = x.clone()
+        labels[0, : ps[0] - b + 1] = -100  # only the positions this window owns are scored
+        with torch.no_grad():
+            loss = lm.model(input_ids=x, labels=labels).loss.item()
+        total += loss * len(ps)
+        count += len(ps)
+    return total, count
+
+
+def test_lambda_zero_is_exactly_the_lm(store, tiny_lm):
+    cfg = EvalConfig(lam="0", retrieval=RetrievalConfig(k=16, exact=True))
+    r, scores = run_eval(store, cfg=cfg, lm=tiny_lm)
+    assert r["knn_lm_ppl"] == r["lm_ppl"]  # bit for bit
+    total, count = 0.0, 0
+    for _, text in store.heldout("test"):
+        t, c = _reference_nll(tiny_lm, text, CTX, STRIDE)
+        total, count = total + t, count + c
+    assert r["tokens"] == count
+    assert r["lm_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_lambda_one_is_the_knn_alone(store, tiny_lm):
+    r, _ = run_eval(store, cfg=EvalConfig(lam="1", temperature=5.0, retrieval=RetrievalConfig(k=64, exact=True)),
+                    lm=tiny_lm)
+    assert r["knn_lm_ppl"] == pytest.approx(r["knn_only_ppl"], rel=1e-12)
+
+
+def test_knn_probability_matches_brute_force(store, tiny_lm):
+    (_, text), = store.heldout("test")[:1]
+    ids = tiny_lm.encode(text)[:CTX]  # one window: every query is the plain forward's hidden state
+    text = tiny_lm.decode(ids)
+    ids = tiny_lm.encode(text)
+    k, temp = 40, 3.0
+    scores = score_documents(tiny_lm, Retriever(store, RetrievalConfig(k=k, exact=True)), [("t", text)], CTX, STRIDE)
+    x = torch.tensor([ids])
+    q = tiny_lm.forward(x, torch.ones_like(x), logits=False)[0][0, :-1].double().numpy()  # (n, d)
+    keys = np.asarray(store.keys, dtype=np.float64)
+    d = ((q[:, None, :] - keys[None]) ** 2).sum(-1)  # (n, N) exact squared L2
+    top = np.argsort(d, axis=1)[:, :k]
+    dk = np.take_along_axis(d, top, 1)
+    w = np.exp(-(dk - dk.min(1, keepdims=True)) / temp)
+    w /= w.sum(1, keepdims=True)
+    p = (w * (np.asarray(store.vals)[top] == np.array(ids[1:])[:, None])).sum(1)
+    with np.errstate(divide="ignore"):
+        ref = np.log(p)
+    got = knn_log_prob(scores.dists, scores.vals, scores.targets, temp)
+    assert np.array_equal(np.isfinite(got), np.isfinite(ref))
+    np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-4, atol=1e-4)
+
+
+def test_own_text_drives_knn_perplexity_to_one(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.0, glob="bisect*.txt")
+    ds = build_datastore(str(corpus_dir), "own", cfg, lm=tiny_lm)
+    r, _ = run_eval(ds, corpus=str(corpus_dir / "bisect.py.txt"),
+                    cfg=EvalConfig(lam="0.5", temperature=0.01, retrieval=RetrievalConfig(k=8, exact=True)),
+                    lm=tiny_lm)
+    assert r["tokens"] == ds.count
+    assert r["knn_only_ppl"] < 1.01
+    assert r["target_in_neighbors"] == 1.0
+
+
+def test_ivfpq_with_rerank_is_close_to_exact(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.15, glob="*.txt")
+    ds = build_datastore(str(corpus_dir), "big", cfg, lm=tiny_lm)
+    assert (ds.path / "index.json").exists() and "IVF" in open(ds.path / "index.json").read()
+    base = dict(lam="0.5", temperature=2.0)
+    exact, _ = run_eval(ds, cfg=EvalConfig(**base, retrieval=RetrievalConfig(k=100, exact=True)), lm=tiny_lm)
+    approx, _ = run_eval(ds, cfg=EvalConfig(**base, retrieval=RetrievalConfig(k=100, nprobe=32)), lm=tiny_lm)
+    assert approx["search"] == "ivfpq" and approx["rerank"]
+    assert abs(approx["knn_lm_ppl"] / exact["knn_lm_ppl"] - 1) < 0.01
+
+
+def test_missing_neighbours_never_count():
+    dists = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    vals = np.array([[-1, 5, 6], [5, 6, -1]])
+    got = knn_log_prob(dists, vals, np.array([5, 5]), 1.0)
+    # Row 0: the missing neighbour at distance 0 carries no weight: p(5) = e^-1 / (e^-1 + e^-2).
+    assert got[0] == pytest.approx(np.log(np.exp(-1) / (np.exp(-1) + np.exp(-2))))
+    assert got[1] == pytest.approx(np.log(1 / (1 + np.exp(-1))))
+    assert knn_log_prob(np.full((1, 2), np.inf), np.full((1, 2), -1), np.array([3]), 1.0)[0] == -np.inf
+
+
+def test_more_neighbours_than_keys(tmp_path, tiny_lm):
+    keys = np.random.default_rng(0).normal(size=(30, tiny_lm.dim))
+    ds = open_datastore(make_datastore(tmp_path / "s", keys, np.arange(30), tiny_lm.fingerprint,
+                                       tiny_lm.tokenizer_fingerprint))
+    from knnlm.index import train_index
+
+    train_index(ds)
+    r, scores = run_eval(ds, corpus=_write(tmp_path, "def f(x):\n    return x\n"),
+                         cfg=EvalConfig(lam="0.25", retrieval=RetrievalConfig(k=100), context=CTX, stride=STRIDE),
+                         lm=tiny_lm)
+    assert (scores.vals[:, 30:] == -1).all() and np.isinf(scores.dists[:, 30:]).all()
+    assert math.isfinite(r["knn_lm_ppl"])
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "eval.txt"
+    p.write_text(text)
+    return str(p)
+
+
+def test_interpolation_identities():
+    rng = np.random.default_rng(0)
+    lm = np.log(rng.uniform(0.01, 1, 100))
+    knn = np.log(rng.uniform(0.01, 1, 100))
+    knn[::7] = -np.inf
+    assert np.array_equal(interpolate(lm, knn, 0.0), lm)
+    assert np.array_equal(interpolate(lm, knn, 1.0), knn)
+    mid = interpolate(lm, knn, 0.3)
+    np.testing.assert_allclose(np.exp(mid), 0.3 * np.exp(knn) + 0.7 * np.exp(lm))
+    assert perplexity(lm) == pytest.approx(np.exp(-lm.mean()))
+
+
+def test_other_model_tokenizer_or_width_is_refused(tmp_path, tiny_lm):
+    keys = np.zeros((20, tiny_lm.dim))
+    other = open_datastore(make_datastore(tmp_path / "a", keys, np.zeros(20), "other", tiny_lm.tokenizer_fingerprint))
+    with pytest.raises(KNNLMError, match="another model"):
+        other.check_compatible(tiny_lm)
+    tok = open_datastore(make_datastore(tmp_path / "b", keys, np.zeros(20), tiny_lm.fingerprint, "other"))
+    with pytest.raises(KNNLMError, match="another tokenizer"):
+        tok.check_compatible(tiny_lm)
+    wide = open_datastore(make_datastore(tmp_path / "c", np.zeros((20, tiny_lm.dim + 1)), np.zeros(20)))
+    with pytest.raises(KNNLMError, match="width"):
+        wide.check_compatible(tiny_lm)
+
+
+def test_scores_cache_round_trip(store, tiny_lm, tmp_path):
+    path = str(tmp_path / "scores.h5")
+    r, scores = run_eval(store, cfg=EvalConfig(lam="0.25", retrieval=RetrievalConfig(k=32, exact=True),
+                                               save_scores=path), lm=tiny_lm)
+    back = load_scores(path)
+    for name in ("targets", "lm_logp", "dists", "vals", "doc", "pos"):
+        assert np.array_equal(getattr(back, name), getattr(scores, name)), name
+    assert back.attrs["k"] == 32 and back.attrs["datastore"] == store.fingerprint
+    assert back.attrs["model"] == tiny_lm.name and bool(back.attrs["rerank"]) is True
+    assert len(back) == r["tokens"]
