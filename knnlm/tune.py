@@ -1,10 +1,18 @@
-"""Tuning λ and the temperature from cached scores; the similarity-adaptive λ schedule; lambda.json."""
+"""Tune λ and the temperature T from cached scores (`knnlm tune-lambda`), without re-running the LM.
+
+A grid search minimises the NLL of p = λ·p_kNN + (1−λ)·p_LM: a coarse (T, λ) grid, then a fine
+grid around its best T, T on a log scale. Optionally a similarity-adaptive λ (Drozdov et al. 2022):
+one λ per quantile bin of the distance to the nearest neighbour. Overfitting is measured, not
+assumed: everything is also fitted on a seeded random share of the tokens and scored on the rest.
+What is stored in lambda.json is fitted on all the tokens; the held-out figures ride along.
+"""
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,292 +22,421 @@ from .errors import KNNLMError
 from .interpolate import adaptive_lambdas, interpolate, knn_log_prob, perplexity
 from .scores import Scores
 
+log = logging.getLogger(__name__)
+
 LAMBDA_FORMAT = 1
-LAMBDA_MAX = 0.99  # λ = 1 gives infinite NLL to any token whose target no neighbour carries
+LAMBDA_FILE = "lambda.json"
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """How `tune-lambda` searches."""
+    """Settings of `tune-lambda`."""
 
-    temperatures: tuple = tuple(float(t) for t in np.logspace(-1, 3, 17))  # coarse T grid, log scale
-    fine_steps: int = 9  # fine T grid: this many points spanning one coarse step each side of the best
-    lambda_step: float = 0.05  # coarse λ grid step over [0, 0.99]
-    lambda_fine_step: float = 0.0025  # fine λ grid step within one coarse step of the best
-    adaptive: bool = True  # also fit a similarity-adaptive schedule
-    bins: int = 32  # quantile bins of nearest-neighbour distance
-    min_bin_tokens: int = 50  # a bin with fewer tuning tokens takes the global λ (too few to fit its own)
-    heldout_fraction: float = 0.5  # share of tokens held out to measure overfitting
-    seed: int = 0  # seeds the held-out split
+    # T of softmax(-d/T), coarse grid: 13 points log-spaced over 0.1..1000 (×2.15 apart). Squared
+    # distances of real models are in the hundreds, and T ≈ 30 is known to work well for SmolLM2.
+    temperatures: tuple[float, ...] = tuple(np.logspace(-1, 3, 13).tolist())
+    # λ coarse grid; 1 is left out because one token the kNN misses makes the NLL at λ = 1 infinite.
+    lambdas: tuple[float, ...] = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2).tolist())
+    # fine grid: T between the coarse neighbours of the best coarse T, each coarse step split in this
+    # many (log scale); λ over all of [0, max_lambda] at the coarse λ step / fine_steps
+    fine_steps: int = 4
+    max_lambda: float = 0.99  # largest λ tried: λ stays in [0, 1)
+    adaptive: bool = True  # also fit a λ per bin of nearest-neighbour distance
+    bins: int = 32  # quantile bins of the nn distance, before small bins are merged
+    min_bin_tokens: int = 100  # a bin with fewer tuning tokens is merged into a neighbour
+    heldout_fraction: float = 0.5  # share of the tokens held out to measure the fit honestly
+    seed: int = 0  # seeds the random fit / held-out split of the tokens
+
+    def __post_init__(self):
+        t, lam = np.asarray(self.temperatures, float), np.asarray(self.lambdas, float)
+        if t.size == 0 or np.any(t <= 0) or np.any(np.diff(t) <= 0):
+            raise KNNLMError("Temperatures must be positive and increasing; pass e.g. 1,10,100.")
+        if not 0 < self.max_lambda < 1 or lam.size == 0 or np.any(np.diff(lam) <= 0) \
+                or lam[0] < 0 or lam[-1] > self.max_lambda:
+            raise KNNLMError(f"The λ grid must increase within [0, {self.max_lambda}] and max_lambda "
+                             "be below 1; pass e.g. 0,0.1,0.2.")
+        if self.bins < 1 or self.fine_steps < 1 or self.min_bin_tokens < 0:
+            raise KNNLMError("bins and fine_steps must be at least 1 and min_bin_tokens not negative; "
+                             "pass e.g. --bins 32.")
+        if not 0 < self.heldout_fraction < 1:
+            raise KNNLMError(f"The held-out fraction must lie strictly between 0 and 1, not "
+                             f"{self.heldout_fraction}; pass e.g. 0.5.")
 
 
-def _lambda_grid(step: float) -> np.ndarray:
-    """[0, step, 2·step, …] up to LAMBDA_MAX, LAMBDA_MAX included."""
-    return np.unique(np.append(np.arange(0.0, LAMBDA_MAX, step), LAMBDA_MAX))
+@dataclass(frozen=True)
+class LambdaChoice:
+    """How eval picks λ: a fixed number, the tuned fixed λ, or the tuned adaptive schedule."""
 
+    kind: str  # "fixed" (a number given), "tuned" (lambda.json's λ) or "adaptive" (its schedule)
+    lam: float | None  # the one λ for "fixed" and "tuned"; None for "adaptive"
+    edges: tuple[float, ...] | None  # inner nn-distance bin edges, "adaptive" only
+    lambdas: tuple[float, ...] | None  # λ per bin (len(edges) + 1), "adaptive" only
+    temperature: float | None  # T tuned along with this λ; None when λ was given as a number
+    source: str  # where λ came from, for reports
 
-def _nll_sums(lm_logp: np.ndarray, knn_logp: np.ndarray, lams: np.ndarray) -> np.ndarray:
-    """Summed NLL for each λ: (L,)."""
-    return np.array([-np.sum(interpolate(lm_logp, knn_logp, lam)) for lam in lams])
+    def lambdas_for(self, nn_dist: np.ndarray) -> np.ndarray:
+        """λ per token.
 
+        Args:
+            nn_dist: (n,) distance of each token to its nearest neighbour (inf if none).
 
-def best_lambda(lm_logp: np.ndarray, knn_logp: np.ndarray, cfg: TuneConfig) -> tuple[float, float]:
-    """(λ, summed NLL) minimising NLL: a coarse grid, then a fine one around its best."""
-    coarse = _lambda_grid(cfg.lambda_step)
-    nll = _nll_sums(lm_logp, knn_logp, coarse)
-    c = coarse[int(np.argmin(nll))]
-    fine = np.arange(max(0.0, c - cfg.lambda_step), min(LAMBDA_MAX, c + cfg.lambda_step) + 1e-12, cfg.lambda_fine_step)
-    fine = np.unique(np.clip(np.append(fine, c), 0.0, LAMBDA_MAX))
-    nll = _nll_sums(lm_logp, knn_logp, fine)
-    i = int(np.argmin(nll))
-    return float(fine[i]), float(nll[i])
+        Returns:
+            (n,) float64 λ of each token.
+        """
+        nn_dist = np.asarray(nn_dist)
+        if self.kind == "adaptive":
+            return adaptive_lambdas(nn_dist, np.asarray(self.edges, float), np.asarray(self.lambdas, float))
+        return np.full(nn_dist.shape, float(self.lam))
 
 
 class _KnnCache:
-    """log p_kNN(target) per temperature, computed once each (the costly part: n × k)."""
+    """log p_kNN(target) of every token, computed once per temperature: it is the expensive part."""
 
-    def __init__(self, scores: Scores):
-        self.scores, self.cache = scores, {}
+    def __init__(self, scores: Scores, chunk: int = 1024):
+        if len(scores) < 2:
+            raise KNNLMError(f"The scores hold {len(scores)} token(s), too few to tune on; "
+                             "score more text with `knnlm eval --save-scores`.")
+        if scores.dists.shape[1] == 0:
+            raise KNNLMError("The scores hold no neighbours (k = 0); score again with k ≥ 1.")
+        self.scores, self.chunk, self._by_t = scores, chunk, {}
+        self.lm = np.asarray(scores.lm_logp, dtype=np.float64)  # (n,)
+        self.nn = scores.nn_dist  # (n,)
 
-    def __call__(self, t: float) -> np.ndarray:
-        t = float(t)
-        if t not in self.cache:
-            s = self.scores
-            self.cache[t] = knn_log_prob(s.dists, s.vals, s.targets, t)
-        return self.cache[t]
-
-
-def _fine_temperatures(best: float, cfg: TuneConfig) -> np.ndarray:
-    """Log-spaced temperatures within one coarse step of best."""
-    t = np.asarray(cfg.temperatures, dtype=float)
-    ratio = float(np.exp(np.mean(np.diff(np.log(t))))) if len(t) > 1 else 2.0
-    return best * np.logspace(-np.log10(ratio), np.log10(ratio), cfg.fine_steps)
-
-
-def fit_fixed(scores: Scores, cfg: TuneConfig = TuneConfig(), knn: _KnnCache | None = None) -> tuple[float, float, float]:
-    """The fixed (λ, T) minimising NLL on scores, and that mean NLL."""
-    knn = knn or _KnnCache(scores)
-    best = (0.0, float(cfg.temperatures[0]), np.inf)
-    for grid in (cfg.temperatures, None):
-        temps = grid if grid is not None else _fine_temperatures(best[1], cfg)
-        for t in temps:
-            lam, nll = best_lambda(scores.lm_logp, knn(t), cfg)
-            if nll < best[2]:
-                best = (lam, float(t), nll)
-    return best[0], best[1], best[2] / max(len(scores), 1)
+    def __call__(self, temperature: float) -> np.ndarray:
+        """(n,) log p_kNN at this T."""
+        t = float(temperature)
+        if t not in self._by_t:
+            s, c = self.scores, self.chunk
+            # Row chunks keep the (chunk, k) temporaries in cache: ~7x faster than one call at k = 1000.
+            self._by_t[t] = np.concatenate([
+                knn_log_prob(s.dists[i:i + c], s.vals[i:i + c], s.targets[i:i + c], t)
+                for i in range(0, len(s), c)])
+        return self._by_t[t]
 
 
-def _bin_edges(nn_dist: np.ndarray, bins: int) -> np.ndarray:
-    """Inner edges of quantile bins of the finite distances (duplicates merged)."""
-    finite = nn_dist[np.isfinite(nn_dist)]
-    if bins <= 1 or finite.size == 0:
-        return np.zeros(0)
-    return np.unique(np.quantile(finite, np.arange(1, bins) / bins))
-
-
-def _fit_bins(scores: Scores, knn_logp: np.ndarray, edges: np.ndarray, cfg: TuneConfig) -> tuple[np.ndarray, float]:
-    """Per-bin λ (tiny bins take the global λ) and the summed NLL of the schedule."""
-    bins = np.searchsorted(edges, scores.nn_dist, side="right")
-    global_lam, _ = best_lambda(scores.lm_logp, knn_logp, cfg)
-    lams = np.full(len(edges) + 1, global_lam)
-    for b in range(len(edges) + 1):
-        m = bins == b
-        if m.sum() >= cfg.min_bin_tokens:
-            lams[b], _ = best_lambda(scores.lm_logp[m], knn_logp[m], cfg)
-    nll = -np.sum(interpolate(scores.lm_logp, knn_logp, lams[bins]))
-    return lams, float(nll)
-
-
-def fit_adaptive(scores: Scores, cfg: TuneConfig = TuneConfig(), knn: _KnnCache | None = None) -> dict:
-    """The adaptive schedule: quantile bins of nearest-neighbour distance, a λ per bin, one T for all.
-
-    Each candidate T (the coarse grid, then a fine one around the best) gets its own per-bin
-    λs; the T whose schedule has the lowest total NLL wins.
-    """
-    knn = knn or _KnnCache(scores)
-    edges = _bin_edges(scores.nn_dist, cfg.bins)
-    best = (None, float(cfg.temperatures[0]), np.inf)
-    for grid in (cfg.temperatures, None):
-        temps = grid if grid is not None else _fine_temperatures(best[1], cfg)
-        for t in temps:
-            lams, nll = _fit_bins(scores, knn(t), edges, cfg)
-            if nll < best[2]:
-                best = (lams, float(t), nll)
-    return {"edges": edges.tolist(), "lambdas": best[0].tolist(), "temperature": best[1],
-            "nll": best[2] / max(len(scores), 1)}
-
-
-def split_halves(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) token indices: a seeded random split, disjoint and covering 0..n-1."""
+def split_tokens(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of range(n) into (fit, held-out) sorted index arrays, both non-empty."""
     perm = np.random.default_rng(seed).permutation(n)
-    cut = n - int(round(n * fraction))
-    return np.sort(perm[:cut]), np.sort(perm[cut:])
+    n_held = min(max(int(round(n * heldout_fraction)), 1), n - 1)
+    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
-def _schedule_ppl(scores: Scores, schedule: dict) -> float:
-    """Perplexity of an adaptive schedule on scores."""
-    knn = knn_log_prob(scores.dists, scores.vals, scores.targets, schedule["temperature"])
-    lams = adaptive_lambdas(scores.nn_dist, np.asarray(schedule["edges"]), np.asarray(schedule["lambdas"]))
-    return perplexity(interpolate(scores.lm_logp, knn, lams))
+def fit_bins(nn_dist: np.ndarray, bins: int, min_tokens: int) -> np.ndarray:
+    """Inner edges of `bins` quantile bins of nn_dist, small bins merged into a neighbour.
+
+    Tiny-bin rule: while some bin holds fewer than min_tokens tokens, the smallest bin is merged
+    with its smaller neighbour (the edge between them is dropped). Merging rather than shrinking to
+    the global λ keeps every stored λ fitted on enough tokens, and also removes the empty bins that
+    tied distances (e.g. exact matches at d = 0) give duplicate quantiles. Tokens without a neighbour
+    (inf) fall in the last bin, as they do at eval time.
+    """
+    nn_dist = np.asarray(nn_dist, dtype=np.float64)
+    finite = nn_dist[np.isfinite(nn_dist)]
+    edges = np.quantile(finite, np.arange(1, bins) / bins) if finite.size else np.zeros(0)
+    counts = np.bincount(np.searchsorted(edges, nn_dist, side="right"), minlength=edges.size + 1)
+    edges, counts = edges.tolist(), counts.tolist()
+    while len(counts) > 1 and min(counts) < min_tokens:
+        i = int(np.argmin(counts))
+        j = i - 1 if i == len(counts) - 1 or (i > 0 and counts[i - 1] <= counts[i + 1]) else i + 1
+        lo = min(i, j)
+        counts[lo] += counts.pop(lo + 1)
+        edges.pop(lo)
+    return np.asarray(edges, dtype=np.float64)
+
+
+def _fine_temperatures(temps: tuple[float, ...], i: int, steps: int) -> np.ndarray:
+    """Log-spaced T between the coarse neighbours of temps[i], temps[i] itself included exactly."""
+    lo, hi = temps[max(i - 1, 0)], temps[min(i + 1, len(temps) - 1)]
+    return np.unique(np.concatenate([np.geomspace(lo, temps[i], steps + 1), np.geomspace(temps[i], hi, steps + 1)]))
+
+
+def _fine_lambdas(cfg: TuneConfig) -> np.ndarray:
+    """The coarse λ grid plus all of [0, max_lambda] at the coarse step / fine_steps."""
+    # λ is cheap (no kNN recomputation), so the fine λ grid spans the whole range, not a window.
+    coarse = np.asarray(cfg.lambdas, float)
+    step = (np.min(np.diff(coarse)) if coarse.size > 1 else 0.05) / cfg.fine_steps
+    dense = np.append(np.arange(0.0, cfg.max_lambda, step), cfg.max_lambda)
+    return np.unique(np.round(np.concatenate([coarse, dense]), 6))
+
+
+def _best_per_bin(lm: np.ndarray, knn: np.ndarray, onehot: np.ndarray, grid: np.ndarray):
+    """(λ per bin, total log-likelihood) maximising each bin's log-likelihood over the λ grid."""
+    ll = interpolate(lm[None, :], knn[None, :], grid[:, None])  # (L, m)
+    # -inf (a kNN miss at λ = 1, or lm -inf) times a 0 in the one-hot would be nan: clip it.
+    sums = np.maximum(ll, -1e300) @ onehot  # (L, B)
+    best = np.argmax(sums, axis=0)  # (B,) first (smallest) λ on ties
+    return grid[best], float(sums[best, np.arange(onehot.shape[1])].sum())
+
+
+def _search(cache: _KnnCache, idx: np.ndarray, bin_of: np.ndarray, nbins: int, cfg: TuneConfig):
+    """(T, λ per bin, mean NLL) on tokens idx: coarse (T, λ) grid, then the fine grid."""
+    lm = cache.lm[idx]
+    onehot = np.eye(nbins)[bin_of]  # (m, B)
+
+    def at(t, grid):
+        lams, total = _best_per_bin(lm, cache(t)[idx], onehot, grid)
+        return total, float(t), lams
+
+    coarse = [at(t, np.asarray(cfg.lambdas, float)) for t in cfg.temperatures]
+    i = int(np.argmax([c[0] for c in coarse]))
+    # At λ = 0 everywhere T does not matter, and the grid's end is no sign of a too narrow grid.
+    if i in (0, len(coarse) - 1) and len(coarse) > 1 and np.any(coarse[i][2] > 0):
+        log.warning("The best coarse temperature %.3g is at the end of the grid; widen the grid.", coarse[i][1])
+    lam_grid = _fine_lambdas(cfg)
+    fine = [at(t, lam_grid) for t in _fine_temperatures(cfg.temperatures, i, cfg.fine_steps)]
+    _, t, lams = max(fine, key=lambda c: c[0])
+    # The NLL is recomputed token by token so that it matches what eval reports to the last digit.
+    nll = -float(np.mean(interpolate(lm, cache(t)[idx], lams[bin_of])))
+    return t, lams, nll
+
+
+def _fit_fixed(cache: _KnnCache, idx: np.ndarray, cfg: TuneConfig) -> tuple[float, float, float]:
+    """fit_fixed on tokens idx."""
+    t, lams, nll = _search(cache, idx, np.zeros(idx.size, dtype=np.intp), 1, cfg)
+    return float(lams[0]), t, nll
+
+
+def _fit_adaptive(cache: _KnnCache, idx: np.ndarray, cfg: TuneConfig) -> dict:
+    """fit_adaptive on tokens idx."""
+    nn = cache.nn[idx]
+    edges = fit_bins(nn, cfg.bins, cfg.min_bin_tokens)
+    bin_of = np.searchsorted(edges, nn, side="right")  # (m,) same rule as adaptive_lambdas
+    t, lams, nll = _search(cache, idx, bin_of, edges.size + 1, cfg)
+    counts = np.bincount(bin_of, minlength=edges.size + 1)
+    return {"edges": edges.tolist(), "lambdas": lams.tolist(), "temperature": t, "nll": nll,
+            "counts": counts.tolist()}
+
+
+def fit_fixed(scores: Scores, cfg: TuneConfig = TuneConfig()) -> tuple[float, float, float]:
+    """The one λ and T minimising the NLL of the interpolated distribution on all the tokens.
+
+    Args:
+        scores: per-token LM log-probs and neighbours (from `eval --save-scores`).
+        cfg: grids and search settings.
+
+    Returns:
+        (λ, T, mean NLL in nats per token).
+    """
+    return _fit_fixed(_KnnCache(scores), np.arange(len(scores)), cfg)
+
+
+def fit_adaptive(scores: Scores, cfg: TuneConfig = TuneConfig()) -> dict:
+    """A λ per bin of nearest-neighbour distance, and the T that is best with them, on all the tokens.
+
+    For each candidate T each bin gets its best λ; the T with the lowest total NLL is kept.
+
+    Args:
+        scores: per-token LM log-probs and neighbours.
+        cfg: grids, number of bins and the tiny-bin threshold.
+
+    Returns:
+        {"edges": inner bin edges (B - 1), "lambdas": λ per bin (B), "temperature": T,
+        "nll": mean NLL, "counts": tuning tokens per bin (B)}.
+    """
+    return _fit_adaptive(_KnnCache(scores), np.arange(len(scores)), cfg)
+
+
+def _jsonable(value):
+    """value as a JSON-native type (numpy scalars and arrays, bytes from HDF5 attrs)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def tune(scores: Scores, cfg: TuneConfig = TuneConfig(), description: str = "") -> dict:
-    """Fit λ, T and (optionally) the adaptive schedule, and measure them on held-out tokens.
-
-    The values stored are fitted on all tokens; the held-out figures come from fitting on
-    one part of the tokens and scoring the other, so they show any overfitting.
+    """Fit λ and T (and the adaptive schedule) on all the tokens, and measure the fit on held-out ones.
 
     Args:
-        scores: cached scores of the tuning text.
-        cfg: search settings.
-        description: what the scores are, for the record.
+        scores: per-token LM log-probs and neighbours of the tuning text.
+        cfg: grids, adaptive settings and the held-out split.
+        description: what the tokens are, e.g. "dev part of datastore, 4213 tokens".
 
     Returns:
-        The content of lambda.json.
+        The content of lambda.json (see save_lambda).
     """
-    if len(scores) < 2:
-        raise KNNLMError("Too few tokens to tune on; pass more text with --corpus or --scores.")
-    fit_idx, held_idx = split_halves(len(scores), cfg.heldout_fraction, cfg.seed)
-    fit, held = scores.subset(fit_idx), scores.subset(held_idx)
-    lam_a, t_a, _ = fit_fixed(fit, cfg)
-    held_knn = knn_log_prob(held.dists, held.vals, held.targets, t_a)
-    heldout = {"tokens": len(held), "fit_tokens": len(fit), "base_ppl": perplexity(held.lm_logp),
-               "fixed_ppl": perplexity(interpolate(held.lm_logp, held_knn, lam_a)),
-               "fixed": {"lambda": lam_a, "temperature": t_a}, "adaptive_ppl": None}
+    cache = _KnnCache(scores)
+    fit, held = split_tokens(len(scores), cfg.heldout_fraction, cfg.seed)
+    log.info("Fitting on %d tokens, measuring on %d held out", fit.size, held.size)
+    lm_h, nn_h = cache.lm[held], cache.nn[held]
+    lam_h, t_h, _ = _fit_fixed(cache, fit, cfg)
+    heldout = {"tokens": int(held.size), "fit_tokens": int(fit.size), "seed": cfg.seed,
+               "base_ppl": perplexity(lm_h),
+               "fixed_ppl": perplexity(interpolate(lm_h, cache(t_h)[held], lam_h)),
+               "adaptive_ppl": None, "fixed": {"lambda": lam_h, "temperature": t_h}, "adaptive": None}
     if cfg.adaptive:
-        sched_a = fit_adaptive(fit, cfg)
-        heldout["adaptive_ppl"] = _schedule_ppl(held, sched_a)
-        heldout["adaptive_temperature"] = sched_a["temperature"]
-    knn = _KnnCache(scores)
-    lam, t, nll = fit_fixed(scores, cfg, knn)
+        ada_h = _fit_adaptive(cache, fit, cfg)
+        lams = adaptive_lambdas(nn_h, np.asarray(ada_h["edges"]), np.asarray(ada_h["lambdas"]))
+        heldout["adaptive_ppl"] = perplexity(interpolate(lm_h, cache(ada_h["temperature"])[held], lams))
+        heldout["adaptive"] = {"temperature": ada_h["temperature"], "lambdas": ada_h["lambdas"]}
+    log.info("Fitting on all %d tokens", len(scores))
+    everything = np.arange(len(scores))
+    lam, t, nll = _fit_fixed(cache, everything, cfg)
     return {
         "format": LAMBDA_FORMAT,
         "lambda": lam,
         "temperature": t,
         "nll": nll,
-        "adaptive": fit_adaptive(scores, cfg, knn) if cfg.adaptive else None,
+        "adaptive": _fit_adaptive(cache, everything, cfg) if cfg.adaptive else None,
         "heldout": heldout,
-        "tuned_on": {"description": description, "tokens": len(scores),
-                     "scores": {k: v for k, v in scores.attrs.items() if isinstance(v, (str, int, float, bool))}},
-        "config": {"bins": cfg.bins, "min_bin_tokens": cfg.min_bin_tokens, "heldout_fraction": cfg.heldout_fraction,
-                   "seed": cfg.seed},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tuned_on": {"description": description, "tokens": len(scores), "attrs": _jsonable(scores.attrs)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": _jsonable(asdict(cfg)),
     }
 
 
 def save_lambda(datastore_dir, result: dict) -> Path:
-    """Write lambda.json into a datastore directory (atomically)."""
-    path = Path(datastore_dir) / "lambda.json"
+    """Write result to DATASTORE/lambda.json atomically (temp file, then rename); returns its path."""
+    directory = Path(datastore_dir)
+    if not directory.is_dir():
+        raise KNNLMError(f"Datastore directory {directory} does not exist; pass the directory of a built datastore.")
+    path = directory / LAMBDA_FILE
     write_json(path, result)
     return path
 
 
 def load_lambda(datastore_dir) -> dict | None:
-    """lambda.json of a datastore directory, or None if it was never tuned."""
-    path = Path(datastore_dir) / "lambda.json"
-    if not path.exists():
+    """The content of DATASTORE/lambda.json, or None if it was never tuned."""
+    path = Path(datastore_dir) / LAMBDA_FILE
+    if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise KNNLMError(f"{path} is corrupt ({e}); run `knnlm tune-lambda` again.") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KNNLMError(f"Cannot read {path} ({e}); run `knnlm tune-lambda` again.") from e
+    if not isinstance(data, dict) or data.get("format") != LAMBDA_FORMAT:
+        raise KNNLMError(f"{path} is not a knnlm λ file of format {LAMBDA_FORMAT}; run `knnlm tune-lambda` again.")
+    return data
 
 
-@dataclass(frozen=True)
-class LambdaChoice:
-    """The λ that eval applies: a number, the tuned fixed λ, or the adaptive schedule."""
+def resolve_lambda(spec: str, datastore_dir) -> LambdaChoice:
+    """Turn a --lambda value into a LambdaChoice.
 
-    kind: str  # "fixed", "tuned" or "adaptive"
-    lam: float | None = None  # the λ of fixed and tuned
-    edges: tuple = ()  # adaptive: inner bin edges of nearest-neighbour distance
-    lambdas: tuple = ()  # adaptive: λ per bin
-    temperature: float | None = None  # the T tuned with it; None for a given number
-    source: str = "given"  # where it came from, for reports
+    Args:
+        spec: "tuned", "adaptive" (both read DATASTORE/lambda.json) or a number in [0, 1].
+        datastore_dir: the datastore directory (only read for "tuned" and "adaptive").
 
-    def lambdas_for(self, nn_dist: np.ndarray) -> np.ndarray:
-        """λ per token, given each token's nearest-neighbour distance."""
-        if self.kind == "adaptive":
-            return adaptive_lambdas(nn_dist, np.asarray(self.edges), np.asarray(self.lambdas))
-        return np.full(np.shape(nn_dist), float(self.lam))
+    Returns:
+        The LambdaChoice; its temperature is the tuned T, or None for a number.
 
-
-def resolve_lambda(spec, datastore_dir) -> LambdaChoice:
-    """Turn `--lambda` (a number in [0, 1], "tuned" or "adaptive") into a LambdaChoice."""
-    spec = str(spec).strip().lower()
-    if spec in ("tuned", "adaptive"):
-        tuned = load_lambda(datastore_dir)
-        if tuned is None:
-            raise KNNLMError(f"Datastore {datastore_dir} has no tuned λ (no lambda.json); run `knnlm tune-lambda` "
-                             "first or pass a number, e.g. --lambda 0.25.")
-        source = f"lambda.json of {tuned.get('created', '?')}"
-        if spec == "tuned":
-            return LambdaChoice("tuned", float(tuned["lambda"]), temperature=float(tuned["temperature"]),
-                                source=source)
-        ada = tuned.get("adaptive")
-        if not ada:
-            raise KNNLMError(f"{datastore_dir}/lambda.json has no adaptive schedule; run `knnlm tune-lambda "
-                             "--adaptive` or pass --lambda tuned.")
-        return LambdaChoice("adaptive", None, tuple(ada["edges"]), tuple(ada["lambdas"]),
-                            float(ada["temperature"]), source)
-    try:
-        lam = float(spec)
-    except ValueError:
-        lam = float("nan")
-    if not 0.0 <= lam <= 1.0:
-        raise KNNLMError(f"--lambda {spec} is not a number in [0, 1], 'tuned' or 'adaptive'; pass e.g. --lambda 0.25.")
-    return LambdaChoice("fixed", lam)
+    Raises:
+        KNNLMError: unparsable or out-of-range number, or no lambda.json / no adaptive schedule.
+    """
+    word = str(spec).strip().lower()
+    if word not in ("tuned", "adaptive"):
+        try:
+            lam = float(word)
+        except ValueError:
+            raise KNNLMError(f"--lambda must be a number in [0, 1], 'tuned' or 'adaptive', not {spec!r}; "
+                             "pass e.g. --lambda 0.25.") from None
+        if not 0.0 <= lam <= 1.0:  # also refuses nan
+            raise KNNLMError(f"--lambda {spec} is outside [0, 1]; pass a number in [0, 1], e.g. --lambda 0.25.")
+        return LambdaChoice("fixed", lam, None, None, None, f"--lambda {spec}")
+    data = load_lambda(datastore_dir) if datastore_dir is not None else None
+    if data is None:
+        raise KNNLMError(f"Datastore {datastore_dir} has no tuned λ (no {LAMBDA_FILE}); run `knnlm tune-lambda` "
+                         "first or pass a number, e.g. --lambda 0.25.")
+    path = Path(datastore_dir) / LAMBDA_FILE
+    if word == "tuned":
+        return LambdaChoice("tuned", float(data["lambda"]), None, None, float(data["temperature"]),
+                            f"{path} (λ {data['lambda']:.4g}, tuned {data.get('created', '')})")
+    ada = data.get("adaptive")
+    if not ada:
+        raise KNNLMError(f"{path} has no adaptive schedule (tuned with --no-adaptive); run `knnlm tune-lambda "
+                         "--adaptive` or pass --lambda tuned.")
+    return LambdaChoice("adaptive", None, tuple(map(float, ada["edges"])), tuple(map(float, ada["lambdas"])),
+                        float(ada["temperature"]),
+                        f"{path} (adaptive, {len(ada['lambdas'])} bins, tuned {data.get('created', '')})")
 
 
-def heldout_curves(scores: Scores, temperatures, lambdas, cfg: TuneConfig = TuneConfig()) -> dict:
-    """Perplexity on the held-out part of scores for each T and λ: {T: [ppl per λ]}."""
-    _, held_idx = split_halves(len(scores), cfg.heldout_fraction, cfg.seed)
-    held = scores.subset(held_idx)
-    knn = _KnnCache(held)
-    lams = np.asarray(lambdas, dtype=float)
-    return {"lambdas": lams.tolist(),
-            "curves": {float(t): [perplexity(interpolate(held.lm_logp, knn(t), lam)) for lam in lams]
-                       for t in temperatures}}
+def heldout_curves(scores: Scores, cfg: TuneConfig = TuneConfig(), temperatures=None, lambdas=None) -> dict:
+    """Held-out perplexity for every (T, λ) pair, on the same held-out tokens as tune.
+
+    Args:
+        scores: per-token LM log-probs and neighbours.
+        cfg: gives the held-out split (fraction and seed).
+        temperatures: the T of each curve (default: the coarse grid).
+        lambdas: the λ of each point (default: 0 to max_lambda in 34 steps); 1 is allowed.
+
+    Returns:
+        {"temperatures": [T], "lambdas": [λ], "ppl": [[ppl per λ] per T], "base_ppl", "tokens"}.
+    """
+    temps = list(cfg.temperatures if temperatures is None else temperatures)
+    lams = np.asarray(np.linspace(0.0, cfg.max_lambda, 34) if lambdas is None else lambdas, dtype=np.float64)
+    _, held = split_tokens(len(scores), cfg.heldout_fraction, cfg.seed)
+    cache = _KnnCache(scores.subset(held))
+    ppl = []
+    for t in temps:
+        ll = interpolate(cache.lm[None, :], cache(t)[None, :], lams[:, None])  # (L, m)
+        ppl.append([perplexity(row) for row in ll])  # per row, so λ = 0 is the base LM to the last digit
+    return {"temperatures": [float(t) for t in temps], "lambdas": lams.tolist(), "ppl": ppl,
+            "base_ppl": perplexity(cache.lm), "tokens": int(held.size)}
 
 
 def plot_curves(curves: dict, path, result: dict | None = None) -> None:
-    """A PNG of held-out perplexity against λ, one line per temperature."""
-    try:
-        import matplotlib
+    """Write a PNG of held-out perplexity against λ, one line per T, the base LM dashed.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Args:
+        curves: the output of heldout_curves.
+        path: the PNG file to write.
+        result: a tune result; if given, its held-out adaptive perplexity is drawn too.
+    """
+    try:
+        # Figure + the Agg canvas, not pyplot: no GUI backend, no global state touched.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as e:
-        raise KNNLMError("The plot needs matplotlib; install it with `pip install matplotlib` or pass --no-plot.") from e
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for t, ppl in curves["curves"].items():
-        ax.plot(curves["lambdas"], ppl, label=f"T = {float(t):.3g}")
-    if result and result.get("heldout"):
-        h = result["heldout"]
-        ax.axhline(h["base_ppl"], color="grey", ls=":", label="LM alone")
-        if h.get("adaptive_ppl"):
-            ax.axhline(h["adaptive_ppl"], color="black", ls="--", label="adaptive λ")
+        raise KNNLMError("Plotting needs matplotlib, which is not installed; run `pip install matplotlib`.") from e
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ppl = np.asarray(curves["ppl"], dtype=np.float64)  # (T, L)
+    ppl = np.where(np.isfinite(ppl), ppl, np.nan)  # λ = 1 can be infinite: leave a gap
+    for t, row in zip(curves["temperatures"], ppl):
+        ax.plot(curves["lambdas"], row, marker=".", label=f"T = {t:.3g}")
+    base = curves["base_ppl"]
+    ax.axhline(base, color="grey", linestyle="--", label=f"base LM ({base:.2f})")
+    ada = ((result or {}).get("heldout") or {}).get("adaptive_ppl")
+    if ada is not None:
+        ax.axhline(ada, color="black", linestyle=":", label=f"adaptive λ ({ada:.2f})")
+    if np.isfinite(ppl).any():
+        # Perplexity explodes near λ = 1 at bad T; cap the axis so the minima stay readable.
+        ax.set_ylim(0.97 * min(np.nanmin(ppl), base), max(min(np.nanmax(ppl), 1.5 * base), base) * 1.03)
     ax.set_xlabel("λ")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("kNN-LM perplexity on held-out tokens")
-    ax.legend(fontsize=8)
+    ax.set_title(f"kNN-LM held-out perplexity ({curves['tokens']} tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(str(path), format="png")
 
 
 def format_table(result: dict) -> str:
-    """The human summary of a tuning result."""
-    h = result["heldout"]
-    rows = [("tuned on", f"{result['tuned_on']['description']} ({result['tuned_on']['tokens']} tokens)"),
-            ("fixed", f"λ = {result['lambda']:.4f}, T = {result['temperature']:.4g}")]
-    if result.get("adaptive"):
-        a = result["adaptive"]
-        rows.append(("adaptive", f"{len(a['lambdas'])} bins, λ {min(a['lambdas']):.3f}…{max(a['lambdas']):.3f}, "
-                                 f"T = {a['temperature']:.4g}"))
-    rows += [("held-out tokens", f"{h['tokens']} (fitted on the other {h['fit_tokens']})"),
-             ("  LM alone", f"{h['base_ppl']:.4f}"),
-             ("  best fixed λ", f"{h['fixed_ppl']:.4f}  ({100 * (h['fixed_ppl'] / h['base_ppl'] - 1):+.2f}%)")]
-    if h.get("adaptive_ppl"):
-        rows.append(("  adaptive λ", f"{h['adaptive_ppl']:.4f}  ({100 * (h['adaptive_ppl'] / h['base_ppl'] - 1):+.2f}%)"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    """A human-readable summary of a tune result (lambda.json content)."""
+    h, on = result["heldout"], result["tuned_on"]
+    what = on.get("description") or "scores"
+    lines = [f"tuned on: {what} ({on['tokens']} tokens), {result['created']}",
+             f"held out: {h['tokens']} tokens (fitted on the other {h['fit_tokens']}, seed {h['seed']})",
+             "",
+             f"{'':<22}{'λ':>14}{'T':>9}{'held-out ppl':>15}",
+             f"{'base LM':<22}{0:>14.3f}{'-':>9}{h['base_ppl']:>15.3f}",
+             f"{'fixed λ':<22}{h['fixed']['lambda']:>14.3f}{h['fixed']['temperature']:>9.3g}{h['fixed_ppl']:>15.3f}"]
+    ada = result.get("adaptive")
+    if h.get("adaptive") is not None:
+        lams = h["adaptive"]["lambdas"]
+        lines.append(f"{'adaptive (' + str(len(lams)) + ' bins)':<22}{f'{min(lams):.2f}-{max(lams):.2f}':>14}"
+                     f"{h['adaptive']['temperature']:>9.3g}{h['adaptive_ppl']:>15.3f}")
+    stored = f"stored (all tokens): λ {result['lambda']:.3f}, T {result['temperature']:.3g}"
+    if ada:
+        stored += f"; adaptive {len(ada['lambdas'])} bins, λ {min(ada['lambdas']):.2f}-{max(ada['lambdas']):.2f}, " \
+                  f"T {ada['temperature']:.3g}"
+    return "\n".join(lines + ["", stored])
