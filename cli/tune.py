@@ -44,7 +44,7 @@ def _cached_dev_scores(ds, cfg: EvalConfig):
 @click.option("--glob", default="**/*.txt", help="Files of a folder given as --corpus.")
 @click.option("--adaptive/--no-adaptive", default=True, help="Also fit a similarity-adaptive λ schedule.")
 @click.option("--bins", default=32, help="Quantile bins of nearest-neighbour distance for adaptive λ.")
-@click.option("--min-bin-tokens", default=50, help="Bins with fewer tokens take the global λ.")
+@click.option("--min-bin-tokens", default=100, help="Bins with fewer tuning tokens are merged with a neighbour.")
 @click.option("--seed", default=0, help="Seed of the fit/held-out split of the tuning tokens.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of held-out perplexity against λ [default: DATASTORE/lambda.png].")
@@ -81,7 +81,7 @@ def tune_cmd(datastore, scores_path, corpus, glob, adaptive, bins, min_bin_token
     save_lambda(ds.path, result)
     if not no_plot:
         t = result["temperature"]
-        curves = heldout_curves(scores, [t / 10, t / 3, t, 3 * t, 10 * t], np.linspace(0, 0.95, 20), cfg)
+        curves = heldout_curves(scores, cfg, [t / 10, t / 3, t, 3 * t, 10 * t], np.linspace(0, 0.95, 20))
         plot = plot or str(Path(ds.path) / "lambda.png")
         plot_curves(curves, plot, result)
         result["plot"] = plot

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import faiss
@@ -26,28 +27,39 @@ class RetrievalConfig:
     exact: bool = False  # brute-force search over keys.npy instead of the index (RAM: N·d·4 bytes)
 
 
-def exact_distances(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, chunk: int = 64) -> np.ndarray:
+def as_tensor(keys: np.ndarray) -> torch.Tensor:
+    """A torch view of a (memory-mapped, read-only) array, without a copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the view is read-only; we only read it
+        return torch.from_numpy(np.asarray(keys))
+
+
+def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: np.ndarray, chunk: int = 128) -> np.ndarray:
     """Squared L2 from each query to its own candidate rows: (n, k); inf where ids < 0.
 
-    Rows are gathered once, in sorted order, so a memory-mapped keys array is read sequentially.
+    Per chunk of queries, the candidates' rows are gathered once in sorted order by torch (three
+    times faster than numpy's fancy indexing of a memmap, and a memmap is then read forwards),
+    widened to float32, and faiss computes each query's distances to its own rows.
     """
+    keys = keys if isinstance(keys, torch.Tensor) else as_tensor(keys)
     n, k = ids.shape
-    flat = ids.reshape(-1)
-    valid = flat >= 0
-    uniq, inv = np.unique(flat[valid], return_inverse=True)
-    rows = torch.from_numpy(np.asarray(keys[uniq], dtype=np.float32))  # (u, d)
-    where = np.zeros(flat.shape[0], dtype=np.int64)
-    where[valid] = inv
-    where = torch.from_numpy(where.reshape(n, k))
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (n, d)
-    out = torch.empty((n, k), dtype=torch.float32)
-    if len(uniq):
-        for lo in range(0, n, chunk):
-            cand = rows[where[lo: lo + chunk]]  # (c, k, d)
-            out[lo: lo + chunk] = ((cand - q[lo: lo + chunk, None, :]) ** 2).sum(-1)
-    d = out.numpy()
-    d[ids < 0] = np.inf
-    return d
+    q = np.ascontiguousarray(queries, dtype=np.float32)  # (n, d)
+    out = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        sub = ids[lo: lo + chunk]  # (c, k)
+        flat = sub.reshape(-1)
+        valid = flat >= 0
+        uniq, inv = np.unique(flat[valid], return_inverse=True)
+        rows = keys.index_select(0, torch.from_numpy(uniq)).float().numpy()  # (u, d)
+        where = np.zeros(flat.shape[0], dtype=np.int64)
+        where[valid] = inv
+        qc, dc = q[lo: lo + chunk], np.empty(sub.shape, dtype=np.float32)
+        if len(uniq):
+            faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(dc), faiss.swig_ptr(qc), faiss.swig_ptr(rows),
+                                    faiss.swig_ptr(where), q.shape[1], len(qc), k)
+        out[lo: lo + chunk] = dc
+    out[ids < 0] = np.inf
+    return out
 
 
 class Retriever:
@@ -70,6 +82,7 @@ class Retriever:
                 ivf.nprobe = cfg.nprobe
         # Also for exact search: faiss's float32 ‖q‖²+‖k‖²−2q·k loses digits that re-ranking restores.
         self.rerank = cfg.rerank
+        self._keys = as_tensor(ds.keys) if self.rerank else None
         self.k = cfg.k
 
     @property
@@ -82,7 +95,7 @@ class Retriever:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         dists, ids = self.index.search(q, self.k)
         if self.rerank:
-            dists = exact_distances(q, self.ds.keys, ids)
+            dists = exact_distances(q, self._keys, ids)
             # Without this, every key page ever re-ranked would count towards this process's RSS.
             self.ds.release()
             order = np.argsort(dists, axis=1, kind="stable")
