@@ -22,7 +22,7 @@ test: install
 
 demo: install
 	$(KNNLM) build-datastore "$$($(PY) -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')/models" \
-		--glob '**/*.py' --shuffle-seed 0 --max-tokens 40000 --holdout 0.1 --out $(DEMO) --overwrite
+		--glob '**/*.py' --shuffle-seed 0 --max-tokens 40000 --holdout 0.15 --out $(DEMO) --overwrite
 	$(KNNLM) eval --datastore $(DEMO) --temperature 30
 
 bench: install

@@ -12,7 +12,6 @@ re-ranking against exact search, and the tuned fixed and adaptive λ on held-out
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from knnlm.datastore import open_datastore
 from knnlm.evaluate import EvalConfig, report, run_eval
 from knnlm.lm import load_lm
 from knnlm.retrieval import RetrievalConfig
+from knnlm.tune import TuneConfig, resolve_lambda, save_lambda, tune
 
 
 def main() -> None:
@@ -51,33 +51,29 @@ def main() -> None:
         cells = [report(scores, lam, t) for lam in lams]
         print(f"| {t} | " + " | ".join(f"{c['knn_lm_ppl']:.3f}" for c in cells) + f" | {cells[0]['knn_only_ppl']:.2f} |")
 
-    print("\nIVF-PQ (default index) against exact search, T = 30, λ = 0.5\n")
+    print("\nIVF-PQ (default index, nprobe 8) against exact search, T = 30, λ = 0.5\n")
     print("| search | kNN-LM perplexity | vs exact | tokens/s |")
     print("|---|---|---|---|")
-    base = dict(lam="0.5", temperature=30.0)
-    ref, _ = run_eval(ds, cfg=EvalConfig(**base, retrieval=RetrievalConfig(exact=True)), lm=lm)
-    for name, rc in [("exact", None), ("IVF-PQ, re-ranked", RetrievalConfig()),
-                     ("IVF-PQ, PQ distances", RetrievalConfig(rerank=False))]:
-        r = ref if rc is None else run_eval(ds, cfg=EvalConfig(**base, retrieval=rc), lm=lm)[0]
+    ref = report(scores, 0.5, 30.0)
+    print(f"| exact | {ref['knn_lm_ppl']:.3f} | | {exact['tokens_per_s']:.0f} |")
+    for name, rc in [("IVF-PQ, re-ranked", RetrievalConfig()), ("IVF-PQ, PQ distances", RetrievalConfig(rerank=False))]:
+        r, _ = run_eval(ds, cfg=EvalConfig(lam="0.5", temperature=30.0, retrieval=rc), lm=lm)
         print(f"| {name} | {r['knn_lm_ppl']:.3f} | {100 * (r['knn_lm_ppl'] / ref['knn_lm_ppl'] - 1):+.2f}% "
               f"| {r['tokens_per_s']:.0f} |")
 
-    try:
-        from knnlm.tune import TuneConfig, save_lambda, tune
-    except ImportError:
-        return
     _, dev = run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True)), lm=lm, split="dev")
-    result = tune(dev, TuneConfig(), description=f"dev part of {ds.path}, {len(dev)} tokens")
+    result = tune(dev, TuneConfig(), description=f"dev part of {ds.path}")
     save_lambda(ds.path, result)
-    print("\ntuned on the dev part, evaluated on the test part (exact search)\n")
-    print("| λ | T | kNN-LM perplexity | vs LM |")
+    h = result["heldout"]
+    print(f"\ntuned on the dev part ({len(dev)} tokens; exact search)\n")
+    print("| λ | T | dev, held-out half | test |")
     print("|---|---|---|---|")
-    print(f"| 0 (LM alone) | - | {exact['lm_ppl']:.3f} | |")
-    for spec in ("tuned", "adaptive"):
-        r, _ = run_eval(ds, cfg=EvalConfig(lam=spec, retrieval=RetrievalConfig(exact=True)), lm=lm)
-        print(f"| {spec} (mean {r['mean_lambda']:.2f}) | {r['temperature']:.3g} | {r['knn_lm_ppl']:.3f} "
-              f"| {100 * r['change']:+.1f}% |")
-    print("\n" + json.dumps(result.get("heldout", {}), indent=1))
+    print(f"| 0 (LM alone) | - | {h['base_ppl']:.3f} | {exact['lm_ppl']:.3f} |")
+    for spec, held in (("tuned", h["fixed_ppl"]), ("adaptive", h["adaptive_ppl"])):
+        choice = resolve_lambda(spec, ds.path)
+        r = report(scores, choice.lambdas_for(scores.nn_dist), choice.temperature)
+        lam = f"{choice.lam:.3f}" if choice.lam is not None else f"adaptive, {len(choice.lambdas)} bins"
+        print(f"| {lam} | {choice.temperature:.3g} | {held:.3f} | {r['knn_lm_ppl']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def index_options(f):
               help="Corpus format (auto: JSONL by .jsonl suffix).")
 @click.option("--text-field", default="text", help="JSONL field with the text.")
 @click.option("--shuffle-seed", type=int, default=None, help="Shuffle document order with this seed.")
-@click.option("--max-tokens", type=int, default=None, help="Stop adding documents at this many keys.")
+@click.option("--max-tokens", type=int, default=None, help="At most this many keys (the document that reaches it is cut).")
 @click.option("--index/--no-index", "build_index", default=True, help="Train the index at the end.")
 @index_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing datastore once the new one is whole.")

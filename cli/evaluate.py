@@ -31,7 +31,7 @@ def window_options(f):
 
 def format_report(r: dict) -> str:
     """The human table of an evaluation."""
-    lam = r["lam"] if r["lambda_source"] == "given" else f"{r['lam']} ({r['lambda_source']}, mean {r['mean_lambda']:.3f})"
+    lam = r["lam"] if r["lambda_kind"] == "fixed" else f"{r['lam']} ({r['lambda_source']}, mean {r['mean_lambda']:.3f})"
     search = f"{r['search']}, k {r['k']}" + (f", nprobe {r['nprobe']}" if r["search"] == "ivfpq" else "") + \
         (", re-ranked" if r["rerank"] else "")
     rows = [

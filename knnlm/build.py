@@ -39,7 +39,7 @@ class BuildConfig:
     fmt: str = "auto"  # "auto" (JSONL by suffix), "text" or "jsonl"
     text_field: str = "text"  # JSONL field with a document's text
     shuffle_seed: int | None = None  # shuffle document order with this seed; None: sorted order
-    max_tokens: int | None = None  # stop adding documents once the datastore has this many keys
+    max_tokens: int | None = None  # at most this many keys: the document that reaches it is cut
     block_windows: int = 64  # windows between checkpoints (sorted by length within a block)
     build_index: bool = True  # train the index at the end
     index: IndexConfig = field(default_factory=IndexConfig)  # index settings
@@ -214,6 +214,10 @@ def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
         if len(ids) < 2:
             s["skipped"] += 1
             continue
+        if not resumed:
+            s["doc_start"] = s["scheduled"]
+        if cfg.max_tokens:  # the document that reaches --max-tokens is cut there
+            ids = ids[: cfg.max_tokens - s["doc_start"] + 1]
         if not resumed:
             # Token j > 0 of this document is vals[start + j - 1]; token 0 is kept here.
             w.docs.write(json.dumps([name, s["scheduled"], len(ids) - 1, int(ids[0])]) + "\n")

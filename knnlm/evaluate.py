@@ -172,7 +172,7 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
                         corpus=what, **retriever.describe)
     lambdas = choice.lambdas_for(scores.nn_dist)
     out = report(scores, lambdas, temperature)
-    out.update(corpus=what, documents=len(docs), lam=cfg.lam, lambda_source=choice.source,
+    out.update(corpus=what, documents=len(docs), lam=cfg.lam, lambda_kind=choice.kind, lambda_source=choice.source,
                mean_lambda=float(np.mean(lambdas)), temperature=temperature, **retriever.describe,
                seconds=seconds, tokens_per_s=len(scores) / seconds, lm_seconds=timer.lm,
                retrieval_seconds=timer.retrieval)

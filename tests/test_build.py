@@ -69,8 +69,9 @@ def test_keys_and_values_align(tiny_lm, tiny_model_dir, corpus_dir, context, str
 
 def test_resume_gives_identical_arrays(tiny_lm, tiny_model_dir, corpus_dir):
     cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, batch_size=2,
-                      block_windows=8, glob="*.txt", build_index=False)
+                      block_windows=8, glob="*.txt", build_index=False, max_tokens=6_000)
     whole = build_datastore(str(corpus_dir), "whole", cfg, lm=tiny_lm)
+    assert whole.count == 6_000
     seen = []
 
     def crash(n):
@@ -117,12 +118,13 @@ def test_single_document_holds_out_its_tail(tiny_lm, tiny_model_dir, corpus_text
     assert stored_tokens == len(tiny_lm.encode(text[: len(text) - len(dev) - len(test)]))
 
 
-def test_max_tokens_stops_at_a_document_boundary(tiny_lm, tiny_model_dir, corpus_dir):
+def test_max_tokens_cuts_the_last_document(tiny_lm, tiny_model_dir, corpus_dir):
     cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.0, glob="*.txt",
                       max_tokens=5000, build_index=False)
     ds = build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
-    last = ds.documents[-1]
-    assert ds.count >= 5000 and ds.count - last[2] < 5000
+    name, start, count, _ = ds.documents[-1]
+    assert ds.count == 5000 and start + count == 5000
+    assert np.array_equal(ds.vals[start:], tiny_lm.encode(open(name).read())[1: count + 1])
 
 
 def test_ivfpq_recall_against_exact_search(tmp_path):

@@ -168,3 +168,32 @@ def test_datastore_env_var(monkeypatch, built):
 def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "knnlm", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "build-datastore" in r.stdout
+
+
+def test_tune_then_eval_tuned_and_adaptive(built, tmp_path):
+    _one_sentence_error(run("eval", "--lambda", "adaptive"), "no tuned λ", "tune-lambda")
+    r = run("tune-lambda", "--k", 32, "--bins", 4, "--min-bin-tokens", 20, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert Path(result["plot"]).stat().st_size > 1000
+    assert (built / "dev-scores.h5").exists() and (built / "lambda.json").exists()
+    assert 0 <= result["lambda"] < 1 and result["adaptive"]["lambdas"]
+    r = run("eval", "--lambda", "tuned", "--k", 32, "--json")
+    tuned = json.loads(r.stdout)
+    assert tuned["temperature"] == result["temperature"] and "lambda.json" in tuned["lambda_source"]
+    r = run("eval", "--lambda", "adaptive", "--k", 32, "--json")
+    ada = json.loads(r.stdout)
+    assert ada["temperature"] == result["adaptive"]["temperature"]
+    # A plain number keeps the tuned temperature as its default.
+    r = run("eval", "--lambda", "0.3", "--k", 32, "--json")
+    assert json.loads(r.stdout)["temperature"] == result["temperature"]
+    # Cached dev scores are reused: a second tuning gives the same answer without the LM.
+    r = run("tune-lambda", "--k", 32, "--bins", 4, "--min-bin-tokens", 20, "--json", "--no-plot")
+    assert "using cached scores" in r.output and json.loads(r.stdout)["lambda"] == result["lambda"]
+    # From an eval --save-scores file.
+    run("eval", "--k", 32, "--save-scores", tmp_path / "s.h5")
+    _one_sentence_error(run("eval", "--k", 32, "--save-scores", tmp_path / "s.h5"), "already exists", "--overwrite")
+    r = run("tune-lambda", "--scores", tmp_path / "s.h5", "--no-adaptive", "--json", "--no-plot")
+    assert r.exit_code == 0 and json.loads(r.stdout)["adaptive"] is None
+    _one_sentence_error(run("eval", "--lambda", "adaptive"), "no adaptive schedule")
+    _one_sentence_error(run("eval", "--lambda", "1.5"), "--lambda")
