@@ -1,2 +1,60 @@
-"""placeholder."""
-COMMANDS = []
+"""`knnlm generate`."""
+
+from __future__ import annotations
+
+import click
+
+from knnlm.datastore import open_datastore
+from knnlm.generate import generate
+from knnlm.lm import load_lm
+from knnlm.retrieval import RetrievalConfig, Retriever
+
+from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
+from .evaluate import retrieval_options
+
+
+@click.command("generate")
+@datastore_option
+@click.option("--prompt", "-p", required=True, help="Text to continue ('-' reads it from stdin).")
+@click.option("--max-new-tokens", "-n", default=64, help="Tokens to add.")
+@click.option("--lambda", "lam", default="0.25", help="λ: a number in [0, 1], 'tuned' or 'adaptive'.")
+@click.option("--temperature", "-t", type=float, default=None,
+              help="T in softmax(-d/T) [default: the tuned T, else 1].")
+@click.option("--sample/--greedy", default=False, help="Draw tokens from the distribution, or take the most likely.")
+@click.option("--seed", default=0, help="Seed of the sampler.")
+@click.option("--compare", is_flag=True, help="Also print the LM's own continuation (λ = 0).")
+@retrieval_options
+@model_option
+@device_option
+@trust_option
+@json_option
+def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, seed, compare, k, nprobe, rerank,
+                 exact, model, device, trust_remote_code, as_json):
+    """Continue a prompt with the kNN-LM's interpolated distribution."""
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read()
+    ds = open_datastore(datastore)
+    lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
+    ds.check_compatible(lm)
+    retriever = Retriever(ds, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact))
+    out = generate(lm, prompt, retriever, lam, temperature, max_new_tokens, sample, seed)
+    plain = generate(lm, prompt, None, 0.0, None, max_new_tokens, sample, seed) if compare else None
+    if as_json:
+        result = {"prompt": prompt, "text": out.text, "tokens": out.tokens, "lambda": lam, "sample": sample,
+                  "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,
+                  "tokens_per_s": len(out.tokens) / out.seconds, **retriever.describe}
+        if plain is not None:
+            result["lm_text"] = plain.text
+        print_json(result)
+        return
+    if plain is None:
+        click.echo(prompt + click.style(out.text, bold=True))
+    else:
+        click.echo(click.style("kNN-LM:", underline=True))
+        click.echo(prompt + click.style(out.text, bold=True))
+        click.echo(click.style("LM alone:", underline=True))
+        click.echo(prompt + click.style(plain.text, bold=True))
+    click.echo(f"{len(out.tokens)} tokens in {out.seconds:.1f} s ({out.retrieval_seconds:.1f} s retrieval)", err=True)
+
+
+COMMANDS = [generate_cmd]

@@ -1,2 +1,73 @@
-"""placeholder."""
-COMMANDS = []
+"""`knnlm neighbors`."""
+
+from __future__ import annotations
+
+import click
+
+from knnlm.datastore import open_datastore
+from knnlm.lm import load_lm
+from knnlm.neighbors import neighbors
+from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.tune import pick_temperature, resolve_lambda
+
+from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
+from .evaluate import retrieval_options
+
+
+def _one_line(text: str, width: int) -> str:
+    """Text on one line (newlines shown as ⏎), cut from the left to its last `width` characters."""
+    flat = text.replace("\n", "⏎").replace("\t", " ")
+    return flat if len(flat) <= width else "…" + flat[-(width - 1):]
+
+
+def format_neighbors(r: dict, width: int = 72) -> str:
+    """The human view: the query, the LM's and p_kNN's guesses, then each neighbour in its context."""
+    target = f"{r['target']['text']!r}" if r["target"] else "(end of text)"
+    lines = [f"position {r['position']} of {r['tokens']} tokens: …{_one_line(r['context'], width)!s}",
+             f"next token in the text: {target}", "",
+             "LM   " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["lm"]),
+             f"kNN  " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["knn"]) + f"   (T {r['temperature']:g})",
+             ""]
+    for n in r["neighbors"]:
+        mark = click.style(f"[{n['next_text']}]", fg="green" if n["is_target"] else "yellow", bold=True)
+        lines.append(f"{n['rank']:>3}  d {n['distance']:<9.4g} {n['document']} @ token {n['offset']}"
+                     + ("  ✓ target" if n["is_target"] else ""))
+        lines.append(f"     {_one_line(n['context'], width)}{mark}")
+    if not r["neighbors"]:
+        lines.append("no neighbours found")
+    return "\n".join(lines)
+
+
+@click.command("neighbors")
+@datastore_option
+@click.argument("text")
+@click.option("--position", default=-1, help="Token whose next token is predicted; negative counts from the end.")
+@click.option("--top", default=10, help="Neighbours to show.")
+@click.option("--temperature", "-t", type=float, default=None,
+              help="T of p_kNN for its top predictions [default: the tuned T, else 1].")
+@retrieval_options
+@model_option
+@device_option
+@trust_option
+@json_option
+def neighbors_cmd(datastore, text, position, top, temperature, k, nprobe, rerank, exact, model, device,
+                  trust_remote_code, as_json):
+    """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
+    if text == "-":
+        text = click.get_text_stream("stdin").read()
+    if top < 1:
+        raise click.BadParameter(f"{top} is not a positive number of neighbours; pass e.g. --top 10.",
+                                 param_hint="--top")
+    ds = open_datastore(datastore)
+    lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
+    ds.check_compatible(lm)
+    retriever = Retriever(ds, RetrievalConfig(k=max(k, top), nprobe=nprobe, rerank=rerank, exact=exact))
+    t = pick_temperature(temperature, resolve_lambda("0", None), ds.path)
+    r = neighbors(lm, retriever, text, position, top, temperature=t)
+    if as_json:
+        print_json(r)
+    else:
+        click.echo(format_neighbors(r))
+
+
+COMMANDS = [neighbors_cmd]

@@ -8,31 +8,13 @@ import click
 import numpy as np
 
 from knnlm.datastore import open_datastore
-from knnlm.evaluate import EvalConfig, run_eval
-from knnlm.index import read_index_info
+from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.retrieval import RetrievalConfig
 from knnlm.scores import load_scores
 from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, save_lambda, tune
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
 from .evaluate import retrieval_options, window_options
-
-
-def _cached_dev_scores(ds, cfg: EvalConfig):
-    """Scores of the datastore's dev part, from dev-scores.h5 when it matches, else computed and cached."""
-    path = ds.path / "dev-scores.h5"
-    r = cfg.retrieval
-    kind = "exact" if r.exact else (read_index_info(ds) or {}).get("kind")
-    want = {"datastore": ds.fingerprint, "k": r.k, "nprobe": r.nprobe, "rerank": r.rerank, "search": kind}
-    if path.exists():
-        scores = load_scores(str(path))
-        if all(scores.attrs.get(key) == value for key, value in want.items()):
-            click.echo(f"using cached scores {path}", err=True)
-            return scores, f"dev part of {ds.path}"
-    with progress_bar(None, "scoring dev part") as bar:
-        _, scores = run_eval(ds, None, EvalConfig(**{**cfg.__dict__, "save_scores": str(path)}), split="dev",
-                             progress=bar.update)
-    return scores, f"dev part of {ds.path}"
 
 
 @click.command("tune-lambda")
@@ -75,7 +57,11 @@ def tune_cmd(datastore, scores_path, corpus, glob, adaptive, bins, min_bin_token
             _, scores = run_eval(ds, corpus, ecfg, progress=bar.update)
         what = corpus
     else:
-        scores, what = _cached_dev_scores(ds, ecfg)
+        with progress_bar(None, "scoring dev part") as bar:
+            scores, cached = dev_scores(ds, ecfg, progress=bar.update)
+        if cached:
+            click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
+        what = f"dev part of {ds.path}"
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed)
     result = tune(scores, cfg, description=str(what))
     save_lambda(ds.path, result)

@@ -135,7 +135,8 @@ def resolve_docs(ds: Datastore, corpus: str | None, split: str, glob: str) -> tu
 
 
 def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalConfig(), lm: LM | None = None,
-             split: str = "test", progress=None) -> tuple[dict, Scores]:
+             split: str = "test", progress=None, documents: list[tuple[str, str]] | None = None,
+             retriever: Retriever | None = None) -> tuple[dict, Scores]:
     """Evaluate the kNN-LM on text: the library side of `knnlm eval`.
 
     Args:
@@ -145,22 +146,26 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
         lm: an already loaded model (else the datastore's, or cfg.model).
         split: "test" or "dev", when corpus is None.
         progress: optional callable taking the number of tokens just scored.
+        documents: (name, text) pairs to score instead of corpus.
+        retriever: an already opened search over this datastore (else one is made from cfg.retrieval).
 
     Returns:
         (report dict, per-token Scores).
     """
-    from .tune import resolve_lambda, load_lambda
+    from .tune import pick_temperature, resolve_lambda
 
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
     choice = resolve_lambda(cfg.lam, ds.path)
-    tuned = load_lambda(ds.path) or {}
-    temperature = cfg.temperature or choice.temperature or tuned.get("temperature") or 1.0
+    temperature = pick_temperature(cfg.temperature, choice, ds.path)
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
     context, stride = cfg.context or ds.meta["context"], cfg.stride or ds.meta["stride"]
     check_window(context, stride, lm.max_positions)
-    docs, what = resolve_docs(ds, corpus, split, cfg.glob)
-    retriever = Retriever(ds, cfg.retrieval)
+    if documents is not None:
+        docs, what = list(documents), f"{len(documents)} given texts"
+    else:
+        docs, what = resolve_docs(ds, corpus, split, cfg.glob)
+    retriever = retriever or Retriever(ds, cfg.retrieval)
     timer = Timer()
     t0 = time.perf_counter()
     scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer)
@@ -180,3 +185,26 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
         save_scores(cfg.save_scores, scores)
         out["scores_file"] = cfg.save_scores
     return out, scores
+
+
+def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=None) -> tuple[Scores, bool]:
+    """Scores of the datastore's held-out dev part: from DATASTORE/dev-scores.h5 when it was made with
+    the same datastore and search settings, else computed and cached there.
+
+    Returns:
+        (scores, whether they came from the cache).
+    """
+    from .index import read_index_info
+    from .scores import load_scores
+
+    path = ds.path / "dev-scores.h5"
+    r = cfg.retrieval
+    kind = "exact" if r.exact else (read_index_info(ds) or {}).get("kind")
+    want = {"datastore": ds.fingerprint, "k": r.k, "nprobe": r.nprobe, "rerank": r.rerank, "search": kind}
+    if path.exists():
+        scores = load_scores(str(path))
+        if all(scores.attrs.get(key) == value for key, value in want.items()):
+            return scores, True
+    cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "save_scores": str(path)})
+    _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress)
+    return scores, False

@@ -200,6 +200,9 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | None = None, trust_remote_c
     Returns:
         An LM in eval mode with gradients off.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: local loads are quick, and they clutter output
     device = device or default_device()
     path = Path(name).expanduser()
     try:

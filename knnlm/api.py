@@ -1,0 +1,153 @@
+"""One object to hold: a datastore, its model and a search over it.
+
+    from knnlm import KNNLM
+
+    knn = KNNLM.open("datastores/default")
+    knn.evaluate("def parse(text):\\n    return text.split()\\n")["knn_lm_ppl"]
+    knn.generate("def main(", max_new_tokens=20)
+    knn.neighbors("import numpy as", top=5)["neighbors"]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .datastore import Datastore, open_datastore
+from .evaluate import EvalConfig, dev_scores, run_eval
+from .generate import KNNLogitsProcessor, generate
+from .lm import LM, load_lm
+from .neighbors import neighbors
+from .retrieval import RetrievalConfig, Retriever
+from .tune import TuneConfig, pick_temperature, resolve_lambda, save_lambda, tune
+
+
+class KNNLM:
+    """A frozen LM with its nearest-neighbour memory.
+
+    Open one with `KNNLM.open`; the model, the index and the λ file are read once and shared by
+    every call. λ arguments take a number in [0, 1], "tuned" or "adaptive" (both read the
+    datastore's lambda.json, written by `tune`); temperature None means the tuned T, else 1,
+    as in `knnlm eval`.
+
+    Attributes:
+        datastore: the opened Datastore.
+        lm: the model (the one the datastore was built with).
+        retriever: the search over the datastore.
+    """
+
+    def __init__(self, datastore: Datastore, lm: LM, retriever: Retriever):
+        self.datastore, self.lm, self.retriever = datastore, lm, retriever
+
+    @classmethod
+    def open(cls, datastore=None, model: str | None = None, device: str | None = None,
+             retrieval: RetrievalConfig = RetrievalConfig(), trust_remote_code: bool = False,
+             lm: LM | None = None) -> "KNNLM":
+        """Open a datastore with its model.
+
+        Args:
+            datastore: the datastore directory; None: $KNNLM_DATASTORE, else datastores/default.
+            model: hub id, directory or .gguf file; None: the model named in the datastore.
+            device: torch device; None: cuda when available, else cpu.
+            retrieval: k, nprobe, re-ranking and exact search.
+            trust_remote_code: allow the model repository's own code.
+            lm: an already loaded model to use instead of loading one.
+
+        Returns:
+            The KNNLM.
+
+        Raises:
+            KNNLMError: the datastore is missing or broken, or the model is not the one it was built with.
+        """
+        ds = open_datastore(datastore)
+        lm = lm or load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
+        ds.check_compatible(lm)
+        return cls(ds, lm, Retriever(ds, retrieval))
+
+    def evaluate(self, text: str | list[str], lam: str | float = 0.25, temperature: float | None = None,
+                 context: int | None = None, stride: int | None = None) -> dict:
+        """Perplexity of the LM and of the kNN-LM on text.
+
+        Args:
+            text: one document, or a list of documents.
+            lam: λ.
+            temperature: T of p_kNN.
+            context: tokens per window; None: the datastore's.
+            stride: tokens a window advances; None: the datastore's.
+
+        Returns:
+            The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change, ...
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, context=context,
+                         stride=stride)
+        report, _ = run_eval(self.datastore, cfg=cfg, lm=self.lm, retriever=self.retriever,
+                             documents=[(f"text {i}", t) for i, t in enumerate(texts)])
+        return report
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
+                 temperature: float | None = None, sample: bool = False, seed: int = 0) -> str:
+        """Continue a prompt, decoding from the interpolated distribution.
+
+        Args:
+            prompt: text to continue (encoded as it is, without a chat template).
+            max_new_tokens: tokens to add.
+            lam: λ; 0 decodes with the LM alone.
+            temperature: T of p_kNN.
+            sample: draw tokens instead of taking the most likely.
+            seed: seed of the sampler.
+
+        Returns:
+            The new text (without the prompt).
+        """
+        return generate(self.lm, prompt, self.retriever, str(lam), temperature, max_new_tokens, sample, seed).text
+
+    def neighbors(self, text: str, position: int = -1, top: int = 10, temperature: float | None = None) -> dict:
+        """The datastore entries nearest to one position of a text.
+
+        Args:
+            text: the text.
+            position: the token whose next token is predicted; -1 is the last.
+            top: neighbours to return.
+            temperature: T of p_kNN for the kNN predictions.
+
+        Returns:
+            The dict of `knnlm neighbors --json`: LM and kNN top predictions, and neighbours with
+            distance, stored next token, source document, offset and preceding context.
+        """
+        t = pick_temperature(temperature, resolve_lambda("0", None), self.datastore.path)
+        return neighbors(self.lm, self.retriever, text, position, top, temperature=t)
+
+    def logits_processor(self, lam: str | float = 0.25, temperature: float | None = None) -> KNNLogitsProcessor:
+        """A LogitsProcessor for `self.lm.model.generate(..., logits_processor=[...])`.
+
+        Close it (or use it in a `with` block) when done: it hooks the model's output projection.
+        """
+        return KNNLogitsProcessor(self.lm, self.retriever, str(lam), temperature)
+
+    def tune(self, text: str | list[str] | None = None, cfg: TuneConfig = TuneConfig()) -> dict:
+        """Tune λ, T and the adaptive schedule, and store them in the datastore's lambda.json.
+
+        Args:
+            text: tuning documents; None: the datastore's held-out dev part (scores cached).
+            cfg: the search settings.
+
+        Returns:
+            What `knnlm tune-lambda --json` prints: lambda, temperature, adaptive, heldout figures.
+        """
+        ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg)
+        if text is None:
+            scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm)
+            what = f"dev part of {self.datastore.path}"
+        else:
+            texts = [text] if isinstance(text, str) else list(text)
+            _, scores = run_eval(self.datastore, cfg=ecfg, lm=self.lm, retriever=self.retriever,
+                                 documents=[(f"text {i}", t) for i, t in enumerate(texts)])
+            what = f"{len(texts)} given texts"
+        result = tune(scores, cfg, description=what)
+        save_lambda(self.datastore.path, result)
+        return result
+
+    def with_retrieval(self, **changes) -> "KNNLM":
+        """The same datastore and model with other search settings, e.g. `.with_retrieval(k=100)`."""
+        cfg = replace(self.retriever.cfg, **changes)
+        return KNNLM(self.datastore, self.lm, Retriever(self.datastore, cfg))

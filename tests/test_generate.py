@@ -1,0 +1,167 @@
+"""Decoding with the kNN-LM, the neighbours view and the Python API (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from knnlm.api import KNNLM
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.cli.main import cli
+from knnlm.errors import KNNLMError
+from knnlm.evaluate import score_documents
+from knnlm.generate import KNNLogitsProcessor, generate, knn_log_distribution
+from knnlm.interpolate import interpolate, knn_log_prob
+from knnlm.neighbors import neighbors
+from knnlm.retrieval import RetrievalConfig, Retriever
+
+CTX, STRIDE = 64, 32
+
+
+@pytest.fixture
+def store(tiny_lm, tiny_model_dir, corpus_dir):
+    """A datastore of the corpus files (exact index: too few keys for IVF-PQ)."""
+    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.2, glob="*.txt")
+    return build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
+
+
+def _stored_document(store, corpus_dir) -> tuple[str, int]:
+    """Text of the first document in the datastore, and its first key row."""
+    name, start, _count, _first = store.documents[0]
+    return (corpus_dir / name).read_text() if not name.startswith("/") else open(name).read(), start
+
+
+def test_full_vocabulary_knn_matches_per_target():
+    rng = np.random.default_rng(0)
+    dists = rng.uniform(0, 5, size=(6, 20)).astype(np.float32)
+    vals = rng.integers(0, 30, size=(6, 20)).astype(np.int32)
+    vals[0, 5:] = -1  # missing neighbours never count
+    dists[0, 5:] = np.inf
+    full = knn_log_distribution(torch.from_numpy(dists), torch.from_numpy(vals), 30, 2.0).numpy()
+    assert np.allclose(np.exp(full).sum(1), 1.0)
+    for y in range(30):
+        ref = knn_log_prob(dists, vals, np.full(6, y), 2.0)
+        assert np.allclose(full[:, y], ref, atol=1e-12)
+
+
+def test_processor_equals_eval_interpolation(store, tiny_lm):
+    retriever = Retriever(store, RetrievalConfig(k=32, exact=True))
+    name, text = store.heldout("test")[0]
+    scores = score_documents(tiny_lm, retriever, [(name, text)], CTX, STRIDE)
+    ids = tiny_lm.encode(text)
+    lam, temp = 0.3, 2.0
+    ref = interpolate(scores.lm_logp, knn_log_prob(scores.dists, scores.vals, scores.targets, temp), lam)
+    with KNNLogitsProcessor(tiny_lm, retriever, lam, temp) as proc:
+        for p in (0, 7, 30, CTX - 2):  # positions the first window owns: the same context as eval
+            x = torch.tensor([ids[: p + 1]])
+            with torch.inference_mode():
+                logits = tiny_lm.model(input_ids=x).logits[:, -1]  # the hook takes the query
+            out = proc(x, logits)
+            assert out.dtype == logits.dtype
+            assert torch.exp(out.double()).sum().item() == pytest.approx(1.0, abs=1e-5)
+            j = int(np.flatnonzero(scores.pos == p + 1)[0])
+            assert scores.targets[j] == ids[p + 1]
+            assert out[0, ids[p + 1]].item() == pytest.approx(ref[j], abs=1e-4)
+
+
+def test_greedy_with_lambda_zero_is_plain_generate(store, tiny_lm):
+    retriever = Retriever(store, RetrievalConfig(k=32, exact=True))
+    prompt = "def split(s):\n    "
+    x = torch.tensor([tiny_lm.encode(prompt)])
+    with torch.inference_mode():
+        plain = tiny_lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                                       pad_token_id=0)[0, x.shape[1]:].tolist()
+    ours = generate(tiny_lm, prompt, retriever, lam=0.0, max_new_tokens=20)
+    assert ours.tokens == plain
+    assert ours.retrieval_seconds > 0  # the processor did run
+
+
+def test_lambda_near_one_continues_stored_text_verbatim(store, tiny_lm, corpus_dir):
+    text, _ = _stored_document(store, corpus_dir)
+    ids = tiny_lm.encode(text)
+    n = next(n for n in range(16, 30) if tiny_lm.encode(tiny_lm.decode(ids[:n])) == ids[:n])
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    out = generate(tiny_lm, tiny_lm.decode(ids[:n]), retriever, lam=0.999, temperature=0.01,
+                   max_new_tokens=CTX - n - 1)
+    assert out.tokens == ids[n: n + len(out.tokens)]
+    # The LM alone (random weights) does not know the text.
+    alone = generate(tiny_lm, tiny_lm.decode(ids[:n]), None, max_new_tokens=CTX - n - 1)
+    assert alone.tokens != out.tokens
+
+
+def test_sampling_is_seeded_and_sums_to_one(store, tiny_lm):
+    retriever = Retriever(store, RetrievalConfig(k=32, exact=True))
+    a = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=15, sample=True, seed=3)
+    b = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=15, sample=True, seed=3)
+    assert a.tokens == b.tokens and len(a.tokens) == 15
+
+
+def test_neighbors_of_a_stored_position_include_itself(store, tiny_lm, corpus_dir):
+    text, start = _stored_document(store, corpus_dir)
+    retriever = Retriever(store, RetrievalConfig(k=16, exact=True))
+    ids = tiny_lm.encode(text)
+    for p in (5, CTX + 10, 3 * CTX + 7):  # the first window and later ones
+        r = neighbors(tiny_lm, retriever, text, position=p, top=5)
+        first = r["neighbors"][0]
+        assert first["row"] == start + p
+        assert first["distance"] < 1e-3
+        assert first["next_token"] == ids[p + 1] and first["is_target"]
+        assert r["target"]["token"] == ids[p + 1]
+        assert first["offset"] == p
+        assert tiny_lm.decode(ids[: p + 1]).endswith(first["context"])
+        assert [n["distance"] for n in r["neighbors"]] == sorted(n["distance"] for n in r["neighbors"])
+        assert sum(t["prob"] for t in r["knn"]) <= 1 + 1e-9
+
+
+def test_neighbors_bad_position(store, tiny_lm):
+    retriever = Retriever(store, RetrievalConfig(k=4, exact=True))
+    with pytest.raises(KNNLMError, match="outside the text"):
+        neighbors(tiny_lm, retriever, "abc", position=50)
+    with pytest.raises(KNNLMError, match="empty"):
+        neighbors(tiny_lm, retriever, "")
+    assert neighbors(tiny_lm, retriever, "import os", position=-1)["target"] is None
+
+
+def test_api_object(store, tiny_lm, corpus_dir):
+    knn = KNNLM.open("ds", lm=tiny_lm, retrieval=RetrievalConfig(k=16, exact=True))
+    name, text = store.heldout("test")[0]
+    r0 = knn.evaluate(text, lam=0)
+    assert r0["knn_lm_ppl"] == r0["lm_ppl"]
+    r = knn.evaluate([text, text], lam=0.5)
+    assert r["tokens"] == 2 * r0["tokens"] and r["lm_ppl"] == pytest.approx(r0["lm_ppl"])
+    assert isinstance(knn.generate("import os\n", max_new_tokens=5), str)
+    doc, start = _stored_document(store, corpus_dir)
+    assert knn.neighbors(doc, position=10, top=3)["neighbors"][0]["row"] == start + 10
+    result = knn.tune()
+    assert (store.path / "lambda.json").exists() and 0 <= result["lambda"] < 1
+    tuned = knn.evaluate(text, lam="tuned")
+    assert tuned["temperature"] == pytest.approx(result["temperature"])
+    with knn.logits_processor(lam="tuned") as proc:
+        assert proc.temperature == pytest.approx(result["temperature"])
+
+
+def test_generate_and_neighbors_commands(store, tiny_model_dir, corpus_dir):
+    run = CliRunner().invoke
+    r = run(cli, ["generate", "-d", "ds", "--prompt", "import os\n", "-n", "6", "--exact", "--json", "--compare"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert len(out["tokens"]) == 6 and "lm_text" in out and out["search"] == "exact"
+    r = run(cli, ["generate", "-d", "ds", "--prompt", "import os\n", "-n", "4", "--sample", "--seed", "1"])
+    assert r.exit_code == 0 and r.output.startswith("import os\n")
+    doc, start = _stored_document(store, corpus_dir)
+    r = run(cli, ["neighbors", "-d", "ds", doc[:300], "--position", "20", "--top", "3", "--json", "--exact"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["neighbors"][0]["row"] == start + 20 and len(out["neighbors"]) == 3
+    r = run(cli, ["neighbors", "-d", "ds", doc[:300], "--top", "3"])
+    assert r.exit_code == 0 and "d " in r.output and "@ token" in r.output
+    r = run(cli, ["neighbors", "-d", "ds", "abc", "--position", "99"])
+    assert r.exit_code == 1 and "outside the text" in r.output
+    r = run(cli, ["generate", "-d", "ds", "--prompt", "x", "--lambda", "adaptive"])
+    assert r.exit_code == 1 and "tune-lambda" in r.output
+    r = run(cli, ["generate", "-d", "nowhere", "--prompt", "x"])
+    assert r.exit_code == 1
