@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).parent
 
 import torch  # noqa: E402
 
@@ -72,7 +73,10 @@ def main() -> None:
     out = {"tokens": tokens, "build_tokens_per_s": tokens / build_s, "forward_tokens_per_s": tokens / fwd_s,
            "ratio_build_over_forward": fwd_s / build_s, "target": ">= 0.95"}
     if args.index_keys:
-        syn = synthetic_datastore(tmp / "syn", lm, args.index_keys)
+        # Shared with bench/eval.py and bench/generate.py, which reuse the index trained here.
+        syn = HERE / "results" / f"synthetic-{args.index_keys}"
+        if not (syn / "meta.json").exists():
+            synthetic_datastore(syn, lm, args.index_keys)
         sds = open_datastore(syn)
         t0 = time.perf_counter()
         info = train_index(sds, IndexConfig())

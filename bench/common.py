@@ -6,6 +6,7 @@ import os
 import random
 import resource
 import sysconfig
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,40 @@ def synthetic_datastore(path: Path, lm, n: int, seed: int = 0, chunk: int = 100_
 def peak_rss_mib() -> float:
     """Peak resident set size of this process, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MemorySampler:
+    """Peak anonymous (private) and file-backed resident memory of this process, sampled every 20 ms.
+
+    ru_maxrss counts the pages of memory-mapped keys.npy that a search touched; those are clean
+    page-cache pages the kernel can drop at any time, so private memory is reported apart.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.peak = {"RssAnon": 0.0, "RssFile": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def sample(self) -> None:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in self.peak:
+                    self.peak[name] = max(self.peak[name], int(rest.split()[0]) / 1024)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.sample()
+
+    def __enter__(self) -> "MemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def threads() -> int:

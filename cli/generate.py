@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from knnlm.datastore import open_datastore
@@ -32,7 +34,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, se
                  exact, model, device, trust_remote_code, as_json):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
-        prompt = click.get_text_stream("stdin").read()
+        prompt = sys.stdin.read()
     ds = open_datastore(datastore)
     lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
     ds.check_compatible(lm)

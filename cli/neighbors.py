@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from knnlm.datastore import open_datastore
@@ -54,7 +56,7 @@ def neighbors_cmd(datastore, text, position, top, temperature, k, nprobe, rerank
                   trust_remote_code, as_json):
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
     if text == "-":
-        text = click.get_text_stream("stdin").read()
+        text = sys.stdin.read()
     if top < 1:
         raise click.BadParameter(f"{top} is not a positive number of neighbours; pass e.g. --top 10.",
                                  param_hint="--top")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -56,12 +55,6 @@ class Datastore:
     def vals(self) -> np.ndarray:
         """(N,) int32 next tokens, memory-mapped."""
         return _open_array(self.path / "vals.npy", np.int32, (self.count,))
-
-    def release(self) -> None:
-        """Drop the key pages this process has touched from its resident set (they stay in the page cache)."""
-        mm = getattr(self.__dict__.get("keys"), "_mmap", None)
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
 
     @property
     def documents(self) -> list:

@@ -165,3 +165,42 @@ def test_generate_and_neighbors_commands(store, tiny_model_dir, corpus_dir):
     assert r.exit_code == 1 and "tune-lambda" in r.output
     r = run(cli, ["generate", "-d", "nowhere", "--prompt", "x"])
     assert r.exit_code == 1
+
+
+def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkeypatch):
+    import knnlm.cli.generate as cli_generate
+    import knnlm.cli.neighbors as cli_neighbors
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_generate(lm, prompt, retriever, lam, temperature, max_new_tokens, sample, seed):
+        seen.update(lm=lm.name, prompt=prompt, cfg=retriever.cfg, lam=lam, t=temperature, n=max_new_tokens,
+                    sample=sample, seed=seed)
+        raise Stop
+
+    def fake_neighbors(lm, retriever, text, position, top, temperature):
+        seen.update(text=text, cfg=retriever.cfg, position=position, top=top, t=temperature)
+        raise Stop
+
+    monkeypatch.setattr(cli_generate, "generate", fake_generate)
+    monkeypatch.setattr(cli_neighbors, "neighbors", fake_neighbors)
+
+    def run(_cli, args, input=None):
+        return CliRunner().invoke(_cli, [str(x) for x in args], input=input)
+
+    r = run(cli, ["generate", "--datastore", "ds", "--prompt", "-", "--max-new-tokens", 7, "--lambda", "0.7",
+                  "--temperature", 3, "--sample", "--seed", 5, "--k", 9, "--nprobe", 2, "--no-rerank", "--exact",
+                  "--model", str(tiny_model_dir), "--device", "cpu"], input="hello")
+    assert isinstance(r.exception, Stop), r.output
+    assert (seen["prompt"], seen["lam"], seen["t"], seen["n"], seen["sample"], seen["seed"]) == \
+        ("hello", "0.7", 3.0, 7, True, 5)
+    assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 2, False, True)
+    assert seen["lm"] == str(tiny_model_dir)
+    r = run(cli, ["neighbors", "-d", "ds", "some text", "--position", -3, "--top", 4, "--temperature", 2,
+                  "--k", 20, "--nprobe", 3, "--exact"])
+    assert isinstance(r.exception, Stop), r.output
+    assert (seen["text"], seen["position"], seen["top"], seen["t"], seen["cfg"].k, seen["cfg"].nprobe) == \
+        ("some text", -3, 4, 2.0, 20, 3)

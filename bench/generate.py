@@ -1,0 +1,61 @@
+"""Per-token decode cost with kNN ÷ without, at a 1M-key datastore.
+
+    python bench/generate.py [--keys 1000000] [--new-tokens 64] [--rounds 3]
+
+Greedy decoding of the same prompt with the LM alone and with the kNN-LM (default index,
+k 1000, nprobe 8, re-ranking on), alternating, in one process; the ratio uses summed
+seconds per generated token. Keys are random (the cost does not depend on what they
+encode); the datastore is shared with bench/eval.py in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import stdlib_texts, synthetic_datastore  # noqa: E402
+from knnlm.datastore import open_datastore  # noqa: E402
+from knnlm.generate import generate  # noqa: E402
+from knnlm.index import train_index  # noqa: E402
+from knnlm.lm import load_lm  # noqa: E402
+from knnlm.retrieval import RetrievalConfig, Retriever  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keys", type=int, default=1_000_000)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    lm = load_lm("smollm2-135m", "cpu")
+    path = HERE / "results" / f"synthetic-{args.keys}"
+    if not (path / "index.faiss").exists():
+        synthetic_datastore(path, lm, args.keys)
+        train_index(open_datastore(path))
+    retriever = Retriever(open_datastore(path), RetrievalConfig())
+    _, text = stdlib_texts(1, seed=2)[0]
+    prompt = lm.decode(lm.encode(text)[: args.prompt_tokens])
+    generate(lm, prompt, retriever, max_new_tokens=4)  # warm-up: index, key pages, kernels
+    lm_s = lm_n = knn_s = knn_n = retrieval_s = 0.0
+    for _ in range(args.rounds):
+        plain = generate(lm, prompt, None, max_new_tokens=args.new_tokens)
+        lm_s, lm_n = lm_s + plain.seconds, lm_n + len(plain.tokens)
+        mixed = generate(lm, prompt, retriever, lam=0.25, max_new_tokens=args.new_tokens)
+        knn_s, knn_n = knn_s + mixed.seconds, knn_n + len(mixed.tokens)
+        retrieval_s += mixed.retrieval_seconds
+    lm_ms, knn_ms = 1000 * lm_s / lm_n, 1000 * knn_s / knn_n
+    print(json.dumps({"keys": args.keys, "prompt_tokens": args.prompt_tokens, "tokens": int(knn_n),
+                      "lm_ms_per_token": round(lm_ms, 2), "knn_lm_ms_per_token": round(knn_ms, 2),
+                      "retrieval_ms_per_token": round(1000 * retrieval_s / knn_n, 2),
+                      "extra_cost": round(knn_ms / lm_ms - 1, 4), "target": "<= 0.20"}))
+
+
+if __name__ == "__main__":
+    main()
