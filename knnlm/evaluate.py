@@ -15,7 +15,8 @@ from .errors import KNNLMError
 from .interpolate import interpolate, knn_log_prob, perplexity
 from .lm import LM, load_lm
 from .retrieval import RetrievalConfig, Retriever
-from .scores import Scores, concat_scores, save_scores
+from .index import read_index_info
+from .scores import Scores, concat_scores, load_scores, save_scores
 from .windows import check_window, length_batches, pad_batch, plan_windows
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,6 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     Returns:
         (scores, whether they came from the cache).
     """
-    from .index import read_index_info
-    from .scores import load_scores
-
     path = ds.path / "dev-scores.h5"
     r = cfg.retrieval
     kind = "exact" if r.exact else (read_index_info(ds) or {}).get("kind")

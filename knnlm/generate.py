@@ -128,8 +128,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.last = {"dists": dists, "ids": ids, "vals": vals}
         knn = knn_log_distribution(torch.from_numpy(dists), torch.from_numpy(vals), lm_logits.shape[-1],
                                    self.temperature)
-        lambdas = self.choice.lambdas_for(dists[:, 0] if dists.shape[1] else np.full(len(dists), np.inf))
-        lambdas = np.where(np.isfinite(dists[:, 0]) if dists.shape[1] else False, lambdas, 0.0)  # no neighbour
+        nearest = dists[:, 0]  # k >= 1; inf when a query found no neighbour, which then keeps p_LM
+        lambdas = np.where(np.isfinite(nearest), self.choice.lambdas_for(nearest), 0.0)
         return interpolated_log_probs(lm_logits.cpu(), knn, torch.from_numpy(lambdas))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -46,7 +46,7 @@ def _rerank_rows(q: np.ndarray, keys: torch.Tensor, ids: np.ndarray, out: np.nda
         faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: dict[int, ThreadPoolExecutor] = {}  # by size, made on first use
 
 
 def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -57,7 +57,6 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     the distances with SIMD; batching queries was slower, their rows no longer fit in cache. Large
     batches are split over torch's threads (the gather and faiss release the GIL).
     """
-    global _POOL
     keys = keys if isinstance(keys, torch.Tensor) else as_tensor(keys)
     q = np.ascontiguousarray(queries, dtype=np.float32)  # (n, d)
     out = np.empty(ids.shape, dtype=np.float32)
@@ -65,10 +64,11 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     if workers == 1:
         _rerank_rows(q, keys, ids, out)
     else:
-        if _POOL is None or _POOL._max_workers < workers:
-            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-rerank")
+        if workers not in _POOL:
+            _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-rerank")
+        pool = _POOL[workers]
         bounds = np.linspace(0, len(q), workers + 1).astype(int)
-        jobs = [_POOL.submit(_rerank_rows, q[a:b], keys, ids[a:b], out[a:b]) for a, b in zip(bounds, bounds[1:])]
+        jobs = [pool.submit(_rerank_rows, q[a:b], keys, ids[a:b], out[a:b]) for a, b in zip(bounds, bounds[1:])]
         for job in jobs:
             job.result()
     out[ids < 0] = np.inf

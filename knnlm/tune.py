@@ -366,7 +366,7 @@ def pick_temperature(given: float | None, choice: LambdaChoice, datastore_dir) -
         return float(given)
     if choice.temperature:
         return float(choice.temperature)
-    tuned = load_lambda(datastore_dir) or {} if datastore_dir is not None else {}
+    tuned = (load_lambda(datastore_dir) or {}) if datastore_dir is not None else {}
     return float(tuned.get("temperature") or 1.0)
 
 
