@@ -56,7 +56,8 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, se
         click.echo(prompt + click.style(out.text, bold=True))
         click.echo(click.style("LM alone:", underline=True))
         click.echo(prompt + click.style(plain.text, bold=True))
-    click.echo(f"{len(out.tokens)} tokens in {out.seconds:.1f} s ({out.retrieval_seconds:.1f} s retrieval)", err=True)
+    per_token = 1000 * out.retrieval_seconds / max(1, len(out.tokens))
+    click.echo(f"{len(out.tokens)} tokens in {out.seconds:.1f} s (retrieval {per_token:.1f} ms/token)", err=True)
 
 
 COMMANDS = [generate_cmd]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -30,9 +31,13 @@ def format_neighbors(r: dict, width: int = 72) -> str:
              "LM   " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["lm"]),
              f"kNN  " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["knn"]) + f"   (T {r['temperature']:g})",
              ""]
+    root = os.path.abspath(r["corpus"]) if r.get("corpus") and r["corpus"] != "-" else ""
     for n in r["neighbors"]:
-        mark = click.style(f"[{n['next_text']}]", fg="green" if n["is_target"] else "yellow", bold=True)
-        lines.append(f"{n['rank']:>3}  d {n['distance']:<9.4g} {n['document']} @ token {n['offset']}"
+        mark = click.style(f"[{_one_line(n['next_text'], 20)}]", fg="green" if n["is_target"] else "yellow", bold=True)
+        doc = n["document"]
+        if root and os.path.abspath(doc).startswith(root + os.sep):
+            doc = os.path.relpath(os.path.abspath(doc), root)
+        lines.append(f"{n['rank']:>3}  d {n['distance']:<9.4g} {doc} @ token {n['offset']}"
                      + ("  ✓ target" if n["is_target"] else ""))
         lines.append(f"     {_one_line(n['context'], width)}{mark}")
     if not r["neighbors"]:

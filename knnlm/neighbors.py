@@ -54,7 +54,8 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
 
     Returns:
         {"position", "tokens", "context" (the text's tokens up to the position), "target" (the
-        text's next token, or None at the end), "lm" and "knn" (top predictions), "neighbors": [{"rank",
+        text's next token, or None at the end), "lm" and "knn" (top predictions), "corpus" (the
+        datastore's source), "neighbors": [{"rank",
         "distance", "row", "document", "offset", "context", "next_token", "next_text", "is_target"}]}.
     """
     ids = lm.encode(text)
@@ -83,6 +84,6 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
         "target": None if target is None else {"token": target, "text": lm.decode([target])},
         "lm": _top(torch.log_softmax(logits.double(), -1), predictions, lm),
         "knn": _top(knn, predictions, lm),
-        "temperature": temperature, **retriever.describe,
+        "temperature": temperature, "corpus": ds.meta.get("corpus", {}).get("source"), **retriever.describe,
         "neighbors": out,
     }
