@@ -26,7 +26,7 @@ def _one_line(text: str, width: int) -> str:
 def format_neighbors(r: dict, width: int = 72) -> str:
     """The human view: the query, the LM's and p_kNN's guesses, then each neighbour in its context."""
     target = f"{r['target']['text']!r}" if r["target"] else "(end of text)"
-    lines = [f"position {r['position']} of {r['tokens']} tokens: …{_one_line(r['context'], width)!s}",
+    lines = [f"position {r['position']} of {r['tokens']} tokens: {_one_line(r['context'], width)}",
              f"next token in the text: {target}", "",
              "LM   " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["lm"]),
              f"kNN  " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["knn"]) + f"   (T {r['temperature']:g})",

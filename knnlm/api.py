@@ -91,7 +91,7 @@ class KNNLM:
         Args:
             prompt: text to continue (encoded as it is, without a chat template).
             max_new_tokens: tokens to add.
-            lam: λ; 0 decodes with the LM alone.
+            lam: λ; 0 gives the LM's own choices (the search still runs).
             temperature: T of p_kNN.
             sample: draw tokens instead of taking the most likely.
             seed: seed of the sampler.
@@ -115,7 +115,8 @@ class KNNLM:
             distance, stored next token, source document, offset and preceding context.
         """
         t = pick_temperature(temperature, resolve_lambda("0", None), self.datastore.path)
-        return neighbors(self.lm, self.retriever, text, position, top, temperature=t)
+        retriever = self.retriever if top <= self.retriever.k else self.with_retrieval(k=top).retriever
+        return neighbors(self.lm, retriever, text, position, top, temperature=t)
 
     def logits_processor(self, lam: str | float = 0.25, temperature: float | None = None) -> KNNLogitsProcessor:
         """A LogitsProcessor for `self.lm.model.generate(..., logits_processor=[...])`.
@@ -136,7 +137,7 @@ class KNNLM:
         """
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg)
         if text is None:
-            scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm)
+            scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
             what = f"dev part of {self.datastore.path}"
         else:
             texts = [text] if isinstance(text, str) else list(text)

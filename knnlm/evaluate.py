@@ -188,9 +188,10 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
     return out, scores
 
 
-def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=None) -> tuple[Scores, bool]:
+def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=None,
+               retriever: Retriever | None = None) -> tuple[Scores, bool]:
     """Scores of the datastore's held-out dev part: from DATASTORE/dev-scores.h5 when it was made with
-    the same datastore and search settings, else computed and cached there.
+    the same datastore, windows and search settings, else computed and cached there.
 
     Returns:
         (scores, whether they came from the cache).
@@ -198,11 +199,12 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     path = ds.path / "dev-scores.h5"
     r = cfg.retrieval
     kind = "exact" if r.exact else (read_index_info(ds) or {}).get("kind")
-    want = {"datastore": ds.fingerprint, "k": r.k, "nprobe": r.nprobe, "rerank": r.rerank, "search": kind}
+    want = {"datastore": ds.fingerprint, "k": r.k, "nprobe": r.nprobe, "rerank": r.rerank, "search": kind,
+            "context": cfg.context or ds.meta["context"], "stride": cfg.stride or ds.meta["stride"]}
     if path.exists():
         scores = load_scores(str(path))
         if all(scores.attrs.get(key) == value for key, value in want.items()):
             return scores, True
     cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "save_scores": str(path)})
-    _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress)
+    _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress, retriever=retriever)
     return scores, False

@@ -69,7 +69,7 @@ class KNNLogitsProcessor(LogitsProcessor):
     Usable with `model.generate(..., logits_processor=LogitsProcessorList([processor]))`, greedy
     or sampled. Returned scores are log-probabilities, so greedy picks the interpolated argmax
     and sampling draws from the interpolated distribution. A row whose query finds no neighbour
-    keeps the LM's distribution.
+    keeps the LM's distribution; tokens an earlier processor set to -inf stay at -inf.
 
     Attach it to one model at a time; use it as a context manager (or call `close()`) to remove
     its hook from the model afterwards.
@@ -140,7 +140,9 @@ class KNNLogitsProcessor(LogitsProcessor):
                              "created for (lm.model.generate) and do not close it before generating.")
         self._query = None
         self.steps += 1
-        return self.distribution(q, scores).to(scores.device, scores.dtype)
+        out = self.distribution(q, scores).to(scores.device, scores.dtype)
+        # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out.
+        return out.masked_fill(scores == -math.inf, -math.inf)
 
 
 @dataclass
@@ -191,7 +193,7 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
               pad_token_id=eos if eos is not None else 0)
     if sample:
         # Only our processor shapes the distribution: no model-default temperature, top-k or top-p.
-        kw.update(temperature=1.0, top_k=0, top_p=1.0)
+        kw.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
         torch.manual_seed(seed)
     t0 = time.perf_counter()
     processor = None
@@ -205,5 +207,5 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         if processor is not None:
             processor.close()
     new = out[0, len(ids):].tolist()
-    return Generation(prompt=prompt, text=lm.decode(new), tokens=new, seconds=time.perf_counter() - t0,
+    return Generation(prompt=prompt, text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new, seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0)

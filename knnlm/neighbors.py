@@ -15,8 +15,8 @@ from .windows import pad_batch, plan_windows
 def query_at(lm: LM, ids: list[int], position: int, context: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The key and LM logits of token `position`, computed in the window eval would use.
 
-    The text is cut into the datastore's windows (context, stride), so a position of a document
-    the datastore holds gets the very key stored for it.
+    The text is cut into the datastore's windows (context, stride), so when the text is a stored
+    document (or its beginning), a position gets the very key stored for it.
 
     Returns:
         (key (d,), logits (V,)).

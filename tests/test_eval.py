@@ -174,3 +174,22 @@ def test_scores_cache_round_trip(store, tiny_lm, tmp_path):
     assert back.attrs["k"] == 32 and back.attrs["datastore"] == store.fingerprint
     assert back.attrs["model"] == tiny_lm.name and bool(back.attrs["rerank"]) is True
     assert len(back) == r["tokens"]
+
+
+def test_threaded_exact_distances_match_numpy():
+    from knnlm.retrieval import exact_distances
+
+    rng = np.random.default_rng(1)
+    keys = rng.normal(0, 3, size=(5000, 24)).astype(np.float16)
+    q = rng.normal(0, 3, size=(300, 24)).astype(np.float32)
+    ids = rng.integers(0, 5000, size=(300, 40))
+    ids[::7, -5:] = -1  # missing neighbours
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # splits the 300 queries over 4 workers
+    try:
+        got = exact_distances(q, keys, ids)
+    finally:
+        torch.set_num_threads(threads)
+    ref = ((keys.astype(np.float64)[np.maximum(ids, 0)] - q[:, None, :]) ** 2).sum(-1)
+    ref[ids < 0] = np.inf
+    assert np.allclose(got, ref, rtol=1e-5) and np.array_equal(np.isinf(got), ids < 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -93,11 +94,12 @@ def test_lambda_near_one_continues_stored_text_verbatim(store, tiny_lm, corpus_d
     assert alone.tokens != out.tokens
 
 
-def test_sampling_is_seeded_and_sums_to_one(store, tiny_lm):
+def test_sampling_is_seeded(store, tiny_lm):
     retriever = Retriever(store, RetrievalConfig(k=32, exact=True))
     a = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=15, sample=True, seed=3)
     b = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=15, sample=True, seed=3)
-    assert a.tokens == b.tokens and len(a.tokens) == 15
+    c = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=15, sample=True, seed=4)
+    assert a.tokens == b.tokens and len(a.tokens) == 15 and c.tokens != a.tokens
 
 
 def test_neighbors_of_a_stored_position_include_itself(store, tiny_lm, corpus_dir):
@@ -204,3 +206,33 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
     assert isinstance(r.exception, Stop), r.output
     assert (seen["text"], seen["position"], seen["top"], seen["t"], seen["cfg"].k, seen["cfg"].nprobe) == \
         ("some text", -3, 4, 2.0, 20, 3)
+
+
+def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
+    from knnlm.tune import LambdaChoice
+
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    choice = LambdaChoice("adaptive", None, (1.0,), (0.9, 0.1), None, "test")  # near: 0.9, far: 0.1
+    x = torch.tensor([tiny_lm.encode("import os\nimport sys\n")])
+    with KNNLogitsProcessor(tiny_lm, retriever, choice, 2.0) as proc:
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=x).logits[:, -1]  # the hook takes the query
+        q = proc._query
+        out = proc.distribution(q, logits)
+        nearest = proc.last["dists"][0, 0]
+        lam = 0.9 if nearest < 1.0 else 0.1
+        knn = knn_log_distribution(torch.from_numpy(proc.last["dists"]), torch.from_numpy(proc.last["vals"]),
+                                   logits.shape[-1], 2.0)
+        ref = torch.log(lam * knn.exp() + (1 - lam) * torch.softmax(logits.double(), -1))
+        assert torch.allclose(out, ref, atol=1e-9)
+        # A query with no neighbour at all keeps the LM's distribution.
+        proc.retriever = type("Nothing", (), {"neighbors": staticmethod(lambda qq: (
+            np.full((1, 8), np.inf, np.float32), np.full((1, 8), -1), np.full((1, 8), -1, np.int32)))})()
+        alone = proc.distribution(q, logits)
+        assert torch.allclose(alone, torch.log_softmax(logits.double(), -1))
+        # Tokens an earlier processor removed stay removed.
+        proc.retriever = retriever
+        masked = logits.clone()
+        masked[0, :5] = -math.inf
+        proc._query = q
+        assert torch.isinf(proc(x, masked)[0, :5]).all()
