@@ -207,5 +207,6 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         if processor is not None:
             processor.close()
     new = out[0, len(ids):].tolist()
-    return Generation(prompt=prompt, text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new, seconds=time.perf_counter() - t0,
+    return Generation(prompt=prompt, text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
+                      seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0)
