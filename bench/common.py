@@ -45,6 +45,17 @@ def synthetic_datastore(path: Path, lm, n: int, seed: int = 0, chunk: int = 100_
     return path
 
 
+def cached_synthetic(path: Path, lm, n: int) -> Path:
+    """The synthetic datastore of n keys at path, with its default index; made (and kept) if missing."""
+    from knnlm.datastore import open_datastore
+    from knnlm.index import train_index
+
+    if not (path / "index.faiss").exists():
+        synthetic_datastore(path, lm, n)
+        train_index(open_datastore(path))
+    return path
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -63,15 +63,12 @@ def one_size(n: int, tokens: int) -> dict:
 
 def prepare(n: int) -> None:
     """Create the synthetic datastore of n keys and its index (run in a process of its own)."""
-    from common import synthetic_datastore
-    from knnlm.datastore import open_datastore
-    from knnlm.index import train_index
+    from common import cached_synthetic
     from knnlm.lm import load_lm
 
     path = HERE / "results" / f"synthetic-{n}"
     if not (path / "index.faiss").exists():
-        synthetic_datastore(path, load_lm("smollm2-135m", "cpu"), n)
-        train_index(open_datastore(path))
+        cached_synthetic(path, load_lm("smollm2-135m", "cpu"), n)
 
 
 def main() -> None:

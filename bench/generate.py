@@ -17,10 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import stdlib_texts, synthetic_datastore  # noqa: E402
+from common import cached_synthetic, stdlib_texts  # noqa: E402
 from knnlm.datastore import open_datastore  # noqa: E402
 from knnlm.generate import generate  # noqa: E402
-from knnlm.index import train_index  # noqa: E402
 from knnlm.lm import load_lm  # noqa: E402
 from knnlm.retrieval import RetrievalConfig, Retriever  # noqa: E402
 
@@ -35,10 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     lm = load_lm("smollm2-135m", "cpu")
-    path = HERE / "results" / f"synthetic-{args.keys}"
-    if not (path / "index.faiss").exists():
-        synthetic_datastore(path, lm, args.keys)
-        train_index(open_datastore(path))
+    path = cached_synthetic(HERE / "results" / f"synthetic-{args.keys}", lm, args.keys)
     retriever = Retriever(open_datastore(path), RetrievalConfig())
     _, text = stdlib_texts(1, seed=2)[0]
     prompt = lm.decode(lm.encode(text)[: args.prompt_tokens])

@@ -6,10 +6,9 @@ import sys
 
 import click
 
-from knnlm.datastore import open_datastore
+from knnlm.api import KNNLM
 from knnlm.generate import generate
-from knnlm.lm import load_lm
-from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.retrieval import RetrievalConfig
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
 from .evaluate import retrieval_options
@@ -35,16 +34,14 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, se
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    ds = open_datastore(datastore)
-    lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
-    ds.check_compatible(lm)
-    retriever = Retriever(ds, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact))
-    out = generate(lm, prompt, retriever, lam, temperature, max_new_tokens, sample, seed)
-    plain = generate(lm, prompt, None, 0.0, None, max_new_tokens, sample, seed) if compare else None
+    knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
+                     trust_remote_code)
+    out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed)
+    plain = generate(knn.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed) if compare else None
     if as_json:
         result = {"prompt": prompt, "text": out.text, "tokens": out.tokens, "lambda": lam, "sample": sample,
                   "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,
-                  "tokens_per_s": len(out.tokens) / out.seconds, **retriever.describe}
+                  "tokens_per_s": len(out.tokens) / out.seconds, **knn.retriever.describe}
         if plain is not None:
             result["lm_text"] = plain.text
         print_json(result)

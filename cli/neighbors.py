@@ -7,11 +7,8 @@ import sys
 
 import click
 
-from knnlm.datastore import open_datastore
-from knnlm.lm import load_lm
-from knnlm.neighbors import neighbors
-from knnlm.retrieval import RetrievalConfig, Retriever
-from knnlm.tune import pick_temperature, resolve_lambda
+from knnlm.api import KNNLM
+from knnlm.retrieval import RetrievalConfig
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
 from .evaluate import retrieval_options
@@ -65,12 +62,9 @@ def neighbors_cmd(datastore, text, position, top, temperature, k, nprobe, rerank
     if top < 1:
         raise click.BadParameter(f"{top} is not a positive number of neighbours; pass e.g. --top 10.",
                                  param_hint="--top")
-    ds = open_datastore(datastore)
-    lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
-    ds.check_compatible(lm)
-    retriever = Retriever(ds, RetrievalConfig(k=max(k, top), nprobe=nprobe, rerank=rerank, exact=exact))
-    t = pick_temperature(temperature, resolve_lambda("0", None), ds.path)
-    r = neighbors(lm, retriever, text, position, top, temperature=t)
+    knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
+                     trust_remote_code)
+    r = knn.neighbors(text, position, top, temperature)
     if as_json:
         print_json(r)
     else:

@@ -18,7 +18,7 @@ from .generate import KNNLogitsProcessor, generate
 from .lm import LM, load_lm
 from .neighbors import neighbors
 from .retrieval import RetrievalConfig, Retriever
-from .tune import TuneConfig, pick_temperature, resolve_lambda, save_lambda, tune
+from .tune import TuneConfig, pick_temperature, save_lambda, tune
 
 
 class KNNLM:
@@ -77,12 +77,15 @@ class KNNLM:
         Returns:
             The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change, ...
         """
-        texts = [text] if isinstance(text, str) else list(text)
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, context=context,
                          stride=stride)
-        report, _ = run_eval(self.datastore, cfg=cfg, lm=self.lm, retriever=self.retriever,
-                             documents=[(f"text {i}", t) for i, t in enumerate(texts)])
-        return report
+        return self._score(text, cfg)[0]
+
+    def _score(self, text: str | list[str], cfg: EvalConfig):
+        """run_eval over one text or a list of texts, with this object's model and search."""
+        texts = [text] if isinstance(text, str) else list(text)
+        return run_eval(self.datastore, cfg=cfg, lm=self.lm, retriever=self.retriever,
+                        documents=[(f"text {i}", t) for i, t in enumerate(texts)])
 
     def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
                  temperature: float | None = None, sample: bool = False, seed: int = 0) -> str:
@@ -114,7 +117,7 @@ class KNNLM:
             The dict of `knnlm neighbors --json`: LM and kNN top predictions, and neighbours with
             distance, stored next token, source document, offset and preceding context.
         """
-        t = pick_temperature(temperature, resolve_lambda("0", None), self.datastore.path)
+        t = pick_temperature(temperature, self.datastore.path)
         retriever = self.retriever if top <= self.retriever.k else self.with_retrieval(k=top).retriever
         return neighbors(self.lm, retriever, text, position, top, temperature=t)
 
@@ -140,10 +143,8 @@ class KNNLM:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
             what = f"dev part of {self.datastore.path}"
         else:
-            texts = [text] if isinstance(text, str) else list(text)
-            _, scores = run_eval(self.datastore, cfg=ecfg, lm=self.lm, retriever=self.retriever,
-                                 documents=[(f"text {i}", t) for i, t in enumerate(texts)])
-            what = f"{len(texts)} given texts"
+            report, scores = self._score(text, ecfg)
+            what = report["corpus"]
         result = tune(scores, cfg, description=what)
         save_lambda(self.datastore.path, result)
         return result

@@ -157,7 +157,7 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
 
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
     choice = resolve_lambda(cfg.lam, ds.path)
-    temperature = pick_temperature(cfg.temperature, choice, ds.path)
+    temperature = pick_temperature(cfg.temperature, ds.path, choice)
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
     context, stride = cfg.context or ds.meta["context"], cfg.stride or ds.meta["stride"]

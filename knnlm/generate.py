@@ -19,12 +19,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import KNNLMError
+from .interpolate import interpolate, neighbor_log_weights
 from .lm import LM
 from .retrieval import Retriever
 from .tune import LambdaChoice, pick_temperature, resolve_lambda
 
 
-def knn_log_distribution(dists: torch.Tensor, vals: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+def knn_log_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, temperature: float) -> torch.Tensor:
     """log p_kNN over the whole vocabulary: neighbour weights softmax(−d/T) scatter-added by stored token.
 
     Args:
@@ -37,30 +38,11 @@ def knn_log_distribution(dists: torch.Tensor, vals: torch.Tensor, vocab_size: in
         (B, V) float64 log-probabilities; -inf for tokens no neighbour carries (a whole row of
         -inf when a query has no neighbour at all).
     """
-    d = torch.where(vals < 0, torch.full_like(dists, math.inf, dtype=torch.float64), dists.double())
-    logits = -d / float(temperature)  # (B, k)
-    none = ~torch.isfinite(logits).any(dim=1, keepdim=True)  # (B, 1) rows without any neighbour
-    w = torch.softmax(torch.where(none, torch.zeros_like(logits), logits), dim=1)  # (B, k)
-    w = torch.where(torch.isfinite(logits), w, torch.zeros_like(w))
+    vals = np.asarray(vals)
+    weights = np.exp(neighbor_log_weights(np.where(vals < 0, np.inf, np.asarray(dists)), temperature))  # (B, k)
     p = torch.zeros(vals.shape[0], vocab_size, dtype=torch.float64)
-    p.scatter_add_(1, vals.clamp(min=0).long(), w)
+    p.scatter_add_(1, torch.from_numpy(np.maximum(vals, 0).astype(np.int64)), torch.from_numpy(weights))
     return torch.log(p)  # log 0 = -inf
-
-
-def interpolated_log_probs(lm_logits: torch.Tensor, knn_logp: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-    """log(λ·p_kNN + (1−λ)·p_LM) over the vocabulary, exact at λ = 0 (log_softmax of the logits).
-
-    Args:
-        lm_logits: (B, V) the model's next-token scores.
-        knn_logp: (B, V) log p_kNN.
-        lambdas: (B,) λ per row.
-
-    Returns:
-        (B, V) float64 log-probabilities.
-    """
-    lm_logp = torch.log_softmax(lm_logits.double(), dim=-1)
-    lam = lambdas.double()[:, None]
-    return torch.logaddexp(torch.log(lam) + knn_logp, torch.log1p(-lam) + lm_logp)
 
 
 class KNNLogitsProcessor(LogitsProcessor):
@@ -84,14 +66,11 @@ class KNNLogitsProcessor(LogitsProcessor):
 
     def __init__(self, lm: LM, retriever: Retriever, lam: str | float | LambdaChoice = 0.25,
                  temperature: float | None = None):
-        if lm.dim != retriever.ds.dim:
-            raise KNNLMError(f"Datastore {retriever.ds.path} has keys of width {retriever.ds.dim} but model "
-                             f"{lm.name} gives {lm.dim}; use the model it was built with.")
-        self.lm, self.retriever = lm, retriever
+        retriever.ds.check_compatible(lm)
+        self.retriever = retriever
         self.choice = lam if isinstance(lam, LambdaChoice) else resolve_lambda(str(lam), retriever.ds.path)
-        self.temperature = pick_temperature(temperature, self.choice, retriever.ds.path)
+        self.temperature = pick_temperature(temperature, retriever.ds.path, self.choice)
         self.retrieval_seconds = 0.0
-        self.steps = 0
         self.last: dict | None = None  # the last step's neighbours, for inspection
         self._query: torch.Tensor | None = None
         self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
@@ -126,11 +105,11 @@ class KNNLogitsProcessor(LogitsProcessor):
         dists, ids, vals = self.retriever.neighbors(queries.float().cpu().numpy())
         self.retrieval_seconds += time.perf_counter() - t0
         self.last = {"dists": dists, "ids": ids, "vals": vals}
-        knn = knn_log_distribution(torch.from_numpy(dists), torch.from_numpy(vals), lm_logits.shape[-1],
-                                   self.temperature)
+        knn = knn_log_distribution(dists, vals, lm_logits.shape[-1], self.temperature).numpy()
+        lm_logp = torch.log_softmax(lm_logits.cpu().double(), dim=-1).numpy()
         nearest = dists[:, 0]  # k >= 1; inf when a query found no neighbour, which then keeps p_LM
         lambdas = np.where(np.isfinite(nearest), self.choice.lambdas_for(nearest), 0.0)
-        return interpolated_log_probs(lm_logits.cpu(), knn, torch.from_numpy(lambdas))
+        return torch.from_numpy(interpolate(lm_logp, knn, lambdas[:, None]))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The transformers LogitsProcessor hook: scores (B, V) in, log-probabilities (B, V) out."""
@@ -139,7 +118,6 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise KNNLMError("KNNLogitsProcessor saw no query for this step; use it with the model it was "
                              "created for (lm.model.generate) and do not close it before generating.")
         self._query = None
-        self.steps += 1
         out = self.distribution(q, scores).to(scores.device, scores.dtype)
         # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out.
         return out.masked_fill(scores == -math.inf, -math.inf)
@@ -149,7 +127,6 @@ class KNNLogitsProcessor(LogitsProcessor):
 class Generation:
     """A continuation and what it cost."""
 
-    prompt: str
     text: str  # the new text only
     tokens: list[int]  # the new token ids
     seconds: float
@@ -207,6 +184,6 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         if processor is not None:
             processor.close()
     new = out[0, len(ids):].tolist()
-    return Generation(prompt=prompt, text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
+    return Generation(text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
                       seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0)

@@ -68,7 +68,7 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
     ds = retriever.ds
     key, logits = query_at(lm, ids, pos, ds.meta["context"], ds.meta["stride"])
     dists, rows, vals = retriever.neighbors(key[None].cpu().numpy())
-    knn = knn_log_distribution(torch.from_numpy(dists), torch.from_numpy(vals), logits.shape[-1], temperature)[0]
+    knn = knn_log_distribution(dists, vals, logits.shape[-1], temperature)[0]
     target = ids[pos + 1] if pos + 1 < len(ids) else None
     out = []
     for rank, (d, row, v) in enumerate(zip(dists[0], rows[0], vals[0])):

@@ -35,14 +35,13 @@ def as_tensor(keys: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(keys))
 
 
-def _rerank_rows(q: np.ndarray, keys: torch.Tensor, ids: np.ndarray, out: np.ndarray) -> None:
-    """Fill out (n, k) with squared L2 from each query to its own k rows, one query at a time."""
-    k, d = ids.shape[1], keys.shape[1]
-    rows_fp16 = torch.empty((k, d), dtype=keys.dtype)
+def _rerank_rows(q: np.ndarray, keys: torch.Tensor, rows_ids: torch.Tensor, out: np.ndarray) -> None:
+    """Fill out (n, k) with squared L2 from each query to its own k rows (ids >= 0), one query at a time."""
+    k, d = rows_ids.shape[1], keys.shape[1]
+    gathered = torch.empty((k, d), dtype=keys.dtype)
     for i in range(len(q)):
-        torch.index_select(keys, 0, torch.from_numpy(np.maximum(ids[i], 0).astype(np.int64, copy=False)),
-                           out=rows_fp16)
-        rows = rows_fp16.float().numpy()  # (k, d)
+        torch.index_select(keys, 0, rows_ids[i], out=gathered)
+        rows = gathered.float().numpy()  # (k, d)
         faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
 
 
@@ -60,16 +59,17 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     keys = keys if isinstance(keys, torch.Tensor) else as_tensor(keys)
     q = np.ascontiguousarray(queries, dtype=np.float32)  # (n, d)
     out = np.empty(ids.shape, dtype=np.float32)
+    rows_ids = torch.from_numpy(np.maximum(ids, 0).astype(np.int64))  # missing (-1) read row 0, then inf
     workers = max(1, min(torch.get_num_threads(), len(q) // 32))
     if workers == 1:
-        _rerank_rows(q, keys, ids, out)
+        _rerank_rows(q, keys, rows_ids, out)
     else:
         if workers not in _POOL:
             _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-rerank")
         pool = _POOL[workers]
         bounds = np.linspace(0, len(q), workers + 1).astype(int)
-        jobs = [pool.submit(_rerank_rows, q[a:b], keys, ids[a:b], out[a:b]) for a, b in zip(bounds, bounds[1:])]
-        for job in jobs:
+        parts = zip(bounds, bounds[1:])
+        for job in [pool.submit(_rerank_rows, q[a:b], keys, rows_ids[a:b], out[a:b]) for a, b in parts]:
             job.result()
     out[ids < 0] = np.inf
     return out

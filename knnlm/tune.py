@@ -358,13 +358,13 @@ def resolve_lambda(spec: str, datastore_dir) -> LambdaChoice:
                         f"{path} (adaptive, {len(ada['lambdas'])} bins, tuned {data.get('created', '')})")
 
 
-def pick_temperature(given: float | None, choice: LambdaChoice, datastore_dir) -> float:
+def pick_temperature(given: float | None, datastore_dir, choice: LambdaChoice | None = None) -> float:
     """T of p_kNN: the one given, else the one tuned with the chosen λ, else lambda.json's, else 1."""
     if given is not None:
         if not given > 0:
             raise KNNLMError(f"--temperature {given} must be positive; pass e.g. --temperature 1.")
         return float(given)
-    if choice.temperature:
+    if choice is not None and choice.temperature:
         return float(choice.temperature)
     tuned = (load_lambda(datastore_dir) or {}) if datastore_dir is not None else {}
     return float(tuned.get("temperature") or 1.0)

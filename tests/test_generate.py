@@ -170,8 +170,8 @@ def test_generate_and_neighbors_commands(store, tiny_model_dir, corpus_dir):
 
 
 def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkeypatch):
+    import knnlm.api as api
     import knnlm.cli.generate as cli_generate
-    import knnlm.cli.neighbors as cli_neighbors
 
     seen = {}
 
@@ -188,7 +188,7 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
         raise Stop
 
     monkeypatch.setattr(cli_generate, "generate", fake_generate)
-    monkeypatch.setattr(cli_neighbors, "neighbors", fake_neighbors)
+    monkeypatch.setattr(api, "neighbors", fake_neighbors)
 
     def run(_cli, args, input=None):
         return CliRunner().invoke(_cli, [str(x) for x in args], input=input)
