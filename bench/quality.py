@@ -6,7 +6,8 @@ Datastore: Python files under the installed transformers/models/ package, shuffl
 fixed seed, up to --tokens keys; evaluation: the held-out test documents of the same stream
 (other files of the same folder); tuning: the held-out dev documents. Prints markdown tables:
 exact search over a grid of T and λ (from one cached scoring pass), IVF-PQ with and without
-re-ranking against exact search, and the tuned fixed and adaptive λ on held-out tokens.
+re-ranking against exact search, and every tuned policy (fixed, adaptive, the learned gate with
+and without retrieval skipping, SPALM) on held-out tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import transformers
 
 from knnlm.build import BuildConfig, build_datastore
@@ -22,7 +24,9 @@ from knnlm.datastore import open_datastore
 from knnlm.evaluate import EvalConfig, report, run_eval
 from knnlm.lm import load_lm
 from knnlm.retrieval import RetrievalConfig
-from knnlm.tune import TuneConfig, resolve_lambda, save_lambda, tune
+from knnlm.combine import FixedLambda, resolve_combiner, save_lambda
+from knnlm.combine.gate import GateConfig
+from knnlm.tune import TuneConfig, tune
 
 
 def main() -> None:
@@ -48,13 +52,13 @@ def main() -> None:
     print("| T \\ λ | " + " | ".join(f"{x:g}" for x in lams) + " | kNN only |")
     print("|---" * (len(lams) + 2) + "|")
     for t in temps:
-        cells = [report(scores, lam, t) for lam in lams]
+        cells = [report(scores, FixedLambda(lam, t, "grid")) for lam in lams]
         print(f"| {t} | " + " | ".join(f"{c['knn_lm_ppl']:.3f}" for c in cells) + f" | {cells[0]['knn_only_ppl']:.2f} |")
 
     print("\nIVF-PQ (default index, nprobe 8) against exact search, T = 30, λ = 0.5\n")
     print("| search | kNN-LM perplexity | vs exact | tokens/s |")
     print("|---|---|---|---|")
-    ref = report(scores, 0.5, 30.0)
+    ref = report(scores, FixedLambda(0.5, 30.0, "grid"))
     print(f"| exact | {ref['knn_lm_ppl']:.3f} | | {exact['tokens_per_s']:.0f} |")
     for name, rc in [("IVF-PQ, re-ranked", RetrievalConfig()), ("IVF-PQ, PQ distances", RetrievalConfig(rerank=False))]:
         r, _ = run_eval(ds, cfg=EvalConfig(lam="0.5", temperature=30.0, retrieval=rc), lm=lm)
@@ -62,18 +66,43 @@ def main() -> None:
               f"| {r['tokens_per_s']:.0f} |")
 
     _, dev = run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True)), lm=lm, split="dev")
-    result = tune(dev, TuneConfig(), description=f"dev part of {ds.path}")
-    save_lambda(ds.path, result)
+    head = lm.model.get_output_embeddings()
+    print(f"\nlearned gate: logistic regression against one hidden layer (dev, held-out half, {len(dev)} tokens)\n")
+    print("| gate | before search | after search |")
+    print("|---|---|---|")
+    for hidden in (0, 32):
+        r = tune(dev, TuneConfig(gate_config=GateConfig(hidden=hidden), skip=False, spalm=False))
+        print(f"| {'logistic' if hidden == 0 else f'{hidden} hidden units'} | {r['heldout']['gate_pre_ppl']:.3f} "
+              f"| {r['heldout']['gate_ppl']:.3f} |")
+    result = tune(dev, TuneConfig(), description=f"dev part of {ds.path}", head=head)
+    save_lambda(ds.path, result, result.pop("tensors"))
     h = result["heldout"]
-    print(f"\ntuned on the dev part ({len(dev)} tokens; exact search)\n")
-    print("| λ | T | dev, held-out half | test |")
-    print("|---|---|---|---|")
-    print(f"| 0 (LM alone) | - | {h['base_ppl']:.3f} | {exact['lm_ppl']:.3f} |")
-    for spec, held in (("tuned", h["fixed_ppl"]), ("adaptive", h["adaptive_ppl"])):
-        choice = resolve_lambda(spec, ds.path)
-        r = report(scores, choice.lambdas_for(scores.nn_dist), choice.temperature)
-        lam = f"{choice.lam:.3f}" if choice.lam is not None else f"adaptive, {len(choice.lambdas)} bins"
-        print(f"| {lam} | {choice.temperature:.3g} | {held:.3f} | {r['knn_lm_ppl']:.3f} |")
+    print(f"\ntuned on the dev part ({len(dev)} tokens; exact search); test: {len(scores)} tokens\n")
+    print("| policy | λ | T | dev, held-out half | test | searches skipped (test) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| base LM | 0 | - | {h['base_ppl']:.3f} | {exact['lm_ppl']:.3f} | |")
+    rows = [("fixed", "tuned", {}, h["fixed_ppl"]), ("adaptive (32 bins)", "adaptive", {}, h["adaptive_ppl"]),
+            ("gate, before search", "gate-pre", {}, h["gate_pre_ppl"]), ("gate, after search", "gate", {}, h["gate_ppl"]),
+            ("gate + skip", "gate", {"skip_below": "tuned"}, h["skip"]["ppl"]),
+            ("SPALM", "0", {"combine": "spalm"}, h["spalm_ppl"])]
+    for name, spec, kw, held in rows:
+        comb = resolve_combiner(spec, ds.path, **kw)
+        test = scores
+        if comb.skip is not None:  # the test scores searched everything: skipping leaves λ = 0 where it skips
+            test = scores.subset(np.arange(len(scores)))
+            test.searched = comb.search_mask(scores.queries, {k: getattr(scores, k) for k in
+                                                              ("lm_entropy", "lm_max", "lm_second", "lm_argmax")})
+        r = report(test, comb, head)
+        lam = {"tuned": f"{result['lambda']:.3f}", "adaptive": "per bin", "gate-pre": "learned", "gate": "learned",
+               "0": "gate g"}[spec]
+        t = "-" if spec == "0" else f"{comb.temperature:.3g}"
+        skipped = f"{100 * r['searches_skipped']:.1f}%" if comb.skip is not None else ""
+        print(f"| {name} | {lam} | {t} | {held:.3f} | {r['knn_lm_ppl']:.3f} | {skipped} |")
+    print(f"\nskip threshold {h['skip']['threshold']:.4f}: skipped share against perplexity (dev, held-out half)\n")
+    print("| threshold | searches skipped | perplexity |")
+    print("|---|---|---|")
+    for c in h["skip_curve"]:
+        print(f"| {c['threshold']:.4f} | {100 * c['skipped']:.0f}% | {c['ppl']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from knnlm.build import BuildConfig, build_datastore
-from knnlm.datastore import open_datastore
+from knnlm.corpus import DEFAULT_GLOB
+from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import IndexConfig, train_index
 from knnlm.lm import DEFAULT_MODEL
 
@@ -16,7 +17,8 @@ def index_options(f):
     """--nlist, --code-size, --train-size, --exact, --seed."""
     f = click.option("--seed", default=0, help="Seed of the training sample and k-means.")(f)
     f = click.option("--exact", is_flag=True, help="Exact (flat) index instead of IVF-PQ.")(f)
-    f = click.option("--train-size", type=int, default=None, help="Keys sampled to train [default: 64·nlist].")(f)
+    f = click.option("--train-size", type=int, default=None,
+                     help="Keys sampled to train, at least 256 and nlist [default: 64·nlist, at least 256].")(f)
     f = click.option("--code-size", default=64, help="PQ bytes per key (lowered to divide the key width).")(f)
     f = click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two near 2·sqrt(N)].")(f)
     return f
@@ -25,13 +27,13 @@ def index_options(f):
 @click.command("build-datastore")
 @click.argument("corpus", type=click.Path(allow_dash=True))
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="Hub id, local directory or .gguf file.")
-@click.option("--out", "-o", envvar="KNNLM_DATASTORE", default="datastores/default", show_envvar=True,
+@click.option("--out", "-o", envvar=DATASTORE_ENV, default=DEFAULT_DATASTORE, show_envvar=True,
               type=click.Path(file_okay=False), help="Datastore directory to create.")
 @click.option("--context", default=512, help="Tokens per window (left context of a key, itself included).")
 @click.option("--stride", default=256, help="Tokens a window advances.")
 @click.option("--batch-size", "-b", default=8, help="Windows per forward pass.")
 @click.option("--holdout", default=0.05, help="Share of the corpus held out for each of dev and test.")
-@click.option("--glob", default="**/*.txt", help="Files of a folder corpus.")
+@click.option("--glob", default=DEFAULT_GLOB, help="Files of a folder corpus.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
               help="Corpus format (auto: JSONL by .jsonl suffix).")
 @click.option("--text-field", default="text", help="JSONL field with the text.")
@@ -68,8 +70,7 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
 
 
 @click.command("train-index")
-@click.argument("datastore", type=click.Path(file_okay=False), default="datastores/default",
-                envvar="KNNLM_DATASTORE")
+@click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
 def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed):
     """(Re)build the FAISS index of DATASTORE."""

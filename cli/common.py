@@ -7,10 +7,12 @@ import json
 import click
 from tqdm import tqdm
 
+from knnlm.arrays import json_safe
+from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE
 from knnlm.lm import DEFAULT_MODEL
 
 datastore_option = click.option(
-    "--datastore", "-d", envvar="KNNLM_DATASTORE", default="datastores/default", show_envvar=True,
+    "--datastore", "-d", envvar=DATASTORE_ENV, default=DEFAULT_DATASTORE, show_envvar=True,
     type=click.Path(file_okay=False), help="Datastore directory.")
 model_option = click.option(
     "--model", "-m", default=None,
@@ -26,8 +28,8 @@ def progress_bar(total: int | None, desc: str, unit: str = "tok") -> tqdm:
 
 
 def print_json(obj) -> None:
-    """JSON on stdout."""
-    click.echo(json.dumps(obj, indent=1, default=str))
+    """Strict JSON on stdout: NaN and infinities are printed as null (see json_safe)."""
+    click.echo(json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False))
 
 
 def print_table(rows: list[tuple[str, object]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from knnlm.corpus import DEFAULT_GLOB
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.retrieval import RetrievalConfig
 
@@ -29,9 +30,34 @@ def window_options(f):
     return f
 
 
+def mixing_options(f):
+    """--lambda, --combine, --skip-below, --temperature."""
+    f = click.option("--temperature", "-t", type=float, default=None,
+                     help="T in softmax(-d/T) [default: the tuned T, else 1].")(f)
+    f = click.option("--skip-below", default=None,
+                     help="Skip the search where the before-retrieval gate predicts λ below this number, or "
+                          "'tuned' (tune-lambda's threshold); those tokens keep p_LM.")(f)
+    f = click.option("--combine", type=click.Choice(["mix", "spalm"]), default="mix",
+                     help="mix: λ·p_kNN + (1−λ)·p_LM; spalm: SPALM's gated memory (fitted by tune-lambda).")(f)
+    f = click.option("--lambda", "lam", default="0.25",
+                     help="λ: a number in [0, 1], 'tuned', 'adaptive', 'gate' or 'gate-pre' (from tune-lambda).")(f)
+    return f
+
+
+def corpus_format_options(f):
+    """--glob, --format, --text-field for a --corpus."""
+    f = click.option("--text-field", default="text", help="JSONL field with the text.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
+                     help="Corpus format (auto: JSONL by .jsonl suffix).")(f)
+    f = click.option("--glob", default=DEFAULT_GLOB, help="Files of a folder given as --corpus.")(f)
+    return f
+
+
 def format_report(r: dict) -> str:
     """The human table of an evaluation."""
     lam = r["lam"] if r["lambda_kind"] == "fixed" else f"{r['lam']} ({r['lambda_source']}, mean {r['mean_lambda']:.3f})"
+    if r.get("combine") == "spalm":
+        lam = f"SPALM ({r['lambda_source']}, mean memory weight 1 − g {r['mean_lambda']:.3f})"
     search = f"{r['search']}, k {r['k']}" + (f", nprobe {r['nprobe']}" if r["search"] == "ivfpq" else "") + \
         (", re-ranked" if r["rerank"] else "")
     rows = [
@@ -47,6 +73,10 @@ def format_report(r: dict) -> str:
         ("speed", f"{r['tokens_per_s']:.0f} tokens/s; LM {r['lm_seconds']:.1f} s, "
                   f"retrieval {r['retrieval_seconds']:.1f} s"),
     ]
+    if r.get("skip_below") is not None:
+        rows.append(("searches skipped", f"{100 * r['searches_skipped']:.1f}% (--skip-below {r['skip_below']})"))
+    if r.get("tuned_settings_differ"):
+        rows.append(("note", r["tuned_settings_differ"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -55,10 +85,8 @@ def format_report(r: dict) -> str:
 @datastore_option
 @click.option("--corpus", "-c", type=click.Path(allow_dash=True), default=None,
               help="Text to evaluate [default: the datastore's held-out test part].")
-@click.option("--glob", default="**/*.txt", help="Files of a folder given as --corpus.")
-@click.option("--lambda", "lam", default="0.25", help="λ: a number in [0, 1], 'tuned' or 'adaptive'.")
-@click.option("--temperature", "-t", type=float, default=None,
-              help="T in softmax(-d/T) [default: the tuned T, else 1].")
+@corpus_format_options
+@mixing_options
 @retrieval_options
 @window_options
 @click.option("--save-scores", type=click.Path(dir_okay=False), default=None,
@@ -68,8 +96,8 @@ def format_report(r: dict) -> str:
 @device_option
 @trust_option
 @json_option
-def eval_cmd(datastore, corpus, glob, lam, temperature, k, nprobe, rerank, exact, context, stride, batch_size,
-             save_scores, overwrite, model, device, trust_remote_code, as_json):
+def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
+             exact, context, stride, batch_size, save_scores, overwrite, model, device, trust_remote_code, as_json):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
     import os
 
@@ -78,7 +106,8 @@ def eval_cmd(datastore, corpus, glob, lam, temperature, k, nprobe, rerank, exact
     cfg = EvalConfig(lam=lam, temperature=temperature,
                      retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
-                     trust_remote_code=trust_remote_code, glob=glob, save_scores=save_scores)
+                     trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
+                     save_scores=save_scores, combine=combine, skip_below=skip_below)
     with progress_bar(None, "scoring") as bar:
         result, _ = run_eval(datastore, corpus, cfg, progress=bar.update)
     if as_json:

@@ -37,7 +37,9 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, se
     knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      trust_remote_code)
     out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed)
-    plain = generate(knn.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed) if compare else None
+    # The LM alone decodes in the datastore's windows too, so the two see the same left context.
+    window = (knn.datastore.meta["context"], knn.datastore.meta["stride"])
+    plain = generate(knn.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, window) if compare else None
     if as_json:
         result = {"prompt": prompt, "text": out.text, "tokens": out.tokens, "lambda": lam, "sample": sample,
                   "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,

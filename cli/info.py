@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from knnlm.datastore import open_datastore
+from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import read_index_info
-from knnlm.tune import load_lambda
+from knnlm.combine import load_lambda
 
 from .common import json_option, print_json, print_table
 
@@ -17,8 +17,7 @@ def _mib(path) -> str:
 
 
 @click.command("info")
-@click.argument("datastore", type=click.Path(file_okay=False), default="datastores/default",
-                envvar="KNNLM_DATASTORE")
+@click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @json_option
 def info_cmd(datastore, as_json):
     """Describe DATASTORE: model, size, corpus, index, tuned λ."""
@@ -44,7 +43,7 @@ def info_cmd(datastore, as_json):
         ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"),
     ]
     if index:
-        detail = (f"{index['factory']}: nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
+        detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
                   f"trained on {index['train_size']} keys ({index['reason']})"
                   if index["kind"] == "ivfpq" else f"exact (Flat): {index['reason']}")
         rows.append(("index", f"{detail}; {_mib(ds.path / 'index.faiss')}, built in {index['total_seconds']} s"))

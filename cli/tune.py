@@ -7,26 +7,40 @@ from pathlib import Path
 import click
 import numpy as np
 
+from knnlm.combine import save_lambda
+from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
+from knnlm.lm import load_lm
 from knnlm.retrieval import RetrievalConfig
 from knnlm.scores import load_scores
-from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, save_lambda, tune
+from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, tune
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
-from .evaluate import retrieval_options, window_options
+from .evaluate import corpus_format_options, retrieval_options, window_options
+
+# Flags that say how to score; with --scores the scoring is already done, so they would do nothing.
+_SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank", "exact", "context", "stride",
+                  "batch_size")
 
 
 @click.command("tune-lambda")
 @datastore_option
 @click.option("--scores", "scores_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Cached scores from `knnlm eval --save-scores` (no LM run).")
+              help="Cached scores from `knnlm eval --save-scores` (no scoring pass).")
 @click.option("--corpus", "-c", type=click.Path(exists=True), default=None,
               help="Tuning text [default: the datastore's held-out dev part].")
-@click.option("--glob", default="**/*.txt", help="Files of a folder given as --corpus.")
+@corpus_format_options
 @click.option("--adaptive/--no-adaptive", default=True, help="Also fit a similarity-adaptive λ schedule.")
 @click.option("--bins", default=32, help="Quantile bins of nearest-neighbour distance for adaptive λ.")
 @click.option("--min-bin-tokens", default=100, help="Bins with fewer tuning tokens are merged with a neighbour.")
+@click.option("--gate/--no-gate", default=True, help="Fit the learned λ gates (before and after retrieval).")
+@click.option("--gate-hidden", default=GateConfig.hidden, help="Hidden units of the gate (0: logistic regression).")
+@click.option("--gate-rank", default=GateConfig.rank, help="Width of the gate's learned key projection.")
+@click.option("--skip/--no-skip", default=True, help="Pick the retrieval-skip threshold of the before-retrieval gate.")
+@click.option("--skip-tolerance", default=0.01,
+              help="The skip threshold keeps perplexity within this share of no skipping.")
+@click.option("--spalm/--no-spalm", default=True, help="Fit SPALM's gate (loads the model's output projection).")
 @click.option("--seed", default=0, help="Seed of the fit/held-out split of the tuning tokens.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of held-out perplexity against λ [default: DATASTORE/lambda.png].")
@@ -37,16 +51,31 @@ from .evaluate import retrieval_options, window_options
 @device_option
 @trust_option
 @json_option
-def tune_cmd(datastore, scores_path, corpus, glob, adaptive, bins, min_bin_tokens, seed, plot, no_plot, k, nprobe,
-             rerank, exact, context, stride, batch_size, model, device, trust_remote_code, as_json):
-    """Find λ, the temperature and an adaptive λ schedule; store them in DATASTORE/lambda.json."""
-    if scores_path and corpus:
-        raise click.UsageError("Pass --scores or --corpus, not both.")
+@click.pass_context
+def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptive, bins, min_bin_tokens, gate,
+             gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, k, nprobe, rerank, exact,
+             context, stride, batch_size, model, device, trust_remote_code, as_json):
+    """Fit every way of mixing the memory in (fixed λ and T, adaptive λ, the learned gates and their
+    retrieval skip, SPALM) on the dev part; store them in DATASTORE/lambda.json and mixing.safetensors."""
+    if scores_path:
+        given = [name for name in _SCORING_FLAGS
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-").replace("fmt", "format") for name in given)
+            raise click.UsageError(f"--scores reuses finished scores, so {flags} would do nothing; drop them, or "
+                                   "drop --scores to score again.")
     ds = open_datastore(datastore)
+    cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
+                     gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,
+                     skip_tolerance=skip_tolerance, spalm=spalm)
     ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank,
                                                                           exact=exact),
                       context=context, stride=stride, batch_size=batch_size, model=model, device=device,
-                      trust_remote_code=trust_remote_code, glob=glob)
+                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field)
+    lm = None
+    if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
+        lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
+        ds.check_compatible(lm)
     if scores_path:
         scores, what = load_scores(scores_path), scores_path
         if scores.attrs.get("datastore") != ds.fingerprint:
@@ -54,17 +83,16 @@ def tune_cmd(datastore, scores_path, corpus, glob, adaptive, bins, min_bin_token
                                        f"`knnlm eval --datastore {ds.path} --save-scores`.")
     elif corpus:
         with progress_bar(None, "scoring") as bar:
-            _, scores = run_eval(ds, corpus, ecfg, progress=bar.update)
+            _, scores = run_eval(ds, corpus, ecfg, lm=lm, progress=bar.update)
         what = corpus
     else:
         with progress_bar(None, "scoring dev part") as bar:
-            scores, cached = dev_scores(ds, ecfg, progress=bar.update)
+            scores, cached = dev_scores(ds, ecfg, lm=lm, progress=bar.update)
         if cached:
             click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
         what = f"dev part of {ds.path}"
-    cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed)
-    result = tune(scores, cfg, description=str(what))
-    save_lambda(ds.path, result)
+    result = tune(scores, cfg, description=str(what), head=lm.model.get_output_embeddings() if lm else None)
+    save_lambda(ds.path, result, result.pop("tensors", None))
     if not no_plot:
         t = result["temperature"]
         curves = heldout_curves(scores, cfg, [t / 10, t / 3, t, 3 * t, 10 * t], np.linspace(0, 0.95, 20))

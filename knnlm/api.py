@@ -13,20 +13,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .datastore import Datastore, open_datastore
-from .evaluate import EvalConfig, dev_scores, run_eval
+from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
 from .lm import LM, load_lm
 from .neighbors import neighbors
 from .retrieval import RetrievalConfig, Retriever
-from .tune import TuneConfig, pick_temperature, save_lambda, tune
+from .combine import pick_temperature, resolve_combiner, save_lambda
+from .tune import TuneConfig, tune
 
 
 class KNNLM:
     """A frozen LM with its nearest-neighbour memory.
 
     Open one with `KNNLM.open`; the model, the index and the λ file are read once and shared by
-    every call. λ arguments take a number in [0, 1], "tuned" or "adaptive" (both read the
-    datastore's lambda.json, written by `tune`); temperature None means the tuned T, else 1,
+    every call. λ arguments take a number in [0, 1], "tuned", "adaptive", "gate" or "gate-pre"
+    (all read the datastore's lambda.json, written by `tune`); combine="spalm" uses SPALM's
+    gated memory instead of λ; skip_below (a number or "tuned") skips the search where the
+    before-retrieval gate predicts a λ below it. temperature None means the tuned T, else 1,
     as in `knnlm eval`.
 
     Attributes:
@@ -64,7 +67,8 @@ class KNNLM:
         return cls(ds, lm, Retriever(ds, retrieval))
 
     def evaluate(self, text: str | list[str], lam: str | float = 0.25, temperature: float | None = None,
-                 context: int | None = None, stride: int | None = None) -> dict:
+                 context: int | None = None, stride: int | None = None, combine: str = "mix",
+                 skip_below: str | float | None = None) -> dict:
         """Perplexity of the LM and of the kNN-LM on text.
 
         Args:
@@ -73,12 +77,15 @@ class KNNLM:
             temperature: T of p_kNN.
             context: tokens per window; None: the datastore's.
             stride: tokens a window advances; None: the datastore's.
+            combine: "mix" or "spalm".
+            skip_below: None, a number or "tuned": the learned retrieval skip.
 
         Returns:
-            The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change, ...
+            The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change,
+            searches_skipped, ...
         """
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, context=context,
-                         stride=stride)
+                         stride=stride, combine=combine, skip_below=None if skip_below is None else str(skip_below))
         return self._score(text, cfg)[0]
 
     def _score(self, text: str | list[str], cfg: EvalConfig):
@@ -88,7 +95,8 @@ class KNNLM:
                         documents=[(f"text {i}", t) for i, t in enumerate(texts)])
 
     def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
-                 temperature: float | None = None, sample: bool = False, seed: int = 0) -> str:
+                 temperature: float | None = None, sample: bool = False, seed: int = 0, combine: str = "mix",
+                 skip_below: str | float | None = None) -> str:
         """Continue a prompt, decoding from the interpolated distribution.
 
         Args:
@@ -98,11 +106,15 @@ class KNNLM:
             temperature: T of p_kNN.
             sample: draw tokens instead of taking the most likely.
             seed: seed of the sampler.
+            combine: "mix" or "spalm".
+            skip_below: None, a number or "tuned": the learned retrieval skip.
 
         Returns:
             The new text (without the prompt).
         """
-        return generate(self.lm, prompt, self.retriever, str(lam), temperature, max_new_tokens, sample, seed).text
+        combiner = resolve_combiner(lam, self.datastore.path, combine, skip_below, temperature,
+                                    search_settings(self.datastore, self.retriever))
+        return generate(self.lm, prompt, self.retriever, combiner, None, max_new_tokens, sample, seed).text
 
     def neighbors(self, text: str, position: int = -1, top: int = 10, temperature: float | None = None) -> dict:
         """The datastore entries nearest to one position of a text.
@@ -121,15 +133,16 @@ class KNNLM:
         retriever = self.retriever if top <= self.retriever.k else self.with_retrieval(k=top).retriever
         return neighbors(self.lm, retriever, text, position, top, temperature=t)
 
-    def logits_processor(self, lam: str | float = 0.25, temperature: float | None = None) -> KNNLogitsProcessor:
+    def logits_processor(self, lam: str | float = 0.25, temperature: float | None = None, combine: str = "mix",
+                         skip_below: str | float | None = None) -> KNNLogitsProcessor:
         """A LogitsProcessor for `self.lm.model.generate(..., logits_processor=[...])`.
 
         Close it (or use it in a `with` block) when done: it hooks the model's output projection.
         """
-        return KNNLogitsProcessor(self.lm, self.retriever, str(lam), temperature)
+        return KNNLogitsProcessor(self.lm, self.retriever, str(lam), temperature, combine, skip_below)
 
     def tune(self, text: str | list[str] | None = None, cfg: TuneConfig = TuneConfig()) -> dict:
-        """Tune λ, T and the adaptive schedule, and store them in the datastore's lambda.json.
+        """Fit every mixing policy (λ, T, adaptive bins, gates, skip threshold, SPALM) and store them in the datastore.
 
         Args:
             text: tuning documents; None: the datastore's held-out dev part (scores cached).
@@ -145,8 +158,8 @@ class KNNLM:
         else:
             report, scores = self._score(text, ecfg)
             what = report["corpus"]
-        result = tune(scores, cfg, description=what)
-        save_lambda(self.datastore.path, result)
+        result = tune(scores, cfg, description=what, head=self.lm.model.get_output_embeddings())
+        save_lambda(self.datastore.path, result, result.pop("tensors", None))
         return result
 
     def with_retrieval(self, **changes) -> "KNNLM":

@@ -1,11 +1,16 @@
-"""Small file helpers: growable .npy files and atomic writes."""
+"""Small file helpers: growable .npy files, atomic writes, strict JSON."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import struct
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -65,13 +70,85 @@ class NpyAppender:
             self._f.close()
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a temp file beside it, then rename."""
+def json_safe(obj):
+    """obj with NaN and ±inf as None (JSON has neither) and numpy values as Python ones, through dicts and lists."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _fsync(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable (a no-op where the OS cannot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory src to dst, replacing a dst directory (set aside until src is in place)."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
+    """A temporary path beside `path` to write a file or directory to; it replaces `path` only once whole.
+
+    On leaving without an error, the written file is fsynced (when fsync; a directory's contents are
+    not), renamed over `path` and the parent directory fsynced; on an error the temporary is removed.
+
+    Args:
+        path: the file or directory to write.
+        fsync: make the new file durable before the rename.
+
+    Yields:
+        The temporary path (nothing exists there yet).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if fsync and tmp.is_file():
+            _fsync(tmp)
+        replace_dir(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    if fsync:
+        _fsync(path.parent)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (see atomic_path); NaN and infinities are written as null (see json_safe)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(json_safe(obj), f, indent=1, allow_nan=False)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .arrays import NpyAppender, write_json
-from .corpus import STORE, check_documents, iter_documents, open_corpus
+from .arrays import NpyAppender, npy_header, replace_dir, write_json
+from .corpus import DEFAULT_GLOB, STORE, check_documents, iter_documents, open_corpus
 from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm
-from .windows import check_window, length_batches, pad_batch, plan_windows
+from .windows import check_window, forward_owned, plan_windows
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,30 @@ class BuildConfig:
     stride: int = 256  # tokens a window advances; later windows own their last `stride` positions
     batch_size: int = 8  # windows per forward pass
     holdout: float = 0.05  # share of the corpus for each of the dev and test parts (0 turns it off)
-    glob: str = "**/*.txt"  # files of a folder corpus
+    glob: str = DEFAULT_GLOB  # files of a folder corpus
     fmt: str = "auto"  # "auto" (JSONL by suffix), "text" or "jsonl"
     text_field: str = "text"  # JSONL field with a document's text
     shuffle_seed: int | None = None  # shuffle document order with this seed; None: sorted order
-    max_tokens: int | None = None  # at most this many keys: the document that reaches it is cut
+    max_tokens: int | None = None  # at most this many keys (>= 1): the document that reaches it is cut; None: all
     block_windows: int = 64  # windows between checkpoints (sorted by length within a block)
     build_index: bool = True  # train the index at the end
     index: IndexConfig = field(default_factory=IndexConfig)  # index settings
     overwrite: bool = False  # replace an existing datastore (only once the new one is whole)
     resume: bool = False  # continue an interrupted build
+
+    def __post_init__(self):
+        # Refused here, before the model is loaded or any document read.
+        check_window(self.context, self.stride)
+        if not 0 <= self.holdout < 0.34:
+            raise KNNLMError(f"--holdout {self.holdout} must be in [0, 0.34): it is the share of each of dev and test.")
+        if self.batch_size < 1:
+            raise KNNLMError(f"--batch-size {self.batch_size} must be at least 1 window per forward pass.")
+        if self.block_windows < 1:
+            raise KNNLMError(f"block_windows {self.block_windows} must be at least 1 window between checkpoints.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise KNNLMError(f"--max-tokens {self.max_tokens} must be at least 1; leave it out to store every token.")
+        if self.build_index and self.max_tokens is not None:
+            self.index.check_keys(self.max_tokens)
 
 
 # Settings that must match for --resume to continue a build (the rest may change, e.g. batch size).
@@ -66,7 +80,7 @@ def _prepare_dirs(out: Path, cfg: BuildConfig) -> tuple[Path, dict | None]:
     if work.exists():
         ckpt = work / "progress.json"
         if cfg.resume and ckpt.exists():
-            return work, json.loads(ckpt.read_text())
+            return work, _read_progress(work)
         if not cfg.resume and not cfg.overwrite:
             raise KNNLMError(f"An interrupted build is in {work}; pass --resume to continue it or "
                              "--overwrite to start over.")
@@ -75,6 +89,83 @@ def _prepare_dirs(out: Path, cfg: BuildConfig) -> tuple[Path, dict | None]:
         log.info("nothing to resume in %s; starting a new build", work)
     work.mkdir(parents=True)
     return work, None
+
+
+_PROGRESS_KEYS = ("seq", "window", "rows", "scheduled", "docs_bytes", "holdout_bytes", "skipped", "heldout", "seconds")
+
+
+def _damaged(work: Path, what: str) -> KNNLMError:
+    """The error for an interrupted build whose files cannot be trusted."""
+    return KNNLMError(f"The interrupted build in {work} is damaged ({what}); pass --overwrite instead of --resume "
+                      "to start over.")
+
+
+def _read_json(work: Path, name: str):
+    """A JSON file of a build in progress."""
+    try:
+        return json.loads((work / name).read_bytes())
+    except FileNotFoundError as e:
+        raise _damaged(work, f"{name} is missing") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(work, f"{name} is not valid JSON: {e}") from e
+
+
+def _read_progress(work: Path) -> dict:
+    """progress.json, checked for the fields and types resuming relies on."""
+    s = _read_json(work, "progress.json")
+    if not isinstance(s, dict):
+        raise _damaged(work, "progress.json is not a JSON object")
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    # A build stopped inside a document needs where that document's keys began (to apply --max-tokens).
+    counts = [k for k in _PROGRESS_KEYS if k not in ("heldout", "seconds")] + (["doc_start"] if s.get("window") else [])
+    ok = (all(count(s.get(k)) for k in counts) and isinstance(s.get("seconds"), (int, float))
+          and isinstance(s.get("heldout"), dict) and all(count(s["heldout"].get(k)) for k in ("dev", "test")))
+    if not ok:
+        raise _damaged(work, f"progress.json lacks or garbles some of {', '.join(_PROGRESS_KEYS)}")
+    return s
+
+
+def _check_partial(work: Path, s: dict, dim: int) -> None:
+    """Refuse to resume from files shorter than the checkpoint says, or from a garbled document table."""
+    header = len(npy_header(np.float16, (0, dim)))
+    sizes = {"keys.npy": header + s["rows"] * dim * 2, "vals.npy": header + s["rows"] * 4,
+             "docs.jsonl": s["docs_bytes"], "holdout.jsonl": s["holdout_bytes"]}
+    for name, size in sizes.items():
+        have = (work / name).stat().st_size if (work / name).is_file() else None
+        if have is None or have < size:
+            raise _damaged(work, f"{name} is {'missing' if have is None else f'{have} bytes'}, the checkpoint "
+                                 f"needs {size}")
+    _read_docs(work, s["docs_bytes"])
+    with open(work / "holdout.jsonl", "rb") as f:
+        for lineno, line in enumerate(f.read(s["holdout_bytes"]).splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and {"split", "name", "text"} <= rec.keys()
+            except ValueError:
+                ok = False
+            if not ok:
+                raise _damaged(work, f"holdout.jsonl line {lineno} is not a held-out document")
+
+
+def _read_docs(work: Path, size: int | None = None) -> list:
+    """The document table of a build: [name, first row, count, first token] per line (the first `size` bytes)."""
+    with open(work / "docs.jsonl", "rb") as f:
+        data = f.read() if size is None else f.read(size)
+    docs = []
+    for lineno, line in enumerate(data.splitlines(), 1):
+        try:
+            doc = json.loads(line)
+            ok = (isinstance(doc, list) and len(doc) == 4 and isinstance(doc[0], str)
+                  and all(isinstance(x, int) for x in doc[1:]))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _damaged(work, f"docs.jsonl line {lineno} is not [name, first row, count, first token]")
+        docs.append(doc)
+    return docs
 
 
 class _Writer:
@@ -119,15 +210,11 @@ class _Writer:
 def _run_block(lm: LM, block: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Keys (fp16) and values of a block's owned positions, in block order; block items are (window, ids, labels)."""
     outs: list = [None] * len(block)
-    for batch in length_batches([len(b[1]) for b in block], batch_size):
-        ids, mask = pad_batch([block[i][1] for i in batch])
-        keys, _ = lm.forward(ids, mask, logits=False)  # (B, T, d)
-        keys = keys.cpu().numpy()
-        for j, i in enumerate(batch):
-            w, _toks, labels = block[i]
-            outs[i] = (keys[j, w.own_from - w.begin: w.own_to - w.begin], labels)
-    k = np.concatenate([o[0] for o in outs]) if outs else np.zeros((0, lm.dim), np.float32)
-    v = np.concatenate([o[1] for o in outs]) if outs else np.zeros(0, np.int32)
+    for owned in forward_owned(lm, [(w, ids) for w, ids, _labels in block], batch_size, logits=False):
+        for o in owned:
+            outs[o.item] = o.keys.cpu().numpy()  # (n, d)
+    k = np.concatenate(outs) if outs else np.zeros((0, lm.dim), np.float32)
+    v = np.concatenate([labels for _w, _ids, labels in block]) if block else np.zeros(0, np.int32)
     k16 = k.astype(np.float16)
     if not np.isfinite(k16).all():
         raise KNNLMError("Some keys overflow float16 (|x| > 65504); this model's hidden states are too large "
@@ -150,9 +237,6 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
     out = datastore_path(out)
-    if not 0 <= cfg.holdout < 0.34:
-        raise KNNLMError(f"--holdout {cfg.holdout} must be in [0, 0.34): it is the share of each of dev and test.")
-    check_window(cfg.context, cfg.stride)
     src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed)
     check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
@@ -160,9 +244,10 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     work, ckpt = _prepare_dirs(out, cfg)
     settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
     if ckpt is not None:
-        if json.loads((work / "settings.json").read_text()) != json.loads(json.dumps(settings)):
+        if _read_json(work, "settings.json") != json.loads(json.dumps(settings)):
             raise KNNLMError(f"The interrupted build in {work} used other settings, model or corpus; pass the "
                              "same ones to --resume, or --overwrite to start over.")
+        _check_partial(work, ckpt, lm.dim)
         if ckpt.get("done"):
             log.info("arrays already complete; finishing")
     else:
@@ -207,7 +292,7 @@ def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
                 s["heldout"][split] += 1
             continue
         resumed = seq == start_seq and start_win > 0
-        if not resumed and cfg.max_tokens and s["scheduled"] >= cfg.max_tokens:
+        if not resumed and cfg.max_tokens is not None and s["scheduled"] >= cfg.max_tokens:
             flush(seq, 0)
             return
         ids = lm.encode(text)
@@ -216,7 +301,7 @@ def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
             continue
         if not resumed:
             s["doc_start"] = s["scheduled"]
-        if cfg.max_tokens:  # the document that reaches --max-tokens is cut there
+        if cfg.max_tokens is not None:  # the document that reaches --max-tokens is cut there
             ids = ids[: cfg.max_tokens - s["doc_start"] + 1]
         if not resumed:
             # Token j > 0 of this document is vals[start + j - 1]; token 0 is kept here.
@@ -242,7 +327,7 @@ def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> D
     work, s = w.work, w.state
     NpyAppender(work / "keys.npy", np.float16, (lm.dim,), s["rows"]).finish()
     NpyAppender(work / "vals.npy", np.int32, (), s["rows"]).finish()
-    docs = [json.loads(line) for line in open(work / "docs.jsonl")]
+    docs = _read_docs(work)
     seconds = s["seconds"]
     meta = {
         "format": FORMAT_VERSION,
@@ -270,14 +355,12 @@ def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> D
     write_json(work / "meta.json", meta)
     ds = open_datastore(work)
     if cfg.build_index:
-        train_index(ds, cfg.index)
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out)
+        try:
+            train_index(ds, cfg.index)
+        except KNNLMError as e:
+            raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
+                             "or --no-index and `knnlm train-index` later.") from e
+    replace_dir(work, out)
     for name in ("progress.json", "settings.json", "docs.jsonl"):
         (out / name).unlink(missing_ok=True)
     return open_datastore(out)

@@ -13,6 +13,7 @@ from typing import Iterator
 from .errors import KNNLMError
 
 DEV, TEST, STORE = "dev", "test", "store"
+DEFAULT_GLOB = "**/*.txt"  # files of a folder corpus, unless --glob says otherwise
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def _jsonl_refs(path: Path) -> list[DocRef]:
 
 
 def open_corpus(
-    source: str, glob: str = "**/*.txt", fmt: str = "auto", text_field: str = "text",
+    source: str, glob: str = DEFAULT_GLOB, fmt: str = "auto", text_field: str = "text",
     shuffle_seed: int | None = None,
 ) -> Corpus:
     """List a corpus's documents without reading their text.

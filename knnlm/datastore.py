@@ -13,13 +13,14 @@ import numpy as np
 from .errors import KNNLMError
 
 FORMAT_VERSION = 1
-DEFAULT_DATASTORE = os.path.join("datastores", "default")
+DEFAULT_DATASTORE = os.path.join("datastores", "default")  # used when neither a path nor $KNNLM_DATASTORE is given
+DATASTORE_ENV = "KNNLM_DATASTORE"  # environment variable naming the datastore directory
 KEY_SOURCE = "input of the output projection (lm_head): final hidden state after the final norm"
 
 
 def datastore_path(path: str | os.PathLike | None) -> Path:
     """The datastore directory: the given one, $KNNLM_DATASTORE, or datastores/default."""
-    return Path(path or os.environ.get("KNNLM_DATASTORE") or DEFAULT_DATASTORE)
+    return Path(path or os.environ.get(DATASTORE_ENV) or DEFAULT_DATASTORE)
 
 
 @dataclass
@@ -84,11 +85,15 @@ class Datastore:
         if not path.exists():
             return []
         out = []
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec["split"] == split:
-                    out.append((rec["name"], rec["text"]))
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    rec = json.loads(line)
+                    if rec["split"] == split:
+                        out.append((str(rec["name"]), _text(rec["text"])))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise KNNLMError(f"{path} is damaged at line {lineno} ({type(e).__name__}: {e}); rebuild the "
+                                     "datastore with `knnlm build-datastore --overwrite`, or pass --corpus.") from e
         return out
 
     def check_compatible(self, lm) -> None:
@@ -104,6 +109,13 @@ class Datastore:
         if lm.tokenizer_fingerprint != m["tokenizer"]["fingerprint"]:
             raise KNNLMError(f"Datastore {self.path} was built with another tokenizer; pass the model it "
                              f"was built with ({m['model']['name']}) or rebuild the datastore.")
+
+
+def _text(value) -> str:
+    """value, if it is a string."""
+    if not isinstance(value, str):
+        raise TypeError(f"text is {type(value).__name__}, not a string")
+    return value
 
 
 def _open_array(path: Path, dtype, shape: tuple) -> np.ndarray:

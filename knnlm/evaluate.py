@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .corpus import iter_documents, open_corpus
+from .combine import Combiner, resolve_combiner
+from .combine.features import lm_stats
+from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError
-from .interpolate import interpolate, knn_log_prob, perplexity
+from .index import read_index_info
+from .interpolate import knn_log_prob, perplexity
 from .lm import LM, load_lm
 from .retrieval import RetrievalConfig, Retriever
-from .index import read_index_info
 from .scores import Scores, concat_scores, load_scores, save_scores
-from .windows import check_window, length_batches, pad_batch, plan_windows
+from .windows import check_window, forward_owned, plan_windows
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """Settings of `eval` (and of the scoring that `tune-lambda` runs)."""
 
-    lam: str = "0.25"  # λ: a number in [0, 1], "tuned" or "adaptive" (from lambda.json)
+    lam: str = "0.25"  # λ: a number in [0, 1], "tuned", "adaptive", "gate" or "gate-pre" (from lambda.json)
     temperature: float | None = None  # T of softmax(-d/T); None: the tuned T, else 1
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # k, nprobe, rerank, exact
     context: int | None = None  # tokens per window; None: the datastore's (keys then match exactly)
@@ -35,8 +39,21 @@ class EvalConfig:
     model: str | None = None  # None: the model the datastore was built with
     device: str | None = None  # torch device; None: cuda when available, else cpu
     trust_remote_code: bool = False  # run the model repository's own code
-    glob: str = "**/*.txt"  # files of a folder given as --corpus
+    glob: str = DEFAULT_GLOB  # files of a folder given as --corpus
+    fmt: str = "auto"  # --corpus format: "auto" (JSONL by suffix), "text" or "jsonl"
+    text_field: str = "text"  # the JSONL field holding a document's text
     save_scores: str | None = None  # write per-token scores to this HDF5 file
+    combine: str = "mix"  # "mix": λ-interpolation; "spalm": SPALM's gated memory (tuned by tune-lambda)
+    skip_below: str | None = None  # skip the search where the pre-retrieval gate's λ is below this, or "tuned"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise KNNLMError(f"--batch-size {self.batch_size} must be at least 1.")
+        if self.save_scores:
+            parent = os.path.dirname(os.path.abspath(self.save_scores))
+            if not os.path.isdir(parent):
+                raise KNNLMError(f"--save-scores {self.save_scores}: the folder {parent} does not exist; "
+                                 "create it or pass another path.")
 
 
 @dataclass
@@ -48,7 +65,8 @@ class Timer:
 
 
 def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, str]], context: int,
-                    stride: int, batch_size: int = 4, progress=None, timer: Timer | None = None) -> Scores:
+                    stride: int, batch_size: int = 4, progress=None, timer: Timer | None = None,
+                    combiner: Combiner | None = None) -> Scores:
     """Per-token LM log-probs and neighbours for every token after each document's first.
 
     Args:
@@ -60,59 +78,68 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         batch_size: windows per forward pass.
         progress: optional callable taking the number of tokens just scored.
         timer: accumulates seconds spent in the LM and in retrieval.
+        combiner: the mixing policy; its learned skip decides which tokens are searched.
 
     Returns:
-        Scores in document order.
+        Scores in document order, with the queries and LM statistics the learned gates read.
     """
     timer = timer or Timer()
-    work = []  # (doc number, window, token ids of the window)
+    work, targets = [], []  # (window, token ids of the window), the window's targets
     for d, (_name, text) in enumerate(docs):
         ids = lm.encode(text)
-        # A window's last position predicts the token just past it, so targets come from the document.
-        work.extend((w, ids[w.begin: w.end], ids[w.own_from + 1: w.own_to + 1])
-                    for w in plan_windows(d, len(ids), context, stride))
+        for w in plan_windows(d, len(ids), context, stride):
+            work.append((w, ids[w.begin: w.end]))
+            # A window's last position predicts the token just past it, so targets come from the document.
+            targets.append(ids[w.own_from + 1: w.own_to + 1])
     parts: list = [None] * len(work)
-    for batch in length_batches([len(t) for _, t, _ in work], batch_size):
+    batches = forward_owned(lm, work, batch_size, logits=True)
+    while True:
         t0 = time.perf_counter()
-        ids, mask = pad_batch([work[i][1] for i in batch])
-        keys, logits = lm.forward(ids, mask, logits=True)  # (B, T, d), (B, T, V)
-        queries, lm_logp, targets, meta = [], [], [], []
-        for j, i in enumerate(batch):
-            w, _toks, labels = work[i]
-            lo, hi = w.own_from - w.begin, w.own_to - w.begin
-            tgt = torch.as_tensor(labels)
+        owned = next(batches, None)
+        if owned is None:
+            break
+        lm_logp, stats = [], []
+        for o in owned:
+            tgt = torch.as_tensor(targets[o.item])
             # log_softmax over owned rows only: the full (B, T, V) would double the logits' memory.
-            logp = torch.log_softmax(logits[j, lo:hi], dim=-1)  # (n, V)
+            logp = torch.log_softmax(o.logits, dim=-1)  # (n, V)
             lm_logp.append(logp.gather(1, tgt[:, None].to(logp.device))[:, 0])
-            queries.append(keys[j, lo:hi])
-            targets.append(tgt)
-            meta.append((i, w, hi - lo))
-        q = torch.cat(queries).cpu().numpy()  # (n, d)
+            stats.append(lm_stats(logp))
+        q = torch.cat([o.keys for o in owned]).cpu().numpy()  # (n, d)
         lp = torch.cat(lm_logp).double().cpu().numpy()
-        tg = torch.cat(targets).numpy().astype(np.int32)
+        st = {key: np.concatenate([x[key] for x in stats]) for key in stats[0]}
+        tg = np.concatenate([np.asarray(targets[o.item], np.int32) for o in owned])
         timer.lm += time.perf_counter() - t0
         t0 = time.perf_counter()
+        keep = combiner.search_mask(q, st) if (combiner is not None and retriever is not None) else None
+        k = retriever.k if retriever is not None else 0
+        dists, vals = np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int32)
         if retriever is not None:
-            dists, _ids, vals = retriever.neighbors(q)
-        else:
-            dists, vals = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int32)
+            if keep is None:
+                dists, _ids, vals = retriever.neighbors(q)
+            elif keep.any():
+                dists[keep], _ids, vals[keep] = retriever.neighbors(q[keep])
+        searched = np.ones(len(q), bool) if keep is None else keep
         timer.retrieval += time.perf_counter() - t0
         at = 0
-        for i, w, n in meta:
+        for o in owned:
+            w, n = o.window, len(targets[o.item])
             sl = slice(at, at + n)
             pos = np.arange(w.own_from + 1, w.own_to + 1, dtype=np.int32)
-            parts[i] = Scores(tg[sl], lp[sl], dists[sl], vals[sl], np.full(n, w.doc, np.int32), pos)
+            parts[o.item] = Scores(tg[sl], lp[sl], dists[sl], vals[sl], np.full(n, w.doc, np.int32), pos,
+                                   queries=q[sl], searched=searched[sl], **{key: v[sl] for key, v in st.items()})
             at += n
         if progress:
             progress(at)
     return concat_scores([p for p in parts if p is not None], {})
 
 
-def report(scores: Scores, lambdas: np.ndarray | float, temperature: float) -> dict:
-    """Perplexities of the LM, the kNN-LM and the kNN alone over the same tokens."""
-    knn = knn_log_prob(scores.dists, scores.vals, scores.targets, temperature)
-    mixed = interpolate(scores.lm_logp, knn, lambdas)
+def report(scores: Scores, combiner: Combiner, head=None) -> dict:
+    """Perplexities of the LM, the kNN-LM (as the combiner mixes them) and the kNN alone over the same tokens."""
+    knn = knn_log_prob(scores.dists, scores.vals, scores.targets, combiner.temperature)
+    mixed = combiner.target_log_probs(scores, head)
     lm_ppl, knn_lm_ppl = perplexity(scores.lm_logp), perplexity(mixed)
+    searched = scores.searched if scores.searched is not None else np.ones(len(scores), bool)
     return {
         "tokens": len(scores),
         "lm_ppl": lm_ppl,
@@ -120,10 +147,11 @@ def report(scores: Scores, lambdas: np.ndarray | float, temperature: float) -> d
         "knn_only_ppl": perplexity(knn),
         "change": knn_lm_ppl / lm_ppl - 1.0,
         "target_in_neighbors": float(np.isfinite(knn).mean()) if len(scores) else float("nan"),
+        "searches_skipped": float(1 - searched.mean()) if len(scores) else 0.0,
     }
 
 
-def resolve_docs(ds: Datastore, corpus: str | None, split: str, glob: str) -> tuple[list, str]:
+def resolve_docs(ds: Datastore, corpus: str | None, split: str, cfg: "EvalConfig") -> tuple[list, str]:
     """The documents to score: --corpus, else the datastore's held-out part; and a description."""
     if corpus is None:
         docs = ds.heldout(split)
@@ -131,8 +159,25 @@ def resolve_docs(ds: Datastore, corpus: str | None, split: str, glob: str) -> tu
             raise KNNLMError(f"Datastore {ds.path} has no held-out {split} text (built with --holdout 0?); "
                              "pass text with --corpus.")
         return docs, f"{split} part of {ds.path}"
-    src = open_corpus(corpus, glob=glob)
+    src = open_corpus(corpus, glob=cfg.glob, fmt=cfg.fmt, text_field=cfg.text_field)
     return [(name, text) for _, _, name, text in iter_documents(src, 0.0)], str(corpus)
+
+
+def index_identity(ds: Datastore) -> str:
+    """What index a search used: its index.json (factory, parameters, sample) and when index.faiss was written."""
+    info = ds.path / "index.json"
+    faiss_file = ds.path / "index.faiss"
+    if not info.is_file() or not faiss_file.is_file():
+        return "none"
+    h = hashlib.sha256(info.read_bytes())
+    h.update(str(faiss_file.stat().st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def search_settings(ds: Datastore, retriever: Retriever) -> dict:
+    """The search's description (kind, k, nprobe, re-rank) with the index's identity."""
+    return {**retriever.describe, "index": "exact" if retriever.kind == "exact" and retriever.cfg.exact
+            else index_identity(ds)}
 
 
 def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalConfig(), lm: LM | None = None,
@@ -151,13 +196,15 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
         retriever: an already opened search over this datastore (else one is made from cfg.retrieval).
 
     Returns:
-        (report dict, per-token Scores).
+        (report dict, per-token Scores). The report's `tuned_settings_differ` is a sentence when
+        tuned values are used with other search settings than they were fitted with, else None.
     """
-    from .tune import pick_temperature, resolve_lambda
-
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
-    choice = resolve_lambda(cfg.lam, ds.path)
-    temperature = pick_temperature(cfg.temperature, ds.path, choice)
+    if cfg.save_scores and os.path.exists(cfg.save_scores) and os.path.isdir(cfg.save_scores):
+        raise KNNLMError(f"--save-scores {cfg.save_scores} is a folder; pass a file path.")
+    retriever = retriever or Retriever(ds, cfg.retrieval)
+    search = search_settings(ds, retriever)
+    combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature, search)
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
     context, stride = cfg.context or ds.meta["context"], cfg.stride or ds.meta["stride"]
@@ -165,23 +212,24 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
     if documents is not None:
         docs, what = list(documents), f"{len(documents)} given texts"
     else:
-        docs, what = resolve_docs(ds, corpus, split, cfg.glob)
-    retriever = retriever or Retriever(ds, cfg.retrieval)
+        docs, what = resolve_docs(ds, corpus, split, cfg)
     timer = Timer()
     t0 = time.perf_counter()
-    scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer)
+    scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer, combiner)
     seconds = time.perf_counter() - t0
     if len(scores) == 0:
         raise KNNLMError(f"{what} has no tokens to score (each document needs two or more); pass more text.")
     scores.attrs.update(datastore=ds.fingerprint, datastore_path=str(ds.path), model=lm.name,
                         model_fingerprint=lm.fingerprint, context=context, stride=stride,
-                        corpus=what, **retriever.describe)
-    lambdas = choice.lambdas_for(scores.nn_dist)
-    out = report(scores, lambdas, temperature)
-    out.update(corpus=what, documents=len(docs), lam=cfg.lam, lambda_kind=choice.kind, lambda_source=choice.source,
-               mean_lambda=float(np.mean(lambdas)), temperature=temperature, **retriever.describe,
+                        corpus=what, **search)
+    t0 = time.perf_counter()
+    out = report(scores, combiner, lm.model.get_output_embeddings())
+    seconds += time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
+    out.update(corpus=what, documents=len(docs), lam=cfg.lam, lambda_kind=combiner.kind,
+               lambda_source=combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,
+               mean_lambda=float(np.mean(combiner.lambdas(scores))), temperature=combiner.temperature, **search,
                seconds=seconds, tokens_per_s=len(scores) / seconds, lm_seconds=timer.lm,
-               retrieval_seconds=timer.retrieval)
+               retrieval_seconds=timer.retrieval, tuned_settings_differ=combiner.mismatch)
     if cfg.save_scores:
         save_scores(cfg.save_scores, scores)
         out["scores_file"] = cfg.save_scores
@@ -191,20 +239,24 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
 def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=None,
                retriever: Retriever | None = None) -> tuple[Scores, bool]:
     """Scores of the datastore's held-out dev part: from DATASTORE/dev-scores.h5 when it was made with
-    the same datastore, windows and search settings, else computed and cached there.
+    the same datastore, index, windows and search settings (and this scores format), else computed
+    and cached there.
 
     Returns:
         (scores, whether they came from the cache).
     """
     path = ds.path / "dev-scores.h5"
-    r = cfg.retrieval
-    kind = "exact" if r.exact else (read_index_info(ds) or {}).get("kind")
-    want = {"datastore": ds.fingerprint, "k": r.k, "nprobe": r.nprobe, "rerank": r.rerank, "search": kind,
+    retriever = retriever or Retriever(ds, cfg.retrieval)
+    want = {"datastore": ds.fingerprint, **search_settings(ds, retriever),
             "context": cfg.context or ds.meta["context"], "stride": cfg.stride or ds.meta["stride"]}
     if path.exists():
-        scores = load_scores(str(path))
-        if all(scores.attrs.get(key) == value for key, value in want.items()):
-            return scores, True
-    cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "save_scores": str(path)})
+        try:
+            scores = load_scores(str(path))
+        except KNNLMError as e:  # an old or damaged cache is rebuilt, never misread
+            log.info("rebuilding %s: %s", path, e)
+        else:
+            if all(str(scores.attrs.get(key)) == str(value) for key, value in want.items()):
+                return scores, True
+    cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "combine": "mix", "skip_below": None, "save_scores": str(path)})
     _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress, retriever=retriever)
     return scores, False

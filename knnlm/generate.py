@@ -10,6 +10,7 @@ it with a forward-pre-hook on the model's output projection, so `model.generate`
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -19,30 +20,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import KNNLMError
-from .interpolate import interpolate, neighbor_log_weights
+from .combine import Combiner, resolve_combiner
+from .combine.features import lm_stats
+from .interpolate import knn_log_distribution  # noqa: F401  (public here too: the processor's maths)
 from .lm import LM
 from .retrieval import Retriever
-from .tune import LambdaChoice, pick_temperature, resolve_lambda
-
-
-def knn_log_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, temperature: float) -> torch.Tensor:
-    """log p_kNN over the whole vocabulary: neighbour weights softmax(−d/T) scatter-added by stored token.
-
-    Args:
-        dists: (B, k) squared L2 distances; inf where a neighbour is missing.
-        vals: (B, k) stored next tokens; -1 where a neighbour is missing.
-        vocab_size: V, the width of the result.
-        temperature: T.
-
-    Returns:
-        (B, V) float64 log-probabilities; -inf for tokens no neighbour carries (a whole row of
-        -inf when a query has no neighbour at all).
-    """
-    vals = np.asarray(vals)
-    weights = np.exp(neighbor_log_weights(np.where(vals < 0, np.inf, np.asarray(dists)), temperature))  # (B, k)
-    p = torch.zeros(vals.shape[0], vocab_size, dtype=torch.float64)
-    p.scatter_add_(1, torch.from_numpy(np.maximum(vals, 0).astype(np.int64)), torch.from_numpy(weights))
-    return torch.log(p)  # log 0 = -inf
+from .scores import Scores
+from .windows import check_window, plan_windows
 
 
 class KNNLogitsProcessor(LogitsProcessor):
@@ -59,25 +43,36 @@ class KNNLogitsProcessor(LogitsProcessor):
     Args:
         lm: the model the datastore was built with.
         retriever: search over that datastore.
-        lam: a number in [0, 1], "tuned", "adaptive" (read from the datastore's lambda.json), or
-            a LambdaChoice.
+        lam: a number in [0, 1], "tuned", "adaptive", "gate", "gate-pre" (read from the
+            datastore's lambda.json), or a Combiner.
         temperature: T of softmax(−d/T); None takes the tuned T, else 1.
+        combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory).
+        skip_below: skip the search where the before-retrieval gate predicts λ below this (a
+            number, or "tuned"); those steps keep p_LM.
     """
 
-    def __init__(self, lm: LM, retriever: Retriever, lam: str | float | LambdaChoice = 0.25,
-                 temperature: float | None = None):
+    def __init__(self, lm: LM, retriever: Retriever, lam: str | float | Combiner = 0.25,
+                 temperature: float | None = None, combine: str = "mix", skip_below: str | float | None = None):
+        from .evaluate import search_settings
+
         retriever.ds.check_compatible(lm)
         self.retriever = retriever
-        self.choice = lam if isinstance(lam, LambdaChoice) else resolve_lambda(str(lam), retriever.ds.path)
-        self.temperature = pick_temperature(temperature, retriever.ds.path, self.choice)
+        self.combiner = resolve_combiner(lam, retriever.ds.path, combine, skip_below, temperature,
+                                         search_settings(retriever.ds, retriever))
+        self.temperature = self.combiner.temperature
+        self.head = lm.model.get_output_embeddings()
         self.retrieval_seconds = 0.0
+        self.searches = self.skipped = 0  # queries searched and skipped so far
         self.last: dict | None = None  # the last step's neighbours, for inspection
         self._query: torch.Tensor | None = None
-        self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
+        self._mixing = False  # inside distribution(): lm_head calls there are not the model's
+        self._handle = self.head.register_forward_pre_hook(self._capture)
 
     def _capture(self, _module, args) -> None:
-        # The lm_head's input; generate computes logits for the last position only.
-        self._query = args[0][:, -1, :].detach()
+        # The lm_head's input; generate computes logits for the last position only. SPALM's own
+        # projections inside distribution() pass through this hook too, and are not queries.
+        if not self._mixing:
+            self._query = args[0][:, -1, :].detach()
 
     def close(self) -> None:
         """Remove the hook from the model."""
@@ -92,7 +87,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.close()
 
     def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor) -> torch.Tensor:
-        """Interpolated next-token log-probabilities for given queries and LM scores.
+        """Next-token log-probabilities of the kNN-LM for given queries and LM scores.
 
         Args:
             queries: (B, d) keys of the positions being predicted (the lm_head's inputs).
@@ -101,15 +96,31 @@ class KNNLogitsProcessor(LogitsProcessor):
         Returns:
             (B, V) float64 log-probabilities.
         """
+        lm_logp_t = torch.log_softmax(lm_logits.cpu().double(), dim=-1)  # (B, V)
+        q = queries.float().cpu().numpy()  # (B, d)
+        # Only the learned gate and the skip read the LM's statistics: spare the others the cost per step.
+        stats = lm_stats(lm_logp_t) if self.combiner.reads_lm_stats else {}
         t0 = time.perf_counter()
-        dists, ids, vals = self.retriever.neighbors(queries.float().cpu().numpy())
+        keep = self.combiner.search_mask(q, stats)
+        k = self.retriever.k
+        dists, ids = np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        vals = np.full((len(q), k), -1, np.int32)
+        if keep is None or keep.all():
+            dists, ids, vals = self.retriever.neighbors(q)
+        elif keep.any():
+            dists[keep], ids[keep], vals[keep] = self.retriever.neighbors(q[keep])
+        searched = np.ones(len(q), bool) if keep is None else keep
+        self.searches += int(searched.sum())
+        self.skipped += int((~searched).sum())
         self.retrieval_seconds += time.perf_counter() - t0
-        self.last = {"dists": dists, "ids": ids, "vals": vals}
-        knn = knn_log_distribution(dists, vals, lm_logits.shape[-1], self.temperature).numpy()
-        lm_logp = torch.log_softmax(lm_logits.cpu().double(), dim=-1).numpy()
-        nearest = dists[:, 0]  # k >= 1; inf when a query found no neighbour, which then keeps p_LM
-        lambdas = np.where(np.isfinite(nearest), self.choice.lambdas_for(nearest), 0.0)
-        return torch.from_numpy(interpolate(lm_logp, knn, lambdas[:, None]))
+        self.last = {"dists": dists, "ids": ids, "vals": vals, "searched": searched}
+        zeros = np.zeros(len(q), np.int32)
+        view = Scores(zeros, np.zeros(len(q)), dists, vals, zeros, zeros, queries=q, searched=searched, **stats)
+        self._mixing = True
+        try:
+            return torch.from_numpy(self.combiner.distribution(view, lm_logp_t.numpy(), self.head))
+        finally:
+            self._mixing = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The transformers LogitsProcessor hook: scores (B, V) in, log-probabilities (B, V) out."""
@@ -133,21 +144,31 @@ class Generation:
     retrieval_seconds: float
 
 
-def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str | float | LambdaChoice = 0.25,
+def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str | float | Combiner = 0.25,
              temperature: float | None = None, max_new_tokens: int = 64, sample: bool = False,
-             seed: int = 0) -> Generation:
+             seed: int = 0, window: tuple[int, int] | None = None) -> Generation:
     """Continue a prompt with the kNN-LM (or with the LM alone when retriever is None).
+
+    Decoding runs in the datastore's windows (context, stride), the way build and eval cut a
+    document: every position sees the tokens from the start of the window that owns it, so the
+    query of each step is the key build would have stored for that position in a document that
+    starts at the prompt's first token. Within a window a KV cache makes each step one token;
+    when a position falls past the window's end, the next window is prefilled without a cache.
 
     Args:
         lm: the model.
         prompt: text to continue, encoded as it is (no chat template, no special tokens), the
             way the datastore's text was.
         retriever: search over the datastore; None decodes with the LM alone.
-        lam: λ: a number, "tuned", "adaptive" or a LambdaChoice.
+        lam: λ: a number, "tuned", "adaptive", "gate", "gate-pre" or a Combiner.
         temperature: T of p_kNN; None takes the tuned T, else 1.
         max_new_tokens: tokens to add.
         sample: draw from the distribution instead of taking its argmax.
-        seed: seed of the sampler.
+        seed: seed of the sampler (a generator of its own: the caller's torch RNG is left alone).
+        window: (context, stride) of the decoding windows. With a retriever it is the
+            datastore's (None takes it; another is refused). For the LM alone pass the
+            datastore's to compare the two fairly; None decodes in one window as long as the
+            model allows.
 
     Returns:
         The Generation.
@@ -160,30 +181,78 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         if bos is None:
             raise KNNLMError("The prompt is empty; pass some text with --prompt.")
         ids = [bos]
+    if retriever is not None:
+        stored = (int(retriever.ds.meta["context"]), int(retriever.ds.meta["stride"]))
+        if window is not None and tuple(window) != stored:
+            raise KNNLMError(f"Decoding windows {tuple(window)} differ from the datastore's (context, stride) "
+                             f"{stored}; queries would not match the stored keys. Leave the window out.")
+        window = stored
     limit = lm.max_positions
-    if limit and len(ids) + max_new_tokens > limit:
-        raise KNNLMError(f"The prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
-                         f"model's {limit} positions; shorten the prompt or ask for fewer tokens.")
-    input_ids = torch.tensor([ids], device=lm.device)
-    eos = lm.tokenizer.eos_token_id
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, repetition_penalty=1.0,
-              pad_token_id=eos if eos is not None else 0)
-    if sample:
-        # Only our processor shapes the distribution: no model-default temperature, top-k or top-p.
-        kw.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
-        torch.manual_seed(seed)
+    if window is None:
+        if limit and len(ids) + max_new_tokens > limit:
+            raise KNNLMError(f"The prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+                             f"model's {limit} positions; shorten the prompt or ask for fewer tokens.")
+        context = stride = len(ids) + max_new_tokens  # one window: never restarted
+    else:
+        context, stride = window
+        check_window(context, stride, limit)
     t0 = time.perf_counter()
-    processor = None
+    processor = KNNLogitsProcessor(lm, retriever, lam, temperature) if retriever is not None else None
     try:
-        if retriever is not None:
-            processor = KNNLogitsProcessor(lm, retriever, lam, temperature)
-            kw["logits_processor"] = LogitsProcessorList([processor])
-        with torch.inference_mode():
-            out = lm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+        new = _decode(lm, ids, LogitsProcessorList([processor] if processor else []), max_new_tokens,
+                      context, stride, torch.Generator(device=lm.device).manual_seed(seed) if sample else None)
     finally:
         if processor is not None:
             processor.close()
-    new = out[0, len(ids):].tolist()
     return Generation(text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
                       seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0)
+
+
+def window_begin(position: int, context: int, stride: int) -> int:
+    """First token of the window that owns `position` in plan_windows' plan of a document from token 0."""
+    plan = plan_windows(0, position + 2, context, stride)  # position + 2 tokens: the position has a next token
+    return next(w.begin for w in plan if w.own_from <= position < w.own_to)
+
+
+def _eos_ids(lm: LM) -> set[int]:
+    """Tokens that end a continuation, as model.generate would read them."""
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = lm.tokenizer.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _decode(lm: LM, ids: list[int], processors: LogitsProcessorList, max_new_tokens: int, context: int,
+            stride: int, generator: torch.Generator | None) -> list[int]:
+    """New tokens after ids (extended in place), greedy or drawn with generator, in windows of (context, stride)."""
+    model, eos = lm.model, _eos_ids(lm)
+    params = inspect.signature(model.forward).parameters
+    # Only the last position's logits are needed; not every model's forward takes logits_to_keep.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+    new: list[int] = []
+    begin, cache = -1, None
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            pos = len(ids) - 1  # its key is this step's query; it predicts token pos + 1
+            if begin < 0 or pos - begin >= context:
+                # A new window, prefilled without a cache: positions count from its first token, as in build.
+                begin = window_begin(pos, context, stride)
+                feed, cache = ids[begin:], None
+            else:
+                feed = ids[-1:]
+            out = model(input_ids=torch.tensor([feed], device=lm.device), use_cache=True, **{cache_arg: cache}, **keep)
+            cache = out.get("cache", out.get("past_key_values"))
+            scores = out.logits[:, -1, :].float()  # (1, V)
+            if processors:
+                scores = processors(torch.tensor([ids], device=lm.device), scores)
+            if generator is not None:
+                token = int(torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=generator))
+            else:
+                token = int(scores.argmax(dim=-1))
+            ids.append(token)
+            new.append(token)
+            if token in eos:
+                break
+    return new

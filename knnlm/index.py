@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
 
-from .arrays import write_json
+from .arrays import atomic_path, write_json
 from .datastore import Datastore
 from .errors import KNNLMError
 
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 # Below this many keys an IVF-PQ index is not worth training (and k-means would be starved).
 MIN_IVF_KEYS = 10_000
+# Each PQ sub-quantizer is a k-means with 2^8 centroids, and faiss refuses to train one on fewer points.
+PQ_CENTROIDS = 256
+# Fields of index.json that readers use.
+_INFO_KEYS = ("kind", "factory", "nlist", "code_size", "train_size", "reason", "count", "dim", "datastore",
+              "total_seconds")
 
 
 @dataclass(frozen=True)
@@ -27,21 +32,54 @@ class IndexConfig:
 
     nlist: int | None = None  # IVF lists; None: the power of two nearest 2·sqrt(N)
     code_size: int = 64  # PQ bytes per key (sub-quantizers of 8 bits); lowered to divide d
-    train_size: int | None = None  # keys sampled to train; None: min(N, 64·nlist)
+    train_size: int | None = None  # keys sampled to train (>= 256 and >= nlist); None: min(N, max(256, 64·nlist))
     seed: int = 0  # seeds the training sample and k-means
     add_chunk: int = 65_536  # keys converted and added per step, bounding RAM
     exact: bool = False  # force an exact (flat) index whatever N
 
+    def __post_init__(self):
+        if self.code_size < 1:
+            raise KNNLMError(f"--code-size {self.code_size} must be at least 1 (PQ bytes per key).")
+        if self.nlist is not None and self.nlist < 1:
+            raise KNNLMError(f"--nlist {self.nlist} must be at least 1.")
+        if self.add_chunk < 1:
+            raise KNNLMError(f"add_chunk {self.add_chunk} must be at least 1.")
+        if self.train_size is not None and not self.exact:
+            need = max(PQ_CENTROIDS, self.nlist or 0)
+            if self.train_size < need:
+                raise KNNLMError(f"--train-size {self.train_size} is too small: training IVF-PQ needs at least "
+                                 f"{need} keys ({_needs(self.nlist)}); pass --train-size {need} or more.")
 
-def choose_params(n: int, d: int, cfg: IndexConfig) -> dict:
-    """Factory string and parameters for n keys of width d."""
+    def check_keys(self, n_max: int) -> None:
+        """Refuse, before any keys exist, settings whose index could not be trained on up to n_max keys."""
+        p = choose_params(n_max, 1, self, check=False)
+        if p["kind"] == "ivfpq" and self.train_size is not None and p["train_size"] < p["nlist"]:
+            raise KNNLMError(f"--train-size {self.train_size} is too small for the index of up to {n_max} keys "
+                             f"(--max-tokens): IVF{p['nlist']} needs at least {p['nlist']} training keys; pass "
+                             f"--train-size {p['nlist']} or more, or a smaller --nlist.")
+
+
+def _needs(nlist: int | None) -> str:
+    """Why training needs that many keys, in words."""
+    pq = f"{PQ_CENTROIDS} for the PQ codebooks"
+    return f"{pq} and {nlist} for the IVF lists" if nlist and nlist > PQ_CENTROIDS else pq
+
+
+def choose_params(n: int, d: int, cfg: IndexConfig, check: bool = True) -> dict:
+    """Factory string and parameters for n keys of width d; refuses (when check) a training sample too small."""
     nlist = cfg.nlist or max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
     if cfg.exact or n < max(MIN_IVF_KEYS, 39 * nlist):
         reason = "forced by --exact" if cfg.exact else f"{n} keys are too few for IVF-PQ (needs {max(MIN_IVF_KEYS, 39 * nlist)})"
         return {"factory": "Flat", "kind": "exact", "reason": reason, "nlist": None, "code_size": None,
                 "train_size": 0}
     m = max(c for c in range(1, min(cfg.code_size, d) + 1) if d % c == 0)
-    train = min(n, cfg.train_size or 64 * nlist)
+    # 64 keys per list, but never fewer than PQ's codebooks need.
+    train = min(n, cfg.train_size or max(PQ_CENTROIDS, 64 * nlist))
+    if check and train < max(nlist, PQ_CENTROIDS):
+        need = max(nlist, PQ_CENTROIDS)
+        raise KNNLMError(f"--train-size {cfg.train_size} is too small for IVF{nlist},PQ{m} over {n} keys: training "
+                         f"needs at least {need} keys ({_needs(nlist)}); pass --train-size {need} or more, "
+                         "or a smaller --nlist.")
     return {"factory": f"IVF{nlist},PQ{m}", "kind": "ivfpq", "nlist": nlist, "code_size": m,
             "train_size": train, "reason": "chosen from N" if cfg.nlist is None else "as given"}
 
@@ -92,19 +130,28 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
     info = {**p, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
             "train_seconds": round(t_train, 2), "total_seconds": round(time.time() - t0, 2),
             "datastore": ds.fingerprint}
-    tmp = ds.path / f".index.faiss.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, ds.path / "index.faiss")
+    with atomic_path(ds.path / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
     write_json(ds.path / "index.json", info)
     return info
 
 
 def read_index_info(ds: Datastore) -> dict | None:
-    """index.json of a datastore, or None if it has no index."""
-    import json
-
+    """index.json of a datastore, or None if it has no index; a damaged one is refused."""
     path = ds.path / "index.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError(f"a JSON {type(info).__name__}, not an object")
+        missing = [k for k in _INFO_KEYS if k not in info]
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise KNNLMError(f"{path} is damaged ({e}); rebuild the index with `knnlm train-index {ds.path}`.") from e
+    if missing or info["kind"] not in ("exact", "ivfpq"):
+        raise KNNLMError(f"{path} is damaged (it lacks {', '.join(missing) or 'a known kind'}); rebuild the index "
+                         f"with `knnlm train-index {ds.path}`.")
+    return info
 
 
 def load_index(ds: Datastore):
@@ -117,7 +164,11 @@ def load_index(ds: Datastore):
     if info.get("datastore") != ds.fingerprint or info.get("count") != ds.count:
         raise KNNLMError(f"The index in {ds.path} was built for other keys; rebuild it with "
                          f"`knnlm train-index {ds.path}`.")
-    index = faiss.read_index(str(path))
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
+                         f"`knnlm train-index {ds.path}`.") from e
     if index.ntotal != ds.count or index.d != ds.dim:
         raise KNNLMError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore "
                          f"{ds.count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")

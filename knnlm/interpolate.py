@@ -77,3 +77,25 @@ def adaptive_lambdas(nn_dist: np.ndarray, edges: np.ndarray, lambdas: np.ndarray
     """
     bins = np.searchsorted(np.asarray(edges), np.asarray(nn_dist), side="right")
     return np.asarray(lambdas, dtype=np.float64)[bins]
+
+
+def knn_log_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, temperature: float):
+    """log p_kNN over the whole vocabulary: neighbour weights softmax(−d/T) scatter-added by stored token.
+
+    Args:
+        dists: (B, k) squared L2 distances; inf where a neighbour is missing.
+        vals: (B, k) stored next tokens; -1 where a neighbour is missing.
+        vocab_size: V, the width of the result.
+        temperature: T.
+
+    Returns:
+        (B, V) float64 torch log-probabilities; -inf for tokens no neighbour carries (a whole row of
+        -inf when a query has no neighbour at all).
+    """
+    import torch
+
+    vals = np.asarray(vals)
+    weights = np.exp(neighbor_log_weights(np.where(vals < 0, np.inf, np.asarray(dists)), temperature))  # (B, k)
+    p = torch.zeros(vals.shape[0], vocab_size, dtype=torch.float64)
+    p.scatter_add_(1, torch.from_numpy(np.maximum(vals, 0).astype(np.int64)), torch.from_numpy(weights))
+    return torch.log(p)  # log 0 = -inf

@@ -7,13 +7,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .arrays import atomic_path
 from .errors import KNNLMError
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,10 @@ def _load_gguf(path: Path, trust_remote_code: bool):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(tmp, cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:  # a directory: replaces a broken cache only once whole
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except Exception as e:
         log.warning("could not cache the converted model in %s (%s)", cached, e)
     return model, tok

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +48,27 @@ def _rerank_rows(q: np.ndarray, keys: torch.Tensor, rows_ids: torch.Tensor, out:
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}  # by size, made on first use
+_POOL_LOCK = threading.Lock()  # two threads re-ranking at once must not both make (and leak) a pool
+
+
+def _rerank_pool(workers: int) -> ThreadPoolExecutor:
+    """The shared pool of `workers` threads, made once."""
+    with _POOL_LOCK:
+        pool = _POOL.get(workers)
+        if pool is None:
+            pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-rerank")
+        return pool
+
+
+def _forget_pools() -> None:
+    """After fork, in the child: the parent's pool threads are gone (jobs would wait forever), its lock maybe held."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -64,9 +87,7 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     if workers == 1:
         _rerank_rows(q, keys, rows_ids, out)
     else:
-        if workers not in _POOL:
-            _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-rerank")
-        pool = _POOL[workers]
+        pool = _rerank_pool(workers)
         bounds = np.linspace(0, len(q), workers + 1).astype(int)
         parts = zip(bounds, bounds[1:])
         for job in [pool.submit(_rerank_rows, q[a:b], keys, rows_ids[a:b], out[a:b]) for a, b in parts]:

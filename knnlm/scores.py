@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
+from .arrays import atomic_path
 from .errors import KNNLMError
 
-SCORES_FORMAT = 1
+SCORES_FORMAT = 2  # 2: queries and LM statistics for the learned gate and SPALM
 
 
 @dataclass
@@ -27,15 +27,23 @@ class Scores:
     doc: np.ndarray  # (n,) int32 document index within the scored text
     pos: np.ndarray  # (n,) int32 position of the target token in its document
     attrs: dict = field(default_factory=dict)  # datastore fingerprint, k, nprobe, rerank, model
+    # What the learned gate and SPALM read (None in scores made without them, e.g. by hand):
+    queries: np.ndarray | None = None  # (n, d) the keys of the scored positions; float32 in RAM, fp16 on disk
+    lm_entropy: np.ndarray | None = None  # (n,) float32 entropy of p_LM, nats
+    lm_max: np.ndarray | None = None  # (n,) float32 log-probability of p_LM's most likely token
+    lm_second: np.ndarray | None = None  # (n,) float32 ... of its second most likely token
+    lm_argmax: np.ndarray | None = None  # (n,) int32 p_LM's most likely token
+    searched: np.ndarray | None = None  # (n,) bool: False where a learned skip left the search out
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
     def subset(self, idx: np.ndarray) -> "Scores":
         """The scores of the tokens idx (an index array or boolean mask)."""
+        extra = {name: (None if getattr(self, name) is None else getattr(self, name)[idx]) for name in OPTIONAL}
         return Scores(
             self.targets[idx], self.lm_logp[idx], self.dists[idx], self.vals[idx],
-            self.doc[idx], self.pos[idx], dict(self.attrs),
+            self.doc[idx], self.pos[idx], dict(self.attrs), **extra,
         )
 
     @property
@@ -44,6 +52,14 @@ class Scores:
         if self.dists.shape[1] == 0:
             return np.full(len(self), np.inf)
         return np.where(self.vals[:, 0] >= 0, self.dists[:, 0], np.inf)
+
+
+OPTIONAL = ("queries", "lm_entropy", "lm_max", "lm_second", "lm_argmax", "searched")
+_REQUIRED = ("target", "lm_logprob", "dist", "val", "doc", "pos")  # in Scores' field order
+# On disk: dataset name and dtype of each optional field.
+_OPTIONAL_DATASETS = {"queries": ("query", np.float16), "lm_entropy": ("lm_entropy", np.float32),
+                      "lm_max": ("lm_max_logprob", np.float32), "lm_second": ("lm_second_logprob", np.float32),
+                      "lm_argmax": ("lm_argmax", np.int32), "searched": ("searched", np.bool_)}
 
 
 def concat_scores(parts: list[Scores], attrs: dict) -> Scores:
@@ -61,13 +77,14 @@ def concat_scores(parts: list[Scores], attrs: dict) -> Scores:
         np.concatenate([p.doc for p in parts]),
         np.concatenate([p.pos for p in parts]),
         attrs,
+        **{name: (np.concatenate([getattr(p, name) for p in parts])
+                  if all(getattr(p, name) is not None for p in parts) else None) for name in OPTIONAL},
     )
 
 
 def save_scores(path: str, scores: Scores) -> None:
-    """Write scores to HDF5 atomically (temp file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
+    """Write scores to HDF5 atomically (temp file, then rename); a failed write leaves nothing behind."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = SCORES_FORMAT
         for key, value in scores.attrs.items():
             f.attrs[key] = "" if value is None else value
@@ -78,20 +95,29 @@ def save_scores(path: str, scores: Scores) -> None:
         f.create_dataset("val", data=scores.vals.astype(np.int32), chunks=chunks if len(scores) else None)
         f.create_dataset("doc", data=scores.doc.astype(np.int32))
         f.create_dataset("pos", data=scores.pos.astype(np.int32))
-    os.replace(tmp, path)
+        for name, (dataset, dtype) in _OPTIONAL_DATASETS.items():
+            if getattr(scores, name) is not None:
+                f.create_dataset(dataset, data=np.asarray(getattr(scores, name)).astype(dtype))
 
 
 def load_scores(path: str) -> Scores:
-    """Read scores written by save_scores."""
+    """Read scores written by save_scores; queries come back as float32 (they were stored as fp16)."""
+    again = "write it again with `knnlm eval --save-scores` (the dev-scores.h5 cache of tune-lambda rebuilds itself)"
     try:
         with h5py.File(path, "r") as f:
-            if int(f.attrs.get("format", -1)) != SCORES_FORMAT:
-                raise KNNLMError(f"{path} is not a knnlm scores file of format {SCORES_FORMAT}; "
-                                 "write it again with `knnlm eval --save-scores`.")
+            fmt = int(f.attrs.get("format", -1))
+            if fmt != SCORES_FORMAT:
+                old = f" (it has format {fmt}, made by an older knnlm, and lacks the gate's features)" \
+                    if 0 < fmt < SCORES_FORMAT else ""
+                raise KNNLMError(f"{path} is not a knnlm scores file of format {SCORES_FORMAT}{old}; {again}.")
+            missing = [name for name in _REQUIRED if name not in f]
+            if missing:
+                raise KNNLMError(f"Scores file {path} lacks the dataset(s) {', '.join(missing)}; {again}.")
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-            return Scores(
-                f["target"][:], f["lm_logprob"][:], f["dist"][:], f["val"][:],
-                f["doc"][:], f["pos"][:], attrs,
-            )
+            extra = {name: (f[dataset][:] if dataset in f else None)
+                     for name, (dataset, _dtype) in _OPTIONAL_DATASETS.items()}
+            if extra["queries"] is not None:
+                extra["queries"] = extra["queries"].astype(np.float32)
+            return Scores(*(f[name][:] for name in _REQUIRED), attrs, **extra)
     except OSError as e:
         raise KNNLMError(f"Cannot read scores file {path} ({e}); write it with `knnlm eval --save-scores`.") from e

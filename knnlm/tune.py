@@ -1,15 +1,16 @@
-"""Tune λ and the temperature T from cached scores (`knnlm tune-lambda`), without re-running the LM.
+"""Fit every mixing policy from cached scores (`knnlm tune-lambda`), without re-running the LM.
 
 A grid search minimises the NLL of p = λ·p_kNN + (1−λ)·p_LM: a coarse (T, λ) grid, then a fine
 grid around its best T, T on a log scale. Optionally a similarity-adaptive λ (Drozdov et al. 2022):
 one λ per quantile bin of the distance to the nearest neighbour. Overfitting is measured, not
 assumed: everything is also fitted on a seeded random share of the tokens and scored on the rest.
 What is stored in lambda.json is fitted on all the tokens; the held-out figures ride along.
+The learned gates (λ from features, before and after retrieval), the skip threshold and SPALM's
+gate are fitted the same way (knnlm.combine holds the policies and their maths).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -17,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import write_json
+from .combine import LAMBDA_FORMAT
+from .combine.features import POST_FEATURES, PRE_FEATURES, post_features, pre_features
+from .combine.gate import GateConfig, fit_gate, gate_tensors
+from .combine.policies import _lm_view
+from .combine.spalm import fit_spalm, nll_grid, spalm_target_log_probs
 from .errors import KNNLMError
 from .interpolate import adaptive_lambdas, interpolate, knn_log_prob, perplexity
 from .scores import Scores
 
 log = logging.getLogger(__name__)
-
-LAMBDA_FORMAT = 1
-LAMBDA_FILE = "lambda.json"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class TuneConfig:
     min_bin_tokens: int = 100  # a bin with fewer tuning tokens is merged into a neighbour
     heldout_fraction: float = 0.5  # share of the tokens held out to measure the fit honestly
     seed: int = 0  # seeds the random fit / held-out split of the tokens
+    gate: bool = True  # fit the learned λ gates (before and after retrieval); needs scores with queries
+    gate_config: GateConfig = GateConfig()  # the gates' shape and training
+    skip: bool = True  # pick the skip threshold of the before-retrieval gate (needs gate)
+    skip_tolerance: float = 0.01  # the largest threshold keeping perplexity within this share of no skipping
+    spalm: bool = True  # fit SPALM's gate; needs scores with queries and the model's output projection
+    spalm_grid: int = 17  # gate values at which SPALM's per-token loss is tabulated for training
 
     def __post_init__(self):
         t, lam = np.asarray(self.temperatures, float), np.asarray(self.lambdas, float)
@@ -58,35 +66,13 @@ class TuneConfig:
         if self.bins < 1 or self.fine_steps < 1 or self.min_bin_tokens < 0:
             raise KNNLMError("bins and fine_steps must be at least 1 and min_bin_tokens not negative; "
                              "pass e.g. --bins 32.")
+        if self.skip and not self.gate:
+            raise KNNLMError("The skip threshold needs the learned gate; pass --no-skip with --no-gate.")
+        if not self.skip_tolerance >= 0 or self.spalm_grid < 2:
+            raise KNNLMError("--skip-tolerance must be ≥ 0 and the SPALM grid at least 2 points.")
         if not 0 < self.heldout_fraction < 1:
             raise KNNLMError(f"The held-out fraction must lie strictly between 0 and 1, not "
                              f"{self.heldout_fraction}; pass e.g. 0.5.")
-
-
-@dataclass(frozen=True)
-class LambdaChoice:
-    """How eval picks λ: a fixed number, the tuned fixed λ, or the tuned adaptive schedule."""
-
-    kind: str  # "fixed" (a number given), "tuned" (lambda.json's λ) or "adaptive" (its schedule)
-    lam: float | None  # the one λ for "fixed" and "tuned"; None for "adaptive"
-    edges: tuple[float, ...] | None  # inner nn-distance bin edges, "adaptive" only
-    lambdas: tuple[float, ...] | None  # λ per bin (len(edges) + 1), "adaptive" only
-    temperature: float | None  # T tuned along with this λ; None when λ was given as a number
-    source: str  # where λ came from, for reports
-
-    def lambdas_for(self, nn_dist: np.ndarray) -> np.ndarray:
-        """λ per token.
-
-        Args:
-            nn_dist: (n,) distance of each token to its nearest neighbour (inf if none).
-
-        Returns:
-            (n,) float64 λ of each token.
-        """
-        nn_dist = np.asarray(nn_dist)
-        if self.kind == "adaptive":
-            return adaptive_lambdas(nn_dist, np.asarray(self.edges, float), np.asarray(self.lambdas, float))
-        return np.full(nn_dist.shape, float(self.lam))
 
 
 class _KnnCache:
@@ -253,16 +239,89 @@ def _jsonable(value):
     return str(value)
 
 
-def tune(scores: Scores, cfg: TuneConfig = TuneConfig(), description: str = "") -> dict:
-    """Fit λ and T (and the adaptive schedule) on all the tokens, and measure the fit on held-out ones.
+class _Mixing:
+    """Everything the gates and SPALM are fitted from, computed once for all the tokens."""
+
+    def __init__(self, scores: Scores, cache: _KnnCache, cfg: TuneConfig, head):
+        lm = _lm_view(scores)  # refuses scores without queries in one sentence
+        self.scores, self.cache, self.cfg, self.head = scores, cache, cfg, head
+        self.keys = np.asarray(scores.queries, np.float32)  # (n, d)
+        self.pre = pre_features(self.keys, lm)  # (n, F_pre)
+        self.lm_stats, self._post = lm, {}
+        self.table = None
+        if cfg.spalm:
+            if head is None:
+                raise KNNLMError("Fitting SPALM needs the model's output projection; pass the LM (or --no-spalm).")
+            log.info("Tabulating SPALM's loss at %d gate values for %d tokens", cfg.spalm_grid, len(scores))
+            self.grid = np.linspace(0.0, 1.0, cfg.spalm_grid)
+            self.table = nll_grid(self.keys, scores.vals, scores.targets, head, self.grid)  # (n, G)
+
+    def post(self, t: float) -> np.ndarray:
+        """(n, F_post) after-retrieval features at temperature t."""
+        if t not in self._post:
+            s = self.scores
+            self._post[t] = post_features(self.keys, self.lm_stats, s.dists, s.vals, t)
+        return self._post[t]
+
+    def fit(self, idx: np.ndarray, t: float) -> dict:
+        """Gates (pre, post), the skip threshold and SPALM's gate fitted on tokens idx only."""
+        cfg, out = self.cfg, {}
+        lm, knn = self.cache.lm[idx], self.cache(t)[idx]
+        if cfg.gate:
+            g = cfg.gate_config
+            out["pre"] = fit_gate(self.pre[idx], self.keys[idx], lm, knn, g)
+            out["post"] = fit_gate(self.post(t)[idx], self.keys[idx], lm, knn, g)
+            if cfg.skip:
+                out["skip_below"] = pick_skip_threshold(self.lambdas(out, idx, t), lm, knn, cfg.skip_tolerance)
+        if self.table is not None:
+            out["spalm"] = fit_spalm(self.keys[idx], self.table[idx], cfg.gate_config)
+        return out
+
+    def lambdas(self, fitted: dict, idx: np.ndarray, t: float) -> dict:
+        """λ of the pre and post gates on tokens idx."""
+        return {"pre": fitted["pre"].lambdas(self.pre[idx], self.keys[idx]),
+                "post": fitted["post"].lambdas(self.post(t)[idx], self.keys[idx])}
+
+
+def skip_curve(lams: dict, lm: np.ndarray, knn: np.ndarray, shares=np.arange(0.0, 1.0, 0.05)) -> list[dict]:
+    """Perplexity when the tokens of lowest pre-gate λ skip the search (λ = 0), at several skipped shares.
+
+    The thresholds are quantiles of the pre-gate λ; searched tokens take the post gate's λ.
+    Returns [{"threshold", "skipped", "ppl"}], threshold 0 first (nothing skipped).
+    """
+    out = []
+    for share in shares:
+        x = 0.0 if share == 0 else float(np.quantile(lams["pre"], share))
+        keep = lams["pre"] >= x
+        out.append({"threshold": x, "skipped": float(1 - keep.mean()),
+                    "ppl": perplexity(interpolate(lm, knn, np.where(keep, lams["post"], 0.0)))})
+    return out
+
+
+def pick_skip_threshold(lams: dict, lm: np.ndarray, knn: np.ndarray, tolerance: float) -> float:
+    """The largest threshold on the curve whose perplexity stays within tolerance of no skipping."""
+    curve = skip_curve(lams, lm, knn)
+    ok = [c["threshold"] for c in curve if c["ppl"] <= curve[0]["ppl"] * (1 + tolerance)]
+    return max(ok)
+
+
+def tune(scores: Scores, cfg: TuneConfig = TuneConfig(), description: str = "", head=None) -> dict:
+    """Fit every mixing policy on all the tokens, and measure each fit on held-out ones.
+
+    Fixed λ and T, the adaptive schedule, the learned gates (before and after retrieval), the skip
+    threshold and SPALM's gate are each fitted on one share of the tokens and measured on the rest,
+    then fitted again on all of them for storing.
 
     Args:
-        scores: per-token LM log-probs and neighbours of the tuning text.
-        cfg: grids, adaptive settings and the held-out split.
+        scores: per-token LM log-probs and neighbours of the tuning text (with queries and LM
+            statistics for the gate and SPALM).
+        cfg: grids, which policies to fit, and the held-out split.
         description: what the tokens are, e.g. "dev part of datastore, 4213 tokens".
+        head: the model's output projection (lm_head), needed for SPALM.
 
     Returns:
-        The content of lambda.json (see save_lambda).
+        The content of lambda.json, plus "tensors": the gates' weights that save_lambda writes to
+        mixing.safetensors (absent when no gate was fitted).
     """
     cache = _KnnCache(scores)
     fit, held = split_tokens(len(scores), cfg.heldout_fraction, cfg.seed)
@@ -273,101 +332,76 @@ def tune(scores: Scores, cfg: TuneConfig = TuneConfig(), description: str = "") 
                "base_ppl": perplexity(lm_h),
                "fixed_ppl": perplexity(interpolate(lm_h, cache(t_h)[held], lam_h)),
                "adaptive_ppl": None, "fixed": {"lambda": lam_h, "temperature": t_h}, "adaptive": None}
+    t_gate_h = t_h
     if cfg.adaptive:
         ada_h = _fit_adaptive(cache, fit, cfg)
         lams = adaptive_lambdas(nn_h, np.asarray(ada_h["edges"]), np.asarray(ada_h["lambdas"]))
         heldout["adaptive_ppl"] = perplexity(interpolate(lm_h, cache(ada_h["temperature"])[held], lams))
         heldout["adaptive"] = {"temperature": ada_h["temperature"], "lambdas": ada_h["lambdas"]}
+        t_gate_h = ada_h["temperature"]
+    mixing = _Mixing(scores, cache, cfg, head) if (cfg.gate or cfg.spalm) else None
+    if mixing is not None:
+        heldout.update(_measure_mixing(mixing, mixing.fit(fit, t_gate_h), held, t_gate_h))
     log.info("Fitting on all %d tokens", len(scores))
     everything = np.arange(len(scores))
     lam, t, nll = _fit_fixed(cache, everything, cfg)
-    return {
+    ada = _fit_adaptive(cache, everything, cfg) if cfg.adaptive else None
+    result = {
         "format": LAMBDA_FORMAT,
         "lambda": lam,
         "temperature": t,
         "nll": nll,
-        "adaptive": _fit_adaptive(cache, everything, cfg) if cfg.adaptive else None,
+        "adaptive": ada,
+        "gate": None,
+        "spalm": None,
         "heldout": heldout,
         "tuned_on": {"description": description, "tokens": len(scores), "attrs": _jsonable(scores.attrs)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": _jsonable(asdict(cfg)),
     }
+    if mixing is not None:
+        t_gate = ada["temperature"] if ada else t
+        fitted = mixing.fit(everything, t_gate)
+        tensors = {}
+        if cfg.gate:
+            shares = mixing.lambdas(fitted, everything, t_gate)["pre"]
+            result["gate"] = {
+                "temperature": t_gate,
+                "pre": {"features": list(PRE_FEATURES), "shape": fitted["pre"].shape},
+                "post": {"features": list(POST_FEATURES), "shape": fitted["post"].shape},
+                "skip_below": fitted.get("skip_below"),
+                "skipped_share": float(np.mean(shares < fitted["skip_below"])) if cfg.skip else None,
+            }
+            tensors.update(gate_tensors(fitted["pre"], "gate.pre"))
+            tensors.update(gate_tensors(fitted["post"], "gate.post"))
+        if "spalm" in fitted:
+            result["spalm"] = {"dim": int(mixing.keys.shape[1]), "grid": cfg.spalm_grid}
+            tensors.update({f"spalm.{k}": v for k, v in fitted["spalm"].state_dict().items()})
+        result["tensors"] = tensors
+    return result
 
 
-def save_lambda(datastore_dir, result: dict) -> Path:
-    """Write result to DATASTORE/lambda.json atomically (temp file, then rename); returns its path."""
-    directory = Path(datastore_dir)
-    if not directory.is_dir():
-        raise KNNLMError(f"Datastore directory {directory} does not exist; pass the directory of a built datastore.")
-    path = directory / LAMBDA_FILE
-    write_json(path, result)
-    return path
-
-
-def load_lambda(datastore_dir) -> dict | None:
-    """The content of DATASTORE/lambda.json, or None if it was never tuned."""
-    path = Path(datastore_dir) / LAMBDA_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise KNNLMError(f"Cannot read {path} ({e}); run `knnlm tune-lambda` again.") from e
-    if not isinstance(data, dict) or data.get("format") != LAMBDA_FORMAT:
-        raise KNNLMError(f"{path} is not a knnlm λ file of format {LAMBDA_FORMAT}; run `knnlm tune-lambda` again.")
-    return data
-
-
-def resolve_lambda(spec: str, datastore_dir) -> LambdaChoice:
-    """Turn a --lambda value into a LambdaChoice.
-
-    Args:
-        spec: "tuned", "adaptive" (both read DATASTORE/lambda.json) or a number in [0, 1].
-        datastore_dir: the datastore directory (only read for "tuned" and "adaptive").
-
-    Returns:
-        The LambdaChoice; its temperature is the tuned T, or None for a number.
-
-    Raises:
-        KNNLMError: unparsable or out-of-range number, or no lambda.json / no adaptive schedule.
-    """
-    word = str(spec).strip().lower()
-    if word not in ("tuned", "adaptive"):
-        try:
-            lam = float(word)
-        except ValueError:
-            raise KNNLMError(f"--lambda must be a number in [0, 1], 'tuned' or 'adaptive', not {spec!r}; "
-                             "pass e.g. --lambda 0.25.") from None
-        if not 0.0 <= lam <= 1.0:  # also refuses nan
-            raise KNNLMError(f"--lambda {spec} is outside [0, 1]; pass a number in [0, 1], e.g. --lambda 0.25.")
-        return LambdaChoice("fixed", lam, None, None, None, f"--lambda {spec}")
-    data = load_lambda(datastore_dir) if datastore_dir is not None else None
-    if data is None:
-        raise KNNLMError(f"Datastore {datastore_dir} has no tuned λ (no {LAMBDA_FILE}); run `knnlm tune-lambda` "
-                         "first or pass a number, e.g. --lambda 0.25.")
-    path = Path(datastore_dir) / LAMBDA_FILE
-    if word == "tuned":
-        return LambdaChoice("tuned", float(data["lambda"]), None, None, float(data["temperature"]),
-                            f"{path} (λ {data['lambda']:.4g}, tuned {data.get('created', '')})")
-    ada = data.get("adaptive")
-    if not ada:
-        raise KNNLMError(f"{path} has no adaptive schedule (tuned with --no-adaptive); run `knnlm tune-lambda "
-                         "--adaptive` or pass --lambda tuned.")
-    return LambdaChoice("adaptive", None, tuple(map(float, ada["edges"])), tuple(map(float, ada["lambdas"])),
-                        float(ada["temperature"]),
-                        f"{path} (adaptive, {len(ada['lambdas'])} bins, tuned {data.get('created', '')})")
-
-
-def pick_temperature(given: float | None, datastore_dir, choice: LambdaChoice | None = None) -> float:
-    """T of p_kNN: the one given, else the one tuned with the chosen λ, else lambda.json's, else 1."""
-    if given is not None:
-        if not given > 0:
-            raise KNNLMError(f"--temperature {given} must be positive; pass e.g. --temperature 1.")
-        return float(given)
-    if choice is not None and choice.temperature:
-        return float(choice.temperature)
-    tuned = (load_lambda(datastore_dir) or {}) if datastore_dir is not None else {}
-    return float(tuned.get("temperature") or 1.0)
+def _measure_mixing(mixing: _Mixing, fitted: dict, held: np.ndarray, t: float) -> dict:
+    """Held-out figures of gates, skipping and SPALM fitted on the other tokens."""
+    out: dict = {"gate_temperature": t}
+    lm, knn = mixing.cache.lm[held], mixing.cache(t)[held]
+    if "pre" in fitted:
+        lams = mixing.lambdas(fitted, held, t)
+        out["gate_pre_ppl"] = perplexity(interpolate(lm, knn, lams["pre"]))
+        out["gate_ppl"] = perplexity(interpolate(lm, knn, lams["post"]))
+        if "skip_below" in fitted:
+            x = fitted["skip_below"]
+            keep = lams["pre"] >= x
+            out["skip"] = {"threshold": x, "skipped": float(1 - keep.mean()),
+                           "ppl": perplexity(interpolate(lm, knn, np.where(keep, lams["post"], 0.0)))}
+            out["skip_curve"] = skip_curve(lams, lm, knn)
+    if "spalm" in fitted:
+        s = mixing.scores
+        logp, g = spalm_target_log_probs(mixing.keys[held], s.vals[held], s.targets[held], mixing.head,
+                                         fitted["spalm"])
+        out["spalm_ppl"] = perplexity(logp)
+        out["spalm_mean_gate"] = float(np.mean(g))
+    return out
 
 
 def heldout_curves(scores: Scores, cfg: TuneConfig = TuneConfig(), temperatures=None, lambdas=None) -> dict:
@@ -447,6 +481,17 @@ def format_table(result: dict) -> str:
         lams = h["adaptive"]["lambdas"]
         lines.append(f"{'adaptive (' + str(len(lams)) + ' bins)':<22}{f'{min(lams):.2f}-{max(lams):.2f}':>14}"
                      f"{h['adaptive']['temperature']:>9.3g}{h['adaptive_ppl']:>15.3f}")
+    tg = h.get("gate_temperature")
+    if h.get("gate_ppl") is not None:
+        lines.append(f"{'gate, before search':<22}{'learned':>14}{tg:>9.3g}{h['gate_pre_ppl']:>15.3f}")
+        lines.append(f"{'gate, after search':<22}{'learned':>14}{tg:>9.3g}{h['gate_ppl']:>15.3f}")
+    if h.get("skip") is not None:
+        sk = h["skip"]
+        name, rule = f"gate + skip {100 * sk['skipped']:.0f}%", f"skip < {sk['threshold']:.3f}"
+        lines.append(f"{name:<22}{rule:>14}{tg:>9.3g}{sk['ppl']:>15.3f}")
+    if h.get("spalm_ppl") is not None:
+        gate = f"mean g {h['spalm_mean_gate']:.2f}"
+        lines.append(f"{'SPALM':<22}{gate:>14}{'-':>9}{h['spalm_ppl']:>15.3f}")
     stored = f"stored (all tokens): λ {result['lambda']:.3f}, T {result['temperature']:.3g}"
     if ada:
         stored += f"; adaptive {len(ada['lambdas'])} bins, λ {min(ada['lambdas']):.2f}-{max(ada['lambdas']):.2f}, " \

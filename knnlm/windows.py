@@ -1,13 +1,17 @@
-"""Sliding windows over a document and batching them: shared by building and evaluation."""
+"""Sliding windows over a document, batched forward passes over them: shared by building and evaluation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from .errors import KNNLMError
+
+if TYPE_CHECKING:
+    from .lm import LM
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,8 @@ def check_window(context: int, stride: int, max_positions: int | None = None) ->
 def plan_windows(doc: int, n_tokens: int, context: int, stride: int) -> list[Window]:
     """Windows of up to `context` tokens advancing by `stride`; every position with a next token is owned once.
 
-    A position owned by a later window sees at least context − stride tokens before it.
+    A position owned by a later window sees at least context − stride tokens before it. Every window
+    owns at least one position: planning stops once position n_tokens − 2 is owned.
     """
     out: list[Window] = []
     if n_tokens < 2:
@@ -45,8 +50,9 @@ def plan_windows(doc: int, n_tokens: int, context: int, stride: int) -> list[Win
     begin, prev_end = 0, 0
     while True:
         end = min(begin + context, n_tokens)
-        out.append(Window(doc, len(out), begin, end, prev_end, min(end, n_tokens - 1)))
-        if end >= n_tokens:
+        own_to = min(end, n_tokens - 1)
+        out.append(Window(doc, len(out), begin, end, prev_end, own_to))
+        if own_to >= n_tokens - 1:
             return out
         prev_end, begin = end, begin + stride
 
@@ -66,3 +72,40 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first, to waste little on padding."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class Owned:
+    """One window's owned rows of a forward pass."""
+
+    item: int  # index into the given work list
+    window: Window
+    keys: torch.Tensor  # (n, d) float32: the lm_head inputs of the window's owned positions
+    logits: torch.Tensor | None  # (n, V) float32 logits of those positions, None when logits=False
+
+
+def forward_owned(lm: LM, work: list[tuple[Window, list[int]]], batch_size: int,
+                  logits: bool) -> Iterator[list[Owned]]:
+    """Length-batched forward passes over windows (token ids of [begin, end)); yields, per batch, each window's owned rows.
+
+    Args:
+        lm: the model.
+        work: (window, token ids of the window's [begin, end)) pairs.
+        batch_size: windows per forward pass.
+        logits: also compute the logits (else only keys: the output projection is skipped).
+
+    Yields:
+        Per forward pass, an Owned per window in it (in batch order; `item` says which work entry). Rows
+        are views of the batch's output, on the model's device: rows [own_from − begin, own_to − begin).
+    """
+    if batch_size < 1:
+        raise KNNLMError(f"--batch-size {batch_size} must be at least 1 window per forward pass.")
+    for batch in length_batches([len(ids) for _w, ids in work], batch_size):
+        ids, mask = pad_batch([work[i][1] for i in batch])
+        keys, out = lm.forward(ids, mask, logits=logits)  # (B, T, d), (B, T, V) or None
+        owned = []
+        for j, i in enumerate(batch):
+            w = work[i][0]
+            lo, hi = w.own_from - w.begin, w.own_to - w.begin
+            owned.append(Owned(i, w, keys[j, lo:hi], None if out is None else out[j, lo:hi]))
+        yield owned

@@ -171,7 +171,7 @@ def test_python_dash_m():
 
 
 def test_tune_then_eval_tuned_and_adaptive(built, tmp_path):
-    _one_sentence_error(run("eval", "--lambda", "adaptive"), "no tuned λ", "tune-lambda")
+    _one_sentence_error(run("eval", "--lambda", "adaptive"), "never tuned (no lambda.json)", "tune-lambda")
     r = run("tune-lambda", "--k", 32, "--bins", 4, "--min-bin-tokens", 20, "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)

@@ -59,9 +59,33 @@ def test_lambda_zero_is_exactly_the_lm(store, tiny_lm):
 
 
 def test_lambda_one_is_the_knn_alone(store, tiny_lm):
-    r, _ = run_eval(store, cfg=EvalConfig(lam="1", temperature=5.0, retrieval=RetrievalConfig(k=64, exact=True)),
-                    lm=tiny_lm)
-    assert r["knn_lm_ppl"] == pytest.approx(r["knn_only_ppl"], rel=1e-12)
+    # k = every key: each target the datastore holds at all is among the neighbours, so the figure is finite.
+    (_, text), = store.heldout("test")[:1]
+    ids, stored = tiny_lm.encode(text), set(np.load(store.path / "vals.npy").tolist())
+    # Four windows of held-out text whose next tokens all occur in the datastore: a finite kNN-only figure.
+    start = next(i for i in range(len(ids)) if set(ids[i + 1: i + 4 * CTX]) <= stored)
+    text = tiny_lm.decode(ids[start: start + 4 * CTX])
+    ids = tiny_lm.encode(text)
+    assert len(ids) > 3 * CTX and set(ids[1:]) <= stored
+    temp, n_keys = 5.0, store.count
+    r, _ = run_eval(store, cfg=EvalConfig(lam="1", temperature=temp, retrieval=RetrievalConfig(k=n_keys, exact=True)),
+                    lm=tiny_lm, documents=[("t", text)])
+    # Reference: queries from each position's window (as _reference_nll groups them), p_kNN over all keys.
+    keys = np.load(store.path / "keys.npy").astype(np.float64)  # (N, d)
+    vals = np.load(store.path / "vals.npy")  # (N,)
+    logp = []
+    for p in range(len(ids) - 1):
+        b = 0 if p < CTX else ((p - CTX) // STRIDE + 1) * STRIDE
+        x = torch.tensor([ids[b: p + 1]])
+        q = tiny_lm.forward(x, torch.ones_like(x), logits=False)[0][0, -1].double().numpy()  # (d,)
+        z = -((keys - q) ** 2).sum(1) / temp  # (N,) log weights, unnormalised
+        hit = z[vals == ids[p + 1]]
+        logp.append(hit.max() + np.log(np.exp(hit - hit.max()).sum()) - z.max() - np.log(np.exp(z - z.max()).sum()))
+    ref = math.exp(-np.mean(logp))
+    assert math.isfinite(ref) and r["tokens"] == len(ids) - 1
+    assert r["knn_only_ppl"] == pytest.approx(ref, rel=1e-4)
+    assert r["knn_lm_ppl"] == pytest.approx(ref, rel=1e-4)
+    assert r["knn_lm_ppl"] != pytest.approx(r["lm_ppl"], rel=1e-2)
 
 
 def test_knn_probability_matches_brute_force(store, tiny_lm):
@@ -98,6 +122,7 @@ def test_own_text_drives_knn_perplexity_to_one(tiny_lm, tiny_model_dir, corpus_d
     assert r["target_in_neighbors"] == 1.0
 
 
+@pytest.mark.slow  # builds an IVF-PQ index over the whole corpus
 def test_ivfpq_with_rerank_is_close_to_exact(tiny_lm, tiny_model_dir, corpus_dir):
     cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.15, glob="*.txt")
     ds = build_datastore(str(corpus_dir), "big", cfg, lm=tiny_lm)

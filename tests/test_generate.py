@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import LogitsProcessorList
 
 from knnlm.api import KNNLM
 from knnlm.build import BuildConfig, build_datastore
@@ -102,6 +103,66 @@ def test_sampling_is_seeded(store, tiny_lm):
     assert a.tokens == b.tokens and len(a.tokens) == 15 and c.tokens != a.tokens
 
 
+def test_sampling_leaves_the_callers_rng_alone(store, tiny_lm):
+    retriever = Retriever(store, RetrievalConfig(k=32, exact=True))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=10, sample=True, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # and the draws do not depend on it
+    b = generate(tiny_lm, "import os\n", retriever, lam=0.5, temperature=1.0, max_new_tokens=10, sample=True, seed=3)
+    assert a.tokens == b.tokens
+
+
+def _reencodable_prefix(lm, ids: list[int], at_least: int) -> int:
+    """The first n >= at_least whose prefix ids[:n] survives decode → encode unchanged."""
+    return next(n for n in range(at_least, at_least + 40) if lm.encode(lm.decode(ids[:n])) == ids[:n])
+
+
+def _window_begin_reference(p: int, context: int, stride: int) -> int:
+    """Begin of the window owning position p: the first window, else the first begin with p < begin + context."""
+    return 0 if p < context else ((p - context) // stride + 1) * stride
+
+
+@pytest.mark.parametrize("prompt_tokens", [20, 2 * CTX + 5])  # ends in the first window; starts past it
+def test_generation_queries_are_the_stored_keys(store, tiny_lm, corpus_dir, monkeypatch, prompt_tokens):
+    text, start = _stored_document(store, corpus_dir)
+    ids = tiny_lm.encode(text)
+    n, new = _reencodable_prefix(tiny_lm, ids, prompt_tokens), 3 * CTX
+    assert n + new < store.documents[0][2]
+    steps = []  # (position of the query, nearest row, its distance), one per step
+    call = KNNLogitsProcessor.__call__
+
+    def recording(self, input_ids, scores):
+        out = call(self, input_ids, scores)
+        steps.append((input_ids.shape[1] - 1, int(self.last["ids"][0, 0]), float(self.last["dists"][0, 0])))
+        return out
+
+    monkeypatch.setattr(KNNLogitsProcessor, "__call__", recording)
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    out = generate(tiny_lm, tiny_lm.decode(ids[:n]), retriever, lam=0.999, temperature=0.01, max_new_tokens=new)
+    assert out.tokens == ids[n: n + new]  # it quotes the document, so positions stay aligned with it
+    assert [p for p, _, _ in steps] == list(range(n - 1, n - 1 + new))
+    for p, row, d in steps:  # every step, past the context too, finds its own stored key
+        assert (row, p) == (start + p, p) and d < 1e-3, (p, d)
+
+
+def test_lm_alone_decodes_in_the_given_windows(store, tiny_lm, corpus_dir):
+    text, _ = _stored_document(store, corpus_dir)
+    ids = tiny_lm.encode(text)
+    n = _reencodable_prefix(tiny_lm, ids, CTX - 10)
+    out = generate(tiny_lm, tiny_lm.decode(ids[:n]), None, max_new_tokens=2 * CTX, window=(CTX, STRIDE))
+    seq = ids[:n] + out.tokens
+    for p in range(n - 1, len(seq) - 1):  # each token is the argmax of a fresh forward over its window
+        b = _window_begin_reference(p, CTX, STRIDE)
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=torch.tensor([seq[b: p + 1]])).logits[0, -1]
+        assert int(logits.argmax()) == seq[p + 1], p
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    with pytest.raises(KNNLMError, match="differ from the datastore"):
+        generate(tiny_lm, "import os", retriever, window=(CTX, STRIDE // 2))
+
+
 def test_neighbors_of_a_stored_position_include_itself(store, tiny_lm, corpus_dir):
     text, start = _stored_document(store, corpus_dir)
     retriever = Retriever(store, RetrievalConfig(k=16, exact=True))
@@ -135,7 +196,11 @@ def test_api_object(store, tiny_lm, corpus_dir):
     assert r0["knn_lm_ppl"] == r0["lm_ppl"]
     r = knn.evaluate([text, text], lam=0.5)
     assert r["tokens"] == 2 * r0["tokens"] and r["lm_ppl"] == pytest.approx(r0["lm_ppl"])
-    assert isinstance(knn.generate("import os\n", max_new_tokens=5), str)
+    x = torch.tensor([tiny_lm.encode("import os\n")])
+    with knn.logits_processor(lam=0.25) as proc, torch.inference_mode():  # transformers' own decoding loop
+        ref = tiny_lm.model.generate(x, attention_mask=torch.ones_like(x), logits_processor=LogitsProcessorList([proc]),
+                                     max_new_tokens=5, do_sample=False, pad_token_id=0)[0, x.shape[1]:].tolist()
+    assert knn.generate("import os\n", max_new_tokens=5) == tiny_lm.tokenizer.decode(ref, skip_special_tokens=True)
     doc, start = _stored_document(store, corpus_dir)
     assert knn.neighbors(doc, position=10, top=3)["neighbors"][0]["row"] == start + 10
     result = knn.tune()
@@ -146,21 +211,33 @@ def test_api_object(store, tiny_lm, corpus_dir):
         assert proc.temperature == pytest.approx(result["temperature"])
 
 
-def test_generate_and_neighbors_commands(store, tiny_model_dir, corpus_dir):
+def test_generate_and_neighbors_commands(store, tiny_lm, tiny_model_dir, corpus_dir):
     run = CliRunner().invoke
     r = run(cli, ["generate", "-d", "ds", "--prompt", "import os\n", "-n", "6", "--exact", "--json", "--compare"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert len(out["tokens"]) == 6 and "lm_text" in out and out["search"] == "exact"
+    ref = generate(tiny_lm, "import os\n", Retriever(store, RetrievalConfig(exact=True)), "0.25", None, 6)
+    assert (out["tokens"], out["text"], out["search"]) == (ref.tokens, ref.text, "exact")
+    x = torch.tensor([tiny_lm.encode("import os\n")])
+    with torch.inference_mode():
+        plain = tiny_lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0)[0, x.shape[1]:]
+    assert out["lm_text"] == tiny_lm.tokenizer.decode(plain, skip_special_tokens=True)
     r = run(cli, ["generate", "-d", "ds", "--prompt", "import os\n", "-n", "4", "--sample", "--seed", "1"])
-    assert r.exit_code == 0 and r.output.startswith("import os\n")
+    drawn = generate(tiny_lm, "import os\n", Retriever(store, RetrievalConfig()), "0.25", None, 4, True, 1)
+    assert r.exit_code == 0 and r.stdout == "import os\n" + drawn.text + "\n"
     doc, start = _stored_document(store, corpus_dir)
     r = run(cli, ["neighbors", "-d", "ds", doc[:300], "--position", "20", "--top", "3", "--json", "--exact"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["neighbors"][0]["row"] == start + 20 and len(out["neighbors"]) == 3
     r = run(cli, ["neighbors", "-d", "ds", doc[:300], "--top", "3"])
-    assert r.exit_code == 0 and "d " in r.output and "@ token" in r.output
+    listed = json.loads(run(cli, ["neighbors", "-d", "ds", doc[:300], "--top", "3", "--json"]).stdout)
+    assert r.exit_code == 0 and listed["position"] == listed["tokens"] - 1
+    lines = [line for line in r.stdout.splitlines() if " @ token " in line]
+    assert len(lines) == 3
+    for line, n in zip(lines, listed["neighbors"]):  # rank, distance and offset of each neighbour, in order
+        assert line.startswith(f"{n['rank']:>3}  d {n['distance']:<9.4g}") and f"@ token {n['offset']}" in line
     r = run(cli, ["neighbors", "-d", "ds", "abc", "--position", "99"])
     assert r.exit_code == 1 and "outside the text" in r.output
     r = run(cli, ["generate", "-d", "ds", "--prompt", "x", "--lambda", "adaptive"])
@@ -187,32 +264,45 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
         seen.update(text=text, cfg=retriever.cfg, position=position, top=top, t=temperature)
         raise Stop
 
+    real_load_lm = api.load_lm
+
+    def recording_load_lm(name, device, trust_remote_code):
+        seen.update(load=(name, device, trust_remote_code))
+        return real_load_lm(name, device, trust_remote_code)
+
     monkeypatch.setattr(cli_generate, "generate", fake_generate)
     monkeypatch.setattr(api, "neighbors", fake_neighbors)
+    monkeypatch.setattr(api, "load_lm", recording_load_lm)
 
     def run(_cli, args, input=None):
         return CliRunner().invoke(_cli, [str(x) for x in args], input=input)
 
     r = run(cli, ["generate", "--datastore", "ds", "--prompt", "-", "--max-new-tokens", 7, "--lambda", "0.7",
                   "--temperature", 3, "--sample", "--seed", 5, "--k", 9, "--nprobe", 2, "--no-rerank", "--exact",
-                  "--model", str(tiny_model_dir), "--device", "cpu"], input="hello")
+                  "--model", str(tiny_model_dir), "--device", "cpu", "--trust-remote-code"], input="hello")
     assert isinstance(r.exception, Stop), r.output
     assert (seen["prompt"], seen["lam"], seen["t"], seen["n"], seen["sample"], seen["seed"]) == \
         ("hello", "0.7", 3.0, 7, True, 5)
     assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 2, False, True)
-    assert seen["lm"] == str(tiny_model_dir)
+    assert seen["lm"] == str(tiny_model_dir) and seen["load"] == (str(tiny_model_dir), "cpu", True)
     r = run(cli, ["neighbors", "-d", "ds", "some text", "--position", -3, "--top", 4, "--temperature", 2,
-                  "--k", 20, "--nprobe", 3, "--exact"])
+                  "--k", 20, "--nprobe", 3, "--exact", "--no-rerank", "--model", tiny_model_dir, "--device", "cpu"])
     assert isinstance(r.exception, Stop), r.output
     assert (seen["text"], seen["position"], seen["top"], seen["t"], seen["cfg"].k, seen["cfg"].nprobe) == \
         ("some text", -3, 4, 2.0, 20, 3)
+    assert (seen["cfg"].exact, seen["cfg"].rerank) == (True, False)
+    assert seen["load"] == (str(tiny_model_dir), "cpu", False)
+    r = run(cli, ["neighbors", "-d", "ds", "some text", "--rerank"])  # the defaults, for contrast
+    assert isinstance(r.exception, Stop), r.output
+    assert (seen["cfg"].exact, seen["cfg"].rerank, seen["cfg"].k) == (False, True, 1000)
+    assert seen["load"] == (str(tiny_model_dir), None, False)  # the datastore's model, default device
 
 
 def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
-    from knnlm.tune import LambdaChoice
+    from knnlm.combine import AdaptiveLambda
 
     retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
-    choice = LambdaChoice("adaptive", None, (1.0,), (0.9, 0.1), None, "test")  # near: 0.9, far: 0.1
+    choice = AdaptiveLambda((1.0,), (0.9, 0.1), 2.0, "test")  # near: 0.9, far: 0.1
     x = torch.tensor([tiny_lm.encode("import os\nimport sys\n")])
     with KNNLogitsProcessor(tiny_lm, retriever, choice, 2.0) as proc:
         with torch.inference_mode():
@@ -226,7 +316,7 @@ def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
         ref = torch.log(lam * knn.exp() + (1 - lam) * torch.softmax(logits.double(), -1))
         assert torch.allclose(out, ref, atol=1e-9)
         # A query with no neighbour at all keeps the LM's distribution.
-        proc.retriever = type("Nothing", (), {"neighbors": staticmethod(lambda qq: (
+        proc.retriever = type("Nothing", (), {"k": 8, "neighbors": staticmethod(lambda qq: (
             np.full((1, 8), np.inf, np.float32), np.full((1, 8), -1), np.full((1, 8), -1, np.int32)))})()
         alone = proc.distribution(q, logits)
         assert torch.allclose(alone, torch.log_softmax(logits.double(), -1))

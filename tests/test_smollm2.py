@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the bundled model: `pytest -m 'not slow'` leaves these out
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 
 from knnlm.errors import KNNLMError
-from knnlm.interpolate import adaptive_lambdas, interpolate, knn_log_prob, perplexity
+from knnlm.interpolate import perplexity
 from knnlm.scores import Scores
+from knnlm.combine import FixedLambda, load_lambda, resolve_combiner, save_lambda
 from knnlm.tune import (
-    LambdaChoice, TuneConfig, fit_adaptive, fit_bins, fit_fixed, format_table, heldout_curves, load_lambda,
-    plot_curves, resolve_lambda, save_lambda, split_tokens, tune,
+    TuneConfig, fit_adaptive, fit_bins, fit_fixed, format_table, heldout_curves, plot_curves, split_tokens, tune,
 )
+
+# These synthetic scores carry no queries: the λ policies only (tests/test_combine.py covers the rest).
+LAMBDA_ONLY = dict(gate=False, skip=False, spalm=False)
 
 V = 40  # vocabulary of the synthetic tokens
 
@@ -62,18 +65,52 @@ def split_by_distance():
 @pytest.fixture(scope="module")
 def tuned(split_by_distance):
     """tune() on split_by_distance, 8 bins."""
-    return tune(split_by_distance, TuneConfig(bins=8), description="synthetic, 6000 tokens")
+    return tune(split_by_distance, TuneConfig(bins=8, **LAMBDA_ONLY), description="synthetic, 6000 tokens")
 
 
-def brute_force(scores: Scores, temps: np.ndarray, lams: np.ndarray):
-    """(λ, T, NLL) minimising the NLL over a dense grid, straight from knn_log_prob."""
+def reference_p_knn(scores: Scores, t: float) -> np.ndarray:
+    """(n,) p_kNN(target) from the definition, in plain numpy: Σ_i 1[v_i = y]·softmax_i(−d_i/T)."""
+    d = np.where(scores.vals < 0, np.inf, scores.dists.astype(np.float64))  # (n, k); missing: no weight
+    w = np.exp(-(d - d.min(axis=1, keepdims=True)) / t)
+    w /= w.sum(axis=1, keepdims=True)
+    return (w * (scores.vals == scores.targets[:, None])).sum(axis=1)
+
+
+def reference_nll(scores: Scores, lam, t: float, idx=slice(None)) -> float:
+    """Mean −log(λ·p_kNN + (1−λ)·p_LM) over tokens idx; λ one number or one per token (all n)."""
+    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), (len(scores),))
+    p = lam * reference_p_knn(scores, t) + (1 - lam) * np.exp(scores.lm_logp.astype(np.float64))
+    return float(-np.mean(np.log(p[idx])))
+
+
+def reference_bins(nn: np.ndarray, edges) -> np.ndarray:
+    """Bin of each distance: how many inner edges lie at or below it (inf: the last bin)."""
+    return (np.asarray(nn, dtype=np.float64)[:, None] >= np.asarray(edges, dtype=np.float64)[None, :]).sum(axis=1)
+
+
+def brute_force(scores: Scores, temps: np.ndarray, lams: np.ndarray, idx=slice(None)):
+    """(λ, T, NLL) minimising the mean NLL of tokens idx over a dense (T, λ) grid, in plain numpy."""
     best = (np.inf, None, None)
+    p_lm = np.exp(scores.lm_logp.astype(np.float64))[idx]
     for t in temps:
-        knn = knn_log_prob(scores.dists, scores.vals, scores.targets, t)
-        nll = -interpolate(scores.lm_logp[None], knn[None], lams[:, None]).mean(axis=1)
+        p_knn = reference_p_knn(scores, t)[idx]
+        nll = -np.log(lams[:, None] * p_knn[None] + (1 - lams[:, None]) * p_lm[None]).mean(axis=1)  # (L,)
         j = int(np.argmin(nll))
         best = min(best, (float(nll[j]), float(lams[j]), float(t)))
     return best[1], best[2], best[0]
+
+
+def check_bins_optimal(scores: Scores, edges, lambdas, t: float, idx: np.ndarray, step: float = 0.0125):
+    """Each bin's λ is, within the tuner's fine λ step, the best λ for the bin's tokens idx at T (dense scan)."""
+    bins = reference_bins(scores.nn_dist[idx], edges)
+    assert len(lambdas) == len(edges) + 1
+    dense = np.linspace(0, 0.99, 496)  # step 0.002
+    for b, lam in enumerate(lambdas):
+        mine = idx[bins == b]
+        assert mine.size > 0
+        best, _, _ = brute_force(scores, [t], dense, mine)
+        # The NLL is convex in λ: the best point of a grid with step h lies within h of the optimum.
+        assert abs(lam - best) <= step + 0.002, (b, lam, best)
 
 
 @pytest.mark.parametrize("data,lam_true,t_true", [("known", 0.3, 10.0), ("off_grid", 0.37, 30.0)])
@@ -89,11 +126,13 @@ def test_grid_finds_the_true_optimum(request, data, lam_true, t_true):
     assert b_nll - 1e-4 <= nll <= b_nll + 1e-4
     assert abs(lam - b_lam) <= 0.0125 + 0.005
     assert abs(np.log(t / b_t)) <= np.log(10) / 12 + 0.058
-    assert nll == -np.mean(interpolate(scores.lm_logp, knn_log_prob(scores.dists, scores.vals, scores.targets, t), lam))
+    assert nll == pytest.approx(reference_nll(scores, lam, t), rel=1e-9)
 
 
 def test_adaptive_with_one_bin_is_the_fixed_lambda(known):
     lam, t, nll = fit_fixed(known)
+    assert nll == pytest.approx(reference_nll(known, lam, t), rel=1e-9)
+    check_bins_optimal(known, [], [lam], t, np.arange(len(known)))
     for cfg in (TuneConfig(bins=1), TuneConfig(bins=8, min_bin_tokens=len(known) + 1)):
         sched = fit_adaptive(known, cfg)
         assert sched["edges"] == [] and sched["lambdas"] == [lam]
@@ -120,7 +159,7 @@ def test_heldout_tokens_never_reach_the_fit(split_by_distance, tuned):
     lm[held] = np.log(rng.uniform(1e-4, 1, held.size))
     dists[held] = np.sort(rng.uniform(0, 500, (held.size, dists.shape[1])), axis=1)
     vals[held] = rng.integers(0, V, (held.size, vals.shape[1]))
-    other = tune(Scores(s.targets, lm, dists, vals, s.doc, s.pos, s.attrs), TuneConfig(bins=8))
+    other = tune(Scores(s.targets, lm, dists, vals, s.doc, s.pos, s.attrs), TuneConfig(bins=8, **LAMBDA_ONLY))
     assert other["heldout"]["fixed"] == tuned["heldout"]["fixed"]
     assert other["heldout"]["adaptive"] == tuned["heldout"]["adaptive"]
     assert other["heldout"]["fixed_ppl"] != tuned["heldout"]["fixed_ppl"]
@@ -129,33 +168,39 @@ def test_heldout_tokens_never_reach_the_fit(split_by_distance, tuned):
 
 
 def test_heldout_figures_match_a_reference(split_by_distance, tuned):
-    s, h, cfg = split_by_distance, tuned["heldout"], TuneConfig(bins=8)
+    s, h, cfg = split_by_distance, tuned["heldout"], TuneConfig(bins=8, **LAMBDA_ONLY)
     fit, held = split_tokens(len(s), cfg.heldout_fraction, cfg.seed)
-    lam, t, _ = fit_fixed(s.subset(fit), cfg)
-    sched = fit_adaptive(s.subset(fit), cfg)
-    assert h["fixed"] == {"lambda": lam, "temperature": t}
-    assert h["adaptive"] == {"temperature": sched["temperature"], "lambdas": sched["lambdas"]}
-    knn = knn_log_prob(s.dists, s.vals, s.targets, t)[held]
-    assert h["fixed_ppl"] == pytest.approx(perplexity(interpolate(s.lm_logp[held], knn, lam)), rel=1e-12)
-    knn = knn_log_prob(s.dists, s.vals, s.targets, sched["temperature"])[held]
-    lams = adaptive_lambdas(s.nn_dist[held], np.array(sched["edges"]), np.array(sched["lambdas"]))
-    assert h["adaptive_ppl"] == pytest.approx(perplexity(interpolate(s.lm_logp[held], knn, lams)), rel=1e-12)
-    assert (tuned["lambda"], tuned["temperature"], tuned["nll"]) == fit_fixed(s, cfg)
-    assert tuned["adaptive"] == fit_adaptive(s, cfg)
+    temps, lams = np.geomspace(1, 100, 81), np.linspace(0, 0.99, 496)  # dense scan: log step 0.058, λ step 0.002
+    # Fixed: the (λ, T) fitted on the fit tokens is as good there as a dense scan; its held-out perplexity.
+    lam, t = h["fixed"]["lambda"], h["fixed"]["temperature"]
+    assert reference_nll(s, lam, t, fit) <= brute_force(s, temps, lams, fit)[2] + 1e-4
+    assert h["fixed_ppl"] == pytest.approx(np.exp(reference_nll(s, lam, t, held)), rel=1e-9)
+    # Adaptive: quantile bins of the fit tokens, each λ the best for its bin; its held-out perplexity.
+    edges, t_ada = fit_bins(s.nn_dist[fit], cfg.bins, cfg.min_bin_tokens), h["adaptive"]["temperature"]
+    check_bins_optimal(s, edges, h["adaptive"]["lambdas"], t_ada, fit)
+    per_token = np.asarray(h["adaptive"]["lambdas"])[reference_bins(s.nn_dist, edges)]
+    assert h["adaptive_ppl"] == pytest.approx(np.exp(reference_nll(s, per_token, t_ada, held)), rel=1e-9)
+    # What is stored is fitted on every token, the same way.
+    assert reference_nll(s, tuned["lambda"], tuned["temperature"]) <= brute_force(s, temps, lams)[2] + 1e-4
+    assert tuned["nll"] == pytest.approx(reference_nll(s, tuned["lambda"], tuned["temperature"]), rel=1e-9)
+    ada = tuned["adaptive"]
+    check_bins_optimal(s, ada["edges"], ada["lambdas"], ada["temperature"], np.arange(len(s)))
 
 
 def test_lambda_zero_is_the_lm_and_one_the_knn(known):
     s = Scores(known.targets, known.lm_logp, known.dists, known.vals.copy(), known.doc, known.pos)
     s.vals[:, -1] = s.targets  # every target among its neighbours: kNN-only perplexity is finite
-    cfg = TuneConfig()
+    cfg = TuneConfig(**LAMBDA_ONLY)
     _, held = split_tokens(len(s), cfg.heldout_fraction, cfg.seed)
     curves = heldout_curves(s, cfg, temperatures=[3.0, 30.0], lambdas=[0.0, 0.5, 1.0])
-    assert curves["base_ppl"] == perplexity(s.lm_logp[held])
+    base = float(np.exp(-np.mean(s.lm_logp[held].astype(np.float64))))
+    assert curves["base_ppl"] == pytest.approx(base, rel=1e-12)
     for t, row in zip(curves["temperatures"], curves["ppl"]):
-        assert row[0] == perplexity(s.lm_logp[held])
-        assert row[2] == perplexity(knn_log_prob(s.dists, s.vals, s.targets, t)[held])
+        assert row[0] == curves["base_ppl"]  # λ = 0 is the LM to the last digit
+        assert row[1] == pytest.approx(np.exp(reference_nll(s, 0.5, t, held)), rel=1e-9)
+        assert row[2] == pytest.approx(np.exp(reference_nll(s, 1.0, t, held)), rel=1e-9)
         assert np.isfinite(row[2]) and row[2] != row[0]
-    assert tune(s, TuneConfig(adaptive=False))["heldout"]["base_ppl"] == perplexity(s.lm_logp[held])
+    assert tune(s, TuneConfig(adaptive=False, **LAMBDA_ONLY))["heldout"]["base_ppl"] == perplexity(s.lm_logp[held])
 
 
 def test_tiny_bins_are_merged():
@@ -189,7 +234,7 @@ def test_adaptive_beats_fixed_when_lambda_depends_on_distance(tuned):
 
 def test_result_schema(tuned):
     r = tuned
-    assert r["format"] == 1 and 0 <= r["lambda"] < 1 and r["temperature"] > 0
+    assert r["format"] == 2 and 0 <= r["lambda"] < 1 and r["temperature"] > 0
     assert set(r["adaptive"]) >= {"edges", "lambdas", "temperature"}
     assert set(r["heldout"]) >= {"tokens", "base_ppl", "fixed_ppl", "adaptive_ppl", "fixed"}
     assert r["heldout"]["tokens"] == 3000 and r["heldout"]["fit_tokens"] == 3000
@@ -200,8 +245,8 @@ def test_result_schema(tuned):
     table = format_table(r)
     assert "synthetic, 6000 tokens" in table and f"{r['heldout']['adaptive_ppl']:.3f}" in table
     assert tune(tuned_scores := make_scores(300, 4, 2, lambda d: d * 0 + 0.3, 10.0),
-                TuneConfig(adaptive=False))["adaptive"] is None
-    assert "adaptive" not in format_table(tune(tuned_scores, TuneConfig(adaptive=False)))
+                TuneConfig(adaptive=False, **LAMBDA_ONLY))["adaptive"] is None
+    assert "adaptive" not in format_table(tune(tuned_scores, TuneConfig(adaptive=False, **LAMBDA_ONLY)))
 
 
 def test_save_load_round_trip(tmp_path, tuned, split_by_distance):
@@ -209,44 +254,44 @@ def test_save_load_round_trip(tmp_path, tuned, split_by_distance):
     path = save_lambda(tmp_path, tuned)
     assert path == tmp_path / "lambda.json" and load_lambda(tmp_path) == tuned
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lambda.json"]  # no temp file left
-    fixed = resolve_lambda("tuned", tmp_path)
+    fixed = resolve_combiner("tuned", tmp_path)
     assert (fixed.kind, fixed.lam, fixed.temperature) == ("tuned", tuned["lambda"], tuned["temperature"])
     nn = split_by_distance.nn_dist
-    assert np.array_equal(fixed.lambdas_for(nn), np.full(nn.size, tuned["lambda"]))
-    ada = resolve_lambda(" Adaptive ", tmp_path)
+    assert np.array_equal(fixed.lambdas(split_by_distance), np.full(nn.size, tuned["lambda"]))
+    ada = resolve_combiner(" Adaptive ", tmp_path)
     assert ada.kind == "adaptive" and ada.temperature == tuned["adaptive"]["temperature"]
-    assert np.array_equal(ada.lambdas_for(nn), adaptive_lambdas(nn, np.array(tuned["adaptive"]["edges"]),
-                                                                np.array(tuned["adaptive"]["lambdas"])))
+    bins = reference_bins(nn, tuned["adaptive"]["edges"])
+    assert np.array_equal(ada.lambdas(split_by_distance), np.asarray(tuned["adaptive"]["lambdas"])[bins])
 
 
-def test_resolve_lambda_numbers(tmp_path):
+def test_resolve_lambda_numbers(tmp_path, known):
     for spec, lam in [("0", 0.0), ("1", 1.0), ("0.25", 0.25), (" .5 ", 0.5)]:
-        c = resolve_lambda(spec, tmp_path)  # never tuned: numbers need no lambda.json
-        assert c == LambdaChoice("fixed", lam, None, None, None, c.source)
-        assert np.array_equal(c.lambdas_for(np.array([0.0, np.inf])), [lam, lam])
+        c = resolve_combiner(spec, tmp_path)  # never tuned: numbers need no lambda.json
+        assert isinstance(c, FixedLambda) and (c.kind, c.lam, c.temperature) == ("fixed", lam, 1.0)
+        assert np.array_equal(c.lambdas(known), np.full(len(known), lam))
 
 
 @pytest.mark.parametrize("spec,match", [("1.5", "outside"), ("-0.1", "outside"), ("nan", "outside"),
                                         ("abc", "must be a number"), ("", "must be a number")])
 def test_resolve_lambda_bad_numbers(tmp_path, spec, match):
     with pytest.raises(KNNLMError, match=match):
-        resolve_lambda(spec, tmp_path)
+        resolve_combiner(spec, tmp_path)
 
 
 @pytest.mark.parametrize("spec", ["tuned", "adaptive"])
 def test_resolve_lambda_never_tuned(tmp_path, spec):
-    with pytest.raises(KNNLMError, match=r"has no tuned λ \(no lambda.json\); run `knnlm tune-lambda`"):
-        resolve_lambda(spec, tmp_path)
+    with pytest.raises(KNNLMError, match=r"never tuned \(no lambda.json\), which --lambda \w+ needs; run `knnlm tune-lambda`"):
+        resolve_combiner(spec, tmp_path)
 
 
 def test_resolve_lambda_without_adaptive_schedule(tmp_path, tuned):
     save_lambda(tmp_path, dict(tuned, adaptive=None))
-    assert resolve_lambda("tuned", tmp_path).lam == tuned["lambda"]
+    assert resolve_combiner("tuned", tmp_path).lam == tuned["lambda"]
     with pytest.raises(KNNLMError, match="no adaptive schedule"):
-        resolve_lambda("adaptive", tmp_path)
+        resolve_combiner("adaptive", tmp_path)
     (tmp_path / "lambda.json").write_text("{not json")
     with pytest.raises(KNNLMError, match="tune-lambda"):
-        resolve_lambda("tuned", tmp_path)
+        resolve_combiner("tuned", tmp_path)
 
 
 def test_bad_config_is_a_sentence():

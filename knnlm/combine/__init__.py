@@ -1,0 +1,230 @@
+"""One home for how p_LM and the neighbours are combined: fixed, tuned and adaptive λ, the learned
+gate (with retrieval skipping) and SPALM, behind one interface (`Combiner`), used by eval,
+tune-lambda, the LogitsProcessor and the KNNLM API.
+
+    combiner = resolve_combiner("adaptive", "datastores/default")
+    combiner.target_log_probs(scores)       # (n,) log p(target)
+
+What `tune-lambda` fits lives in the datastore: lambda.json (numbers, settings, held-out
+figures) and mixing.safetensors (the gates' weights; never pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..arrays import atomic_path, write_json
+from ..errors import KNNLMError
+from .features import POST_FEATURES, PRE_FEATURES
+from .gate import LambdaGate, gate_from_tensors, gate_tensors
+from .policies import AdaptiveLambda, Combiner, FixedLambda, GateLambda, LambdaMix, Skip, SpalmMix
+from .spalm import SpalmGate
+
+__all__ = ["Combiner", "LambdaMix", "FixedLambda", "AdaptiveLambda", "GateLambda", "SpalmMix", "Skip",
+           "resolve_combiner", "pick_temperature", "load_lambda", "save_lambda", "LAMBDA_FILE", "MIXING_FILE"]
+
+LAMBDA_FORMAT = 2  # 2: the learned gate, the skip threshold and SPALM
+LAMBDA_FILE = "lambda.json"
+MIXING_FILE = "mixing.safetensors"
+LAMBDA_WORDS = ("tuned", "adaptive", "gate", "gate-pre")
+COMBINE_KINDS = ("mix", "spalm")
+# The search settings that tuned values depend on; compared with the current search on use.
+SEARCH_KEYS = ("search", "index", "k", "nprobe", "rerank")
+
+
+def save_lambda(datastore_dir, result: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write lambda.json (and the gates' weights beside it) atomically; returns lambda.json's path."""
+    from safetensors.torch import save_file
+
+    directory = Path(datastore_dir)
+    if not directory.is_dir():
+        raise KNNLMError(f"Datastore directory {directory} does not exist; pass the directory of a built datastore.")
+    result = dict(result)
+    if tensors:
+        with atomic_path(directory / MIXING_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        result["mixing_file"] = {"name": MIXING_FILE, "sha256": _sha256(directory / MIXING_FILE)}
+    path = directory / LAMBDA_FILE
+    write_json(path, result)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_lambda(datastore_dir) -> dict | None:
+    """The content of DATASTORE/lambda.json, or None if it was never tuned."""
+    path = Path(datastore_dir) / LAMBDA_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KNNLMError(f"Cannot read {path} ({e}); run `knnlm tune-lambda` again.") from e
+    if not isinstance(data, dict) or data.get("format") != LAMBDA_FORMAT:
+        raise KNNLMError(f"{path} is not a knnlm λ file of format {LAMBDA_FORMAT} (older files lack the learned "
+                         "gate); run `knnlm tune-lambda` again.")
+    return data
+
+
+def load_mixing_tensors(datastore_dir, data: dict) -> dict[str, torch.Tensor]:
+    """The gates' weights named by lambda.json, checked against its recorded hash."""
+    from safetensors.torch import load_file
+
+    entry = data.get("mixing_file") or {}
+    path = Path(datastore_dir) / entry.get("name", MIXING_FILE)
+    if not path.is_file() or _sha256(path) != entry.get("sha256"):
+        raise KNNLMError(f"{path} is missing or is not the file tune-lambda wrote with {LAMBDA_FILE}; "
+                         "run `knnlm tune-lambda` again.")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise KNNLMError(f"Cannot read {path} ({e}); run `knnlm tune-lambda` again.") from e
+
+
+def pick_temperature(given: float | None, datastore_dir, tuned: float | None = None) -> float:
+    """T of p_kNN: the one given, else the one tuned with the chosen policy, else lambda.json's, else 1."""
+    if given is not None:
+        if not given > 0:
+            raise KNNLMError(f"--temperature {given} must be positive; pass e.g. --temperature 1.")
+        return float(given)
+    if tuned:
+        return float(tuned)
+    data = (load_lambda(datastore_dir) or {}) if datastore_dir is not None else {}
+    return float(data.get("temperature") or 1.0)
+
+
+def search_settings_note(data: dict, current: dict | None) -> str | None:
+    """One line when lambda.json was tuned with other search settings than `current`, else None."""
+    if current is None:
+        return None
+    tuned = ((data.get("tuned_on") or {}).get("attrs")) or {}
+    diff = [f"{key} {tuned.get(key)!s} → {current.get(key)!s}" for key in SEARCH_KEYS
+            if key in current and key in tuned and str(tuned.get(key)) != str(current.get(key))]
+    if not diff:
+        return None
+    return ("tuned values were fitted with other search settings (" + ", ".join(diff) +
+            "); run `knnlm tune-lambda` with these settings to refit them")
+
+
+def _gate(data: dict, tensors, which: str, path: Path) -> LambdaGate:
+    entry = (data.get("gate") or {}).get(which)
+    if not entry:
+        raise KNNLMError(f"{path} has no learned gate (tuned with --no-gate or by an older knnlm); run "
+                         "`knnlm tune-lambda` with the gate on, or pass a number, e.g. --lambda 0.25.")
+    return gate_from_tensors(tensors(), f"gate.{which}", entry["shape"])
+
+
+def _parse_lambda(spec: str) -> float:
+    try:
+        lam = float(spec)
+    except ValueError:
+        raise KNNLMError(f"--lambda must be a number in [0, 1] or one of {', '.join(LAMBDA_WORDS)}, not {spec!r}; "
+                         "pass e.g. --lambda 0.25.") from None
+    if not 0.0 <= lam <= 1.0:  # also refuses nan
+        raise KNNLMError(f"--lambda {spec} is outside [0, 1]; pass a number in [0, 1], e.g. --lambda 0.25.")
+    return lam
+
+
+def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_below=None,
+                     temperature: float | None = None, search: dict | None = None) -> Combiner:
+    """Turn the --lambda, --combine, --skip-below and --temperature values into a Combiner.
+
+    Args:
+        lam: a number in [0, 1], "tuned", "adaptive", "gate" (the after-retrieval gate) or "gate-pre";
+            an existing Combiner is returned as it is.
+        datastore_dir: the datastore (its lambda.json and mixing.safetensors are read when needed).
+        combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory; λ is then unused).
+        skip_below: None, a number in [0, 1] or "tuned": skip the search where the before-retrieval
+            gate predicts λ below it.
+        temperature: T of p_kNN; None takes the tuned T, else 1.
+        search: the current search settings (Retriever.describe plus "index"); when tuned values were
+            fitted with others, the Combiner's `mismatch` says so.
+
+    Raises:
+        KNNLMError: a bad number, or tuned values that the datastore does not have.
+    """
+    if isinstance(lam, Combiner):
+        return lam
+    word, combine = str(lam).strip().lower(), str(combine).strip().lower()
+    if combine not in COMBINE_KINDS:
+        raise KNNLMError(f"--combine must be one of {', '.join(COMBINE_KINDS)}, not {combine!r}.")
+    number = None if word in LAMBDA_WORDS else _parse_lambda(word)
+    skip_word = None if skip_below is None else str(skip_below).strip().lower()
+    skip_number = None if skip_word in (None, "tuned") else _parse_skip(skip_word)
+    if combine == "mix" and number is not None and skip_below is None:
+        out = FixedLambda(number, pick_temperature(temperature, datastore_dir), f"--lambda {lam}")
+        if temperature is None and datastore_dir is not None:  # T itself may be the tuned one
+            out.mismatch = search_settings_note(load_lambda(datastore_dir) or {}, search)
+        return out
+    data = load_lambda(datastore_dir) if datastore_dir is not None else None
+    path = Path(str(datastore_dir)) / LAMBDA_FILE
+    if data is None:
+        asked = "--combine spalm" if combine == "spalm" else f"--lambda {lam}" if number is None \
+            else f"--skip-below {skip_below}"
+        raise KNNLMError(f"Datastore {datastore_dir} was never tuned (no {LAMBDA_FILE}), which {asked} needs; "
+                         "run `knnlm tune-lambda` first, or pass a number, e.g. --lambda 0.25.")
+    loaded: dict = {}
+
+    def tensors() -> dict[str, torch.Tensor]:  # read only once a gate is known to be recorded
+        if not loaded:
+            loaded.update(load_mixing_tensors(datastore_dir, data))
+        return loaded
+    when = f"tuned {data.get('created', '')}"
+    if combine == "spalm":
+        if skip_below is not None:
+            raise KNNLMError("--skip-below works with λ mixing, not with --combine spalm; drop one of them.")
+        entry = data.get("spalm")
+        if not entry:
+            raise KNNLMError(f"{path} has no SPALM gate (tuned with --no-spalm or by an older knnlm); run "
+                             "`knnlm tune-lambda` with SPALM on, or use --combine mix.")
+        gate = SpalmGate(int(entry["dim"]))
+        gate.load_state_dict({name[len("spalm."):]: t for name, t in tensors().items() if name.startswith("spalm.")})
+        out: Combiner = SpalmMix(gate.eval().requires_grad_(False), pick_temperature(temperature, datastore_dir),
+                                 f"{path} (SPALM gate, {when})")
+    else:
+        skip = None
+        if skip_below is not None:
+            threshold = skip_number
+            if skip_word == "tuned":
+                threshold = (data.get("gate") or {}).get("skip_below")
+                if threshold is None:
+                    raise KNNLMError(f"{path} has no tuned skip threshold (tuned with --no-gate or --no-skip); run "
+                                     "`knnlm tune-lambda` with the gate on, or pass a number, e.g. --skip-below 0.05.")
+            skip = Skip(_gate(data, tensors, "pre", path), float(threshold))
+        if number is not None:
+            out = FixedLambda(number, pick_temperature(temperature, datastore_dir), f"--lambda {lam}", skip)
+        elif word == "tuned":
+            out = FixedLambda(float(data["lambda"]), pick_temperature(temperature, datastore_dir, data["temperature"]),
+                              f"{path} (λ {data['lambda']:.4g}, {when})", skip, kind="tuned")
+        elif word == "adaptive":
+            ada = data.get("adaptive")
+            if not ada:
+                raise KNNLMError(f"{path} has no adaptive schedule (tuned with --no-adaptive); run `knnlm tune-lambda "
+                                 "--adaptive` or pass --lambda tuned.")
+            out = AdaptiveLambda(ada["edges"], ada["lambdas"],
+                                 pick_temperature(temperature, datastore_dir, ada["temperature"]),
+                                 f"{path} (adaptive, {len(ada['lambdas'])} bins, {when})", skip)
+        else:
+            after = word == "gate"
+            gate = _gate(data, tensors, "post" if after else "pre", path)
+            out = GateLambda(gate, after, pick_temperature(temperature, datastore_dir, data["gate"]["temperature"]),
+                             f"{path} ({word}, {when})", skip)
+    out.mismatch = search_settings_note(data, search)
+    return out
+
+
+def _parse_skip(word: str) -> float:
+    try:
+        x = float(word)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 <= x <= 1.0:
+        raise KNNLMError(f"--skip-below must be a number in [0, 1] or 'tuned', not {word!r}; pass e.g. --skip-below 0.05.")
+    return x

@@ -1,0 +1,87 @@
+"""Per-token features that the learned λ gate reads: pure functions over numpy arrays.
+
+Before retrieval (the gate can then skip the search): the LM's entropy, its top probability,
+the margin between its top two, and the key's norm. After retrieval, also: the nearest and the
+k-th distance, the entropy of p_kNN, how many distinct tokens the neighbours carry, and whether
+p_kNN and p_LM agree on the most likely token. The low-rank projection of the key is learned, so
+it lives in the gate, not here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..interpolate import neighbor_log_weights
+
+PRE_FEATURES = ("lm_entropy", "lm_max_logp", "lm_margin", "key_norm")
+POST_FEATURES = PRE_FEATURES + ("log_nn_dist", "log_kth_dist", "knn_entropy", "log_distinct", "argmax_agree")
+
+
+def lm_stats(logp: torch.Tensor) -> dict[str, np.ndarray]:
+    """Entropy, top-two log-probabilities and argmax of each row of LM log-probabilities (n, V)."""
+    top = torch.topk(logp, 2, dim=-1)  # values and indices (n, 2)
+    entropy = -(logp.exp() * logp).nansum(dim=-1)  # 0·log 0 is nan: it counts as 0
+    return {"lm_entropy": entropy.float().cpu().numpy(),
+            "lm_max": top.values[:, 0].float().cpu().numpy(),
+            "lm_second": top.values[:, 1].float().cpu().numpy(),
+            "lm_argmax": top.indices[:, 0].cpu().numpy().astype(np.int32)}
+
+
+def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
+    """p_kNN's entropy, argmax token and number of distinct tokens per row, without a (n, V) array.
+
+    Each row's neighbours are sorted by stored token; equal tokens form a segment whose weights
+    sum to that token's probability.
+
+    Args:
+        dists: (n, k) squared L2 distances; inf where missing.
+        vals: (n, k) stored next tokens; -1 where missing.
+        temperature: T of softmax(-d/T).
+
+    Returns:
+        {"knn_entropy": (n,), "knn_argmax": (n,) int32 (-1 with no neighbour), "distinct": (n,) int32}.
+    """
+    vals = np.asarray(vals)
+    n, k = vals.shape
+    w = np.exp(neighbor_log_weights(np.where(vals < 0, np.inf, dists), temperature))  # (n, k)
+    order = np.argsort(vals, axis=1, kind="stable")
+    sv, sw = np.take_along_axis(vals, order, 1), np.take_along_axis(w, order, 1)
+    valid = sv >= 0
+    start = valid.copy()
+    start[:, 1:] &= sv[:, 1:] != sv[:, :-1]
+    seg = np.cumsum(start, axis=1) - 1  # (n, k) segment number within the row; -1 before the first
+    flat = (np.arange(n)[:, None] * k + seg)[valid]
+    mass = np.bincount(flat, weights=sw[valid], minlength=n * k).reshape(n, k)  # (n, k) p per segment
+    seg_val = np.full((n, k), -1, dtype=np.int64)
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
+    seg_val[rows[start], seg[start]] = sv[start]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.sum(np.where(mass > 0, mass * np.log(mass), 0.0), axis=1)
+    best = np.argmax(mass, axis=1)
+    return {"knn_entropy": entropy, "knn_argmax": seg_val[np.arange(n), best].astype(np.int32),
+            "distinct": start.sum(axis=1).astype(np.int32)}
+
+
+def pre_features(queries: np.ndarray, lm: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, len(PRE_FEATURES)) float64 features known before the search."""
+    q = np.asarray(queries, dtype=np.float32)
+    margin = np.exp(np.asarray(lm["lm_max"], np.float64)) - np.exp(np.asarray(lm["lm_second"], np.float64))
+    return np.stack([np.asarray(lm["lm_entropy"], np.float64), np.asarray(lm["lm_max"], np.float64), margin,
+                     np.linalg.norm(q, axis=1).astype(np.float64)], axis=1)
+
+
+def post_features(queries: np.ndarray, lm: dict[str, np.ndarray], dists: np.ndarray, vals: np.ndarray,
+                  temperature: float) -> np.ndarray:
+    """(n, len(POST_FEATURES)) float64 features known after the search; inf where a row has no neighbour."""
+    vals = np.asarray(vals)
+    d = np.where(vals < 0, np.inf, np.asarray(dists, dtype=np.float64))  # (n, k)
+    kth = np.max(np.where(np.isfinite(d), d, -np.inf), axis=1)  # last neighbour found; -inf if none
+    kth = np.where(np.isfinite(kth), kth, np.inf)
+    stats = knn_value_stats(d, vals, temperature)
+    with np.errstate(divide="ignore"):
+        extra = np.stack([np.log1p(np.maximum(d[:, 0], 0)), np.log1p(np.maximum(kth, 0)), stats["knn_entropy"],
+                          np.log(stats["distinct"].astype(np.float64)),
+                          (stats["knn_argmax"] == np.asarray(lm["lm_argmax"])).astype(np.float64)], axis=1)
+    extra[:, 3] = np.where(stats["distinct"] > 0, extra[:, 3], np.inf)  # no neighbour: like the distances
+    return np.concatenate([pre_features(queries, lm), extra], axis=1)

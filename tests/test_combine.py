@@ -1,0 +1,386 @@
+"""The mixing policies: the learned λ gate, retrieval skipping and SPALM, against exact identities
+and brute-force references, on a datastore of the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.cli.main import cli
+from knnlm.combine import FixedLambda, GateLambda, SpalmMix, resolve_combiner, save_lambda
+from knnlm.combine.features import POST_FEATURES, knn_value_stats, post_features, pre_features
+from knnlm.combine.gate import GateConfig, LambdaGate, fit_gate, mix_nll
+from knnlm.combine.spalm import SpalmGate, memory_vectors, spalm_log_probs
+from knnlm.errors import KNNLMError
+from knnlm.evaluate import EvalConfig, run_eval
+from knnlm.generate import KNNLogitsProcessor
+from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.scores import Scores, load_scores, save_scores
+from knnlm.tune import TuneConfig, _KnnCache, _Mixing, split_tokens, tune
+
+CTX, STRIDE = 64, 32
+FAST = TuneConfig(temperatures=(0.3, 1.0, 3.0, 10.0), bins=4, gate_config=GateConfig(steps=40), spalm_grid=9)
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
+    def bad(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=bad)
+
+
+def _build(root, tiny_lm, tiny_model_dir, corpus_texts):
+    """A datastore of the corpus files (1 dev, 1 test held out), exact index."""
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in corpus_texts.items():
+        (corpus / f"{name}.txt").write_text(text)
+    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.2, glob="*.txt")
+    return build_datastore(str(corpus), root / "ds", cfg, lm=tiny_lm)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_lm, tiny_model_dir, corpus_texts):
+    """One datastore for the module, tuned once by `tuned` (tests that change its files build their own)."""
+    return _build(tmp_path_factory.mktemp("combine"), tiny_lm, tiny_model_dir, corpus_texts)
+
+
+@pytest.fixture
+def fresh_store(tmp_path, tiny_lm, tiny_model_dir, corpus_texts):
+    """A datastore of this test's own."""
+    return _build(tmp_path, tiny_lm, tiny_model_dir, corpus_texts)
+
+
+@pytest.fixture(scope="module")
+def dev(store, tiny_lm):
+    """Scores of the dev part with k = 50 and every feature."""
+    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=50))
+    return run_eval(store, cfg=cfg, lm=tiny_lm, split="dev")[1]
+
+
+@pytest.fixture(scope="module")
+def tuned(store, tiny_lm, dev):
+    """The datastore tuned with every policy (quick training settings)."""
+    result = tune(dev, FAST, "dev", head=tiny_lm.model.get_output_embeddings())
+    tensors = result.pop("tensors")
+    save_lambda(store.path, result, tensors)
+    return result, tensors
+
+
+def test_scores_carry_the_features_and_round_trip(dev, tmp_path):
+    assert dev.queries.shape == (len(dev), 32) and dev.queries.dtype == np.float32
+    assert np.all(dev.lm_max >= dev.lm_second) and np.all(dev.lm_entropy >= 0) and dev.searched.all()
+    save_scores(str(tmp_path / "s.h5"), dev)
+    back = load_scores(str(tmp_path / "s.h5"))
+    assert np.array_equal(back.queries, dev.queries.astype(np.float16).astype(np.float32))
+    for name in ("targets", "lm_logp", "dists", "vals", "lm_entropy", "lm_max", "lm_second", "lm_argmax", "searched"):
+        assert np.array_equal(getattr(back, name), getattr(dev, name)), name
+
+
+def test_old_or_incomplete_scores_files_are_refused(dev, tmp_path):
+    import h5py
+
+    path = tmp_path / "s.h5"
+    save_scores(str(path), dev)
+    with h5py.File(path, "a") as f:
+        f.attrs["format"] = 1
+    with pytest.raises(KNNLMError, match=r"format 1, made by an older knnlm.*write it again"):
+        load_scores(str(path))
+    save_scores(str(path), dev)
+    with h5py.File(path, "a") as f:
+        del f["dist"]
+    with pytest.raises(KNNLMError, match=r"lacks the dataset\(s\) dist; write it again"):
+        load_scores(str(path))
+
+
+def test_knn_value_stats_match_a_dense_reference():
+    rng = np.random.default_rng(0)
+    dists = np.sort(rng.uniform(0, 5, (40, 12)), axis=1)
+    vals = rng.integers(0, 6, (40, 12))
+    vals[3] = -1  # no neighbour at all
+    vals[5, 7:] = -1
+    dists[vals < 0] = np.inf
+    got = knn_value_stats(dists, vals, 2.0)
+    for i in range(40):
+        p = np.zeros(6)
+        ok = vals[i] >= 0
+        w = np.exp(-dists[i][ok] / 2.0)
+        np.add.at(p, vals[i][ok], w / w.sum() if ok.any() else w)
+        assert got["distinct"][i] == len(set(vals[i][ok].tolist()))
+        nz = p[p > 0]
+        assert got["knn_entropy"][i] == pytest.approx(-(nz * np.log(nz)).sum(), abs=1e-12)
+        assert got["knn_argmax"][i] == (np.argmax(p) if ok.any() else -1)
+
+
+def test_a_constant_gate_is_exactly_a_fixed_lambda(dev):
+    gate = LambdaGate(len(POST_FEATURES), dev.queries.shape[1], rank=4, hidden=0)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.zero_()
+        gate.net.bias.fill_(-1.2)
+    gated = GateLambda(gate, True, 3.0, "test")
+    lam = gated.lambdas(dev)
+    assert np.all(lam == lam[0]) and 0 < lam[0] < 1
+    assert np.array_equal(gated.target_log_probs(dev), FixedLambda(lam[0], 3.0, "test").target_log_probs(dev))
+
+
+def test_gate_loss_gradient():
+    torch.manual_seed(0)
+    gate = LambdaGate(5, 7, rank=3, hidden=4)
+    feats, keys = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, 7, dtype=torch.float64)
+    lm, knn = -torch.rand(20, dtype=torch.float64) * 5, -torch.rand(20, dtype=torch.float64) * 5
+    knn[3] = -torch.inf  # a kNN miss must keep the gradient finite
+    gate.standardise_from(feats, keys)
+    names = [name for name, _ in gate.named_parameters()]
+
+    def loss(*ps):
+        logit = torch.func.functional_call(gate, dict(zip(names, ps)), (feats, keys))
+        return mix_nll(logit, lm, knn)
+
+    start = tuple(p.detach().clone().requires_grad_(True) for p in gate.parameters())
+    assert torch.autograd.gradcheck(loss, start)
+    # and against the closed form d/ds of -log(σ(s)a + (1-σ(s))b) at one token
+    s = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    a, b = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-2.0], dtype=torch.float64)
+    mix_nll(s, b, a).backward()
+    sig = 1 / (1 + np.exp(-0.3))
+    pa, pb = np.exp(-1.0), np.exp(-2.0)
+    assert s.grad.item() == pytest.approx(-(sig * (1 - sig) * (pa - pb)) / (sig * pa + (1 - sig) * pb), rel=1e-10)
+
+
+def test_the_gate_never_sees_a_heldout_token(dev, tiny_lm):
+    cfg = FAST
+    fit, held = split_tokens(len(dev), cfg.heldout_fraction, cfg.seed)
+    poisoned = dev.subset(np.arange(len(dev)))
+    rng = np.random.default_rng(1)
+    poisoned.lm_logp[held] = rng.uniform(-20, 0, held.size)
+    poisoned.queries[held] = rng.normal(0, 9, poisoned.queries[held].shape)
+    poisoned.dists[held] = np.sort(rng.uniform(0, 1e3, poisoned.dists[held].shape), axis=1)
+    poisoned.targets[held] = rng.integers(0, 50, held.size)
+    head = tiny_lm.model.get_output_embeddings()
+    fitted = [_Mixing(s, _KnnCache(s), cfg, head).fit(fit, 2.0) for s in (dev, poisoned)]
+    for name in ("pre", "post", "spalm"):
+        a, b = fitted[0][name].state_dict(), fitted[1][name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert fitted[0]["skip_below"] == fitted[1]["skip_below"]
+
+
+def test_gate_learns_where_the_memory_helps():
+    """Synthetic: the kNN is right exactly where the LM is unsure; the gate must find that."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    entropy = rng.uniform(0, 4, n)
+    helps = entropy > 2
+    lm = np.where(helps, -4.0, -0.5)
+    knn = np.where(helps, -0.2, -6.0)
+    feats = np.stack([entropy, -entropy, rng.normal(size=n), rng.normal(size=n)], axis=1)
+    gate = fit_gate(feats, rng.normal(size=(n, 3)), lm, knn, GateConfig(steps=300, rank=0))
+    lam = gate.lambdas(feats, np.zeros((n, 3)))
+    assert lam[helps].mean() > 0.8 and lam[~helps].mean() < 0.2
+
+
+def test_tune_fits_and_stores_every_policy(store, tuned, dev):
+    result, tensors = tuned
+    h = result["heldout"]
+    for key in ("fixed_ppl", "adaptive_ppl", "gate_pre_ppl", "gate_ppl", "spalm_ppl"):
+        assert np.isfinite(h[key]) and h[key] > 1, key
+    assert 0 <= h["skip"]["skipped"] < 1 and h["skip_curve"][0] == {**h["skip_curve"][0], "threshold": 0.0,
+                                                                      "skipped": 0.0}
+    saved = strict_json((store.path / "lambda.json").read_text())
+    assert saved["gate"]["pre"]["shape"]["n_features"] == 4 and saved["spalm"]["dim"] == 32
+    assert (store.path / "mixing.safetensors").is_file()
+    # the stored gates load back to identical outputs
+    for word, which in (("gate", "post"), ("gate-pre", "pre")):
+        loaded = resolve_combiner(word, store.path)
+        t = result["gate"]["temperature"]
+        feats = post_features(dev.queries, _lm(dev), dev.dists, dev.vals, t) if which == "post" \
+            else pre_features(dev.queries, _lm(dev))
+        from knnlm.combine.gate import gate_from_tensors
+        original = gate_from_tensors(tensors, f"gate.{which}", result["gate"][which]["shape"])
+        assert np.array_equal(loaded.lambdas(dev), original.lambdas(feats, dev.queries))
+        assert loaded.temperature == t
+
+
+def _lm(s: Scores) -> dict:
+    return {"lm_entropy": s.lm_entropy, "lm_max": s.lm_max, "lm_second": s.lm_second, "lm_argmax": s.lm_argmax}
+
+
+def test_threshold_zero_is_no_skipping_bit_for_bit(store, tiny_lm, tuned):
+    rc = RetrievalConfig(k=50)
+    plain, s0 = run_eval(store, cfg=EvalConfig(lam="gate", retrieval=rc), lm=tiny_lm)
+    zero, s1 = run_eval(store, cfg=EvalConfig(lam="gate", retrieval=rc, skip_below="0"), lm=tiny_lm)
+    assert zero["knn_lm_ppl"] == plain["knn_lm_ppl"] and zero["searches_skipped"] == 0.0
+    assert np.array_equal(s0.dists, s1.dists) and np.array_equal(s0.vals, s1.vals)
+
+
+def test_skipped_tokens_keep_the_lm_and_are_not_searched(store, tiny_lm, tuned):
+    rc = RetrievalConfig(k=50)
+    r, s = run_eval(store, cfg=EvalConfig(lam="0.5", retrieval=rc, skip_below="0.5"), lm=tiny_lm)
+    skipped = ~s.searched
+    assert 0 < skipped.mean() < 1 and r["searches_skipped"] == pytest.approx(skipped.mean())
+    assert np.all(s.vals[skipped] == -1) and np.all(np.isinf(s.dists[skipped]))
+    comb = resolve_combiner("0.5", store.path, skip_below="0.5")
+    assert np.array_equal(comb.target_log_probs(s)[skipped], s.lm_logp[skipped])
+    # the searched ones are exactly what a full search gives them
+    full = run_eval(store, cfg=EvalConfig(lam="0.5", retrieval=rc), lm=tiny_lm)[1]
+    assert np.array_equal(full.dists[~skipped], s.dists[~skipped])
+
+
+def test_spalm_memory_matches_numpy_and_g_one_is_the_lm(dev, tiny_lm):
+    head = tiny_lm.model.get_output_embeddings()
+    E = head.weight.detach().numpy().astype(np.float64)
+    h = torch.as_tensor(dev.queries[:30])
+    vals = dev.vals[:30].copy()
+    vals[2] = -1  # no neighbour: m = h
+    vals[4, 10:] = -1
+    m = memory_vectors(h, vals, head.weight).numpy()
+    for t in range(30):
+        ok = vals[t] >= 0
+        if not ok.any():
+            ref = dev.queries[t]
+        else:
+            e = E[vals[t][ok]]  # (k', d)
+            s = e @ dev.queries[t].astype(np.float64)
+            w = np.exp(s - s.max())
+            ref = (w / w.sum()) @ e
+        assert np.allclose(m[t], ref, rtol=1e-4, atol=1e-5), t
+    with torch.no_grad():
+        g1 = spalm_log_probs(h, vals, head, torch.ones(30))
+        assert torch.equal(g1, torch.log_softmax(head(h), dim=-1))
+    gate = SpalmGate(32)
+    with torch.no_grad():
+        gate.linear.bias.fill_(torch.inf)  # g ≡ 1
+    logp = SpalmMix(gate, 1.0, "test").target_log_probs(dev, head)
+    assert np.allclose(logp, dev.lm_logp, atol=1e-5, rtol=0)
+
+
+def test_eval_and_api_with_gate_spalm_and_tuned_skip(store, tiny_lm, tuned):
+    from knnlm.api import KNNLM
+
+    knn = KNNLM.open(store.path, lm=tiny_lm, retrieval=RetrievalConfig(k=50))
+    text = store.heldout("test")[0][1][:1500]
+    base = knn.evaluate(text, lam=0)
+    for kw in ({"lam": "gate"}, {"lam": "gate-pre"}, {"combine": "spalm"}, {"lam": "gate", "skip_below": "tuned"}):
+        r = knn.evaluate(text, **kw)
+        assert np.isfinite(r["knn_lm_ppl"]) and r["lm_ppl"] == base["lm_ppl"], kw
+        assert r["knn_lm_ppl"] < 1.5 * r["lm_ppl"], kw
+    assert knn.evaluate(text, lam="gate", skip_below=1.0)["searches_skipped"] > 0.99
+    assert isinstance(knn.generate("def f(", max_new_tokens=4, lam="gate", skip_below="tuned"), str)
+
+
+def test_processor_with_gate_skip_and_spalm_gives_distributions(store, tiny_lm, tuned):
+    retriever = Retriever(store, RetrievalConfig(k=50))
+    q = torch.as_tensor(load_queries(store, tiny_lm))
+    logits = tiny_lm.model.get_output_embeddings()(q)
+    for kw in ({"lam": "gate", "skip_below": "0.5"}, {"combine": "spalm"}):
+        with KNNLogitsProcessor(tiny_lm, retriever, **kw) as p:
+            out = p.distribution(q, logits)
+        assert torch.allclose(out.exp().sum(-1), torch.ones(len(q), dtype=torch.float64), atol=1e-6)
+        if "skip_below" in kw:
+            skipped = ~p.last["searched"]
+            assert skipped.any() and p.skipped == skipped.sum()
+            lm = torch.log_softmax(logits.double(), -1)
+            assert torch.allclose(out[skipped], lm[skipped], atol=1e-6)
+
+
+def load_queries(store, lm) -> np.ndarray:
+    """Eight stored keys (they are queries of stored positions)."""
+    return np.asarray(store.keys[:8], np.float32)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def _sentence(result, *words):
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    msg = result.output.strip().splitlines()[-1]
+    assert msg.startswith("Error: ") and "Traceback" not in result.output
+    for w in words:
+        assert w in msg, msg
+
+
+def test_untuned_datastore_refuses_gate_spalm_and_tuned_skip(fresh_store, tiny_model_dir):
+    store = fresh_store
+    common = ["eval", "--datastore", store.path, "--model", tiny_model_dir]
+    _sentence(run(*common, "--lambda", "gate"), "never tuned", "tune-lambda")
+    _sentence(run(*common, "--combine", "spalm"), "never tuned", "--combine spalm")
+    _sentence(run(*common, "--skip-below", "tuned"), "never tuned", "--skip-below tuned")
+    _sentence(run(*common, "--skip-below", "2"), "--skip-below must be a number in [0, 1]")
+    # tuned without the gate and SPALM: each asks for its own refit
+    r = run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--k", 50, "--no-gate",
+            "--no-spalm", "--no-plot", "--json")
+    assert r.exit_code == 0, r.output
+    out = strict_json(r.stdout)
+    assert out["gate"] is None and out["spalm"] is None and "tensors" not in out
+    _sentence(run(*common, "--lambda", "gate"), "no learned gate", "tune-lambda")
+    _sentence(run(*common, "--combine", "spalm"), "no SPALM gate")
+    _sentence(run(*common, "--skip-below", "tuned"), "no tuned skip threshold")
+
+
+def test_cli_tune_then_eval_every_policy(fresh_store, tiny_model_dir):
+    store = fresh_store
+    r = run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--k", 50, "--no-plot")
+    assert r.exit_code == 0, r.output
+    for row in ("gate, before search", "gate, after search", "gate + skip", "SPALM"):
+        assert row in r.output
+    common = ["eval", "--datastore", store.path, "--model", tiny_model_dir, "--k", 50, "--json"]
+    for extra in (["--lambda", "gate"], ["--combine", "spalm"], ["--lambda", "gate", "--skip-below", "tuned"]):
+        r = run(*common, *extra)
+        assert r.exit_code == 0, r.output
+        out = strict_json(r.stdout)
+        assert "searches_skipped" in out and out["tuned_settings_differ"] is None
+    # tuned with k 50 and re-ranking; used with k 20, no re-rank: said once, in the JSON and the table
+    r = run(*common, "--lambda", "adaptive", "--k", 20, "--no-rerank")
+    assert "k 50 → 20" in strict_json(r.stdout)["tuned_settings_differ"]
+    r = run("eval", "--datastore", store.path, "--model", tiny_model_dir, "--lambda", "tuned")
+    assert "other search settings" in r.output
+
+
+def test_scores_with_scoring_flags_is_refused(store, tiny_model_dir, tmp_path, dev):
+    save_scores(str(tmp_path / "s.h5"), dev)
+    r = run("tune-lambda", "--datastore", store.path, "--scores", tmp_path / "s.h5", "--k", 10, "--context", 32)
+    assert r.exit_code == 2 and "--k, --context would do nothing" in r.output
+
+
+def test_every_new_eval_and_tune_flag_arrives(monkeypatch, fresh_store, tiny_model_dir, tmp_path):
+    store = fresh_store
+    import knnlm.cli.evaluate as cli_eval
+    import knnlm.cli.tune as cli_tune
+
+    seen = {}
+    monkeypatch.setattr(cli_eval, "run_eval", lambda ds, corpus, cfg, progress=None: seen.update(cfg=cfg) or
+                        (_ for _ in ()).throw(KNNLMError("stop")))
+    (tmp_path / "c.jsonl").write_text('{"body": "x = 1"}\n')
+    run("eval", "--corpus", tmp_path / "c.jsonl", "--combine", "spalm", "--skip-below", "tuned", "--lambda", "gate",
+        "--format", "jsonl", "--text-field", "body")
+    c = seen["cfg"]
+    assert (c.combine, c.skip_below, c.lam, c.fmt, c.text_field) == ("spalm", "tuned", "gate", "jsonl", "body")
+
+    def fake_tune(scores, cfg, description="", head=None):
+        seen["tune"] = cfg
+        raise KNNLMError("stop")
+
+    def fake_eval(ds, corpus, cfg, lm=None, progress=None):
+        seen["ecfg"] = cfg
+        return {}, None
+
+    monkeypatch.setattr(cli_tune, "tune", fake_tune)
+    monkeypatch.setattr(cli_tune, "run_eval", fake_eval)
+    run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--corpus", tmp_path / "c.jsonl",
+        "--format", "jsonl", "--text-field", "body", "--glob", "*.md", "--no-adaptive", "--bins", 7,
+        "--min-bin-tokens", 3, "--no-gate", "--no-skip", "--gate-hidden", 5, "--gate-rank", 2,
+        "--skip-tolerance", 0.05, "--no-spalm", "--seed", 4, "--k", 9, "--nprobe", 3, "--no-rerank", "--exact",
+        "--context", 40, "--stride", 20, "--batch-size", 2, "--device", "cpu")
+    t, e = seen["tune"], seen["ecfg"]
+    assert (t.adaptive, t.bins, t.min_bin_tokens, t.gate, t.skip, t.skip_tolerance, t.spalm, t.seed) == \
+        (False, 7, 3, False, False, 0.05, False, 4)
+    assert (t.gate_config.hidden, t.gate_config.rank, t.gate_config.seed) == (5, 2, 4)
+    assert (e.fmt, e.text_field, e.glob, e.context, e.stride, e.batch_size, e.device, e.model) == \
+        ("jsonl", "body", "*.md", 40, 20, 2, "cpu", str(tiny_model_dir))
+    assert e.retrieval == RetrievalConfig(k=9, nprobe=3, rerank=False, exact=True)

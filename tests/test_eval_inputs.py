@@ -1,0 +1,92 @@
+"""Eval's inputs and caches: bad settings are one sentence before any scoring; the dev-scores cache
+knows the index it was made with; eval reads JSONL corpora with any text field."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.cli.main import cli
+from knnlm.errors import KNNLMError
+from knnlm.evaluate import EvalConfig, dev_scores, run_eval
+from knnlm.index import train_index
+from knnlm.retrieval import RetrievalConfig
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_lm, tiny_model_dir, corpus_texts):
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "corpus").mkdir()
+    for name, text in corpus_texts.items():
+        (root / "corpus" / f"{name}.txt").write_text(text)
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, glob="*.txt")
+    return build_datastore(str(root / "corpus"), root / "ds", cfg, lm=tiny_lm)
+
+
+def refused(result, *words):
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, (result.exception, result.output)
+    msg = result.output.strip().splitlines()[-1]
+    assert msg.startswith("Error: ") and "Traceback" not in result.output
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bad_eval_settings_are_one_sentence_before_scoring(store, tiny_model_dir, monkeypatch, tmp_path):
+    import knnlm.evaluate
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored before refusing")
+
+    monkeypatch.setattr(knnlm.evaluate, "score_documents", no_scoring)
+    run = lambda *a: CliRunner().invoke(cli, ["eval", "--datastore", str(store.path), "--model", str(tiny_model_dir),
+                                              *map(str, a)])
+    refused(run("--batch-size", 0), "--batch-size 0 must be at least 1")
+    refused(run("--save-scores", tmp_path / "missing" / "s.h5"), "does not exist", "create it")
+    refused(run("--lambda", "2"), "outside [0, 1]")
+    refused(run("--temperature", 0), "must be positive")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_save_leaves_no_temporary_file(store, tiny_lm, tmp_path, monkeypatch):
+    import h5py
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.File, "create_dataset", broken)
+    with pytest.raises(OSError):
+        run_eval(store, cfg=EvalConfig(lam="0", save_scores=str(tmp_path / "s.h5")), lm=tiny_lm)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dev_scores_cache_knows_the_index(store, tiny_lm):
+    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=20))
+    first, cached = dev_scores(store, cfg, lm=tiny_lm)
+    assert not cached
+    again, cached = dev_scores(store, cfg, lm=tiny_lm)
+    assert cached and np.array_equal(again.dists, first.dists)
+    train_index(store)  # retrained: the cache must not be reused, even for the same settings
+    _, cached = dev_scores(store, cfg, lm=tiny_lm)
+    assert not cached
+    # other k: not reused either
+    assert not dev_scores(store, EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=10)),
+                          lm=tiny_lm)[1]
+
+
+def test_eval_reads_jsonl_with_another_text_field(store, tiny_lm, tiny_model_dir, tmp_path, corpus_texts):
+    text = corpus_texts["bisect.py"][:2000]
+    (tmp_path / "c.jsonl").write_text(__import__("json").dumps({"body": text}) + "\n")
+    (tmp_path / "c.txt").write_text(text)
+    r = CliRunner().invoke(cli, ["eval", "--datastore", str(store.path), "--model", str(tiny_model_dir),
+                                 "--corpus", str(tmp_path / "c.jsonl"), "--text-field", "body", "--json"])
+    assert r.exit_code == 0, r.output
+    want = run_eval(store, str(tmp_path / "c.txt"), EvalConfig(), lm=tiny_lm)[0]
+    got = __import__("json").loads(r.stdout)
+    assert got["tokens"] == want["tokens"] and got["lm_ppl"] == want["lm_ppl"]
+    r = CliRunner().invoke(cli, ["eval", "--datastore", str(store.path), "--model", str(tiny_model_dir),
+                                 "--corpus", str(tmp_path / "c.jsonl")])
+    refused(r, "no string field 'text'", "--text-field")

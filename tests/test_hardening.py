@@ -1,0 +1,452 @@
+"""Hardening: strict JSON, one sentence for every bad input, one atomic write, one window pipeline, fork safety."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import knnlm.build
+from helpers import clustered, make_datastore
+from knnlm import retrieval
+from knnlm.arrays import atomic_path, json_safe, write_json
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.corpus import DEFAULT_GLOB, open_corpus
+from knnlm.datastore import DEFAULT_DATASTORE, datastore_path, open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.index import IndexConfig, train_index
+from knnlm.cli.main import cli
+from knnlm.windows import Window, forward_owned, plan_windows
+
+
+def strict_loads(text: str):
+    """JSON as jq and JavaScript read it: NaN and Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def invoke(*args):
+    """The CLI, catching whatever it raises (a traceback shows up as result.exception, not SystemExit)."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def refused(result, *words) -> str:
+    """The command ended in one 'Error:' sentence with exit 1, not a traceback; it names every word."""
+    assert isinstance(result.exception, SystemExit), (repr(result.exception), result.output)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    msg = result.output.strip().splitlines()[-1]
+    assert msg.startswith("Error: "), result.output
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, corpus_texts) -> Path:
+    """A folder of .txt documents shared by the module's tests (builds record its path)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for name, text in corpus_texts.items():
+        (d / f"{name}.txt").write_text(text)
+    return d
+
+
+BUILD = dict(context=64, stride=32, holdout=0.2, glob="*.txt", max_tokens=6000)
+
+
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory, tiny_lm, tiny_model_dir, corpus) -> Path:
+    """A small datastore with an (exact) index."""
+    out = tmp_path_factory.mktemp("built") / "ds"
+    build_datastore(str(corpus), out, BuildConfig(model=str(tiny_model_dir), **BUILD), lm=tiny_lm)
+    return out
+
+
+@pytest.fixture
+def built(built_once, tmp_path) -> Path:
+    """A copy of the datastore this test may damage."""
+    return Path(shutil.copytree(built_once, tmp_path / "ds"))
+
+
+@pytest.fixture(scope="module")
+def partial_once(tmp_path_factory, tiny_lm, tiny_model_dir, corpus) -> Path:
+    """An interrupted build (OUT.partial/ with a checkpoint), as Ctrl-C leaves it."""
+    out = tmp_path_factory.mktemp("partial") / "ds"
+    blocks = []
+
+    def crash(n):  # in the second block: the first is checkpointed
+        blocks.append(n)
+        if len(blocks) == 2:
+            raise KeyboardInterrupt
+
+    cfg = BuildConfig(model=str(tiny_model_dir), **BUILD)
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(str(corpus), out, cfg, lm=tiny_lm, progress=crash)
+    work = out.with_name("ds.partial")
+    assert json.loads((work / "progress.json").read_text())["rows"] > 0
+    return work
+
+
+def resume_args(corpus, out, tiny_model_dir):
+    """The command line that resumes the build of partial_once into out."""
+    return ["build-datastore", corpus, "--out", out, "--model", tiny_model_dir, "--resume", "--context", 64,
+            "--stride", 32, "--holdout", 0.2, "--glob", "*.txt", "--max-tokens", 6000]
+
+
+# 1. Valid JSON ---------------------------------------------------------------------------------------------------
+
+def test_json_safe_turns_non_finite_numbers_into_null_everywhere():
+    obj = {"a": float("inf"), "b": [np.float32("nan"), {"c": -np.inf, "d": np.float64(2.5)}], "e": np.int64(3),
+           "f": (1.5, np.array([1.0, np.inf])), "g": "Infinity", "h": None, "i": True, "j": np.bool_(False)}
+    got = json_safe(obj)
+    assert got == {"a": None, "b": [None, {"c": None, "d": 2.5}], "e": 3, "f": [1.5, [1.0, None]],
+                   "g": "Infinity", "h": None, "i": True, "j": False}
+    assert type(got["e"]) is int and type(got["j"]) is bool
+    strict_loads(json.dumps(got, allow_nan=False))
+
+
+def test_write_json_and_print_json_are_strict(tmp_path, capsys):
+    from knnlm.cli.common import print_json
+
+    obj = {"knn_only_ppl": float("inf"), "nested": [{"x": np.float32("nan")}], "ok": np.float64(1.25)}
+    write_json(tmp_path / "r.json", obj)
+    assert strict_loads((tmp_path / "r.json").read_text()) == {"knn_only_ppl": None, "nested": [{"x": None}],
+                                                               "ok": 1.25}
+    print_json({**obj, "path": tmp_path})
+    out = strict_loads(capsys.readouterr().out)
+    assert out["knn_only_ppl"] is None and out["nested"] == [{"x": None}] and out["path"] == str(tmp_path)
+
+
+def test_eval_json_is_strict_when_the_knn_alone_is_infinite(built):
+    # k = 1: most targets have no neighbour with their value, so the kNN-only perplexity is infinite.
+    r = invoke("eval", "--datastore", built, "--k", 1, "--lambda", 0.25, "--json")
+    assert r.exit_code == 0, r.output
+    out = strict_loads(r.stdout)
+    assert out["knn_only_ppl"] is None or np.isfinite(out["knn_only_ppl"])
+
+
+# 2. One sentence for every bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_index_faiss(built, damage):
+    path = built / "index.faiss"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not an index" * 50, "empty": b""}[damage])
+    refused(invoke("eval", "--datastore", built, "--k", 4), "index.faiss", "damaged", "train-index")
+    with pytest.raises(KNNLMError, match="damaged"):
+        retrieval.Retriever(open_datastore(built))
+
+
+@pytest.mark.parametrize("content", ["{\"kind\": \"exa", "[]", "{\"kind\": \"exact\"}", "\x00\x01"])
+def test_damaged_index_json(built, content):
+    (built / "index.json").write_text(content)
+    refused(invoke("info", built), "index.json", "damaged", "train-index")
+    refused(invoke("eval", "--datastore", built, "--k", 4), "index.json", "damaged")
+
+
+@pytest.mark.parametrize("content", ["{\"split\": \"test\", \"na", "[1, 2]\n", "{\"split\": \"test\"}\n"])
+def test_damaged_holdout(built, content):
+    (built / "holdout.jsonl").write_text(content)
+    refused(invoke("eval", "--datastore", built, "--k", 4), "holdout.jsonl", "damaged", "line 1")
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("progress.json", "truncate"), ("progress.json", "fields"), ("progress.json", "missing_doc_start"),
+    ("settings.json", "truncate"), ("settings.json", "delete"),
+    ("docs.jsonl", "truncate"), ("docs.jsonl", "garbage"), ("holdout.jsonl", "truncate"), ("keys.npy", "truncate"),
+])
+def test_damaged_partial_build(partial_once, tmp_path, corpus, tiny_model_dir, name, damage):
+    work = Path(shutil.copytree(partial_once, tmp_path / "ds.partial"))
+    path = work / name
+    data = path.read_bytes()
+    state = json.loads((work / "progress.json").read_text())
+    # What the checkpoint counts on (the rest, written after it, is cut off when resuming anyway).
+    needed = {"docs.jsonl": state["docs_bytes"], "holdout.jsonl": state["holdout_bytes"],
+              "keys.npy": 128 + state["rows"] * 32 * 2}.get(name, len(data))
+    assert 0 < needed <= len(data)
+    if damage == "truncate":
+        path.write_bytes(data[: needed // 2])
+    elif damage == "delete":
+        path.unlink()
+    elif damage == "fields":
+        path.write_text(json.dumps({"seq": "three"}))
+    elif damage == "missing_doc_start":
+        state = json.loads(data)
+        state.pop("doc_start")
+        state["window"] = max(1, state["window"])
+        path.write_text(json.dumps(state))
+    else:  # garbage of the same length: the checkpoint's byte counts still hold
+        path.write_bytes(b"#" * len(data))
+    msg = refused(invoke(*resume_args(corpus, tmp_path / "ds", tiny_model_dir)), "damaged", name, "--overwrite")
+    assert str(work) in msg
+    assert not (tmp_path / "ds").exists()
+
+
+def test_undamaged_partial_build_resumes(partial_once, tmp_path, corpus, tiny_model_dir, built_once):
+    shutil.copytree(partial_once, tmp_path / "ds.partial")
+    r = invoke(*resume_args(corpus, tmp_path / "ds", tiny_model_dir))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ds" / "keys.npy").read_bytes() == (built_once / "keys.npy").read_bytes()
+
+
+@pytest.fixture
+def no_lm_pass(monkeypatch):
+    """Fails the test if a build gets as far as loading the model."""
+    def load_lm(*_a, **_k):
+        raise AssertionError("the build loaded the model before refusing its settings")
+    monkeypatch.setattr(knnlm.build, "load_lm", load_lm)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--code-size", 0], ["--code-size 0"]),
+    (["--code-size", -3], ["--code-size -3"]),
+    (["--nlist", 0], ["--nlist 0"]),
+    (["--train-size", 100], ["--train-size 100", "256"]),
+    (["--train-size", 0], ["--train-size 0"]),
+    (["--nlist", 1024, "--train-size", 600], ["--train-size 600", "1024"]),
+    # Up to a million keys choose nlist 2048: 300 training keys could never train it.
+    (["--max-tokens", 1_000_000, "--train-size", 300], ["--train-size 300", "2048", "--max-tokens"]),
+    (["--batch-size", 0], ["--batch-size 0"]),
+    (["--max-tokens", 0], ["--max-tokens 0"]),
+    (["--max-tokens", -5], ["--max-tokens -5"]),
+    (["--holdout", 0.5], ["--holdout"]),
+])
+def test_bad_build_settings_are_refused_before_the_lm_pass(corpus, no_lm_pass, flags, words):
+    refused(invoke("build-datastore", corpus, "--model", "unused", "--out", "ds", *flags), *words)
+    assert not Path("ds").exists() and not Path("ds.partial").exists()
+
+
+def test_train_size_is_fine_with_exact_or_a_small_cap():
+    # --exact ignores the training sample; 20k keys at most choose nlist 256, which 300 keys can train.
+    BuildConfig(index=IndexConfig(exact=True, train_size=10))
+    BuildConfig(max_tokens=20_000, index=IndexConfig(train_size=300))
+    BuildConfig(max_tokens=20_000, build_index=False, index=IndexConfig(nlist=4096, train_size=5000))
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--code-size", 0], ["--code-size 0"]),
+    (["--train-size", 200], ["--train-size 200", "256"]),
+    (["--nlist", 4096, "--train-size", 1000], ["--train-size 1000", "4096"]),
+])
+def test_bad_index_settings_are_refused(built, flags, words):
+    before = (built / "index.faiss").read_bytes()
+    refused(invoke("train-index", built, *flags), *words)
+    assert (built / "index.faiss").read_bytes() == before
+
+
+def test_train_size_below_the_chosen_nlist_is_refused_before_training(tmp_path):
+    ds = open_datastore(make_datastore(tmp_path / "syn", clustered(40_000, 8), np.zeros(40_000)))
+    # 40k keys choose nlist 512; faiss would fail on 300 training keys (after sampling and reading them).
+    with pytest.raises(KNNLMError, match="--train-size 300 .* at least 512"):
+        train_index(ds, IndexConfig(train_size=300))
+    assert not (ds.path / "index.faiss").exists() and not (ds.path / "index.json").exists()
+
+
+def test_few_lists_still_get_enough_training_keys(tmp_path):
+    # 64·nlist keys would be 128 for nlist 2, too few for PQ's 256 centroids; the default keeps 256.
+    ds = open_datastore(make_datastore(tmp_path / "syn", clustered(12_000, 8), np.zeros(12_000)))
+    info = train_index(ds, IndexConfig(nlist=2, code_size=4))
+    assert info["factory"] == "IVF2,PQ4" and info["train_size"] == 256
+
+
+def test_index_failure_in_a_build_keeps_the_keys_for_resume(corpus, tiny_lm, tiny_model_dir, monkeypatch, tmp_path):
+    def broken(*_a, **_k):
+        raise KNNLMError("Index settings are impossible.")
+    monkeypatch.setattr(knnlm.build, "train_index", broken)
+    cfg = BuildConfig(model=str(tiny_model_dir), **{**BUILD, "max_tokens": 500})
+    with pytest.raises(KNNLMError, match="--resume"):
+        build_datastore(str(corpus), tmp_path / "ds", cfg, lm=tiny_lm)
+    monkeypatch.undo()
+    ds = build_datastore(str(corpus), tmp_path / "ds", BuildConfig(**{**cfg.__dict__, "resume": True}), lm=tiny_lm)
+    assert ds.count == 500 and (ds.path / "index.faiss").exists()
+
+
+# 3. One implementation each --------------------------------------------------------------------------------------
+
+def test_atomic_path_writes_whole_files_or_nothing(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and not tmp.exists()
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+    synced.clear()
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["a.bin"]
+    assert str(tmp) in synced and str(tmp_path) in synced  # the file before the rename, its folder after
+
+
+def test_atomic_path_replaces_directories(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "broken").write_text("x")
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text("{}")
+            raise ValueError("save failed")
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(target) == ["broken"]
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(target) == ["config.json"]
+
+
+def test_a_failed_index_write_leaves_no_temporary_file(built, monkeypatch):
+    import faiss
+
+    def fail(index, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    before = sorted(os.listdir(built))
+    monkeypatch.setattr(faiss, "write_index", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_index(open_datastore(built), IndexConfig(exact=True))
+    assert sorted(os.listdir(built)) == before
+
+
+def test_default_datastore_and_glob_have_one_home(monkeypatch):
+    from knnlm.cli.build import build_datastore_cmd, train_index_cmd
+    from knnlm.cli.common import datastore_option
+    from knnlm.cli.info import info_cmd
+
+    params = {p.name: p for p in build_datastore_cmd.params}
+    assert params["glob"].default == DEFAULT_GLOB == BuildConfig().glob
+    assert open_corpus.__defaults__[0] == DEFAULT_GLOB
+    for p in (params["out"], *train_index_cmd.params[:1], *info_cmd.params[:1],
+              datastore_option(lambda datastore: None).__click_params__[0]):
+        assert p.default == DEFAULT_DATASTORE and p.envvar == "KNNLM_DATASTORE", p.name
+    assert datastore_path(None) == Path(DEFAULT_DATASTORE)
+    monkeypatch.setenv("KNNLM_DATASTORE", "elsewhere")
+    assert datastore_path(None) == Path("elsewhere")
+
+
+def _reference_owned(lm, ids, w: Window, logits: bool):
+    """Keys and logits of one window's owned rows, from a forward pass over that window alone."""
+    x = torch.tensor([ids[w.begin: w.end]])
+    keys, out = lm.forward(x, torch.ones_like(x), logits=logits)
+    lo, hi = w.own_from - w.begin, w.own_to - w.begin
+    return keys[0, lo:hi], (out[0, lo:hi] if logits else None)
+
+
+@pytest.mark.parametrize("logits", [True, False])
+def test_forward_owned_matches_one_window_at_a_time(tiny_lm, corpus_texts, logits):
+    docs = [tiny_lm.encode(corpus_texts[n])[:n_tok] for n, n_tok in (("bisect.py", 300), ("keyword.py", 77))]
+    work = [(w, ids[w.begin: w.end]) for d, ids in enumerate(docs) for w in plan_windows(d, len(ids), 64, 24)]
+    seen = []
+    for batch in forward_owned(tiny_lm, work, batch_size=3, logits=logits):
+        assert 1 <= len(batch) <= 3
+        for o in batch:
+            w = work[o.item][0]
+            assert o.window == w
+            ref_keys, ref_logits = _reference_owned(tiny_lm, docs[w.doc], w, logits)
+            assert o.keys.shape == (w.own_to - w.own_from, tiny_lm.dim) and o.keys.dtype == torch.float32
+            torch.testing.assert_close(o.keys, ref_keys, rtol=1e-4, atol=1e-4)
+            if logits:
+                assert o.logits.shape == (len(o.keys), tiny_lm.vocab_size)
+                torch.testing.assert_close(o.logits, ref_logits, rtol=1e-4, atol=1e-4)
+            else:
+                assert o.logits is None
+            seen.append(o.item)
+    assert sorted(seen) == list(range(len(work)))
+
+
+# 4. Smaller correctness points -----------------------------------------------------------------------------------
+
+def test_every_planned_window_owns_a_position():
+    for context in range(2, 13):
+        for stride in range(1, context + 1):
+            for n in range(0, 60):
+                windows = plan_windows(3, n, context, stride)
+                owned = np.zeros(max(n - 1, 0), dtype=int)
+                for i, w in enumerate(windows):
+                    assert w.index == i and w.doc == 3
+                    assert w.own_to > w.own_from, (n, context, stride, w)
+                    assert w.begin <= w.own_from and w.own_to <= w.end <= n and w.end - w.begin <= context
+                    owned[w.own_from: w.own_to] += 1
+                assert (owned == 1).all(), (n, context, stride)
+    # n − 1 on a window's end: the window ending at 8 owns positions up to 7, and nothing is left for another.
+    assert [(w.begin, w.end, w.own_from, w.own_to) for w in plan_windows(0, 9, 8, 4)] == [(0, 8, 0, 8)]
+
+
+def test_rerank_pool_is_made_once_under_concurrency(monkeypatch):
+    made = []
+
+    class SlowPool(retrieval.ThreadPoolExecutor):
+        def __init__(self, *a, **k):
+            time.sleep(0.05)  # widens the window in which an unlocked check-then-create races
+            made.append(self)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(retrieval, "ThreadPoolExecutor", SlowPool)
+    monkeypatch.setattr(retrieval, "_POOL", {})
+    got, start = [], threading.Barrier(8)
+
+    def use():
+        start.wait()
+        got.append(retrieval._rerank_pool(3))
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(made) == 1 and all(p is made[0] for p in got)
+    finally:
+        for p in made:
+            p.shutdown()
+
+
+def _distances_in_child(queue, q, keys, ids):
+    queue.put(retrieval.exact_distances(q, keys, ids))
+
+
+def test_rerank_works_in_a_forked_child(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # several re-rank threads, even on one core
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(2000, 16)).astype(np.float16)
+    q = rng.normal(size=(256, 16)).astype(np.float32)
+    ids = rng.integers(-1, 2000, size=(256, 40))
+    expected = retrieval.exact_distances(q, keys, ids)  # the parent now holds a pool of 3 threads
+    assert retrieval._POOL
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_distances_in_child, args=(queue, q, keys, ids))
+    child.start()
+    try:
+        got = queue.get(timeout=60)  # with the parent's pool the child's jobs would wait forever
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(got, expected)
+    assert np.isinf(got[ids < 0]).all()
+
+
+# 5. info ---------------------------------------------------------------------------------------------------------
+
+def test_info_names_the_index_kind(built):
+    r = invoke("info", built)
+    assert r.exit_code == 0, r.output
+    line = next(l for l in r.output.splitlines() if l.startswith("index"))
+    assert "exact (Flat)" in line
+    info = strict_loads(invoke("info", built, "--json").stdout)
+    assert info["index"]["kind"] == "exact"
