@@ -1,6 +1,6 @@
 """The real-text check: kNN-LM perplexity on code, with the bundled SmolLM2.
 
-    python bench/quality.py [--tokens 100000] [--holdout 0.15] [--out bench/results/code]
+    python bench/quality.py [--tokens 100000] [--holdout 0.15] [--out bench/results/code] [--skip-search]
 
 Datastore: Python files under the installed transformers/models/ package, shuffled with a
 fixed seed, up to --tokens keys; evaluation: the held-out test documents of the same stream
@@ -21,6 +21,8 @@ import transformers
 
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.datastore import open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.scores import load_scores
 from knnlm.evaluate import EvalConfig, report, run_eval
 from knnlm.lm import load_lm
 from knnlm.retrieval import RetrievalConfig
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--holdout", type=float, default=0.15)
     ap.add_argument("--out", default="bench/results/code")
+    ap.add_argument("--skip-search", action="store_true", help="leave out the IVF-PQ table (two test passes)")
     args = ap.parse_args()
     lm = load_lm("smollm2-135m", "cpu")
     out = Path(args.out)
@@ -45,7 +48,7 @@ def main() -> None:
     print(f"datastore: {ds.count} keys from {len(ds.documents)} files; test: "
           f"{len(ds.heldout('test'))} files, dev: {len(ds.heldout('dev'))} files\n")
 
-    exact, scores = run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True)), lm=lm)
+    exact, scores = cached_scores(ds, lm, "test", out)
     print(f"test tokens: {exact['tokens']}; LM perplexity {exact['lm_ppl']:.3f}\n")
     lams, temps = [0.1, 0.25, 0.5, 0.75], [1, 10, 30, 100]
     print("exact search, k = 1000: kNN-LM perplexity (kNN-only in the last column)\n")
@@ -55,6 +58,27 @@ def main() -> None:
         cells = [report(scores, FixedLambda(lam, t, "grid")) for lam in lams]
         print(f"| {t} | " + " | ".join(f"{c['knn_lm_ppl']:.3f}" for c in cells) + f" | {cells[0]['knn_only_ppl']:.2f} |")
 
+    if args.skip_search:
+        print("\n(IVF-PQ table skipped: --skip-search)")
+    else:
+        search_table(ds, lm, scores, exact)
+    tuning_tables(ds, lm, scores, exact, out)
+
+
+def cached_scores(ds, lm, split: str, out: Path):
+    """Exact-search scores of a held-out split, cached beside the datastore (they take the longest)."""
+    path = Path(f"{out}-{split}-exact.h5")
+    if path.exists():
+        try:
+            scores = load_scores(str(path))
+            return report(scores, FixedLambda(0.0, 1.0, "cache")) | {"tokens_per_s": float("nan")}, scores
+        except KNNLMError:
+            pass
+    return run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True), save_scores=str(path)),
+                    lm=lm, split=split)
+
+
+def search_table(ds, lm, scores, exact) -> None:
     print("\nIVF-PQ (default index, nprobe 8) against exact search, T = 30, λ = 0.5\n")
     print("| search | kNN-LM perplexity | vs exact | tokens/s |")
     print("|---|---|---|---|")
@@ -65,7 +89,9 @@ def main() -> None:
         print(f"| {name} | {r['knn_lm_ppl']:.3f} | {100 * (r['knn_lm_ppl'] / ref['knn_lm_ppl'] - 1):+.2f}% "
               f"| {r['tokens_per_s']:.0f} |")
 
-    _, dev = run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True)), lm=lm, split="dev")
+
+def tuning_tables(ds, lm, scores, exact, out) -> None:
+    _, dev = cached_scores(ds, lm, "dev", out)
     head = lm.model.get_output_embeddings()
     print(f"\nlearned gate: logistic regression against one hidden layer (dev, held-out half, {len(dev)} tokens)\n")
     print("| gate | before search | after search |")

@@ -60,7 +60,7 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
             ds = build_datastore(corpus, out, cfg, progress=bar.update)
         except KeyboardInterrupt:
             bar.close()
-            click.echo(f"Interrupted; continue with the same command and --resume.", err=True)
+            click.echo("Interrupted; continue with the same command and --resume.", err=True)
             raise SystemExit(130)
     b = ds.meta["build"]
     click.echo(f"{ds.path}: {ds.count} keys of width {ds.dim} from {len(ds.documents)} documents "

@@ -11,16 +11,14 @@ from knnlm.generate import generate
 from knnlm.retrieval import RetrievalConfig
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
-from .evaluate import retrieval_options
+from .evaluate import mixing_options, retrieval_options
 
 
 @click.command("generate")
 @datastore_option
 @click.option("--prompt", "-p", required=True, help="Text to continue ('-' reads it from stdin).")
 @click.option("--max-new-tokens", "-n", default=64, help="Tokens to add.")
-@click.option("--lambda", "lam", default="0.25", help="λ: a number in [0, 1], 'tuned' or 'adaptive'.")
-@click.option("--temperature", "-t", type=float, default=None,
-              help="T in softmax(-d/T) [default: the tuned T, else 1].")
+@mixing_options
 @click.option("--sample/--greedy", default=False, help="Draw tokens from the distribution, or take the most likely.")
 @click.option("--seed", default=0, help="Seed of the sampler.")
 @click.option("--compare", is_flag=True, help="Also print the LM's own continuation (λ = 0).")
@@ -29,21 +27,24 @@ from .evaluate import retrieval_options
 @device_option
 @trust_option
 @json_option
-def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, seed, compare, k, nprobe, rerank,
-                 exact, model, device, trust_remote_code, as_json):
+def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, temperature, sample, seed, compare, k,
+                 nprobe, rerank, exact, model, device, trust_remote_code, as_json):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
         prompt = sys.stdin.read()
     knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      trust_remote_code)
-    out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed)
+    out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed, combine=combine,
+                   skip_below=skip_below)
     # The LM alone decodes in the datastore's windows too, so the two see the same left context.
     window = (knn.datastore.meta["context"], knn.datastore.meta["stride"])
     plain = generate(knn.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, window) if compare else None
     if as_json:
         result = {"prompt": prompt, "text": out.text, "tokens": out.tokens, "lambda": lam, "sample": sample,
                   "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,
-                  "tokens_per_s": len(out.tokens) / out.seconds, **knn.retriever.describe}
+                  "tokens_per_s": len(out.tokens) / out.seconds, "combine": combine, "skip_below": skip_below,
+                  "searches_skipped": out.searches_skipped, "tuned_settings_differ": out.tuned_settings_differ,
+                  **knn.retriever.describe}
         if plain is not None:
             result["lm_text"] = plain.text
         print_json(result)
@@ -56,7 +57,11 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, temperature, sample, se
         click.echo(click.style("LM alone:", underline=True))
         click.echo(prompt + click.style(plain.text, bold=True))
     per_token = 1000 * out.retrieval_seconds / max(1, len(out.tokens))
-    click.echo(f"{len(out.tokens)} tokens in {out.seconds:.1f} s (retrieval {per_token:.1f} ms/token)", err=True)
+    skipped = f"; {out.searches_skipped} searches skipped" if skip_below is not None else ""
+    click.echo(f"{len(out.tokens)} tokens in {out.seconds:.1f} s (retrieval {per_token:.1f} ms/token{skipped})",
+               err=True)
+    if out.tuned_settings_differ:
+        click.echo(f"note: {out.tuned_settings_differ}", err=True)
 
 
 COMMANDS = [generate_cmd]

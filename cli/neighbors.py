@@ -26,7 +26,7 @@ def format_neighbors(r: dict, width: int = 72) -> str:
     lines = [f"position {r['position']} of {r['tokens']} tokens: {_one_line(r['context'], width)}",
              f"next token in the text: {target}", "",
              "LM   " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["lm"]),
-             f"kNN  " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["knn"]) + f"   (T {r['temperature']:g})",
+             "kNN  " + "  ".join(f"{p['text']!r} {p['prob']:.3f}" for p in r["knn"]) + f"   (T {r['temperature']:g})",
              ""]
     root = os.path.abspath(r["corpus"]) if r.get("corpus") and r["corpus"] != "-" else ""
     for n in r["neighbors"]:

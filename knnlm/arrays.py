@@ -71,18 +71,23 @@ class NpyAppender:
 
 
 def json_safe(obj):
-    """obj with NaN and ±inf as None (JSON has neither) and numpy values as Python ones, through dicts and lists."""
+    """obj as JSON-native values: NaN and ±inf as None (JSON has neither), numpy values and bytes (HDF5
+    attributes) as Python ones, through dicts and lists; anything else as its str."""
     if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return json_safe(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    return obj
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
 
 
 def _fsync(path: Path) -> None:

@@ -16,7 +16,6 @@ from .combine.features import lm_stats
 from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError
-from .index import read_index_info
 from .interpolate import knn_log_prob, perplexity
 from .lm import LM, load_lm
 from .retrieval import RetrievalConfig, Retriever
@@ -112,13 +111,10 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         timer.lm += time.perf_counter() - t0
         t0 = time.perf_counter()
         keep = combiner.search_mask(q, st) if (combiner is not None and retriever is not None) else None
-        k = retriever.k if retriever is not None else 0
-        dists, vals = np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int32)
         if retriever is not None:
-            if keep is None:
-                dists, _ids, vals = retriever.neighbors(q)
-            elif keep.any():
-                dists[keep], _ids, vals[keep] = retriever.neighbors(q[keep])
+            dists, _ids, vals = retriever.neighbors(q, keep)
+        else:
+            dists, vals = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int32)
         searched = np.ones(len(q), bool) if keep is None else keep
         timer.retrieval += time.perf_counter() - t0
         at = 0
@@ -144,9 +140,10 @@ def report(scores: Scores, combiner: Combiner, head=None) -> dict:
         "tokens": len(scores),
         "lm_ppl": lm_ppl,
         "knn_lm_ppl": knn_lm_ppl,
-        "knn_only_ppl": perplexity(knn),
+        # over the searched tokens only: a skipped search is no miss of the kNN
+        "knn_only_ppl": perplexity(knn[searched]),
         "change": knn_lm_ppl / lm_ppl - 1.0,
-        "target_in_neighbors": float(np.isfinite(knn).mean()) if len(scores) else float("nan"),
+        "target_in_neighbors": float(np.isfinite(knn[searched]).mean()) if searched.any() else float("nan"),
         "searches_skipped": float(1 - searched.mean()) if len(scores) else 0.0,
     }
 
@@ -164,14 +161,10 @@ def resolve_docs(ds: Datastore, corpus: str | None, split: str, cfg: "EvalConfig
 
 
 def index_identity(ds: Datastore) -> str:
-    """What index a search used: its index.json (factory, parameters, sample) and when index.faiss was written."""
+    """What index a search used: a hash of its index.json (factory, parameters, sample, and a stamp
+    that every training writes anew)."""
     info = ds.path / "index.json"
-    faiss_file = ds.path / "index.faiss"
-    if not info.is_file() or not faiss_file.is_file():
-        return "none"
-    h = hashlib.sha256(info.read_bytes())
-    h.update(str(faiss_file.stat().st_mtime_ns).encode())
-    return h.hexdigest()[:16]
+    return hashlib.sha256(info.read_bytes()).hexdigest()[:16] if info.is_file() else "none"
 
 
 def search_settings(ds: Datastore, retriever: Retriever) -> dict:

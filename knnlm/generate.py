@@ -22,7 +22,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .errors import KNNLMError
 from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
-from .interpolate import knn_log_distribution  # noqa: F401  (public here too: the processor's maths)
 from .lm import LM
 from .retrieval import Retriever
 from .scores import Scores
@@ -102,13 +101,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         stats = lm_stats(lm_logp_t) if self.combiner.reads_lm_stats else {}
         t0 = time.perf_counter()
         keep = self.combiner.search_mask(q, stats)
-        k = self.retriever.k
-        dists, ids = np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        vals = np.full((len(q), k), -1, np.int32)
-        if keep is None or keep.all():
-            dists, ids, vals = self.retriever.neighbors(q)
-        elif keep.any():
-            dists[keep], ids[keep], vals[keep] = self.retriever.neighbors(q[keep])
+        dists, ids, vals = self.retriever.neighbors(q, keep)
         searched = np.ones(len(q), bool) if keep is None else keep
         self.searches += int(searched.sum())
         self.skipped += int((~searched).sum())
@@ -142,11 +135,14 @@ class Generation:
     tokens: list[int]  # the new token ids
     seconds: float
     retrieval_seconds: float
+    searches_skipped: int = 0  # steps whose search the learned skip left out
+    tuned_settings_differ: str | None = None  # tuned values used with other search settings: what differs
 
 
 def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str | float | Combiner = 0.25,
              temperature: float | None = None, max_new_tokens: int = 64, sample: bool = False,
-             seed: int = 0, window: tuple[int, int] | None = None) -> Generation:
+             seed: int = 0, window: tuple[int, int] | None = None, combine: str = "mix",
+             skip_below: str | float | None = None) -> Generation:
     """Continue a prompt with the kNN-LM (or with the LM alone when retriever is None).
 
     Decoding runs in the datastore's windows (context, stride), the way build and eval cut a
@@ -169,6 +165,9 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
             datastore's (None takes it; another is refused). For the LM alone pass the
             datastore's to compare the two fairly; None decodes in one window as long as the
             model allows.
+        combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory).
+        skip_below: skip the search where the before-retrieval gate predicts λ below this (a
+            number, or "tuned").
 
     Returns:
         The Generation.
@@ -197,7 +196,8 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         context, stride = window
         check_window(context, stride, limit)
     t0 = time.perf_counter()
-    processor = KNNLogitsProcessor(lm, retriever, lam, temperature) if retriever is not None else None
+    processor = KNNLogitsProcessor(lm, retriever, lam, temperature, combine, skip_below) \
+        if retriever is not None else None
     try:
         new = _decode(lm, ids, LogitsProcessorList([processor] if processor else []), max_new_tokens,
                       context, stride, torch.Generator(device=lm.device).manual_seed(seed) if sample else None)
@@ -206,7 +206,9 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
             processor.close()
     return Generation(text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
                       seconds=time.perf_counter() - t0,
-                      retrieval_seconds=processor.retrieval_seconds if processor else 0.0)
+                      retrieval_seconds=processor.retrieval_seconds if processor else 0.0,
+                      searches_skipped=processor.skipped if processor else 0,
+                      tuned_settings_differ=processor.combiner.mismatch if processor else None)
 
 
 def window_begin(position: int, context: int, stride: int) -> int:

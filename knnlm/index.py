@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
 import faiss
 import numpy as np
@@ -129,7 +131,9 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
             progress(hi - lo)
     info = {**p, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
             "train_seconds": round(t_train, 2), "total_seconds": round(time.time() - t0, 2),
-            "datastore": ds.fingerprint}
+            "datastore": ds.fingerprint,
+            # Caches and tuned values name the index they were made with: a retrain is a new index.
+            "trained": f"{datetime.now(timezone.utc).isoformat()} {uuid.uuid4().hex[:12]}"}
     with atomic_path(ds.path / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
     write_json(ds.path / "index.json", info)

@@ -8,6 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def masked_distances(dists: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """float64 distances with inf wherever faiss returned no neighbour (value -1): the one rule for a miss."""
+    return np.where(np.asarray(vals) < 0, np.inf, np.asarray(dists, dtype=np.float64))
+
+
 def neighbor_log_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
     """log softmax_i(-d_i / T) over each row; missing neighbours (d = inf) get -inf."""
     d = np.asarray(dists, dtype=np.float64)  # (n, k)
@@ -36,7 +41,7 @@ def knn_log_prob(
         (n,) float64 log-probabilities; -inf where no neighbour carries the target.
     """
     vals = np.asarray(vals)
-    dists = np.where(vals < 0, np.inf, np.asarray(dists, dtype=np.float64))
+    dists = masked_distances(dists, vals)
     logw = neighbor_log_weights(dists, temperature)  # (n, k)
     hit = vals == np.asarray(targets)[:, None]  # (n, k)
     masked = np.where(hit, logw, -np.inf)
@@ -95,7 +100,7 @@ def knn_log_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, t
     import torch
 
     vals = np.asarray(vals)
-    weights = np.exp(neighbor_log_weights(np.where(vals < 0, np.inf, np.asarray(dists)), temperature))  # (B, k)
+    weights = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (B, k)
     p = torch.zeros(vals.shape[0], vocab_size, dtype=torch.float64)
     p.scatter_add_(1, torch.from_numpy(np.maximum(vals, 0).astype(np.int64)), torch.from_numpy(weights))
     return torch.log(p)  # log 0 = -inf

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .errors import KNNLMError
-from .generate import knn_log_distribution
+from .interpolate import knn_log_distribution
 from .lm import LM
 from .retrieval import Retriever
 from .windows import pad_batch, plan_windows

@@ -136,8 +136,20 @@ class Retriever:
         dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
         return dists, ids
 
-    def neighbors(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(dists, ids, vals) for queries; vals are -1 where a neighbour is missing."""
+    def neighbors(self, queries: np.ndarray, keep: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dists, ids, vals) for queries; vals are -1 where a neighbour is missing.
+
+        keep: (n,) bool, or None for all: rows left out are not searched and get no neighbour
+        (dist inf, id and value -1), the way a learned skip leaves them.
+        """
+        if keep is not None and not keep.all():
+            n = len(queries)
+            dists, ids = np.full((n, self.k), np.inf, np.float32), np.full((n, self.k), -1, np.int64)
+            vals = np.full((n, self.k), -1, np.int32)
+            if keep.any():
+                dists[keep], ids[keep], vals[keep] = self.neighbors(np.asarray(queries)[keep])
+            return dists, ids, vals
         dists, ids = self.search(queries)
         vals = np.where(ids >= 0, np.asarray(self.ds.vals)[np.maximum(ids, 0)], -1).astype(np.int32)
         return dists, ids, vals

@@ -9,6 +9,7 @@ import numpy as np
 
 from .arrays import atomic_path
 from .errors import KNNLMError
+from .interpolate import masked_distances
 
 SCORES_FORMAT = 2  # 2: queries and LM statistics for the learned gate and SPALM
 
@@ -46,15 +47,24 @@ class Scores:
             self.doc[idx], self.pos[idx], dict(self.attrs), **extra,
         )
 
+    def lm_stats(self) -> dict[str, np.ndarray]:
+        """The LM statistics the learned gates read; one sentence when the scores lack them."""
+        stats = {name: getattr(self, name) for name in LM_STATS}
+        if self.queries is None or any(v is None for v in stats.values()):
+            raise KNNLMError("These scores hold no queries or LM statistics, which the learned gate and SPALM need; "
+                             "score again with this version (`knnlm eval --save-scores`).")
+        return stats
+
     @property
     def nn_dist(self) -> np.ndarray:
         """(n,) distance to the nearest neighbour (inf if none)."""
         if self.dists.shape[1] == 0:
             return np.full(len(self), np.inf)
-        return np.where(self.vals[:, 0] >= 0, self.dists[:, 0], np.inf)
+        return masked_distances(self.dists[:, :1], self.vals[:, :1])[:, 0]
 
 
-OPTIONAL = ("queries", "lm_entropy", "lm_max", "lm_second", "lm_argmax", "searched")
+LM_STATS = ("lm_entropy", "lm_max", "lm_second", "lm_argmax")
+OPTIONAL = ("queries", *LM_STATS, "searched")
 _REQUIRED = ("target", "lm_logprob", "dist", "val", "doc", "pos")  # in Scores' field order
 # On disk: dataset name and dtype of each optional field.
 _OPTIONAL_DATASETS = {"queries": ("query", np.float16), "lm_entropy": ("lm_entropy", np.float32),
@@ -116,6 +126,9 @@ def load_scores(path: str) -> Scores:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
             extra = {name: (f[dataset][:] if dataset in f else None)
                      for name, (dataset, _dtype) in _OPTIONAL_DATASETS.items()}
+            partial = [_OPTIONAL_DATASETS[name][0] for name in ("queries", *LM_STATS) if extra[name] is None]
+            if 0 < len(partial) < 1 + len(LM_STATS):  # all of the gate's datasets, or none
+                raise KNNLMError(f"Scores file {path} lacks the dataset(s) {', '.join(partial)}; {again}.")
             if extra["queries"] is not None:
                 extra["queries"] = extra["queries"].astype(np.float32)
             return Scores(*(f[name][:] for name in _REQUIRED), attrs, **extra)

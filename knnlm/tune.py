@@ -14,15 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
 from .combine import LAMBDA_FORMAT
 from .combine.features import POST_FEATURES, PRE_FEATURES, post_features, pre_features
 from .combine.gate import GateConfig, fit_gate, gate_tensors
-from .combine.policies import _lm_view
 from .combine.spalm import fit_spalm, nll_grid, spalm_target_log_probs
+from .arrays import json_safe
 from .errors import KNNLMError
 from .interpolate import adaptive_lambdas, interpolate, knn_log_prob, perplexity
 from .scores import Scores
@@ -222,28 +221,11 @@ def fit_adaptive(scores: Scores, cfg: TuneConfig = TuneConfig()) -> dict:
     return _fit_adaptive(_KnnCache(scores), np.arange(len(scores)), cfg)
 
 
-def _jsonable(value):
-    """value as a JSON-native type (numpy scalars and arrays, bytes from HDF5 attrs)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
 class _Mixing:
     """Everything the gates and SPALM are fitted from, computed once for all the tokens."""
 
     def __init__(self, scores: Scores, cache: _KnnCache, cfg: TuneConfig, head):
-        lm = _lm_view(scores)  # refuses scores without queries in one sentence
+        lm = scores.lm_stats()  # refuses scores without queries in one sentence
         self.scores, self.cache, self.cfg, self.head = scores, cache, cfg, head
         self.keys = np.asarray(scores.queries, np.float32)  # (n, d)
         self.pre = pre_features(self.keys, lm)  # (n, F_pre)
@@ -272,7 +254,16 @@ class _Mixing:
             out["pre"] = fit_gate(self.pre[idx], self.keys[idx], lm, knn, g)
             out["post"] = fit_gate(self.post(t)[idx], self.keys[idx], lm, knn, g)
             if cfg.skip:
-                out["skip_below"] = pick_skip_threshold(self.lambdas(out, idx, t), lm, knn, cfg.skip_tolerance)
+                # The threshold is chosen on λ the gates predict for tokens they were not trained on
+                # (two-fold cross-fitting inside idx): on their own training tokens they are too sure.
+                lams = {"pre": np.empty(idx.size), "post": np.empty(idx.size)}
+                for train, other in _two_folds(idx.size, g.seed):
+                    part = {"pre": fit_gate(self.pre[idx[train]], self.keys[idx[train]], lm[train], knn[train], g),
+                            "post": fit_gate(self.post(t)[idx[train]], self.keys[idx[train]], lm[train], knn[train],
+                                             g)}
+                    for name, value in self.lambdas(part, idx[other], t).items():
+                        lams[name][other] = value
+                out["skip_below"] = pick_skip_threshold(lams, lm, knn, cfg.skip_tolerance)
         if self.table is not None:
             out["spalm"] = fit_spalm(self.keys[idx], self.table[idx], cfg.gate_config)
         return out
@@ -281,6 +272,19 @@ class _Mixing:
         """λ of the pre and post gates on tokens idx."""
         return {"pre": fitted["pre"].lambdas(self.pre[idx], self.keys[idx]),
                 "post": fitted["post"].lambdas(self.post(t)[idx], self.keys[idx])}
+
+
+def _two_folds(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A seeded split of range(n) into two halves, as (train, other) both ways."""
+    a, b = split_tokens(n, 0.5, seed + 1)
+    return [(a, b), (b, a)]
+
+
+def skipped_ppl(lams: dict, lm: np.ndarray, knn: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(share skipped, perplexity) when tokens whose pre-gate λ is below threshold skip the search (λ = 0)
+    and the others take the post gate's λ."""
+    keep = lams["pre"] >= threshold
+    return float(1 - keep.mean()), perplexity(interpolate(lm, knn, np.where(keep, lams["post"], 0.0)))
 
 
 def skip_curve(lams: dict, lm: np.ndarray, knn: np.ndarray, shares=np.arange(0.0, 1.0, 0.05)) -> list[dict]:
@@ -292,9 +296,8 @@ def skip_curve(lams: dict, lm: np.ndarray, knn: np.ndarray, shares=np.arange(0.0
     out = []
     for share in shares:
         x = 0.0 if share == 0 else float(np.quantile(lams["pre"], share))
-        keep = lams["pre"] >= x
-        out.append({"threshold": x, "skipped": float(1 - keep.mean()),
-                    "ppl": perplexity(interpolate(lm, knn, np.where(keep, lams["post"], 0.0)))})
+        skipped, ppl = skipped_ppl(lams, lm, knn, x)
+        out.append({"threshold": x, "skipped": skipped, "ppl": ppl})
     return out
 
 
@@ -355,9 +358,9 @@ def tune(scores: Scores, cfg: TuneConfig = TuneConfig(), description: str = "", 
         "gate": None,
         "spalm": None,
         "heldout": heldout,
-        "tuned_on": {"description": description, "tokens": len(scores), "attrs": _jsonable(scores.attrs)},
+        "tuned_on": {"description": description, "tokens": len(scores), "attrs": json_safe(scores.attrs)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": _jsonable(asdict(cfg)),
+        "config": json_safe(asdict(cfg)),
     }
     if mixing is not None:
         t_gate = ada["temperature"] if ada else t
@@ -391,9 +394,8 @@ def _measure_mixing(mixing: _Mixing, fitted: dict, held: np.ndarray, t: float) -
         out["gate_ppl"] = perplexity(interpolate(lm, knn, lams["post"]))
         if "skip_below" in fitted:
             x = fitted["skip_below"]
-            keep = lams["pre"] >= x
-            out["skip"] = {"threshold": x, "skipped": float(1 - keep.mean()),
-                           "ppl": perplexity(interpolate(lm, knn, np.where(keep, lams["post"], 0.0)))}
+            skipped, ppl = skipped_ppl(lams, lm, knn, x)
+            out["skip"] = {"threshold": x, "skipped": skipped, "ppl": ppl}
             out["skip_curve"] = skip_curve(lams, lm, knn)
     if "spalm" in fitted:
         s = mixing.scores

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import faiss
 import numpy as np

@@ -3,7 +3,6 @@ knows the index it was made with; eval reads JSONL corpora with any text field."
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from click.testing import CliRunner
 
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
-from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.index import train_index
 from knnlm.retrieval import RetrievalConfig

@@ -16,8 +16,8 @@ from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.errors import KNNLMError
 from knnlm.evaluate import score_documents
-from knnlm.generate import KNNLogitsProcessor, generate, knn_log_distribution
-from knnlm.interpolate import interpolate, knn_log_prob
+from knnlm.generate import KNNLogitsProcessor, generate
+from knnlm.interpolate import interpolate, knn_log_distribution, knn_log_prob
 from knnlm.neighbors import neighbors
 from knnlm.retrieval import RetrievalConfig, Retriever
 
@@ -255,9 +255,10 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
     class Stop(Exception):
         pass
 
-    def fake_generate(lm, prompt, retriever, lam, temperature, max_new_tokens, sample, seed):
+    def fake_generate(lm, prompt, retriever, lam, temperature, max_new_tokens, sample, seed, combine="mix",
+                      skip_below=None):
         seen.update(lm=lm.name, prompt=prompt, cfg=retriever.cfg, lam=lam, t=temperature, n=max_new_tokens,
-                    sample=sample, seed=seed)
+                    sample=sample, seed=seed, combine=combine, skip=skip_below)
         raise Stop
 
     def fake_neighbors(lm, retriever, text, position, top, temperature):
@@ -279,10 +280,12 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
 
     r = run(cli, ["generate", "--datastore", "ds", "--prompt", "-", "--max-new-tokens", 7, "--lambda", "0.7",
                   "--temperature", 3, "--sample", "--seed", 5, "--k", 9, "--nprobe", 2, "--no-rerank", "--exact",
-                  "--model", str(tiny_model_dir), "--device", "cpu", "--trust-remote-code"], input="hello")
+                  "--model", str(tiny_model_dir), "--device", "cpu", "--trust-remote-code", "--combine", "spalm",
+                  "--skip-below", "0.3"], input="hello")
     assert isinstance(r.exception, Stop), r.output
     assert (seen["prompt"], seen["lam"], seen["t"], seen["n"], seen["sample"], seen["seed"]) == \
         ("hello", "0.7", 3.0, 7, True, 5)
+    assert (seen["combine"], seen["skip"]) == ("spalm", "0.3")
     assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 2, False, True)
     assert seen["lm"] == str(tiny_model_dir) and seen["load"] == (str(tiny_model_dir), "cpu", True)
     r = run(cli, ["neighbors", "-d", "ds", "some text", "--position", -3, "--top", 4, "--temperature", 2,

@@ -264,7 +264,7 @@ def test_save_load_round_trip(tmp_path, tuned, split_by_distance):
     assert np.array_equal(ada.lambdas(split_by_distance), np.asarray(tuned["adaptive"]["lambdas"])[bins])
 
 
-def test_resolve_lambda_numbers(tmp_path, known):
+def test_resolve_combiner_numbers(tmp_path, known):
     for spec, lam in [("0", 0.0), ("1", 1.0), ("0.25", 0.25), (" .5 ", 0.5)]:
         c = resolve_combiner(spec, tmp_path)  # never tuned: numbers need no lambda.json
         assert isinstance(c, FixedLambda) and (c.kind, c.lam, c.temperature) == ("fixed", lam, 1.0)
@@ -273,18 +273,19 @@ def test_resolve_lambda_numbers(tmp_path, known):
 
 @pytest.mark.parametrize("spec,match", [("1.5", "outside"), ("-0.1", "outside"), ("nan", "outside"),
                                         ("abc", "must be a number"), ("", "must be a number")])
-def test_resolve_lambda_bad_numbers(tmp_path, spec, match):
+def test_resolve_combiner_bad_numbers(tmp_path, spec, match):
     with pytest.raises(KNNLMError, match=match):
         resolve_combiner(spec, tmp_path)
 
 
 @pytest.mark.parametrize("spec", ["tuned", "adaptive"])
-def test_resolve_lambda_never_tuned(tmp_path, spec):
-    with pytest.raises(KNNLMError, match=r"never tuned \(no lambda.json\), which --lambda \w+ needs; run `knnlm tune-lambda`"):
+def test_resolve_combiner_never_tuned(tmp_path, spec):
+    with pytest.raises(KNNLMError,
+                       match=r"never tuned \(no lambda.json\), which --lambda \w+ needs; run `knnlm tune-lambda`"):
         resolve_combiner(spec, tmp_path)
 
 
-def test_resolve_lambda_without_adaptive_schedule(tmp_path, tuned):
+def test_resolve_combiner_without_adaptive_schedule(tmp_path, tuned):
     save_lambda(tmp_path, dict(tuned, adaptive=None))
     assert resolve_combiner("tuned", tmp_path).lam == tuned["lambda"]
     with pytest.raises(KNNLMError, match="no adaptive schedule"):

@@ -15,13 +15,11 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..arrays import atomic_path, write_json
 from ..errors import KNNLMError
-from .features import POST_FEATURES, PRE_FEATURES
-from .gate import LambdaGate, gate_from_tensors, gate_tensors
+from .gate import LambdaGate, gate_from_tensors
 from .policies import AdaptiveLambda, Combiner, FixedLambda, GateLambda, LambdaMix, Skip, SpalmMix
 from .spalm import SpalmGate
 
@@ -67,9 +65,10 @@ def load_lambda(datastore_dir) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise KNNLMError(f"Cannot read {path} ({e}); run `knnlm tune-lambda` again.") from e
-    if not isinstance(data, dict) or data.get("format") != LAMBDA_FORMAT:
-        raise KNNLMError(f"{path} is not a knnlm λ file of format {LAMBDA_FORMAT} (older files lack the learned "
-                         "gate); run `knnlm tune-lambda` again.")
+    # Format 1 (before the learned gate) still holds a valid λ, T and adaptive schedule; asking it for
+    # a gate, SPALM or a skip threshold gets the sentence about a datastore tuned without them.
+    if not isinstance(data, dict) or data.get("format") not in (1, LAMBDA_FORMAT):
+        raise KNNLMError(f"{path} is not a knnlm λ file (format 1 or {LAMBDA_FORMAT}); run `knnlm tune-lambda` again.")
     return data
 
 
@@ -105,7 +104,9 @@ def search_settings_note(data: dict, current: dict | None) -> str | None:
     if current is None:
         return None
     tuned = ((data.get("tuned_on") or {}).get("attrs")) or {}
-    diff = [f"{key} {tuned.get(key)!s} → {current.get(key)!s}" for key in SEARCH_KEYS
+    # nprobe means nothing to an exact search: comparing it would report a difference that is none.
+    keys = [key for key in SEARCH_KEYS if key != "nprobe" or "exact" not in (tuned.get("search"), current.get("search"))]
+    diff = [f"{key} {tuned.get(key)!s} → {current.get(key)!s}" for key in keys
             if key in current and key in tuned and str(tuned.get(key)) != str(current.get(key))]
     if not diff:
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..interpolate import neighbor_log_weights
+from ..interpolate import masked_distances, neighbor_log_weights
 
 PRE_FEATURES = ("lm_entropy", "lm_max_logp", "lm_margin", "key_norm")
 POST_FEATURES = PRE_FEATURES + ("log_nn_dist", "log_kth_dist", "knn_entropy", "log_distinct", "argmax_agree")
@@ -40,11 +40,11 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
         temperature: T of softmax(-d/T).
 
     Returns:
-        {"knn_entropy": (n,), "knn_argmax": (n,) int32 (-1 with no neighbour), "distinct": (n,) int32}.
+        {"knn_entropy": (n,) (inf with no neighbour), "knn_argmax": (n,) int32 (-1 with no neighbour), "distinct": (n,) int32}.
     """
     vals = np.asarray(vals)
     n, k = vals.shape
-    w = np.exp(neighbor_log_weights(np.where(vals < 0, np.inf, dists), temperature))  # (n, k)
+    w = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (n, k)
     order = np.argsort(vals, axis=1, kind="stable")
     sv, sw = np.take_along_axis(vals, order, 1), np.take_along_axis(w, order, 1)
     valid = sv >= 0
@@ -58,6 +58,7 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
     seg_val[rows[start], seg[start]] = sv[start]
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.sum(np.where(mass > 0, mass * np.log(mass), 0.0), axis=1)
+    entropy = np.where(valid.any(axis=1), entropy, np.inf)  # no neighbour: unknown, not a confident p_kNN
     best = np.argmax(mass, axis=1)
     return {"knn_entropy": entropy, "knn_argmax": seg_val[np.arange(n), best].astype(np.int32),
             "distinct": start.sum(axis=1).astype(np.int32)}
@@ -75,7 +76,7 @@ def post_features(queries: np.ndarray, lm: dict[str, np.ndarray], dists: np.ndar
                   temperature: float) -> np.ndarray:
     """(n, len(POST_FEATURES)) float64 features known after the search; inf where a row has no neighbour."""
     vals = np.asarray(vals)
-    d = np.where(vals < 0, np.inf, np.asarray(dists, dtype=np.float64))  # (n, k)
+    d = masked_distances(dists, vals)  # (n, k)
     kth = np.max(np.where(np.isfinite(d), d, -np.inf), axis=1)  # last neighbour found; -inf if none
     kth = np.where(np.isfinite(kth), kth, np.inf)
     stats = knn_value_stats(d, vals, temperature)

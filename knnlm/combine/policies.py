@@ -24,14 +24,6 @@ from .gate import LambdaGate
 from .spalm import SpalmGate, spalm_log_probs, spalm_target_log_probs
 
 
-def _lm_view(s: Scores) -> dict[str, np.ndarray]:
-    """The LM statistics a gate reads, refused in one sentence when the scores lack them."""
-    if s.queries is None or s.lm_entropy is None:
-        raise KNNLMError("These scores hold no queries or LM statistics, which the learned gate and SPALM need; "
-                         "score again with this version (`knnlm eval --save-scores`).")
-    return {"lm_entropy": s.lm_entropy, "lm_max": s.lm_max, "lm_second": s.lm_second, "lm_argmax": s.lm_argmax}
-
-
 @dataclass(frozen=True)
 class Skip:
     """Skip the search where the before-retrieval gate predicts λ below a threshold (λ = 0 there)."""
@@ -131,7 +123,7 @@ class GateLambda(LambdaMix):
         self.kind = "gate" if after_retrieval else "gate-pre"
 
     def raw_lambdas(self, s: Scores) -> np.ndarray:
-        lm = _lm_view(s)
+        lm = s.lm_stats()
         feats = post_features(s.queries, lm, s.dists, s.vals, self.temperature) if self.after \
             else pre_features(s.queries, lm)
         return self.gate.lambdas(feats, s.queries)
@@ -152,12 +144,12 @@ class SpalmMix(Combiner):
         return head
 
     def lambdas(self, s: Scores) -> np.ndarray:
-        _lm_view(s)
+        s.lm_stats()  # refuses scores without queries in one sentence
         with torch.no_grad():
             return 1.0 - self.gate(torch.as_tensor(np.asarray(s.queries, np.float32))).numpy()
 
     def target_log_probs(self, s: Scores, head=None) -> np.ndarray:
-        _lm_view(s)
+        s.lm_stats()  # refuses scores without queries in one sentence
         return spalm_target_log_probs(s.queries, s.vals, s.targets, self._head(head), self.gate)[0]
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head=None) -> np.ndarray:

@@ -33,28 +33,31 @@ class SpalmGate(torch.nn.Module):
 
 
 def memory_vectors(h: torch.Tensor, vals: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
-    """m_t for each row: (n, d); a row with no neighbour gets h itself (then z = h for any g).
+    """m_t for each row: (n, d), on weight's device; a row with no neighbour gets h itself (then z = h for any g).
 
     Args:
         h: (n, d) keys (queries).
         vals: (n, k) the neighbours' stored tokens; -1 where missing.
         weight: (V, d) the output embedding.
     """
-    v = torch.as_tensor(np.asarray(vals), dtype=torch.long)
+    h = h.to(weight.device, weight.dtype)
+    v = torch.as_tensor(np.asarray(vals), dtype=torch.long, device=weight.device)
     valid = v >= 0
     idx = v.clamp_min(0)
     scores = (h @ weight.T).gather(1, idx).masked_fill(~valid, -torch.inf)  # (n, k) e(v_i)ᵀ h
     w = torch.softmax(scores, dim=1).nan_to_num(0.0).masked_fill(~valid, 0.0)  # all-missing rows: nan → 0
-    dense = torch.zeros(h.shape[0], weight.shape[0], dtype=h.dtype).scatter_add_(1, idx, w)  # (n, V)
+    dense = torch.zeros(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device).scatter_add_(1, idx, w)  # (n, V)
     m = dense @ weight  # (n, d)
     return torch.where(valid.any(1, keepdim=True), m, h)
 
 
 def spalm_log_probs(h: torch.Tensor, vals: np.ndarray, head: torch.nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """log softmax(lm_head((1 − g)·m + g·h)): (n, V) float32."""
-    m = memory_vectors(h, vals, head.weight)
-    g = g.to(h.dtype)[:, None]
-    return torch.log_softmax(head((1 - g) * m + g * h), dim=-1)
+    """log softmax(lm_head((1 − g)·m + g·h)): (n, V) float32, on the CPU."""
+    w = head.weight
+    h = h.to(w.device, w.dtype)
+    m = memory_vectors(h, vals, w)
+    g = g.to(w.device, w.dtype)[:, None]
+    return torch.log_softmax(head((1 - g) * m + g * h), dim=-1).cpu()
 
 
 def nll_grid(keys: np.ndarray, vals: np.ndarray, targets: np.ndarray, head: torch.nn.Module,
@@ -63,9 +66,9 @@ def nll_grid(keys: np.ndarray, vals: np.ndarray, targets: np.ndarray, head: torc
     out = np.empty((len(targets), len(grid)))
     with torch.no_grad():
         for lo in range(0, len(targets), chunk):
-            h = torch.as_tensor(np.asarray(keys[lo:lo + chunk], np.float32))  # (c, d)
+            h = torch.as_tensor(np.asarray(keys[lo:lo + chunk], np.float32)).to(head.weight.device)  # (c, d)
             m = memory_vectors(h, vals[lo:lo + chunk], head.weight)
-            a, b = head(m), head(h)  # (c, V) each
+            a, b = head(m).cpu(), head(h).cpu()  # (c, V) each
             t = torch.as_tensor(np.asarray(targets[lo:lo + chunk], np.int64))[:, None]
             for j, g in enumerate(grid):
                 out[lo:lo + chunk, j] = -torch.log_softmax((1 - g) * a + g * b, dim=-1).gather(1, t)[:, 0].numpy()
