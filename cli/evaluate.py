@@ -6,6 +6,7 @@ import click
 
 from knnlm.corpus import DEFAULT_GLOB
 from knnlm.evaluate import EvalConfig, run_eval
+from knnlm.report import REPORT_TOKENS, report_eval
 from knnlm.retrieval import RetrievalConfig
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
@@ -91,29 +92,44 @@ def format_report(r: dict) -> str:
 @window_options
 @click.option("--save-scores", type=click.Path(dir_okay=False), default=None,
               help="Write per-token scores (HDF5) for tune-lambda.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --save-scores file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --save-scores or --report file.")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False), default=None,
+              help="Write an interactive HTML report (one self-contained file) of the scored tokens.")
+@click.option("--report-tokens", default=REPORT_TOKENS, show_default=True,
+              help="Tokens (the first ones) given full detail in the --report page.")
 @model_option
 @device_option
 @trust_option
 @json_option
 def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
-             exact, context, stride, batch_size, save_scores, overwrite, model, device, trust_remote_code, as_json):
+             exact, context, stride, batch_size, save_scores, overwrite, report_file, report_tokens, model, device,
+             trust_remote_code, as_json):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
     import os
 
     if save_scores and os.path.exists(save_scores) and not overwrite:
         raise click.ClickException(f"{save_scores} already exists; pass --overwrite to replace it.")
+    if report_file and os.path.exists(report_file) and not overwrite:
+        raise click.ClickException(f"{report_file} already exists; pass --overwrite to replace it.")
     cfg = EvalConfig(lam=lam, temperature=temperature,
                      retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
                      save_scores=save_scores, combine=combine, skip_below=skip_below)
+    if report_tokens < 0:
+        raise click.BadParameter(f"{report_tokens} is negative; pass a number of tokens, e.g. 5000.",
+                                 param_hint="--report-tokens")
     with progress_bar(None, "scoring") as bar:
-        result, _ = run_eval(datastore, corpus, cfg, progress=bar.update)
+        if report_file:
+            result, _ = report_eval(datastore, corpus, cfg, report_file, report_tokens, progress=bar.update)
+        else:
+            result, _ = run_eval(datastore, corpus, cfg, progress=bar.update)
     if as_json:
         print_json(result)
     else:
         click.echo(format_report(result))
+        if report_file:
+            click.echo(f"report written to {result['report_file']} ({result['report_bytes'] / 1e6:.2f} MB)")
 
 
 COMMANDS = [eval_cmd]

@@ -8,6 +8,7 @@ import sys
 import click
 
 from knnlm.api import KNNLM
+from knnlm.report import write_neighbors_html
 from knnlm.retrieval import RetrievalConfig
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
@@ -49,12 +50,14 @@ def format_neighbors(r: dict, width: int = 72) -> str:
 @click.option("--top", default=10, help="Neighbours to show.")
 @click.option("--temperature", "-t", type=float, default=None,
               help="T of p_kNN for its top predictions [default: the tuned T, else 1].")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the neighbour panel as a self-contained HTML page.")
 @retrieval_options
 @model_option
 @device_option
 @trust_option
 @json_option
-def neighbors_cmd(datastore, text, position, top, temperature, k, nprobe, rerank, exact, model, device,
+def neighbors_cmd(datastore, text, position, top, temperature, html_file, k, nprobe, rerank, exact, model, device,
                   trust_remote_code, as_json):
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
     if text == "-":
@@ -65,6 +68,8 @@ def neighbors_cmd(datastore, text, position, top, temperature, k, nprobe, rerank
     knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      trust_remote_code)
     r = knn.neighbors(text, position, top, temperature)
+    if html_file:
+        write_neighbors_html(html_file, r)
     if as_json:
         print_json(r)
     else:

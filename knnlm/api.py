@@ -6,6 +6,7 @@
     knn.evaluate("def parse(text):\\n    return text.split()\\n")["knn_lm_ppl"]
     knn.generate("def main(", max_new_tokens=20)
     knn.neighbors("import numpy as", top=5)["neighbors"]
+    knn.report("def parse(text):\\n    return text.split()\\n", "report.html")
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
 from .lm import LM, load_lm
 from .neighbors import neighbors
+from .report import report_eval
 from .retrieval import RetrievalConfig, Retriever
 from .combine import pick_temperature, resolve_combiner, save_lambda
 from .tune import TuneConfig, tune
@@ -93,6 +95,29 @@ class KNNLM:
         texts = [text] if isinstance(text, str) else list(text)
         return run_eval(self.datastore, cfg=cfg, lm=self.lm, retriever=self.retriever,
                         documents=[(f"text {i}", t) for i, t in enumerate(texts)])
+
+    def report(self, text: str | list[str], path: str = "report.html", lam: str | float = 0.25,
+               temperature: float | None = None, detail_tokens: int = 5000, combine: str = "mix",
+               skip_below: str | float | None = None) -> dict:
+        """Evaluate text and write the interactive HTML report of it (as `knnlm eval --report`).
+
+        Args:
+            text: one document, or a list of documents.
+            path: the .html file to write (one self-contained page).
+            lam: λ.
+            temperature: T of p_kNN.
+            detail_tokens: tokens (the first ones) given the full neighbour panel.
+            combine: "mix" or "spalm".
+            skip_below: None, a number or "tuned": the learned retrieval skip.
+
+        Returns:
+            The evaluation report, with "report_file" and "report_bytes".
+        """
+        cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, combine=combine,
+                         skip_below=None if skip_below is None else str(skip_below))
+        texts = [text] if isinstance(text, str) else list(text)
+        return report_eval(self.datastore, cfg=cfg, path=path, detail_tokens=detail_tokens, lm=self.lm,
+                           documents=[(f"text {i}", t) for i, t in enumerate(texts)], retriever=self.retriever)[0]
 
     def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
                  temperature: float | None = None, sample: bool = False, seed: int = 0, combine: str = "mix",

@@ -319,7 +319,7 @@ def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
         ref = torch.log(lam * knn.exp() + (1 - lam) * torch.softmax(logits.double(), -1))
         assert torch.allclose(out, ref, atol=1e-9)
         # A query with no neighbour at all keeps the LM's distribution.
-        proc.retriever = type("Nothing", (), {"k": 8, "neighbors": staticmethod(lambda qq: (
+        proc.retriever = type("Nothing", (), {"k": 8, "neighbors": staticmethod(lambda qq, keep=None: (
             np.full((1, 8), np.inf, np.float32), np.full((1, 8), -1), np.full((1, 8), -1, np.int32)))})()
         alone = proc.distribution(q, logits)
         assert torch.allclose(alone, torch.log_softmax(logits.double(), -1))

@@ -1,0 +1,101 @@
+"""The interactive HTML report: every scored token coloured by what the memory gained, with its neighbours.
+
+    from knnlm.report import report_eval
+    result, scores = report_eval("datastores/default", None, EvalConfig(), "report.html")
+
+The data building (`build_report_data`) is a pure function of the scores and what was looked up;
+`gather` looks up the detailed tokens' neighbours, contexts and LM top tokens; `render` inlines it
+all into the packaged template (template.html).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..combine import Combiner, load_lambda, resolve_combiner
+from ..datastore import Datastore, open_datastore
+from ..evaluate import EvalConfig, resolve_docs, run_eval, search_settings
+from ..lm import LM, load_lm
+from ..retrieval import Retriever
+from ..scores import Scores
+from .data import build_report_data, detail_count, shown_rows
+from .gather import lm_top_tokens, neighbor_contexts, neighbor_ids
+from .render import check_report_path, neighbors_panel, render_html, write_html
+
+__all__ = ["build_report_data", "write_report", "report_eval", "write_neighbors_html", "render_html"]
+
+REPORT_TOKENS = 5000  # tokens given the full panel by default
+REPORT_NEIGHBORS = 8  # neighbours listed per token
+CONTEXT_TOKENS = 20  # tokens of a neighbour's preceding context
+
+
+def write_report(path: str | os.PathLike, scores: Scores, docs: list[tuple[str, str]], lm: LM, retriever: Retriever,
+                 combiner: Combiner, summary: dict | None = None, detail_tokens: int = REPORT_TOKENS,
+                 batch_size: int = 4, title: str | None = None) -> dict:
+    """Write the HTML report of scored documents.
+
+    Args:
+        path: the .html file to write.
+        scores: the per-token scores of docs (from run_eval).
+        docs: the (name, text) pairs that were scored.
+        lm: the model.
+        retriever: the search the scores were made with (the detailed tokens are searched again for row ids).
+        combiner: the mixing policy the scores were evaluated with.
+        summary: the run's report dict (perplexities, λ, T, search, speed).
+        detail_tokens: tokens (the first ones) given the full panel.
+        batch_size: windows per forward pass when computing the LM's top tokens.
+        title: the page title.
+
+    Returns:
+        {"path", "bytes", "tokens_detailed", "rows"}.
+    """
+    ids = [(name, lm.encode(text)) for name, text in docs]
+    m = detail_count(len(scores), detail_tokens)
+    head = lm.model.get_output_embeddings()
+    mixed, lambdas = combiner.target_log_probs(scores, head), combiner.lambdas(scores)
+    nbr = neighbor_ids(retriever, scores, m)
+    rows = shown_rows(nbr, REPORT_NEIGHBORS) if m else np.zeros(0, np.int64)
+    contexts = neighbor_contexts(retriever.ds, rows, CONTEXT_TOKENS)  # only the rows the page shows
+    context, stride = int(scores.attrs.get("context") or retriever.ds.meta["context"]), \
+        int(scores.attrs.get("stride") or retriever.ds.meta["stride"])
+    lm_top = lm_top_tokens(lm, ids, scores, m, context, stride, batch_size)
+    data = build_report_data(scores, ids, mixed, lambdas, nbr, contexts, lm.decode, combiner.temperature,
+                             lm_top=lm_top, summary=summary, tuned=load_lambda(retriever.ds.path),
+                             detail_tokens=detail_tokens, neighbors=REPORT_NEIGHBORS)
+    size = write_html(path, data, title or f"kNN-LM report: {(summary or {}).get('corpus', 'text')}")
+    return {"path": str(path), "bytes": size, "tokens_detailed": m, "rows": int(len(rows))}
+
+
+def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalConfig(),
+                path: str | os.PathLike = "report.html", detail_tokens: int = REPORT_TOKENS, lm: LM | None = None,
+                split: str = "test", progress=None, documents: list[tuple[str, str]] | None = None,
+                retriever: Retriever | None = None) -> tuple[dict, Scores]:
+    """run_eval, then the HTML report of what it scored (`knnlm eval --report`).
+
+    Args:
+        datastore, corpus, cfg, lm, split, progress, documents, retriever: as for run_eval.
+        path: the .html file to write.
+        detail_tokens: tokens (the first ones) given the full panel.
+
+    Returns:
+        run_eval's (report, scores); the report also holds "report_file" and "report_bytes".
+    """
+    check_report_path(path)
+    ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
+    retriever = retriever or Retriever(ds, cfg.retrieval)
+    lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
+    result, scores = run_eval(ds, corpus, cfg, lm=lm, split=split, progress=progress, documents=documents,
+                              retriever=retriever)
+    docs = list(documents) if documents is not None else resolve_docs(ds, corpus, split, cfg)[0]
+    combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature,
+                                search_settings(ds, retriever))
+    info = write_report(path, scores, docs, lm, retriever, combiner, result, detail_tokens, cfg.batch_size)
+    result.update(report_file=info["path"], report_bytes=info["bytes"])
+    return result, scores
+
+
+def write_neighbors_html(path: str | os.PathLike, r: dict) -> int:
+    """The neighbour panel of one position (the dict of KNNLM.neighbors) as a page; returns its size in bytes."""
+    return write_html(path, neighbors_panel(r), f"kNN-LM neighbours of position {r['position']}")
