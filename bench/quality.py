@@ -116,8 +116,7 @@ def tuning_tables(ds, lm, scores, exact, out) -> None:
         test = scores
         if comb.skip is not None:  # the test scores searched everything: skipping leaves λ = 0 where it skips
             test = scores.subset(np.arange(len(scores)))
-            test.searched = comb.search_mask(scores.queries, {k: getattr(scores, k) for k in
-                                                              ("lm_entropy", "lm_max", "lm_second", "lm_argmax")})
+            test.searched = comb.search_mask(scores.queries, scores.lm_stats())
         r = report(test, comb, head)
         lam = {"tuned": f"{result['lambda']:.3f}", "adaptive": "per bin", "gate-pre": "learned", "gate": "learned",
                "0": "gate g"}[spec]

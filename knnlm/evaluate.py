@@ -44,6 +44,9 @@ class EvalConfig:
     save_scores: str | None = None  # write per-token scores to this HDF5 file
     combine: str = "mix"  # "mix": λ-interpolation; "spalm": SPALM's gated memory (tuned by tune-lambda)
     skip_below: str | None = None  # skip the search where the pre-retrieval gate's λ is below this, or "tuned"
+    # keep the LM's entropy and top probabilities per token (what the learned gates are fitted on);
+    # also on when saving scores or when the chosen policy reads them. Costs ~10% of eval time.
+    lm_stats: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -65,7 +68,7 @@ class Timer:
 
 def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, str]], context: int,
                     stride: int, batch_size: int = 4, progress=None, timer: Timer | None = None,
-                    combiner: Combiner | None = None) -> Scores:
+                    combiner: Combiner | None = None, keep_lm_stats: bool = False) -> Scores:
     """Per-token LM log-probs and neighbours for every token after each document's first.
 
     Args:
@@ -78,9 +81,11 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         progress: optional callable taking the number of tokens just scored.
         timer: accumulates seconds spent in the LM and in retrieval.
         combiner: the mixing policy; its learned skip decides which tokens are searched.
+        keep_lm_stats: also compute the LM statistics the learned gates read (forced on when the
+            combiner reads them).
 
     Returns:
-        Scores in document order, with the queries and LM statistics the learned gates read.
+        Scores in document order, with the queries (and the LM statistics, if kept).
     """
     timer = timer or Timer()
     work, targets = [], []  # (window, token ids of the window), the window's targets
@@ -91,6 +96,7 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
             # A window's last position predicts the token just past it, so targets come from the document.
             targets.append(ids[w.own_from + 1: w.own_to + 1])
     parts: list = [None] * len(work)
+    keep_lm_stats = keep_lm_stats or (combiner is not None and combiner.reads_lm_stats)
     batches = forward_owned(lm, work, batch_size, logits=True)
     while True:
         t0 = time.perf_counter()
@@ -103,10 +109,11 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
             # log_softmax over owned rows only: the full (B, T, V) would double the logits' memory.
             logp = torch.log_softmax(o.logits, dim=-1)  # (n, V)
             lm_logp.append(logp.gather(1, tgt[:, None].to(logp.device))[:, 0])
-            stats.append(lm_stats(logp))
+            if keep_lm_stats:
+                stats.append(lm_stats(logp))
         q = torch.cat([o.keys for o in owned]).cpu().numpy()  # (n, d)
         lp = torch.cat(lm_logp).double().cpu().numpy()
-        st = {key: np.concatenate([x[key] for x in stats]) for key in stats[0]}
+        st = {key: np.concatenate([x[key] for x in stats]) for key in stats[0]} if stats else {}
         tg = np.concatenate([np.asarray(targets[o.item], np.int32) for o in owned])
         timer.lm += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -208,7 +215,8 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
         docs, what = resolve_docs(ds, corpus, split, cfg)
     timer = Timer()
     t0 = time.perf_counter()
-    scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer, combiner)
+    scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer, combiner,
+                             keep_lm_stats=cfg.lm_stats or bool(cfg.save_scores))
     seconds = time.perf_counter() - t0
     if len(scores) == 0:
         raise KNNLMError(f"{what} has no tokens to score (each document needs two or more); pass more text.")

@@ -34,7 +34,9 @@ class KNNLogitsProcessor(LogitsProcessor):
     Usable with `model.generate(..., logits_processor=LogitsProcessorList([processor]))`, greedy
     or sampled. Returned scores are log-probabilities, so greedy picks the interpolated argmax
     and sampling draws from the interpolated distribution. A row whose query finds no neighbour
-    keeps the LM's distribution; tokens an earlier processor set to -inf stay at -inf.
+    keeps the LM's distribution; tokens an earlier processor set to -inf stay at -inf. λ mixing
+    takes p_LM from the scores it is given (after earlier processors); SPALM projects its own
+    mixed hidden state, so it keeps only their -inf masks (a repetition penalty is lost).
 
     Attach it to one model at a time; use it as a context manager (or call `close()`) to remove
     its hook from the model afterwards.

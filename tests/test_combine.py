@@ -20,7 +20,7 @@ from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import KNNLogitsProcessor
 from knnlm.retrieval import RetrievalConfig, Retriever
-from knnlm.scores import Scores, load_scores, save_scores
+from knnlm.scores import load_scores, save_scores
 from knnlm.tune import TuneConfig, _KnnCache, _Mixing, split_tokens, tune
 
 CTX, STRIDE = 64, 32
@@ -59,7 +59,7 @@ def fresh_store(tmp_path, tiny_lm, tiny_model_dir, corpus_texts):
 @pytest.fixture(scope="module")
 def dev(store, tiny_lm):
     """Scores of the dev part with k = 50 and every feature."""
-    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=50))
+    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=50), lm_stats=True)
     return run_eval(store, cfg=cfg, lm=tiny_lm, split="dev")[1]
 
 
@@ -205,16 +205,12 @@ def test_tune_fits_and_stores_every_policy(store, tuned, dev):
     for word, which in (("gate", "post"), ("gate-pre", "pre")):
         loaded = resolve_combiner(word, store.path)
         t = result["gate"]["temperature"]
-        feats = post_features(dev.queries, _lm(dev), dev.dists, dev.vals, t) if which == "post" \
-            else pre_features(dev.queries, _lm(dev))
+        feats = post_features(dev.queries, dev.lm_stats(), dev.dists, dev.vals, t) if which == "post" \
+            else pre_features(dev.queries, dev.lm_stats())
         from knnlm.combine.gate import gate_from_tensors
         original = gate_from_tensors(tensors, f"gate.{which}", result["gate"][which]["shape"])
         assert np.array_equal(loaded.lambdas(dev), original.lambdas(feats, dev.queries))
         assert loaded.temperature == t
-
-
-def _lm(s: Scores) -> dict:
-    return {"lm_entropy": s.lm_entropy, "lm_max": s.lm_max, "lm_second": s.lm_second, "lm_argmax": s.lm_argmax}
 
 
 def test_threshold_zero_is_no_skipping_bit_for_bit(store, tiny_lm, tuned):
@@ -272,6 +268,7 @@ def test_eval_and_api_with_gate_spalm_and_tuned_skip(store, tiny_lm, tuned):
     knn = KNNLM.open(store.path, lm=tiny_lm, retrieval=RetrievalConfig(k=50))
     text = store.heldout("test")[0][1][:1500]
     base = knn.evaluate(text, lam=0)
+    assert "lm_entropy" not in base and knn.evaluate(text, lam=0.3)["lm_ppl"] == base["lm_ppl"]
     for kw in ({"lam": "gate"}, {"lam": "gate-pre"}, {"combine": "spalm"}, {"lam": "gate", "skip_below": "tuned"}):
         r = knn.evaluate(text, **kw)
         assert np.isfinite(r["knn_lm_ppl"]) and r["lm_ppl"] == base["lm_ppl"], kw
@@ -426,3 +423,20 @@ def test_every_new_eval_and_tune_flag_arrives(monkeypatch, fresh_store, tiny_mod
     assert (e.fmt, e.text_field, e.glob, e.context, e.stride, e.batch_size, e.device, e.model) == \
         ("jsonl", "body", "*.md", 40, 20, 2, "cpu", str(tiny_model_dir))
     assert e.retrieval == RetrievalConfig(k=9, nprobe=3, rerank=False, exact=True)
+
+
+def test_gate_refuses_another_temperature(store, tuned):
+    t = tuned[0]["gate"]["temperature"]
+    assert resolve_combiner("gate", store.path, temperature=t).temperature == t
+    with pytest.raises(KNNLMError, match="was trained at temperature .*drop --temperature"):
+        resolve_combiner("gate", store.path, temperature=t * 2)
+
+
+def test_lambda_files_of_format_one_still_give_their_lambda(store, tuned, tmp_path):
+    old = {"format": 1, "lambda": 0.3, "temperature": 7.0, "adaptive": None, "created": "before"}
+    (tmp_path / "lambda.json").write_text(json.dumps(old))
+    c = resolve_combiner("tuned", tmp_path)
+    assert (c.lam, c.temperature) == (0.3, 7.0)
+    assert resolve_combiner("0.25", tmp_path).temperature == 7.0
+    with pytest.raises(KNNLMError, match="no learned gate"):
+        resolve_combiner("gate", tmp_path)

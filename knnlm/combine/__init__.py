@@ -215,6 +215,10 @@ def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_
         else:
             after = word == "gate"
             gate = _gate(data, tensors, "post" if after else "pre", path)
+            if temperature is not None and float(temperature) != float(data["gate"]["temperature"]):
+                # Its features (p_kNN's entropy, argmax) and its λ were fitted at the tuned T.
+                raise KNNLMError(f"--lambda {word} was trained at temperature {data['gate']['temperature']:.4g}; "
+                                 "drop --temperature, or tune again.")
             out = GateLambda(gate, after, pick_temperature(temperature, datastore_dir, data["gate"]["temperature"]),
                              f"{path} ({word}, {when})", skip)
     out.mismatch = search_settings_note(data, search)

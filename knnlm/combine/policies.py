@@ -24,6 +24,14 @@ from .gate import LambdaGate
 from .spalm import SpalmGate, spalm_log_probs, spalm_target_log_probs
 
 
+def _queries(s: Scores) -> np.ndarray:
+    """The scores' queries, refused in one sentence when they were not kept."""
+    if s.queries is None:
+        raise KNNLMError("These scores hold no queries, which SPALM needs; score again with this version "
+                         "(`knnlm eval --save-scores`).")
+    return s.queries
+
+
 @dataclass(frozen=True)
 class Skip:
     """Skip the search where the before-retrieval gate predicts λ below a threshold (λ = 0 there)."""
@@ -144,12 +152,12 @@ class SpalmMix(Combiner):
         return head
 
     def lambdas(self, s: Scores) -> np.ndarray:
-        s.lm_stats()  # refuses scores without queries in one sentence
+        _queries(s)
         with torch.no_grad():
             return 1.0 - self.gate(torch.as_tensor(np.asarray(s.queries, np.float32))).numpy()
 
     def target_log_probs(self, s: Scores, head=None) -> np.ndarray:
-        s.lm_stats()  # refuses scores without queries in one sentence
+        _queries(s)
         return spalm_target_log_probs(s.queries, s.vals, s.targets, self._head(head), self.gate)[0]
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head=None) -> np.ndarray:
