@@ -251,11 +251,13 @@ class _Mixing:
         lm, knn = self.cache.lm[idx], self.cache(t)[idx]
         if cfg.gate:
             g = cfg.gate_config
+            log.info("Training the λ gates (before and after search) on %d tokens", idx.size)
             out["pre"] = fit_gate(self.pre[idx], self.keys[idx], lm, knn, g)
             out["post"] = fit_gate(self.post(t)[idx], self.keys[idx], lm, knn, g)
             if cfg.skip:
                 # The threshold is chosen on λ the gates predict for tokens they were not trained on
                 # (two-fold cross-fitting inside idx): on their own training tokens they are too sure.
+                log.info("Choosing the skip threshold (gates cross-fitted in two folds)")
                 lams = {"pre": np.empty(idx.size), "post": np.empty(idx.size)}
                 for train, other in _two_folds(idx.size, g.seed):
                     part = {"pre": fit_gate(self.pre[idx[train]], self.keys[idx[train]], lm[train], knn[train], g),
@@ -265,6 +267,7 @@ class _Mixing:
                         lams[name][other] = value
                 out["skip_below"] = pick_skip_threshold(lams, lm, knn, cfg.skip_tolerance)
         if self.table is not None:
+            log.info("Training SPALM's gate on %d tokens", idx.size)
             out["spalm"] = fit_spalm(self.keys[idx], self.table[idx], cfg.gate_config)
         return out
 
