@@ -71,7 +71,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank,
                                                                           exact=exact),
                       context=context, stride=stride, batch_size=batch_size, model=model, device=device,
-                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, lm_stats=True)
+                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, keep_features=True)
     lm = None
     if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
         lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)

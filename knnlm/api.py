@@ -176,7 +176,7 @@ class KNNLM:
         Returns:
             What `knnlm tune-lambda --json` prints: lambda, temperature, adaptive, heldout figures.
         """
-        ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, lm_stats=True)
+        ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         if text is None:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
             what = f"dev part of {self.datastore.path}"

@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__
 from .arrays import NpyAppender, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, check_documents, iter_documents, open_corpus
-from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore
+from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore, parse_holdout
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm
@@ -140,14 +140,10 @@ def _check_partial(work: Path, s: dict, dim: int) -> None:
                                  f"needs {size}")
     _read_docs(work, s["docs_bytes"])
     with open(work / "holdout.jsonl", "rb") as f:
-        for lineno, line in enumerate(f.read(s["holdout_bytes"]).splitlines(), 1):
-            try:
-                rec = json.loads(line)
-                ok = isinstance(rec, dict) and {"split", "name", "text"} <= rec.keys()
-            except ValueError:
-                ok = False
-            if not ok:
-                raise _damaged(work, f"holdout.jsonl line {lineno} is not a held-out document")
+        try:
+            parse_holdout(f.read(s["holdout_bytes"]))
+        except ValueError as e:
+            raise _damaged(work, f"holdout.jsonl {e}") from e
 
 
 def _read_docs(work: Path, size: int | None = None) -> list:

@@ -84,17 +84,12 @@ class Datastore:
         path = self.path / "holdout.jsonl"
         if not path.exists():
             return []
-        out = []
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    rec = json.loads(line)
-                    if rec["split"] == split:
-                        out.append((str(rec["name"]), _text(rec["text"])))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise KNNLMError(f"{path} is damaged at line {lineno} ({type(e).__name__}: {e}); rebuild the "
-                                     "datastore with `knnlm build-datastore --overwrite`, or pass --corpus.") from e
-        return out
+        try:
+            records = parse_holdout(path.read_bytes())
+        except ValueError as e:
+            raise KNNLMError(f"{path} is damaged ({e}); rebuild the datastore with `knnlm build-datastore "
+                             "--overwrite`, or pass --corpus.") from e
+        return [(name, text) for s, name, text in records if s == split]
 
     def check_compatible(self, lm) -> None:
         """Refuse a model, tokenizer or key width other than the one this datastore was built with."""
@@ -111,11 +106,18 @@ class Datastore:
                              f"was built with ({m['model']['name']}) or rebuild the datastore.")
 
 
-def _text(value) -> str:
-    """value, if it is a string."""
-    if not isinstance(value, str):
-        raise TypeError(f"text is {type(value).__name__}, not a string")
-    return value
+def parse_holdout(data: bytes) -> list[tuple[str, str, str]]:
+    """(split, name, text) of each line of holdout.jsonl; ValueError naming the first line that is not one."""
+    out = []
+    for lineno, line in enumerate(data.splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            out.append((str(rec["split"]), str(rec["name"]), rec["text"]))
+            if not isinstance(rec["text"], str):
+                raise TypeError(f"text is {type(rec['text']).__name__}, not a string")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"line {lineno} is not a held-out document: {type(e).__name__}: {e}") from e
+    return out
 
 
 def _open_array(path: Path, dtype, shape: tuple) -> np.ndarray:

@@ -44,9 +44,10 @@ class EvalConfig:
     save_scores: str | None = None  # write per-token scores to this HDF5 file
     combine: str = "mix"  # "mix": λ-interpolation; "spalm": SPALM's gated memory (tuned by tune-lambda)
     skip_below: str | None = None  # skip the search where the pre-retrieval gate's λ is below this, or "tuned"
-    # keep the LM's entropy and top probabilities per token (what the learned gates are fitted on);
-    # also on when saving scores or when the chosen policy reads them. Costs ~10% of eval time.
-    lm_stats: bool = False
+    # keep each token's query and the LM's entropy and top probabilities (what the learned gates are
+    # fitted on); also on when saving scores or when the chosen policy reads them. The statistics cost
+    # ~10% of eval time, the queries n·d floats of memory.
+    keep_features: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -68,7 +69,7 @@ class Timer:
 
 def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, str]], context: int,
                     stride: int, batch_size: int = 4, progress=None, timer: Timer | None = None,
-                    combiner: Combiner | None = None, keep_lm_stats: bool = False) -> Scores:
+                    combiner: Combiner | None = None, keep_features: bool = False) -> Scores:
     """Per-token LM log-probs and neighbours for every token after each document's first.
 
     Args:
@@ -81,11 +82,11 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         progress: optional callable taking the number of tokens just scored.
         timer: accumulates seconds spent in the LM and in retrieval.
         combiner: the mixing policy; its learned skip decides which tokens are searched.
-        keep_lm_stats: also compute the LM statistics the learned gates read (forced on when the
-            combiner reads them).
+        keep_features: also keep the queries and the LM statistics the learned gates read (each
+            forced on when the combiner reads it).
 
     Returns:
-        Scores in document order, with the queries (and the LM statistics, if kept).
+        Scores in document order (with the queries and the LM statistics, if kept).
     """
     timer = timer or Timer()
     work, targets = [], []  # (window, token ids of the window), the window's targets
@@ -96,7 +97,8 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
             # A window's last position predicts the token just past it, so targets come from the document.
             targets.append(ids[w.own_from + 1: w.own_to + 1])
     parts: list = [None] * len(work)
-    keep_lm_stats = keep_lm_stats or (combiner is not None and combiner.reads_lm_stats)
+    keep_lm_stats = keep_features or (combiner is not None and combiner.reads_lm_stats)
+    keep_queries = keep_features or (combiner is not None and combiner.reads_queries)
     batches = forward_owned(lm, work, batch_size, logits=True)
     while True:
         t0 = time.perf_counter()
@@ -130,7 +132,8 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
             sl = slice(at, at + n)
             pos = np.arange(w.own_from + 1, w.own_to + 1, dtype=np.int32)
             parts[o.item] = Scores(tg[sl], lp[sl], dists[sl], vals[sl], np.full(n, w.doc, np.int32), pos,
-                                   queries=q[sl], searched=searched[sl], **{key: v[sl] for key, v in st.items()})
+                                   queries=q[sl] if keep_queries else None, searched=searched[sl],
+                                   **{key: v[sl] for key, v in st.items()})
             at += n
         if progress:
             progress(at)
@@ -140,7 +143,8 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
 def report(scores: Scores, combiner: Combiner, head=None) -> dict:
     """Perplexities of the LM, the kNN-LM (as the combiner mixes them) and the kNN alone over the same tokens."""
     knn = knn_log_prob(scores.dists, scores.vals, scores.targets, combiner.temperature)
-    mixed = combiner.target_log_probs(scores, head)
+    lambdas = combiner.lambdas(scores)  # once: a gate's features sort every token's neighbours
+    mixed = combiner.target_log_probs(scores, head, lambdas)
     lm_ppl, knn_lm_ppl = perplexity(scores.lm_logp), perplexity(mixed)
     searched = scores.searched if scores.searched is not None else np.ones(len(scores), bool)
     return {
@@ -152,6 +156,7 @@ def report(scores: Scores, combiner: Combiner, head=None) -> dict:
         "change": knn_lm_ppl / lm_ppl - 1.0,
         "target_in_neighbors": float(np.isfinite(knn[searched]).mean()) if searched.any() else float("nan"),
         "searches_skipped": float(1 - searched.mean()) if len(scores) else 0.0,
+        "mean_lambda": float(np.mean(lambdas)) if len(scores) else float("nan"),
     }
 
 
@@ -199,6 +204,28 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
         (report dict, per-token Scores). The report's `tuned_settings_differ` is a sentence when
         tuned values are used with other search settings than they were fitted with, else None.
     """
+    return score_run(open_eval(datastore, corpus, cfg, lm, split, documents, retriever), cfg, progress)
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation scores and with what, opened once (run_eval and the HTML report share it)."""
+
+    ds: Datastore
+    lm: LM
+    retriever: Retriever
+    combiner: Combiner
+    docs: list[tuple[str, str]]  # (name, text) pairs
+    what: str  # the text, in words
+    context: int
+    stride: int
+    search: dict  # search_settings
+
+
+def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalConfig(), lm: LM | None = None,
+              split: str = "test", documents: list[tuple[str, str]] | None = None,
+              retriever: Retriever | None = None) -> EvalRun:
+    """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
     if cfg.save_scores and os.path.exists(cfg.save_scores) and os.path.isdir(cfg.save_scores):
         raise KNNLMError(f"--save-scores {cfg.save_scores} is a folder; pass a file path.")
@@ -213,24 +240,29 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
         docs, what = list(documents), f"{len(documents)} given texts"
     else:
         docs, what = resolve_docs(ds, corpus, split, cfg)
+    return EvalRun(ds, lm, retriever, combiner, docs, what, context, stride, search)
+
+
+def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Scores]:
+    """Score an opened evaluation and report it (run_eval's second half)."""
     timer = Timer()
     t0 = time.perf_counter()
-    scores = score_documents(lm, retriever, docs, context, stride, cfg.batch_size, progress, timer, combiner,
-                             keep_lm_stats=cfg.lm_stats or bool(cfg.save_scores))
+    scores = score_documents(run.lm, run.retriever, run.docs, run.context, run.stride, cfg.batch_size, progress,
+                             timer, run.combiner, keep_features=cfg.keep_features or bool(cfg.save_scores))
     seconds = time.perf_counter() - t0
     if len(scores) == 0:
-        raise KNNLMError(f"{what} has no tokens to score (each document needs two or more); pass more text.")
-    scores.attrs.update(datastore=ds.fingerprint, datastore_path=str(ds.path), model=lm.name,
-                        model_fingerprint=lm.fingerprint, context=context, stride=stride,
-                        corpus=what, **search)
+        raise KNNLMError(f"{run.what} has no tokens to score (each document needs two or more); pass more text.")
+    scores.attrs.update(datastore=run.ds.fingerprint, datastore_path=str(run.ds.path), model=run.lm.name,
+                        model_fingerprint=run.lm.fingerprint, context=run.context, stride=run.stride,
+                        corpus=run.what, **run.search)
     t0 = time.perf_counter()
-    out = report(scores, combiner, lm.model.get_output_embeddings())
+    out = report(scores, run.combiner, run.lm.model.get_output_embeddings())
     seconds += time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
-    out.update(corpus=what, documents=len(docs), lam=cfg.lam, lambda_kind=combiner.kind,
-               lambda_source=combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,
-               mean_lambda=float(np.mean(combiner.lambdas(scores))), temperature=combiner.temperature, **search,
+    out.update(corpus=run.what, documents=len(run.docs), lam=cfg.lam, lambda_kind=run.combiner.kind,
+               lambda_source=run.combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,
+               temperature=run.combiner.temperature, **run.search,
                seconds=seconds, tokens_per_s=len(scores) / seconds, lm_seconds=timer.lm,
-               retrieval_seconds=timer.retrieval, tuned_settings_differ=combiner.mismatch)
+               retrieval_seconds=timer.retrieval, tuned_settings_differ=run.combiner.mismatch)
     if cfg.save_scores:
         save_scores(cfg.save_scores, scores)
         out["scores_file"] = cfg.save_scores

@@ -59,7 +59,7 @@ def fresh_store(tmp_path, tiny_lm, tiny_model_dir, corpus_texts):
 @pytest.fixture(scope="module")
 def dev(store, tiny_lm):
     """Scores of the dev part with k = 50 and every feature."""
-    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=50), lm_stats=True)
+    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=50), keep_features=True)
     return run_eval(store, cfg=cfg, lm=tiny_lm, split="dev")[1]
 
 

@@ -60,6 +60,11 @@ class Combiner:
         """Whether the policy reads the LM's entropy, top probabilities and argmax (the gates do)."""
         return self.skip is not None or isinstance(self, GateLambda)
 
+    @property
+    def reads_queries(self) -> bool:
+        """Whether the policy reads the queries (the gates and SPALM do)."""
+        return self.reads_lm_stats
+
     def search_mask(self, queries: np.ndarray, lm: dict[str, np.ndarray]) -> np.ndarray | None:
         """(n,) True where the search must run; None: everywhere."""
         return None if self.skip is None else self.skip.keep(queries, lm)
@@ -68,8 +73,9 @@ class Combiner:
         """(n,) the weight of the memory per token (λ; for SPALM 1 − g)."""
         raise NotImplementedError
 
-    def target_log_probs(self, s: Scores, head: torch.nn.Module | None = None) -> np.ndarray:
-        """(n,) log p(target) of every scored token."""
+    def target_log_probs(self, s: Scores, head: torch.nn.Module | None = None,
+                         lambdas: np.ndarray | None = None) -> np.ndarray:
+        """(n,) log p(target) of every scored token; lambdas: self.lambdas(s) if already computed."""
         raise NotImplementedError
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head: torch.nn.Module | None = None) -> np.ndarray:
@@ -87,9 +93,9 @@ class LambdaMix(Combiner):
         lam = self.raw_lambdas(s)
         return lam if s.searched is None else np.where(s.searched, lam, 0.0)
 
-    def target_log_probs(self, s: Scores, head=None) -> np.ndarray:
+    def target_log_probs(self, s: Scores, head=None, lambdas=None) -> np.ndarray:
         knn = knn_log_prob(s.dists, s.vals, s.targets, self.temperature)
-        return interpolate(s.lm_logp, knn, self.lambdas(s))
+        return interpolate(s.lm_logp, knn, self.lambdas(s) if lambdas is None else lambdas)
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head=None) -> np.ndarray:
         knn = knn_log_distribution(s.dists, s.vals, lm_logp.shape[-1], self.temperature).numpy()
@@ -151,12 +157,16 @@ class SpalmMix(Combiner):
             raise KNNLMError("SPALM needs the model's output projection; pass the LM's head.")
         return head
 
+    @property
+    def reads_queries(self) -> bool:
+        return True
+
     def lambdas(self, s: Scores) -> np.ndarray:
         _queries(s)
         with torch.no_grad():
             return 1.0 - self.gate(torch.as_tensor(np.asarray(s.queries, np.float32))).numpy()
 
-    def target_log_probs(self, s: Scores, head=None) -> np.ndarray:
+    def target_log_probs(self, s: Scores, head=None, lambdas=None) -> np.ndarray:
         _queries(s)
         return spalm_target_log_probs(s.queries, s.vals, s.targets, self._head(head), self.gate)[0]
 

@@ -11,13 +11,13 @@ all into the packaged template (template.html).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 
-from ..combine import Combiner, load_lambda, resolve_combiner
-from ..datastore import Datastore, open_datastore
-from ..evaluate import EvalConfig, resolve_docs, run_eval, search_settings
-from ..lm import LM, load_lm
+from ..combine import Combiner, load_lambda
+from ..evaluate import EvalConfig, open_eval, score_run
+from ..lm import LM
 from ..retrieval import Retriever
 from ..scores import Scores
 from .data import build_report_data, detail_count, shown_rows
@@ -54,7 +54,8 @@ def write_report(path: str | os.PathLike, scores: Scores, docs: list[tuple[str, 
     ids = [(name, lm.encode(text)) for name, text in docs]
     m = detail_count(len(scores), detail_tokens)
     head = lm.model.get_output_embeddings()
-    mixed, lambdas = combiner.target_log_probs(scores, head), combiner.lambdas(scores)
+    lambdas = combiner.lambdas(scores)
+    mixed = combiner.target_log_probs(scores, head, lambdas)
     nbr = neighbor_ids(retriever, scores, m)
     rows = shown_rows(nbr, REPORT_NEIGHBORS) if m else np.zeros(0, np.int64)
     contexts = neighbor_contexts(retriever.ds, rows, CONTEXT_TOKENS)  # only the rows the page shows
@@ -83,15 +84,11 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
         run_eval's (report, scores); the report also holds "report_file" and "report_bytes".
     """
     check_report_path(path)
-    ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
-    retriever = retriever or Retriever(ds, cfg.retrieval)
-    lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
-    result, scores = run_eval(ds, corpus, cfg, lm=lm, split=split, progress=progress, documents=documents,
-                              retriever=retriever)
-    docs = list(documents) if documents is not None else resolve_docs(ds, corpus, split, cfg)[0]
-    combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature,
-                                search_settings(ds, retriever))
-    info = write_report(path, scores, docs, lm, retriever, combiner, result, detail_tokens, cfg.batch_size)
+    run = open_eval(datastore, corpus, cfg, lm, split, documents, retriever)
+    # The page searches the detailed tokens' queries again for their neighbours' rows.
+    result, scores = score_run(run, replace(cfg, keep_features=True), progress)
+    info = write_report(path, scores, run.docs, run.lm, run.retriever, run.combiner, result, detail_tokens,
+                        cfg.batch_size)
     result.update(report_file=info["path"], report_bytes=info["bytes"])
     return result, scores
 
