@@ -98,3 +98,19 @@ class MemorySampler:
 def threads() -> int:
     """CPU threads torch and faiss may use."""
     return os.cpu_count() or 1
+
+
+LONG_DOC_PACKAGES = ("json", "logging", "http", "importlib")  # stdlib packages, each one long document
+
+
+def long_documents(lm, max_tokens: int = 8192, packages=LONG_DOC_PACKAGES) -> list[tuple[str, list[int]]]:
+    """(package, token ids) per package: its .py files in sorted order concatenated (headed by their
+    relative paths), cut to max_tokens (the model's positions bound full-context attention)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for pkg in packages:
+        parts = [f"# file: {p.relative_to(root)}\n{p.read_text(errors='replace')}"
+                 for p in sorted((root / pkg).rglob("*.py"))]
+        ids = lm.encode("\n".join(parts))[:max_tokens]
+        docs.append((pkg, list(map(int, ids))))
+    return docs
