@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from knnlm.build import BuildConfig, build_datastore
-from knnlm.corpus import DEFAULT_GLOB
 from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import IndexConfig, train_index
 from knnlm.lm import DEFAULT_MODEL
 
 from .common import device_option, progress_bar, trust_option
+from .evaluate import corpus_format_options
 
 
 def index_options(f):
@@ -24,6 +24,10 @@ def index_options(f):
     return f
 
 
+strict_option = click.option("--strict", is_flag=True,
+                             help="Fail on the first unreadable file of a folder instead of skipping it.")
+
+
 @click.command("build-datastore")
 @click.argument("corpus", type=click.Path(allow_dash=True))
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="Hub id, local directory or .gguf file.")
@@ -33,10 +37,8 @@ def index_options(f):
 @click.option("--stride", default=256, help="Tokens a window advances.")
 @click.option("--batch-size", "-b", default=8, help="Windows per forward pass.")
 @click.option("--holdout", default=0.05, help="Share of the corpus held out for each of dev and test.")
-@click.option("--glob", default=DEFAULT_GLOB, help="Files of a folder corpus.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
-              help="Corpus format (auto: JSONL by .jsonl suffix).")
-@click.option("--text-field", default="text", help="JSONL field with the text.")
+@corpus_format_options
+@strict_option
 @click.option("--shuffle-seed", type=int, default=None, help="Shuffle document order with this seed.")
 @click.option("--max-tokens", type=int, default=None, help="At most this many keys (the document that reaches it is cut).")
 @click.option("--index/--no-index", "build_index", default=True, help="Train the index at the end.")
@@ -45,13 +47,13 @@ def index_options(f):
 @click.option("--resume", is_flag=True, help="Continue an interrupted build.")
 @device_option
 @trust_option
-def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field,
+def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field, strict,
                         shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed,
                         overwrite, resume, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
     cfg = BuildConfig(
         model=model, device=device, trust_remote_code=trust_remote_code, context=context, stride=stride,
-        batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field,
+        batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field, strict=strict,
         shuffle_seed=shuffle_seed, max_tokens=max_tokens, build_index=build_index,
         index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed),
         overwrite=overwrite, resume=resume)
@@ -66,7 +68,16 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
     click.echo(f"{ds.path}: {ds.count} keys of width {ds.dim} from {len(ds.documents)} documents "
                f"in {b['seconds']:.0f} s ({b['tokens_per_s']} tokens/s); "
                f"held out {ds.meta['holdout']['dev_documents']} dev and "
-               f"{ds.meta['holdout']['test_documents']} test documents.")
+               f"{ds.meta['holdout']['test_documents']} test documents." + unreadable_note(ds.meta))
+
+
+def unreadable_note(meta: dict) -> str:
+    """' Skipped N unreadable files: ...' from meta.json, or ''."""
+    bad = meta.get("corpus", {}).get("unreadable", {})
+    if not bad or not bad.get("count"):
+        return ""
+    names = ", ".join(bad["names"][:3]) + (", ..." if bad["count"] > 3 else "")
+    return f" Skipped {bad['count']} unreadable files or documents ({names}; all in meta.json)."
 
 
 @click.command("train-index")

@@ -36,8 +36,9 @@ class BuildConfig:
     batch_size: int = 8  # windows per forward pass
     holdout: float = 0.05  # share of the corpus for each of the dev and test parts (0 turns it off)
     glob: str = DEFAULT_GLOB  # files of a folder corpus
-    fmt: str = "auto"  # "auto" (JSONL by suffix), "text" or "jsonl"
-    text_field: str = "text"  # JSONL field with a document's text
+    fmt: str = "auto"  # "auto" (by suffix / folder), "text", "jsonl", "parquet" or "hf" (corpus.FORMATS)
+    text_field: str = "text"  # JSONL field or table column with a document's text
+    strict: bool = False  # fail on the first unreadable file of a folder corpus; False: skip it, named in meta.json
     shuffle_seed: int | None = None  # shuffle document order with this seed; None: sorted order
     max_tokens: int | None = None  # at most this many keys (>= 1): the document that reaches it is cut; None: all
     block_windows: int = 64  # windows between checkpoints (sorted by length within a block)
@@ -233,7 +234,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
     out = datastore_path(out)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
     check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
     check_window(cfg.context, cfg.stride, lm.max_positions)
@@ -251,6 +252,8 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
 
     w = _Writer(work, lm.dim, ckpt)
     s = w.state
+    # Documents skipped before the checkpoint are not read again; those found at listing time are.
+    src.unreadable[:] = list(dict.fromkeys([*s.get("unreadable", []), *src.unreadable]))
     try:
         if not s.get("done"):
             _fill(lm, src, cfg, w, progress)
@@ -272,6 +275,7 @@ def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
     start_seq, start_win = s["seq"], s["window"]
 
     def flush(seq: int, window: int) -> None:
+        s["unreadable"] = list(src.unreadable)
         if block:
             k, v = _run_block(lm, block, cfg.batch_size)
             w.keys.append(k)
@@ -340,7 +344,8 @@ def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> D
                     "rule": "one document: its tail; several: every round(1/share)-th to dev, the next to test"},
         "corpus": {"source": src.source, "glob": cfg.glob, "format": cfg.fmt, "text_field": cfg.text_field,
                    "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
-                   "documents_skipped": s["skipped"]},
+                   "documents_skipped": s["skipped"],
+                   "unreadable": {"count": len(src.unreadable), "names": src.unreadable}},
         "documents": docs,
         "build": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
                   "tokens_per_s": round(s["rows"] / seconds, 1) if seconds else None,

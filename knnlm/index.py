@@ -103,6 +103,9 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
     Returns:
         The content of index.json.
     """
+    if ds.removed:  # the index would hold their keys again
+        raise KNNLMError(f"Datastore {ds.path} has removed documents whose keys are still in its arrays; run "
+                         f"`knnlm compact {ds.path}` first, then train the index.")
     n, d = ds.count, ds.dim
     p = choose_params(n, d, cfg)
     t0 = time.time()
@@ -170,10 +173,10 @@ def load_index(ds: Datastore):
                          f"`knnlm train-index {ds.path}`.")
     try:
         index = faiss.read_index(str(path))
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError, ValueError, OSError) as e:  # faiss: RuntimeError; a garbled size: MemoryError
         raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
                          f"`knnlm train-index {ds.path}`.") from e
-    if index.ntotal != ds.count or index.d != ds.dim:
+    if index.ntotal != ds.live_count or index.d != ds.dim:  # removed documents' keys have left the index
         raise KNNLMError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore "
-                         f"{ds.count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")
+                         f"{ds.live_count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")
     return index
