@@ -178,6 +178,9 @@ def open_corpus(
         if not path.exists():
             raise KNNLMError(f"Corpus {source} does not exist; pass a text file, folder, JSONL or Parquet file, "
                              "datasets folder, or - for stdin.")
+        if fmt == "hf" and not path.is_dir():
+            raise KNNLMError(f"--format hf reads a folder written by save_to_disk, and {source} is a file; "
+                             "pass the folder.")
         corpus = Corpus(source, [], [], text_field, strict=strict)
         if path.is_dir() and _is_hf(path, fmt):
             files = hf_files(path)

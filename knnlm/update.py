@@ -82,7 +82,14 @@ def _index_or_none(ds: Datastore):
     """The datastore's index, or None when it has none (then only the arrays change)."""
     if read_index_info(ds) is None or not (ds.path / "index.faiss").exists():
         return None
-    return load_index(ds)
+    index = load_index(ds)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+        # Lists kept in a file of their own would change in place, not through the journal.
+        raise KNNLMError(f"The index of {ds.path} keeps its lists on disk, which add, remove and compact cannot "
+                         f"change crash-safely; delete index.faiss and index.json, make the change, then run "
+                         f"`knnlm train-index {ds.path}` again.")
+    return index
 
 
 def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = AddConfig(), lm=None,
@@ -103,7 +110,7 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
     from .lm import load_lm
 
     ds = open_datastore(datastore)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
     dup = sorted({r.name for r in src.docs} & _live_names(ds))
     if dup:
         raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
@@ -270,10 +277,7 @@ def _renumbered(index, live: np.ndarray, new: Datastore):
         for lo in range(0, new.count, _CHUNK):
             flat.add(np.asarray(keys[lo: lo + _CHUNK], dtype=np.float32))
         return flat
-    invlists = ivf.invlists
-    if not isinstance(faiss.downcast_InvertedLists(invlists), faiss.ArrayInvertedLists):
-        raise KNNLMError(f"compact renumbers only in-memory inverted lists; rebuild the index of {new.path} with "
-                         f"`knnlm train-index {new.path}` after compacting.")
+    invlists = ivf.invlists  # in memory (_index_or_none refuses others)
     for lst in range(ivf.nlist):
         size = invlists.list_size(lst)
         if size:

@@ -93,6 +93,8 @@ def test_hf_datasets_folder_written_by_save_to_disk(tmp_path):
         open_corpus(str(tmp_path / "dd"))
     with pytest.raises(KNNLMError, match="not a Hugging Face datasets folder"):
         open_corpus(str(tmp_path), fmt="hf")
+    with pytest.raises(KNNLMError, match="is a file; pass the folder"):
+        open_corpus(str(tmp_path / "hf" / "state.json"), fmt="hf")
 
 
 def bad_folder(tmp_path: Path) -> Path:
