@@ -110,7 +110,13 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
     from .lm import load_lm
 
     ds = open_datastore(datastore)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
+    corpus_log = logging.getLogger("knnlm.corpus")
+    level = corpus_log.level
+    corpus_log.setLevel(logging.ERROR)  # the build lists the corpus again and warns then
+    try:
+        src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
+    finally:
+        corpus_log.setLevel(level)
     dup = sorted({r.name for r in src.docs} & _live_names(ds))
     if dup:
         raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
@@ -121,7 +127,7 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
     bcfg = BuildConfig(model=ds.meta["model"]["name"], device=cfg.device, context=ds.meta["context"],
                        stride=ds.meta["stride"], batch_size=cfg.batch_size, holdout=0, glob=cfg.glob,
                        fmt=cfg.fmt, text_field=cfg.text_field, strict=cfg.strict, build_index=False,
-                       overwrite=True, resume=True)
+                       overwrite=True, resume=(ds.path / f"{_ADDED}.partial").exists())
     added = build_datastore(corpus, ds.path / _ADDED, bcfg, lm=lm, progress=progress)
     record = apply_add(ds, added)
     shutil.rmtree(added.path)
