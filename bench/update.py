@@ -1,7 +1,11 @@
 """What following a corpus costs: add, remove and compact against retraining the index, and reading
 Parquet or a datasets folder against a folder of text files (ratios in one run).
 
-    python bench/update.py [--keys 200000] [--dim 576] [--docs 100] [--changed 10]
+    python bench/update.py [--keys 200000] [--dim 576] [--docs 100] [--changed 10] [--polysemous]
+
+Retraining, the baseline, runs without faiss's polysemous training (on by default in IVF-PQ, it
+only reorders PQ centroids for Hamming filtering, which knnlm does not use, and dominates training
+time); --polysemous also times train_index as it is.
 
 Keys are clustered synthetic ones (see tests/helpers.clustered) in `--docs` equal documents; `--changed`
 documents are removed, the same number added (their keys already computed: the LM pass of `add` costs
