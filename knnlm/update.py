@@ -203,6 +203,8 @@ def remove_documents(datastore: str | os.PathLike, names: list[str]) -> dict:
         The update record written to meta.json ("documents", "keys").
     """
     ds = open_datastore(datastore)
+    if not names:
+        raise KNNLMError("Name at least one document to remove.")
     docs = _resolve(ds, names)
     ids = np.concatenate([np.arange(d[1], d[1] + d[2], dtype=np.int64) for d in docs])
     index = _index_or_none(ds)
