@@ -302,3 +302,15 @@ def test_exact_search_and_ids_check_without_an_index(tmp_path):
     ids = Retriever(ds, RetrievalConfig(k=7, exact=True)).search(q)[1]
     assert np.array_equal(ids, brute(ds.keys, ds.live_ids(), q, 7)) and ids.min() >= 4000
     assert isinstance(faiss.IndexFlatL2(4), faiss.IndexFlat)
+
+
+def test_cli_add_then_info(ds3, three, tiny_model_dir, tmp_path):
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "x.txt"
+    bad.write_bytes(b"\x00binary")
+    shutil.copy(next(three[1].iterdir()), bad.with_name("y.txt"))
+    r = invoke("add", ds3, bad.parent, "--model", tiny_model_dir)
+    assert r.exit_code == 0, r.output
+    assert "added 1 documents" in r.output and "Skipped 1 unreadable" in r.output and "x.txt" in r.output
+    info = json.loads(invoke("info", ds3, "--json").stdout)
+    assert info["updates"]["add"]["documents"] == 1 and info["meta"]["updates"][0]["unreadable"]["count"] == 1
