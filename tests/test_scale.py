@@ -132,19 +132,19 @@ def _search(ds_path, queries, nprobe=8):
 
 @pytest.fixture
 def synthetic(tmp_path):
-    """A datastore of 20,000 clustered keys (d = 32), big enough for IVF-PQ, and queries near them."""
-    keys = clustered(20_000, 32, seed=1)
+    """A datastore of 12,000 clustered keys (d = 32), big enough for IVF-PQ, and queries near them."""
+    keys = clustered(12_000, 32, seed=1)
     make_datastore(tmp_path / "ram", keys, np.arange(len(keys)) % 97)
-    queries = keys[::997] + np.random.default_rng(2).normal(0, 0.5, size=(len(keys[::997]), 32)).astype(np.float32)
+    queries = keys[::97] + np.random.default_rng(2).normal(0, 0.5, size=(len(keys[::97]), 32)).astype(np.float32)
     return tmp_path, queries
 
 
 def test_on_disk_index_searches_like_in_ram(synthetic):
     root, queries = synthetic
     shutil.copytree(root / "ram", root / "disk")
-    cfg = IndexConfig(code_size=8, seed=0)
+    cfg = IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0)
     train_index(open_datastore(root / "ram"), cfg)
-    info = train_index(open_datastore(root / "disk"), IndexConfig(code_size=8, seed=0, on_disk=True))
+    info = train_index(open_datastore(root / "disk"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0, on_disk=True))
     assert info["lists"] == "on-disk" and (root / "disk" / info["ivfdata"]).is_file()
     # The lists file is found beside index.faiss after the datastore moves.
     (root / "disk").rename(root / "moved")
@@ -165,13 +165,13 @@ def test_index_parts_on_ray_search_like_one_add(ray_local, synthetic):
     root, queries = synthetic
     shutil.copytree(root / "ram", root / "parts")
     shutil.copytree(root / "ram", root / "parts-disk")
-    cfg = IndexConfig(code_size=8, seed=0)
+    cfg = IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0)
     train_index(open_datastore(root / "ram"), cfg)
     added = []
     train_index(open_datastore(root / "parts"), cfg, progress=added.append, runner=RayRunner(3))
-    train_index(open_datastore(root / "parts-disk"), IndexConfig(code_size=8, seed=0, on_disk=True),
+    train_index(open_datastore(root / "parts-disk"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0, on_disk=True),
                 runner=RayRunner(2))
-    assert sum(added) == 20_000 and len(added) == 3
+    assert sum(added) == 12_000 and len(added) == 3
     d_ram, i_ram = _search(root / "ram", queries)
     for name in ("parts", "parts-disk"):
         d, i = _search(root / name, queries)
