@@ -38,11 +38,12 @@ def fill_in_parts(index, ds, cfg, runner, progress=None) -> dict:
     parts = max(1, min(runner.parts, ds.count))
     bounds = np.linspace(0, ds.count, parts + 1).astype(np.int64)
     trained = faiss.serialize_index(index)  # (bytes,) uint8: what every part starts from
-    tmp = ds.path / f".index-parts-{uuid.uuid4().hex[:8]}"
+    root = ds.path.resolve()  # workers elsewhere have another working directory
+    tmp = root / f".index-parts-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         files = [str(tmp / f"{i:04d}.faiss") for i in range(parts)]
-        args = [(trained, str(ds.path / "keys.npy"), int(lo), int(hi), f, cfg.add_chunk)
+        args = [(trained, str(root / "keys.npy"), int(lo), int(hi), f, cfg.add_chunk)
                 for lo, hi, f in zip(bounds[:-1], bounds[1:], files)]
         log.info("adding %d keys in %d parts", ds.count, parts)
         for n in runner.map(add_part, args):
@@ -50,7 +51,7 @@ def fill_in_parts(index, ds, cfg, runner, progress=None) -> dict:
                 progress(n)
         if cfg.on_disk:
             name = f"index-{uuid.uuid4().hex[:12]}.ivfdata"
-            merge_ondisk(index, files, str(ds.path / name))
+            merge_ondisk(index, files, str(root / name))
             return {"lists": "on-disk", "ivfdata": name}
         ivf = faiss.extract_index_ivf(index)
         for f in files:

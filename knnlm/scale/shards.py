@@ -153,5 +153,5 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
         plan["state"] = merge_shards(work, dirs, plan["shards"], lm.dim) | {"seconds": plan["seconds"]}
         plan["merged"] = True
         write_json(work / "shards.json", plan)
-        shutil.rmtree(work / "shards")
+    shutil.rmtree(work / "shards", ignore_errors=True)  # merged: only the merged arrays are resumed from
     return _finish(lm, src, cfg, work, plan["state"], out, index_runner(shard_cfg, len(plan["shards"])))
