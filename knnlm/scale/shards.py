@@ -56,7 +56,8 @@ def plan_shards(lm: LM, src, cfg: BuildConfig, n: int) -> dict:
     unsharded build would be, and stops where shard i + 1 starts; shards may split a document.
 
     Returns:
-        {"shards": [{"start": state, "stop": [seq, window] or None, "rows": keys}], "rows": total keys}.
+        {"shards": [{"start": checkpoint state, "stop": [seq, window] or None (the last), "rows": keys}],
+        "rows": keys of the build, "seconds": 0.0 (build time so far), "merged": False}.
     """
     s = _new_state()
     bounds, windows, rows = [], 0, 0  # bounds: (checkpoint position and counters, keys before it) per full block
