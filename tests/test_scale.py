@@ -196,7 +196,11 @@ def test_cli_shard_and_on_disk_flags_reach_their_configs(monkeypatch, tmp_path):
                                  "--ray-address", "auto", "--on-disk"], catch_exceptions=False)
     assert seen["shard_cfg"] == ShardConfig(shards=3, engine=Engine.RAY, ray_address="auto")
     assert seen["cfg"].index.on_disk
-    monkeypatch.setattr(cli_build, "train_index", lambda ds, cfg, progress=None: seen.update(index=cfg) or (_ for _ in ()).throw(Stop()))
+    def fake_index(ds, cfg, progress=None):
+        seen.update(index=cfg)
+        raise Stop
+
+    monkeypatch.setattr(cli_build, "train_index", fake_index)
     make_datastore(tmp_path / "ds", clustered(100, 8), np.zeros(100))
     with pytest.raises(Stop):
         CliRunner().invoke(cli, ["train-index", str(tmp_path / "ds"), "--on-disk"], catch_exceptions=False)
