@@ -112,6 +112,7 @@ def sharded_build_ratio(tokens: int, results: Path) -> dict:
     # Short windows and blocks, so that a few thousand keys make enough blocks for 2 shards.
     cfg = BuildConfig(model="smollm2-135m", device="cpu", holdout=0.05, max_tokens=tokens, build_index=False,
                       context=256, stride=128, batch_size=4, block_windows=4, overwrite=True)
+    build_datastore(str(corpus), results / "warm-up", BuildConfig(**{**cfg.__dict__, "max_tokens": 200}), lm=lm)
     seconds = {"unsharded": 0.0, "sharded": 0.0}
     built = {}
     for kind in ("unsharded", "sharded", "sharded", "unsharded"):  # ABBA: drifting load hits both alike
