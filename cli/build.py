@@ -8,13 +8,16 @@ from knnlm.build import BuildConfig, build_datastore
 from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import IndexConfig, train_index
 from knnlm.lm import DEFAULT_MODEL
+from knnlm.scale import Engine, ShardConfig, build_sharded
 
 from .common import device_option, progress_bar, trust_option
 from .evaluate import corpus_format_options
 
 
 def index_options(f):
-    """--nlist, --code-size, --train-size, --exact, --seed."""
+    """--nlist, --code-size, --train-size, --exact, --seed, --on-disk."""
+    f = click.option("--on-disk", is_flag=True,
+                     help="Keep the IVF inverted lists in a file, memory-mapped at search time.")(f)
     f = click.option("--seed", default=0, help="Seed of the training sample and k-means.")(f)
     f = click.option("--exact", is_flag=True, help="Exact (flat) index instead of IVF-PQ.")(f)
     f = click.option("--train-size", type=int, default=None,
@@ -45,21 +48,31 @@ strict_option = click.option("--strict", is_flag=True,
 @index_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing datastore once the new one is whole.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build.")
+@click.option("--shards", default=1, help="Split the build into this many shards, merged at the end.")
+@click.option("--engine", type=click.Choice([e.value for e in Engine]), default=Engine.LOCAL.value,
+              help="Run shards in this process, or one Ray task each (pip install 'knnlm[ray]').")
+@click.option("--ray-address", default=None, help="Ray cluster to join [default: start a local Ray].")
 @device_option
 @trust_option
 def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field, strict,
-                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed,
-                        overwrite, resume, device, trust_remote_code):
+                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, on_disk,
+                        overwrite, resume, shards, engine, ray_address, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
     cfg = BuildConfig(
         model=model, device=device, trust_remote_code=trust_remote_code, context=context, stride=stride,
         batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field, strict=strict,
         shuffle_seed=shuffle_seed, max_tokens=max_tokens, build_index=build_index,
-        index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed),
+        index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
+                          on_disk=on_disk),
         overwrite=overwrite, resume=resume)
+    shard_cfg = ShardConfig(shards=shards, engine=engine, ray_address=ray_address)
     with progress_bar(max_tokens, "building") as bar:
         try:
-            ds = build_datastore(corpus, out, cfg, progress=bar.update)
+            if shard_cfg.shards > 1 or shard_cfg.engine is not Engine.LOCAL:
+                ds = build_sharded(corpus, out, cfg, shard_cfg, progress=bar.update,
+                                   total=lambda n: setattr(bar, "total", n))
+            else:
+                ds = build_datastore(corpus, out, cfg, progress=bar.update)
         except KeyboardInterrupt:
             bar.close()
             click.echo("Interrupted; continue with the same command and --resume.", err=True)
@@ -83,10 +96,11 @@ def unreadable_note(meta: dict) -> str:
 @click.command("train-index")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
-def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed):
+def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, on_disk):
     """(Re)build the FAISS index of DATASTORE."""
     ds = open_datastore(datastore)
-    cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed)
+    cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
+                      on_disk=on_disk)
     with progress_bar(ds.count, "adding keys", unit="key") as bar:
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")

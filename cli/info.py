@@ -41,7 +41,8 @@ def info_cmd(datastore, as_json):
         ("corpus", f"{c['source']} ({len(c['files'])} files, {len(ds.documents)} documents stored)"),
         ("held out", f"{m['holdout']['dev_documents']} dev, {m['holdout']['test_documents']} test documents "
                      f"(share {m['holdout']['share']} each)"),
-        ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"),
+        ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"
+                  + (f", in {b['shards']} shards" if b.get("shards", 1) > 1 else "")),
     ]
     if ds.meta.get("updates"):
         u = describe_updates(ds.meta)
@@ -53,6 +54,10 @@ def info_cmd(datastore, as_json):
         detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
                   f"trained on {index['train_size']} keys ({index['reason']})"
                   if index["kind"] == "ivfpq" else f"exact (Flat): {index['reason']}")
+        if index.get("lists") == "on-disk":
+            detail += f"; inverted lists on disk ({index['ivfdata']}, {_mib(ds.path / index['ivfdata'])}, memory-mapped)"
+        elif index["kind"] == "ivfpq":
+            detail += "; inverted lists in RAM"
         rows.append(("index", f"{detail}; {_mib(ds.path / 'index.faiss')}, built in {index['total_seconds']} s"))
     else:
         rows.append(("index", "none (run `knnlm train-index`)"))

@@ -38,6 +38,7 @@ class IndexConfig:
     seed: int = 0  # seeds the training sample and k-means
     add_chunk: int = 65_536  # keys converted and added per step, bounding RAM
     exact: bool = False  # force an exact (flat) index whatever N
+    on_disk: bool = False  # IVF inverted lists in a file beside index.faiss, memory-mapped at search time
 
     def __post_init__(self):
         if self.code_size < 1:
@@ -92,13 +93,15 @@ def _chunks(n: int, size: int):
         yield lo, min(n, lo + size)
 
 
-def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) -> dict:
+def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, runner=None) -> dict:
     """Train and fill the index for a datastore; writes index.faiss and index.json atomically.
 
     Args:
         ds: an opened datastore.
         cfg: index settings.
         progress: optional callable taking the number of keys just added.
+        runner: adds the keys in parts sharing the trained quantizer (knnlm.scale.engines, e.g. Ray
+            tasks); None: in this process (in one part when cfg.on_disk).
 
     Returns:
         The content of index.json.
@@ -124,15 +127,27 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
         # exact re-ranking makes up the small loss in code quality.
         pq = faiss.downcast_index(index).pq
         pq.cp.max_points_per_centroid, pq.cp.niter, pq.cp.seed = 64, 15, cfg.seed
+        # faiss's factory turns on polysemous training (an annealing that renumbers PQ centroids for
+        # Hamming pre-filtering, which no search here uses): most of the training time, for nothing.
+        faiss.downcast_index(index).do_polysemous_training = False
         log.info("training %s on %d keys", p["factory"], len(xt))
         index.train(xt)
         del xt
     t_train = time.time() - t0
-    for lo, hi in _chunks(n, cfg.add_chunk):
-        index.add(np.asarray(ds.keys[lo:hi], dtype=np.float32))
-        if progress:
-            progress(hi - lo)
-    info = {**p, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
+    lists = {"lists": "in RAM"}
+    if p["kind"] == "ivfpq" and (cfg.on_disk or runner is not None):
+        from .scale.engines import LocalRunner
+        from .scale.ivf import fill_in_parts
+
+        lists = fill_in_parts(index, ds, cfg, runner or LocalRunner(), progress)
+    else:
+        if cfg.on_disk:
+            log.info("--on-disk applies to IVF indexes; this exact index stays in RAM")
+        for lo, hi in _chunks(n, cfg.add_chunk):
+            index.add(np.asarray(ds.keys[lo:hi], dtype=np.float32))
+            if progress:
+                progress(hi - lo)
+    info = {**p, **lists, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
             "train_seconds": round(t_train, 2), "total_seconds": round(time.time() - t0, 2),
             "datastore": ds.fingerprint,
             # Caches and tuned values name the index they were made with: a retrain is a new index.
@@ -140,6 +155,9 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
     with atomic_path(ds.path / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
     write_json(ds.path / "index.json", info)
+    for old in ds.path.glob("index-*.ivfdata"):  # lists of an index just replaced
+        if old.name != info.get("ivfdata"):
+            old.unlink()
     return info
 
 
@@ -172,7 +190,8 @@ def load_index(ds: Datastore):
         raise KNNLMError(f"The index in {ds.path} was built for other keys; rebuild it with "
                          f"`knnlm train-index {ds.path}`.")
     try:
-        index = faiss.read_index(str(path))
+        # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except (RuntimeError, MemoryError, ValueError, OSError) as e:  # faiss: RuntimeError; a garbled size: MemoryError
         raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
                          f"`knnlm train-index {ds.path}`.") from e
