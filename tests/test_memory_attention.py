@@ -98,7 +98,8 @@ def test_one_memory_per_model_and_batches_of_one(tiny_lm, ids):
         memory.begin_forward(0, torch.arange(8), capture=True)
         batch = torch.tensor([ids[:8]])
         tiny_lm.forward(batch, torch.ones_like(batch))
-        memory.commit(0, 4)
+        memory.stash(0, 8)
+        memory.release(4)
         assert len(memory) == 4 and memory.keys[0].shape[1] == 4
         batch = torch.tensor([ids[:8], ids[8:16]])
         memory.begin_forward(4, torch.arange(8), capture=False)
@@ -106,3 +107,128 @@ def test_one_memory_per_model_and_batches_of_one(tiny_lm, ids):
             tiny_lm.forward(batch, torch.ones_like(batch))
     assert tiny_lm.model.config._attn_implementation == "sdpa"
     np.testing.assert_equal(len(ids), 200)
+
+
+# --- generation: a KV cache cut to the window, what leaves it in memory --------------------------------------
+
+
+def test_cut_cache_with_full_memory_decodes_as_full_context(tiny_lm, ids):
+    from knnlm.generate import generate
+
+    prompt = tiny_lm.decode(ids[:120])
+    full = generate(tiny_lm, prompt, None, max_new_tokens=12)  # one window: the whole prompt in context
+    windowed_only = generate(tiny_lm, prompt, None, max_new_tokens=12, window=(24, 8))
+    cfg = AttentionMemoryConfig(layers="all", k=1000, positions="exact")
+    with_memory = generate(tiny_lm, prompt, None, max_new_tokens=12, window=(24, 8), attention=cfg)
+    assert with_memory.tokens == full.tokens
+    assert windowed_only.tokens != full.tokens  # the test can tell a window from full context
+    fixed = generate(tiny_lm, prompt, None, max_new_tokens=12, window=(24, 8),
+                     attention=AttentionMemoryConfig(layers="all", k=4, positions="fixed"))
+    assert len(fixed.tokens) == 12
+
+
+def test_cut_cache_reader_keeps_the_window_and_matches_full_logits(tiny_lm, ids):
+    from knnlm.memory.reading import reading_with_memory
+
+    full = full_logits(tiny_lm, ids[:100])
+    cfg = AttentionMemoryConfig(layers="all", k=1000, positions="exact")
+    with torch.inference_mode(), reading_with_memory(tiny_lm, cfg, 24, 8) as reader:
+        scores = reader.scores(ids[:90])  # the prompt, in chunks of 8
+        for n in range(91, 101):  # then a token per step
+            assert reader.cache.get_seq_length() <= 24 and len(reader.memory) == n - 1 - reader.cache.get_seq_length()
+            torch.testing.assert_close(scores[0], full[n - 2], atol=1e-4, rtol=1e-4)
+            scores = reader.scores(ids[:n])
+        assert reader.memory.positions.tolist() == list(range(len(reader.memory)))
+
+
+def test_attention_memory_needs_a_window(tiny_lm):
+    from knnlm.generate import generate
+
+    with pytest.raises(KNNLMError, match="window"):
+        generate(tiny_lm, "def f():", None, max_new_tokens=2, attention=AttentionMemoryConfig())
+
+
+# --- eval, the API and the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, tiny_lm, corpus_texts):
+    """A datastore of two short documents, built with the tiny model."""
+    from knnlm.build import BuildConfig, build_datastore
+
+    root = tmp_path_factory.mktemp("store")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(__import__("json").dumps({"text": t[:2500]}) for t in corpus_texts.values()))
+    build_datastore(str(corpus), root / "ds", BuildConfig(context=64, stride=32, holdout=0), lm=tiny_lm)
+    return root / "ds"
+
+
+def test_eval_with_attention_memory(small_store, tiny_lm, corpus_texts):
+    from knnlm.api import KNNLM
+
+    knn = KNNLM.open(small_store, lm=tiny_lm)
+    texts = [corpus_texts["glob.py"][:600], corpus_texts["shlex.py"][:500]]  # under 500 tokens each
+    plain = knn.evaluate(texts, lam=0.25, context=64, stride=32)
+    assert plain["attention_memory"] is None and all(len(tiny_lm.encode(t)) < 500 for t in texts)
+    # A window longer than every document leaves nothing to memory: exactly today's numbers.
+    long = knn.evaluate(texts, lam=0.25, context=500, stride=500)
+    empty = knn.evaluate(texts, lam=0.25, context=500, stride=500, attention_memory=AttentionMemoryConfig())
+    assert (empty["lm_ppl"], empty["knn_lm_ppl"], empty["tokens"]) == (long["lm_ppl"], long["knn_lm_ppl"],
+                                                                      long["tokens"])
+    # Full memory at exact positions: the LM scores as with the whole document in context.
+    cfg = AttentionMemoryConfig(layers="all", k=10_000, positions="exact")
+    full = knn.evaluate(texts, lam=0.25, context=64, stride=32, attention_memory=cfg)
+    assert full["tokens"] == plain["tokens"] and full["attention_memory"] == cfg.describe
+    assert full["lm_ppl"] == pytest.approx(long["lm_ppl"], rel=1e-5)
+    assert abs(plain["lm_ppl"] - long["lm_ppl"]) > 1e-3
+
+
+def test_every_attention_flag_reaches_its_config(monkeypatch):
+    from click.testing import CliRunner
+
+    import knnlm.cli.evaluate as cli_eval
+    import knnlm.cli.generate as cli_generate
+    from knnlm.cli.main import cli
+    from knnlm.memory.attention import Positions, Retrieval
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_eval(datastore, corpus, cfg, progress=None):
+        seen["eval"] = cfg.attention
+        raise Stop
+
+    def fake_open(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(cli_eval, "run_eval", fake_eval)
+    flags = ["--attention-memory", "--memory-layers", "3,5-7", "--memory-k", "9", "--memory-positions", "fixed",
+             "--memory-retrieval", "head"]
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", *flags], catch_exceptions=False)
+    a = seen["eval"]
+    assert (a.layers, a.k, a.positions, a.retrieval) == ("3,5-7", 9, Positions.FIXED, Retrieval.HEAD)
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", "--attention-memory"], catch_exceptions=False)
+    assert seen["eval"] == AttentionMemoryConfig()
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["eval", "--corpus", "c.txt"], catch_exceptions=False)
+    assert seen["eval"] is None
+    r = CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", "--memory-k", "9"])
+    assert r.exit_code != 0 and "--memory-k only apply with --attention-memory" in r.output
+
+    def fake_generate(lm, prompt, retriever, *args, attention=None, **kwargs):
+        seen["generate"] = attention
+        raise Stop
+
+    class FakeKNN:
+        lm = retriever = None
+
+    monkeypatch.setattr(cli_generate.KNNLM, "open", lambda *a, **k: FakeKNN())
+    monkeypatch.setattr(cli_generate, "generate", fake_generate)
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["generate", "-p", "x", *flags], catch_exceptions=False)
+    a = seen["generate"]
+    assert (a.layers, a.k, a.positions, a.retrieval) == ("3,5-7", 9, Positions.FIXED, Retrieval.HEAD)

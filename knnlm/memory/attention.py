@@ -15,7 +15,8 @@ function unchanged, so an empty memory gives exactly today's numbers.
         memory.start(window=256)
         memory.begin_forward(offset=0, positions=torch.arange(256), capture=True)
         lm.forward(ids, mask)
-        memory.commit(0, 128)  # positions 0..127 leave the window
+        memory.stash(0, 256)  # keep the window's keys and values
+        memory.release(128)  # positions 0..127 leave the window: they join the memory
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ class Retrieval(str, Enum):
 class AttentionMemoryConfig:
     """Settings of kNN-augmented attention (`--attention-memory`)."""
 
-    layers: str = "top-third"  # decoder layers that retrieve: "all", "top-third", "top-half", or "3,7,10-12"
+    # decoder layers that retrieve: "all", "top-third", "top-half", or "3,7,10-12". All by default: a
+    # layer without memory sees the others' changed hidden states and loses its attention sink.
+    layers: str = "all"
     k: int = 64  # (key, value) pairs each head (or KV group) retrieves per query
-    positions: Positions = Positions.FIXED  # rotary positions of retrieved keys: exact or fixed (InfLLM)
-    retrieval: Retrieval = Retrieval.HEAD  # top-k per query head, or per KV-head group
+    positions: Positions = Positions.EXACT  # rotary positions of retrieved keys: exact or fixed (InfLLM)
+    retrieval: Retrieval = Retrieval.GROUP  # top-k per query head, or per KV-head group
 
     def __post_init__(self):
         if self.k < 1:
@@ -109,8 +112,10 @@ class AttentionMemory:
         self.positions = torch.zeros(0, dtype=torch.long)  # (N,) absolute positions of the entries
         self.offset = 0  # absolute position of position 0 of the current forward pass
         self.frame = torch.zeros(0, dtype=torch.long)  # (T,) positions (as the model sees them) of its tokens
-        self.capture = False  # keep this pass's new keys and values, for commit()
+        self.capture = False  # keep this pass's new keys and values, for stash()
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ((H_kv, T, D), (H_kv, T, D))
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # stashed, not yet left the window
+        self.pending_positions: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -118,7 +123,7 @@ class AttentionMemory:
     def start(self, window: int) -> None:
         """Empty the memory for a new document read in windows of `window` tokens."""
         self.window = window
-        self.keys, self.values, self.captured = {}, {}, {}
+        self.keys, self.values, self.captured, self.pending, self.pending_positions = {}, {}, {}, {}, []
         self.positions = torch.zeros(0, dtype=torch.long)
 
     def begin_forward(self, offset: int, positions: torch.Tensor, capture: bool) -> None:
@@ -134,15 +139,33 @@ class AttentionMemory:
             self.values[layer] = v if old_v is None else torch.cat([old_v, v], dim=1)
         self.positions = torch.cat([self.positions, positions.long().cpu()])
 
-    def commit(self, lo: int, hi: int) -> None:
-        """Move tokens [lo, hi) of the last forward pass (they leave the window) into the memory."""
-        if hi <= lo:
-            return
+    def stash(self, lo: int, hi: int) -> None:
+        """Keep tokens [lo, hi) of the last forward pass until they leave the window (see release).
+
+        Eval stashes each window's owned tokens, the ones it saw with the most left context: a token
+        at the very start of a window attends only to itself and becomes an attention sink, a key
+        that retrieval would keep finding.
+        """
         if set(self.captured) != set(self.layers):
             raise KNNLMError("Attention memory captured nothing in the last forward pass; call begin_forward "
                              "with capture=True before the pass, inside `attached`.")
-        self.append({layer: (k[:, lo:hi], v[:, lo:hi]) for layer, (k, v) in self.captured.items()},
-                    self.frame[lo:hi] + self.offset)
+        for layer, (k, v) in self.captured.items():
+            self.pending.setdefault(layer, []).append((k[:, lo:hi], v[:, lo:hi]))
+        self.pending_positions.append(self.frame[lo:hi] + self.offset)
+
+    def release(self, before: int) -> None:
+        """Move the stashed tokens at absolute positions before `before` (they left the window) into the memory."""
+        if not self.pending_positions:
+            return
+        positions = torch.cat(self.pending_positions)
+        gone = positions < before
+        entries, rest = {}, {}
+        for layer, parts in self.pending.items():
+            k, v = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+            entries[layer] = (k[:, gone], v[:, gone])
+            rest[layer] = [(k[:, ~gone], v[:, ~gone])]
+        self.append(entries, positions[gone])
+        self.pending, self.pending_positions = rest, [positions[~gone]]
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Reading a document through a window with attention memory: in eval's windows, and in generation with a cut cache.
 
 Eval scores a document's windows one after another (batched windows of several documents cannot share
-one memory): after window w, the tokens before the next window's start leave the window and their keys
-and values go to the memory. Generation keeps a KV cache of at most W tokens; what leaves the cache goes
+one memory): each token's keys and values are the ones of the window that owns (scores) it, and they
+join the memory when the token leaves the window, i.e. before the first window that starts after it. Generation keeps a KV cache of at most W tokens; what leaves the cache goes
 to the memory.
 """
 
@@ -45,9 +45,10 @@ def forward_in_order(lm: LM, work: list[tuple[Window, list[int]]], cfg: Attentio
             memory.begin_forward(w.begin, torch.arange(len(ids)), capture=nxt is not None)
             batch = torch.tensor([ids])  # (1, T)
             keys, logits = lm.forward(batch, torch.ones_like(batch))  # (1, T, d), (1, T, V)
-            if nxt is not None:  # tokens before the next window's start leave the window now
-                memory.commit(0, nxt.begin - w.begin)
             lo, hi = w.own_from - w.begin, w.own_to - w.begin
+            if nxt is not None:  # the tokens before the next window's start leave the window now
+                memory.stash(lo, hi)
+                memory.release(nxt.begin)
             yield [Owned(i, w, keys[0, lo:hi], logits[0, lo:hi])]
 
 
@@ -67,6 +68,8 @@ class CutCacheReader:
         self.cache = DynamicCache(config=lm.model.config)
         params = inspect.signature(lm.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+        # Only the last position's logits are needed; not every model's forward takes logits_to_keep.
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.fed = 0  # tokens read so far: the absolute position of the next one
         self.first = 0  # absolute position of the cache's oldest entry
         memory.start(context)
@@ -81,7 +84,7 @@ class CutCacheReader:
             self.memory.begin_forward(0, positions, capture=False)
             out = self.lm.model(input_ids=torch.tensor([ids[self.fed: self.fed + n]], device=self.lm.device),
                                 position_ids=positions[None].to(self.lm.device), use_cache=True,
-                                **{self.cache_arg: self.cache})
+                                **{self.cache_arg: self.cache}, **self.keep)
             self.fed += n
         return out.logits[:, -1, :].float()
 
