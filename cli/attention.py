@@ -40,7 +40,8 @@ def attention_options(f):
                      help="kNN-augmented attention: at --memory-layers each head also attends to the top --memory-k "
                           "keys and values retrieved from the document's past that left the window."),
         click.option("--memory-layers", default=None,
-                     help=f"Layers that retrieve: all, top-half, top-third or '20,24-29' [default: {_DEFAULT.layers}]."),
+                     help="Layers that retrieve: all, top-half, top-third or '20,24-29' "
+                          f"[default: {_DEFAULT.layers}]."),
         click.option("--memory-k", type=int, default=None,
                      help=f"(key, value) pairs retrieved per query [default: {_DEFAULT.k}]."),
         click.option("--memory-positions", type=click.Choice([p.value for p in Positions]), default=None,

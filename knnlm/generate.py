@@ -237,7 +237,8 @@ def _eos_ids(lm: LM) -> set[int]:
 
 
 def _decode(lm: LM, ids: list[int], processors: LogitsProcessorList, max_new_tokens: int, context: int,
-            stride: int, generator: torch.Generator | None, attention: AttentionMemoryConfig | None = None) -> list[int]:
+            stride: int, generator: torch.Generator | None,
+            attention: AttentionMemoryConfig | None = None) -> list[int]:
     """New tokens after ids (extended in place), greedy or drawn with generator, in windows of (context, stride)
     (with attention memory: through a KV cache cut to the window)."""
     model, eos = lm.model, _eos_ids(lm)

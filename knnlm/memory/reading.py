@@ -2,8 +2,8 @@
 
 Eval scores a document's windows one after another (batched windows of several documents cannot share
 one memory): each token's keys and values are the ones of the window that owns (scores) it, and they
-join the memory when the token leaves the window, i.e. before the first window that starts after it. Generation keeps a KV cache of at most W tokens; what leaves the cache goes
-to the memory.
+join the memory when the token leaves the window, i.e. before the first window that starts after it.
+Generation keeps a KV cache of at most W tokens; what leaves the cache goes to the memory.
 """
 
 from __future__ import annotations
