@@ -229,3 +229,46 @@ def test_every_attention_flag_reaches_its_config(monkeypatch):
         CliRunner().invoke(cli, ["generate", "-p", "x", *flags], catch_exceptions=False)
     a = seen["generate"]
     assert (a.layers, a.k, a.positions, a.retrieval) == ("3,5-7", 9, Positions.FIXED, Retrieval.HEAD)
+
+
+@pytest.mark.parametrize("retrieval", ["head", "group"])
+@pytest.mark.parametrize("positions", ["exact", "fixed"])
+def test_memory_attention_matches_a_loop_reference(tiny_lm, retrieval, positions):
+    """One call of the attention function against a query-by-query reference: top-k by score, one softmax."""
+    from knnlm.memory.attention import _attention_modules, memory_attention
+    from knnlm.memory.rotary import cos_sin, rotate
+
+    g = torch.Generator().manual_seed(0)
+    h, h_kv, t, d, n, k, offset, window = 4, 2, 5, 8, 30, 6, 40, 16
+    query, key, value = (torch.randn(1, heads, t, d, generator=g) for heads in (h, h_kv, h_kv))
+    mem_k, mem_v = torch.randn(h_kv, n, d, generator=g), torch.randn(h_kv, n, d, generator=g)
+    mem_pos = torch.arange(n) + 3  # absolute positions, all before the window's start at `offset`
+    cfg = AttentionMemoryConfig(layers="0", k=k, positions=positions, retrieval=retrieval)
+    with attached(tiny_lm, cfg) as memory:
+        memory.start(window)
+        memory.append({0: (mem_k, mem_v)}, mem_pos)
+        memory.begin_forward(offset, torch.arange(t), capture=False)
+        got = memory_attention(_attention_modules(tiny_lm.model)[0], query, key, value, None, scaling=d ** -0.5)[0]
+        rotary = memory.rotary
+    scale, group = d ** -0.5, h // h_kv
+    if positions == "exact":  # each key at its position relative to the window's start
+        rot_k = rotate(mem_k, *cos_sin(rotary, mem_pos - offset, mem_k))
+    for kv in range(h_kv):
+        mem_scores = {}
+        for head in range(kv * group, (kv + 1) * group):
+            for i in range(t):
+                q = query[0, head, i]
+                if positions == "fixed":  # the key W positions before the query: its rotation at i − W
+                    keys = rotate(mem_k, *cos_sin(rotary, torch.full((n,), i - window), mem_k))
+                else:
+                    keys = rot_k
+                mem_scores[head, i] = keys[kv] @ q * scale  # (n,)
+        for head in range(kv * group, (kv + 1) * group):
+            for i in range(t):
+                by = mem_scores[head, i] if retrieval == "head" else \
+                    sum(mem_scores[x, i] for x in range(kv * group, (kv + 1) * group))
+                top = torch.argsort(by, descending=True)[:k]
+                local = key[0, kv, : i + 1] @ query[0, head, i] * scale
+                p = torch.softmax(torch.cat([local, mem_scores[head, i][top]]), dim=0)
+                want = p[: i + 1] @ value[0, kv, : i + 1] + p[i + 1:] @ mem_v[kv, top]
+                torch.testing.assert_close(got[0, i, head], want, atol=1e-5, rtol=1e-5)
