@@ -9,6 +9,7 @@ from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.report import REPORT_TOKENS, report_eval
 from knnlm.retrieval import RetrievalConfig
 
+from .attention import attention_options
 from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
 
 
@@ -76,6 +77,10 @@ def format_report(r: dict) -> str:
     ]
     if r.get("skip_below") is not None:
         rows.append(("searches skipped", f"{100 * r['searches_skipped']:.1f}% (--skip-below {r['skip_below']})"))
+    if r.get("attention_memory"):
+        a = r["attention_memory"]
+        rows.append(("attention memory", f"layers {a['layers']}, k {a['k']}, {a['positions']} positions, "
+                                         f"per {a['retrieval']}"))
     if r.get("tuned_settings_differ"):
         rows.append(("note", r["tuned_settings_differ"]))
     width = max(len(k) for k, _ in rows)
@@ -90,6 +95,7 @@ def format_report(r: dict) -> str:
 @mixing_options
 @retrieval_options
 @window_options
+@attention_options
 @click.option("--save-scores", type=click.Path(dir_okay=False), default=None,
               help="Write per-token scores (HDF5) for tune-lambda.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --save-scores or --report file.")
@@ -103,7 +109,7 @@ def format_report(r: dict) -> str:
 @json_option
 def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
              exact, context, stride, batch_size, save_scores, overwrite, report_file, report_tokens, model, device,
-             trust_remote_code, as_json):
+             trust_remote_code, as_json, attention):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
     import os
 
@@ -115,7 +121,7 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
-                     save_scores=save_scores, combine=combine, skip_below=skip_below)
+                     save_scores=save_scores, combine=combine, skip_below=skip_below, attention=attention)
     if report_tokens < 0:
         raise click.BadParameter(f"{report_tokens} is negative; pass a number of tokens, e.g. 5000.",
                                  param_hint="--report-tokens")

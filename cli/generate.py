@@ -10,6 +10,7 @@ from knnlm.api import KNNLM
 from knnlm.generate import generate
 from knnlm.retrieval import RetrievalConfig
 
+from .attention import attention_options
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
 from .evaluate import mixing_options, retrieval_options
 
@@ -23,19 +24,20 @@ from .evaluate import mixing_options, retrieval_options
 @click.option("--seed", default=0, help="Seed of the sampler.")
 @click.option("--compare", is_flag=True, help="Also print the LM's own continuation (λ = 0).")
 @retrieval_options
+@attention_options
 @model_option
 @device_option
 @trust_option
 @json_option
 def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, temperature, sample, seed, compare, k,
-                 nprobe, rerank, exact, model, device, trust_remote_code, as_json):
+                 nprobe, rerank, exact, model, device, trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
         prompt = sys.stdin.read()
     knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      trust_remote_code)
     out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed, combine=combine,
-                   skip_below=skip_below)
+                   skip_below=skip_below, attention=attention)
     # The LM alone decodes in the datastore's windows too, so the two see the same left context.
     window = (knn.datastore.meta["context"], knn.datastore.meta["stride"])
     plain = generate(knn.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, window) if compare else None
@@ -44,6 +46,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
                   "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,
                   "tokens_per_s": len(out.tokens) / out.seconds, "combine": combine, "skip_below": skip_below,
                   "searches_skipped": out.searches_skipped, "tuned_settings_differ": out.tuned_settings_differ,
+                  "attention_memory": attention.describe if attention is not None else None,
                   **knn.retriever.describe}
         if plain is not None:
             result["lm_text"] = plain.text

@@ -17,6 +17,7 @@ from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
 from .lm import LM, load_lm
+from .memory.attention import AttentionMemoryConfig
 from .neighbors import neighbors
 from .report import report_eval
 from .retrieval import RetrievalConfig, Retriever
@@ -70,7 +71,7 @@ class KNNLM:
 
     def evaluate(self, text: str | list[str], lam: str | float = 0.25, temperature: float | None = None,
                  context: int | None = None, stride: int | None = None, combine: str = "mix",
-                 skip_below: str | float | None = None) -> dict:
+                 skip_below: str | float | None = None, attention_memory: AttentionMemoryConfig | None = None) -> dict:
         """Perplexity of the LM and of the kNN-LM on text.
 
         Args:
@@ -81,13 +82,15 @@ class KNNLM:
             stride: tokens a window advances; None: the datastore's.
             combine: "mix" or "spalm".
             skip_below: None, a number or "tuned": the learned retrieval skip.
+            attention_memory: kNN-augmented attention over what left the window (None: off).
 
         Returns:
             The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change,
             searches_skipped, ...
         """
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, context=context,
-                         stride=stride, combine=combine, skip_below=None if skip_below is None else str(skip_below))
+                         stride=stride, combine=combine, skip_below=None if skip_below is None else str(skip_below),
+                         attention=attention_memory)
         return self._score(text, cfg)[0]
 
     def _score(self, text: str | list[str], cfg: EvalConfig):
@@ -121,7 +124,7 @@ class KNNLM:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
                  temperature: float | None = None, sample: bool = False, seed: int = 0, combine: str = "mix",
-                 skip_below: str | float | None = None) -> str:
+                 skip_below: str | float | None = None, attention_memory: AttentionMemoryConfig | None = None) -> str:
         """Continue a prompt, decoding from the interpolated distribution.
 
         Args:
@@ -133,13 +136,15 @@ class KNNLM:
             seed: seed of the sampler.
             combine: "mix" or "spalm".
             skip_below: None, a number or "tuned": the learned retrieval skip.
+            attention_memory: kNN-augmented attention, the KV cache cut to the datastore's window (None: off).
 
         Returns:
             The new text (without the prompt).
         """
         combiner = resolve_combiner(lam, self.datastore.path, combine, skip_below, temperature,
                                     search_settings(self.datastore, self.retriever))
-        return generate(self.lm, prompt, self.retriever, combiner, None, max_new_tokens, sample, seed).text
+        return generate(self.lm, prompt, self.retriever, combiner, None, max_new_tokens, sample, seed,
+                        attention=attention_memory).text
 
     def neighbors(self, text: str, position: int = -1, top: int = 10, temperature: float | None = None) -> dict:
         """The datastore entries nearest to one position of a text.

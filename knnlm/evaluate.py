@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -18,6 +19,8 @@ from .datastore import Datastore, open_datastore
 from .errors import KNNLMError
 from .interpolate import knn_log_prob, perplexity
 from .lm import LM, load_lm
+from .memory.attention import AttentionMemoryConfig
+from .memory.reading import forward_in_order
 from .retrieval import RetrievalConfig, Retriever
 from .scores import Scores, concat_scores, load_scores, save_scores
 from .windows import check_window, forward_owned, plan_windows
@@ -48,6 +51,7 @@ class EvalConfig:
     # fitted on); also on when saving scores or when the chosen policy reads them. The statistics cost
     # ~10% of eval time, the queries n·d floats of memory.
     keep_features: bool = False
+    attention: AttentionMemoryConfig | None = None  # kNN-augmented attention (--attention-memory); None: off
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -69,7 +73,8 @@ class Timer:
 
 def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, str]], context: int,
                     stride: int, batch_size: int = 4, progress=None, timer: Timer | None = None,
-                    combiner: Combiner | None = None, keep_features: bool = False) -> Scores:
+                    combiner: Combiner | None = None, keep_features: bool = False,
+                    attention: AttentionMemoryConfig | None = None) -> Scores:
     """Per-token LM log-probs and neighbours for every token after each document's first.
 
     Args:
@@ -84,6 +89,8 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         combiner: the mixing policy; its learned skip decides which tokens are searched.
         keep_features: also keep the queries and the LM statistics the learned gates read (each
             forced on when the combiner reads it).
+        attention: kNN-augmented attention over what left the window (each document's windows
+            are then read one at a time, in order); None: off.
 
     Returns:
         Scores in document order (with the queries and the LM statistics, if kept).
@@ -99,7 +106,8 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
     parts: list = [None] * len(work)
     keep_lm_stats = keep_features or (combiner is not None and combiner.reads_lm_stats)
     keep_queries = keep_features or (combiner is not None and combiner.reads_queries)
-    batches = forward_owned(lm, work, batch_size, logits=True)
+    batches = forward_owned(lm, work, batch_size, logits=True) if attention is None else \
+        forward_in_order(lm, work, attention, context)
     while True:
         t0 = time.perf_counter()
         owned = next(batches, None)
@@ -248,13 +256,16 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
     timer = Timer()
     t0 = time.perf_counter()
     scores = score_documents(run.lm, run.retriever, run.docs, run.context, run.stride, cfg.batch_size, progress,
-                             timer, run.combiner, keep_features=cfg.keep_features or bool(cfg.save_scores))
+                             timer, run.combiner, keep_features=cfg.keep_features or bool(cfg.save_scores),
+                             attention=cfg.attention)
     seconds = time.perf_counter() - t0
     if len(scores) == 0:
         raise KNNLMError(f"{run.what} has no tokens to score (each document needs two or more); pass more text.")
     scores.attrs.update(datastore=run.ds.fingerprint, datastore_path=str(run.ds.path), model=run.lm.name,
                         model_fingerprint=run.lm.fingerprint, context=run.context, stride=run.stride,
                         corpus=run.what, **run.search)
+    if cfg.attention is not None:
+        scores.attrs["attention_memory"] = json.dumps(cfg.attention.describe)
     t0 = time.perf_counter()
     out = report(scores, run.combiner, run.lm.model.get_output_embeddings())
     seconds += time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
@@ -262,7 +273,8 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
                lambda_source=run.combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,
                temperature=run.combiner.temperature, **run.search,
                seconds=seconds, tokens_per_s=len(scores) / seconds, lm_seconds=timer.lm,
-               retrieval_seconds=timer.retrieval, tuned_settings_differ=run.combiner.mismatch)
+               retrieval_seconds=timer.retrieval, tuned_settings_differ=run.combiner.mismatch,
+               attention_memory=cfg.attention.describe if cfg.attention is not None else None)
     if cfg.save_scores:
         save_scores(cfg.save_scores, scores)
         out["scores_file"] = cfg.save_scores
@@ -282,13 +294,15 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     retriever = retriever or Retriever(ds, cfg.retrieval)
     want = {"datastore": ds.fingerprint, **search_settings(ds, retriever),
             "context": cfg.context or ds.meta["context"], "stride": cfg.stride or ds.meta["stride"]}
+    want["attention_memory"] = json.dumps(cfg.attention.describe) if cfg.attention is not None else "none"
     if path.exists():
         try:
             scores = load_scores(str(path))
         except KNNLMError as e:  # an old or damaged cache is rebuilt, never misread
             log.info("rebuilding %s: %s", path, e)
         else:
-            if all(str(scores.attrs.get(key)) == str(value) for key, value in want.items()):
+            got = {"attention_memory": "none", **scores.attrs}  # caches from before attention memory had none
+            if all(str(got.get(key)) == str(value) for key, value in want.items()):
                 return scores, True
     cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "combine": "mix", "skip_below": None, "save_scores": str(path)})
     _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress, retriever=retriever)

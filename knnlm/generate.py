@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,8 @@ from .errors import KNNLMError
 from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
 from .lm import LM
+from .memory.attention import AttentionMemoryConfig
+from .memory.reading import reading_with_memory
 from .retrieval import Retriever
 from .scores import Scores
 from .windows import check_window, plan_windows
@@ -144,7 +147,7 @@ class Generation:
 def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str | float | Combiner = 0.25,
              temperature: float | None = None, max_new_tokens: int = 64, sample: bool = False,
              seed: int = 0, window: tuple[int, int] | None = None, combine: str = "mix",
-             skip_below: str | float | None = None) -> Generation:
+             skip_below: str | float | None = None, attention: AttentionMemoryConfig | None = None) -> Generation:
     """Continue a prompt with the kNN-LM (or with the LM alone when retriever is None).
 
     Decoding runs in the datastore's windows (context, stride), the way build and eval cut a
@@ -170,6 +173,9 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory).
         skip_below: skip the search where the before-retrieval gate predicts λ below this (a
             number, or "tuned").
+        attention: kNN-augmented attention: the KV cache is cut to the window's context (the
+            prompt read in chunks of its stride, then a token per step), and what leaves the cache
+            joins the memory the chosen layers retrieve from. Needs a window.
 
     Returns:
         The Generation.
@@ -189,6 +195,8 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
                              f"{stored}; queries would not match the stored keys. Leave the window out.")
         window = stored
     limit = lm.max_positions
+    if attention is not None and window is None:
+        raise KNNLMError("Attention memory reads through a window; pass window=(context, stride), or a datastore.")
     if window is None:
         if limit and len(ids) + max_new_tokens > limit:
             raise KNNLMError(f"The prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
@@ -202,7 +210,8 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         if retriever is not None else None
     try:
         new = _decode(lm, ids, LogitsProcessorList([processor] if processor else []), max_new_tokens,
-                      context, stride, torch.Generator(device=lm.device).manual_seed(seed) if sample else None)
+                      context, stride, torch.Generator(device=lm.device).manual_seed(seed) if sample else None,
+                      attention)
     finally:
         if processor is not None:
             processor.close()
@@ -228,8 +237,10 @@ def _eos_ids(lm: LM) -> set[int]:
 
 
 def _decode(lm: LM, ids: list[int], processors: LogitsProcessorList, max_new_tokens: int, context: int,
-            stride: int, generator: torch.Generator | None) -> list[int]:
-    """New tokens after ids (extended in place), greedy or drawn with generator, in windows of (context, stride)."""
+            stride: int, generator: torch.Generator | None,
+            attention: AttentionMemoryConfig | None = None) -> list[int]:
+    """New tokens after ids (extended in place), greedy or drawn with generator, in windows of (context, stride)
+    (with attention memory: through a KV cache cut to the window)."""
     model, eos = lm.model, _eos_ids(lm)
     params = inspect.signature(model.forward).parameters
     # Only the last position's logits are needed; not every model's forward takes logits_to_keep.
@@ -237,18 +248,23 @@ def _decode(lm: LM, ids: list[int], processors: LogitsProcessorList, max_new_tok
     cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
     new: list[int] = []
     begin, cache = -1, None
-    with torch.inference_mode():
+    memory = reading_with_memory(lm, attention, context, stride) if attention is not None else nullcontext()
+    with torch.inference_mode(), memory as reader:
         for _ in range(max_new_tokens):
             pos = len(ids) - 1  # its key is this step's query; it predicts token pos + 1
-            if begin < 0 or pos - begin >= context:
-                # A new window, prefilled without a cache: positions count from its first token, as in build.
-                begin = window_begin(pos, context, stride)
-                feed, cache = ids[begin:], None
+            if reader is not None:
+                scores = reader.scores(ids)  # (1, V): a KV cache cut to the window, what left it in memory
             else:
-                feed = ids[-1:]
-            out = model(input_ids=torch.tensor([feed], device=lm.device), use_cache=True, **{cache_arg: cache}, **keep)
-            cache = out.get("cache", out.get("past_key_values"))
-            scores = out.logits[:, -1, :].float()  # (1, V)
+                if begin < 0 or pos - begin >= context:
+                    # A new window, prefilled without a cache: positions count from its first token, as in build.
+                    begin = window_begin(pos, context, stride)
+                    feed, cache = ids[begin:], None
+                else:
+                    feed = ids[-1:]
+                out = model(input_ids=torch.tensor([feed], device=lm.device), use_cache=True, **{cache_arg: cache},
+                            **keep)
+                cache = out.get("cache", out.get("past_key_values"))
+                scores = out.logits[:, -1, :].float()  # (1, V)
             if processors:
                 scores = processors(torch.tensor([ids], device=lm.device), scores)
             if generator is not None:

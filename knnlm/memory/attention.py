@@ -1,0 +1,301 @@
+"""kNN-augmented attention in a frozen model (Memorizing Transformers at inference time, without training).
+
+At chosen layers every head's queries attend, in one softmax, to the local window (the model's own
+keys) and to the top-k (key, value) pairs retrieved from a memory of that layer's keys and values that
+have left the window. The memory holds keys without their rotary rotation, with their absolute
+positions; a read rotates them at their true positions ("exact") or as if every one sat a window's
+length before the query ("fixed", InfLLM's choice, which keeps distances inside the trained range).
+
+It hooks into transformers through its attention interface: `attached(lm, cfg)` registers
+`memory_attention` under a name, switches the model to it (`set_attn_implementation`) and back after.
+Layers that do not retrieve, and any layer while its memory is empty, run the model's own attention
+function unchanged, so an empty memory gives exactly today's numbers.
+
+    with attached(lm, AttentionMemoryConfig(layers=(20, 25), k=64)) as memory:
+        memory.start(window=256)
+        memory.begin_forward(offset=0, positions=torch.arange(256), capture=True)
+        lm.forward(ids, mask)
+        memory.stash(0, 256)  # keep the window's keys and values
+        memory.release(128)  # positions 0..127 leave the window: they join the memory
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ..errors import KNNLMError
+from .rotary import cos_sin, find_rotary, rotate, unrotate
+
+if TYPE_CHECKING:
+    from ..lm import LM
+
+
+class Positions(str, Enum):
+    """Where a retrieved key is rotated."""
+
+    EXACT = "exact"  # at its true position (window + full memory is then exactly full attention)
+    FIXED = "fixed"  # at one distance, the window's length, before every query (InfLLM)
+
+
+class Retrieval(str, Enum):
+    """Who retrieves."""
+
+    HEAD = "head"  # every query head picks its own top-k
+    GROUP = "group"  # the heads sharing a KV head pick one top-k by their summed scores (GQA)
+
+
+@dataclass(frozen=True)
+class AttentionMemoryConfig:
+    """Settings of kNN-augmented attention (`--attention-memory`)."""
+
+    # decoder layers that retrieve: "all", "top-third", "top-half", or "3,7,10-12". All by default: a
+    # layer without memory sees the others' changed hidden states and loses its attention sink.
+    layers: str = "all"
+    k: int = 64  # (key, value) pairs each head (or KV group) retrieves per query
+    positions: Positions = Positions.EXACT  # rotary positions of retrieved keys: exact or fixed (InfLLM)
+    retrieval: Retrieval = Retrieval.GROUP  # top-k per query head, or per KV-head group
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise KNNLMError(f"--memory-k {self.k} must be at least 1 (key, value) pair per query.")
+        try:
+            object.__setattr__(self, "positions", Positions(self.positions))
+            object.__setattr__(self, "retrieval", Retrieval(self.retrieval))
+        except ValueError as e:
+            raise KNNLMError(f"{e}; --memory-positions takes exact or fixed, --memory-retrieval head or group.") from e
+        parse_layers(self.layers, 10_000)  # syntax now; the range when a model is known
+
+    @property
+    def describe(self) -> dict:
+        """Plain JSON of the settings."""
+        return {"layers": self.layers, "k": self.k, "positions": self.positions.value,
+                "retrieval": self.retrieval.value}
+
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """Layer numbers of a --memory-layers spec: "all", "top-third", "top-half", or numbers and ranges "3,7,10-12"."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return tuple(range(n_layers))
+    if spec in ("top-third", "top-half"):
+        share = 3 if spec == "top-third" else 2
+        return tuple(range(n_layers - max(1, n_layers // share), n_layers))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi if dash else lo) + 1))
+    except ValueError:
+        raise KNNLMError(f"--memory-layers {spec!r} is not a layer list; pass e.g. 'all', 'top-third' or "
+                         "'20,24-29' (layers count from 0).") from None
+    bad = sorted(x for x in out if not 0 <= x < n_layers)
+    if bad or not out:
+        raise KNNLMError(f"--memory-layers {spec!r} names layers {bad or 'none'}, but the model has layers "
+                         f"0 to {n_layers - 1}; pass layers in that range.")
+    return tuple(sorted(out))
+
+
+class AttentionMemory:
+    """One document's memory: per retrieving layer, keys before rotation and values, with absolute positions."""
+
+    def __init__(self, cfg: AttentionMemoryConfig, layers: tuple[int, ...], rotary: torch.nn.Module):
+        self.cfg, self.layers, self.rotary = cfg, frozenset(layers), rotary
+        self.window = 0
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> (H_kv, N, D) keys without rotation
+        self.values: dict[int, torch.Tensor] = {}  # layer -> (H_kv, N, D)
+        self.positions = torch.zeros(0, dtype=torch.long)  # (N,) absolute positions of the entries
+        self.offset = 0  # absolute position of position 0 of the current forward pass
+        self.frame = torch.zeros(0, dtype=torch.long)  # (T,) positions (as the model sees them) of its tokens
+        self.capture = False  # keep this pass's new keys and values, for stash()
+        self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ((H_kv, T, D), (H_kv, T, D))
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # stashed, not yet left the window
+        self.pending_positions: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    def start(self, window: int) -> None:
+        """Empty the memory for a new document read in windows of `window` tokens."""
+        self.window = window
+        self.keys, self.values, self.captured, self.pending, self.pending_positions = {}, {}, {}, {}, []
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def begin_forward(self, offset: int, positions: torch.Tensor, capture: bool) -> None:
+        """Say what the next forward pass is: its tokens' positions and the absolute position of position 0."""
+        self.offset, self.frame, self.capture = offset, positions.long().cpu(), capture
+        self.captured = {}
+
+    def append(self, entries: dict[int, tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor) -> None:
+        """Add keys (without rotation) and values, (H_kv, n, D) per layer, at absolute positions (n,)."""
+        for layer, (k, v) in entries.items():
+            old_k, old_v = self.keys.get(layer), self.values.get(layer)
+            self.keys[layer] = k if old_k is None else torch.cat([old_k, k], dim=1)
+            self.values[layer] = v if old_v is None else torch.cat([old_v, v], dim=1)
+        self.positions = torch.cat([self.positions, positions.long().cpu()])
+
+    def stash(self, lo: int, hi: int) -> None:
+        """Keep tokens [lo, hi) of the last forward pass until they leave the window (see release).
+
+        Eval stashes each window's owned tokens, the ones it saw with the most left context: a token
+        at the very start of a window attends only to itself and becomes an attention sink, a key
+        that retrieval would keep finding.
+        """
+        if set(self.captured) != set(self.layers):
+            raise KNNLMError("Attention memory captured nothing in the last forward pass; call begin_forward "
+                             "with capture=True before the pass, inside `attached`.")
+        for layer, (k, v) in self.captured.items():
+            self.pending.setdefault(layer, []).append((k[:, lo:hi], v[:, lo:hi]))
+        self.pending_positions.append(self.frame[lo:hi] + self.offset)
+
+    def release(self, before: int) -> None:
+        """Move the stashed tokens at absolute positions before `before` (they left the window) into the memory."""
+        if not self.pending_positions:
+            return
+        positions = torch.cat(self.pending_positions)
+        gone = positions < before
+        entries, rest = {}, {}
+        for layer, parts in self.pending.items():
+            k, v = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+            entries[layer] = (k[:, gone], v[:, gone])
+            rest[layer] = [(k[:, ~gone], v[:, ~gone])]
+        self.append(entries, positions[gone])
+        self.pending, self.pending_positions = rest, [positions[~gone]]
+
+
+@dataclass
+class _Hooked:
+    """What the attention function needs for one attention module of an attached model."""
+
+    memory: AttentionMemory
+    base: object  # the model's own attention function, run where nothing is retrieved
+
+
+_HOOKED: dict[int, _Hooked] = {}  # id(attention module) -> its memory and base function
+_NAME = "knnlm_memory"
+
+
+def _base_function(implementation: str, module: torch.nn.Module):
+    """The attention function the model ran before it was attached."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    # eager is each model file's own eager_attention_forward
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise KNNLMError(f"Attention memory cannot run next to the model's {implementation!r} attention; load "
+                         "it with attn_implementation='sdpa' or 'eager'.")
+    return fn
+
+
+def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Layer number -> self-attention module, for decoders whose attention modules carry layer_idx."""
+    return {m.layer_idx: m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "num_key_value_groups")}
+
+
+@contextmanager
+def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
+    """Run the model's attention through memory_attention inside the block; yields the (empty) memory.
+
+    Args:
+        lm: the model (a RoPE decoder whose attention goes through transformers' attention interface).
+        cfg: layers, k, positions, retrieval.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    model = lm.model
+    modules = _attention_modules(model)
+    if not modules:
+        raise KNNLMError(f"{type(model).__name__} has no attention modules with layer numbers; attention memory "
+                         "needs a transformers decoder such as Llama, Qwen or SmolLM2.")
+    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), find_rotary(model))
+    before = model.config._attn_implementation
+    if before.startswith(_NAME):
+        raise KNNLMError("This model already has an attention memory attached; use one at a time.")
+    name = f"{_NAME}_{before}"
+    AttentionInterface.register(name, memory_attention)
+    # The masks stay those of the model's own implementation, so its function can run unchanged.
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[before] if before in
+                                    ALL_MASK_ATTENTION_FUNCTIONS else ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    for module in modules.values():
+        _HOOKED[id(module)] = _Hooked(memory, _base_function(before, module))
+    model.set_attn_implementation(name)
+    try:
+        yield memory
+    finally:
+        model.set_attn_implementation(before)
+        for module in modules.values():
+            _HOOKED.pop(id(module), None)
+
+
+def _allowed(mask: torch.Tensor | None, t: int, s: int, device) -> torch.Tensor:
+    """Additive (…, T, S) float mask of the local keys from what the mask function gave: None means causal."""
+    if mask is None:  # sdpa's is_causal skip: the last T of S keys are the queries'
+        q = torch.arange(t, device=device)[:, None] + (s - t)
+        return torch.where(torch.arange(s, device=device)[None] <= q, 0.0, float("-inf"))
+    mask = mask[..., :s]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, float("-inf"))
+    return mask.float()
+
+
+def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers attention function: local keys plus the top-k retrieved from memory, in one softmax.
+
+    Args:
+        module: the attention module (its layer_idx picks the memory).
+        query: (1, H, T, D) rotated queries.
+        key, value: (1, H_kv, S, D) rotated keys and values of the local window (a cache's and this pass's).
+        attention_mask: the mask the model's own implementation would get.
+        scaling: the softmax scale, 1/√D.
+
+    Returns:
+        ((1, T, H, D) attention output, None).
+    """
+    hooked = _HOOKED.get(id(module))
+    if hooked is None:
+        raise KNNLMError("The knnlm attention memory function ran outside `attached`; restore the model's "
+                         "attention implementation with model.set_attn_implementation('sdpa').")
+    memory, layer = hooked.memory, module.layer_idx
+    if layer not in memory.layers:
+        return hooked.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise KNNLMError("Attention memory reads one document at a time; pass batches of one sequence.")
+    b, h, t, d = query.shape
+    h_kv, s, g = key.shape[1], key.shape[2], query.shape[1] // key.shape[1]
+    if memory.capture:  # this pass's new keys are the last T: keep them without rotation
+        cos, sin = cos_sin(memory.rotary, memory.frame, key)
+        memory.captured[layer] = (unrotate(key[0, :, s - t:], cos, sin).detach(), value[0, :, s - t:].detach())
+    if len(memory) == 0 or layer not in memory.keys:
+        return hooked.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    mem_k, mem_v = memory.keys[layer], memory.values[layer]  # (H_kv, N, D) each
+    n = mem_k.shape[1]
+    q = query[0].reshape(h_kv, g, t, d)  # (H_kv, g, T, D): query heads grouped by their KV head
+    q_mem = q
+    if memory.cfg.positions == Positions.EXACT:  # keys at their true distance from the queries
+        cos, sin = cos_sin(memory.rotary, memory.positions - memory.offset, mem_k)
+        mem_k = rotate(mem_k, cos, sin)
+    else:  # queries moved to position W, keys left at 0: every key a window's length before its query
+        cos, sin = cos_sin(memory.rotary, memory.frame, q)
+        cw, sw = cos_sin(memory.rotary, torch.full_like(memory.frame, memory.window), q)
+        q_mem = rotate(unrotate(q, cos, sin), cw, sw)
+    mem_scores = torch.matmul(q_mem, mem_k[:, None].transpose(-1, -2)) * scaling  # (H_kv, g, T, N)
+    if memory.cfg.k < n:  # keep each query's top k; the rest get no weight
+        by = mem_scores if memory.cfg.retrieval == Retrieval.HEAD else mem_scores.sum(1, keepdim=True)
+        top = by.topk(memory.cfg.k, dim=-1).indices  # (H_kv, g or 1, T, k)
+        keep = torch.zeros_like(by, dtype=torch.bool).scatter_(-1, top, True)
+        mem_scores = mem_scores.masked_fill(~keep, float("-inf"))
+    local = torch.matmul(q, key[0][:, None].transpose(-1, -2)) * scaling  # (H_kv, g, T, S)
+    local = local + _allowed(attention_mask, t, s, local.device).reshape(-1, t, s)[0]
+    weights = torch.softmax(torch.cat([local, mem_scores], dim=-1).float(), dim=-1).to(query.dtype)  # (H_kv, g, T, S+N)
+    out = torch.matmul(weights[..., :s], value[0][:, None]) + torch.matmul(weights[..., s:], mem_v[:, None])
+    return out.reshape(b, h, t, d).transpose(1, 2).contiguous(), None  # (1, T, H, D)

@@ -1,0 +1,111 @@
+"""Reading a document through a window with attention memory: in eval's windows, and in generation with a cut cache.
+
+Eval scores a document's windows one after another (batched windows of several documents cannot share
+one memory): each token's keys and values are the ones of the window that owns (scores) it, and they
+join the memory when the token leaves the window, i.e. before the first window that starts after it.
+Generation keeps a KV cache of at most W tokens; what leaves the cache goes to the memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ..windows import Owned, Window
+from .attention import AttentionMemory, AttentionMemoryConfig, attached
+from .rotary import cos_sin, unrotate
+
+if TYPE_CHECKING:
+    from ..lm import LM
+
+
+def forward_in_order(lm: LM, work: list[tuple[Window, list[int]]], cfg: AttentionMemoryConfig,
+                     context: int) -> Iterator[list[Owned]]:
+    """forward_owned with attention memory: one window per pass, each document's windows in order.
+
+    Args:
+        lm: the model.
+        work: (window, token ids of the window's [begin, end)) pairs, grouped by document, windows in order.
+        cfg: the attention memory's settings.
+        context: the window length W (fixed positions put retrieved keys W tokens before the query).
+
+    Yields:
+        A one-element list per window: its Owned rows (as forward_owned yields them).
+    """
+    with attached(lm, cfg) as memory:
+        for i, (w, ids) in enumerate(work):
+            if i == 0 or work[i - 1][0].doc != w.doc:
+                memory.start(context)
+            elif work[i - 1][0].index + 1 != w.index:
+                raise ValueError("attention memory needs each document's windows in order")
+            nxt = work[i + 1][0] if i + 1 < len(work) and work[i + 1][0].doc == w.doc else None
+            memory.begin_forward(w.begin, torch.arange(len(ids)), capture=nxt is not None)
+            batch = torch.tensor([ids])  # (1, T)
+            keys, logits = lm.forward(batch, torch.ones_like(batch))  # (1, T, d), (1, T, V)
+            lo, hi = w.own_from - w.begin, w.own_to - w.begin
+            if nxt is not None:  # the tokens before the next window's start leave the window now
+                memory.stash(lo, hi)
+                memory.release(nxt.begin)
+            yield [Owned(i, w, keys[0, lo:hi], logits[0, lo:hi])]
+
+
+class CutCacheReader:
+    """Feeds a growing token list to the model with a KV cache of at most `context` tokens.
+
+    The prompt goes in chunks of `stride` tokens, then one token per step; before each chunk the
+    cache's oldest entries are cut so that no query sees more than `context` local tokens, and the
+    cut keys (rotation taken off) and values of the retrieving layers join the memory. Positions are
+    absolute: the cache's keys keep the rotation of their true positions.
+    """
+
+    def __init__(self, lm: LM, memory: AttentionMemory, context: int, stride: int):
+        from transformers import DynamicCache
+
+        self.lm, self.memory, self.context, self.stride = lm, memory, context, stride
+        self.cache = DynamicCache(config=lm.model.config)
+        params = inspect.signature(lm.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+        # Only the last position's logits are needed; not every model's forward takes logits_to_keep.
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.fed = 0  # tokens read so far: the absolute position of the next one
+        self.first = 0  # absolute position of the cache's oldest entry
+        memory.start(context)
+
+    def scores(self, ids: list[int]) -> torch.Tensor:
+        """(1, V) float logits of the token after ids, reading the tokens not read yet."""
+        out = None
+        while self.fed < len(ids):
+            n = min(self.stride if self.fed < len(ids) - 1 else 1, len(ids) - self.fed)
+            self.cut(self.context - n)
+            positions = torch.arange(self.fed, self.fed + n)
+            self.memory.begin_forward(0, positions, capture=False)
+            out = self.lm.model(input_ids=torch.tensor([ids[self.fed: self.fed + n]], device=self.lm.device),
+                                position_ids=positions[None].to(self.lm.device), use_cache=True,
+                                **{self.cache_arg: self.cache}, **self.keep)
+            self.fed += n
+        return out.logits[:, -1, :].float()
+
+    def cut(self, keep: int) -> None:
+        """Cut the cache to its newest `keep` entries; the retrieving layers' cut entries go to the memory."""
+        drop = self.fed - self.first - keep
+        if drop <= 0:
+            return
+        positions = torch.arange(self.first, self.first + drop)
+        entries = {}
+        for layer, cached in enumerate(self.cache.layers):
+            if layer in self.memory.layers:
+                cos, sin = cos_sin(self.memory.rotary, positions, cached.keys)
+                entries[layer] = (unrotate(cached.keys[0, :, :drop], cos, sin), cached.values[0, :, :drop])
+            cached.keys, cached.values = cached.keys[:, :, drop:], cached.values[:, :, drop:]
+        self.memory.append(entries, positions)
+        self.first += drop
+
+
+@contextmanager
+def reading_with_memory(lm: LM, cfg: AttentionMemoryConfig, context: int, stride: int) -> Iterator[CutCacheReader]:
+    """A CutCacheReader whose model attends through attention memory inside the block."""
+    with attached(lm, cfg) as memory:
+        yield CutCacheReader(lm, memory, context, stride)

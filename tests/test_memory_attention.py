@@ -1,0 +1,274 @@
+"""kNN-augmented attention: empty memory changes nothing; full memory at exact positions is full attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knnlm.errors import KNNLMError
+from knnlm.memory.attention import AttentionMemoryConfig, attached, parse_layers
+from knnlm.memory.reading import forward_in_order
+from knnlm.windows import forward_owned, plan_windows
+
+W, STRIDE = 48, 16
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_lm, corpus_texts) -> list[int]:
+    """A document of 200 tokens: four to eleven windows of W."""
+    return tiny_lm.encode(corpus_texts["textwrap.py"])[:200]
+
+
+def full_logits(lm, ids) -> torch.Tensor:
+    """(T, V) logits of one forward pass over the whole document."""
+    batch = torch.tensor([ids])
+    return lm.forward(batch, torch.ones_like(batch))[1][0]
+
+
+def windowed(lm, ids, cfg) -> list:
+    """Owned rows of each window of the document, read with attention memory (cfg) or without (None)."""
+    work = [(w, ids[w.begin: w.end]) for w in plan_windows(0, len(ids), W, STRIDE)]
+    if cfg is None:
+        return sorted((o for batch in forward_owned(lm, work, 3, logits=True) for o in batch), key=lambda o: o.item)
+    return [o for batch in forward_in_order(lm, work, cfg, W) for o in batch]
+
+
+def max_gap(owned, reference) -> float:
+    """Largest difference between the windows' logits and the reference's at the same positions."""
+    return max(float((o.logits - reference[o.window.own_from: o.window.own_to]).abs().max()) for o in owned)
+
+
+@pytest.mark.parametrize("retrieval", ["head", "group"])
+def test_exact_positions_with_all_past_tokens_is_full_attention(tiny_lm, ids, retrieval):
+    full = full_logits(tiny_lm, ids)
+    assert max_gap(windowed(tiny_lm, ids, None), full) > 1e-2  # the window alone differs clearly
+    cfg = AttentionMemoryConfig(layers="all", k=len(ids), positions="exact", retrieval=retrieval)
+    assert max_gap(windowed(tiny_lm, ids, cfg), full) < 1e-4
+
+
+def test_fewer_neighbours_or_fixed_positions_differ_from_full_attention(tiny_lm, ids):
+    full = full_logits(tiny_lm, ids)
+    for cfg in (AttentionMemoryConfig(layers="all", k=4, positions="exact"),
+                AttentionMemoryConfig(layers="all", k=len(ids), positions="fixed"),
+                AttentionMemoryConfig(layers="1", k=len(ids), positions="exact")):
+        gap = max_gap(windowed(tiny_lm, ids, cfg), full)
+        assert 1e-4 < gap, cfg
+
+
+def test_empty_memory_is_exactly_todays_attention(tiny_lm, ids):
+    """Windows that never leave memory anything (one window per document) give bit-identical logits."""
+    work = [(w, ids[w.begin: w.end]) for w in plan_windows(0, len(ids), len(ids), len(ids))]
+    assert len(work) == 1
+    plain = next(forward_owned(tiny_lm, work, 1, logits=True))[0]
+    with_memory = next(forward_in_order(tiny_lm, work, AttentionMemoryConfig(layers="all"), len(ids)))[0]
+    assert torch.equal(plain.logits, with_memory.logits) and torch.equal(plain.keys, with_memory.keys)
+    # and the model is given back its own attention afterwards
+    assert tiny_lm.model.config._attn_implementation == "sdpa"
+
+
+def test_first_window_is_unchanged_and_memory_only_helps_later_ones(tiny_lm, ids):
+    plain = windowed(tiny_lm, ids, None)
+    mem = windowed(tiny_lm, ids, AttentionMemoryConfig(layers="all", k=8))
+    assert torch.equal(plain[0].logits, mem[0].logits)
+    assert not torch.allclose(plain[-1].logits, mem[-1].logits)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == (0, 1, 2, 3)
+    assert parse_layers("top-third", 30) == tuple(range(20, 30))
+    assert parse_layers("top-half", 2) == (1,)
+    assert parse_layers("0, 2-3", 4) == (0, 2, 3)
+    for bad in ("4", "x", "1-", ""):
+        with pytest.raises(KNNLMError, match="--memory-layers"):
+            parse_layers(bad, 4)
+    with pytest.raises(KNNLMError, match="--memory-k"):
+        AttentionMemoryConfig(k=0)
+    with pytest.raises(KNNLMError, match="exact or fixed"):
+        AttentionMemoryConfig(positions="near")
+
+
+def test_one_memory_per_model_and_batches_of_one(tiny_lm, ids):
+    with attached(tiny_lm, AttentionMemoryConfig(layers="all")) as memory:
+        with pytest.raises(KNNLMError, match="already"):
+            with attached(tiny_lm, AttentionMemoryConfig()):
+                pass
+        memory.start(W)
+        memory.begin_forward(0, torch.arange(8), capture=True)
+        batch = torch.tensor([ids[:8]])
+        tiny_lm.forward(batch, torch.ones_like(batch))
+        memory.stash(0, 8)
+        memory.release(4)
+        assert len(memory) == 4 and memory.keys[0].shape[1] == 4
+        batch = torch.tensor([ids[:8], ids[8:16]])
+        memory.begin_forward(4, torch.arange(8), capture=False)
+        with pytest.raises(KNNLMError, match="one document"):
+            tiny_lm.forward(batch, torch.ones_like(batch))
+    assert tiny_lm.model.config._attn_implementation == "sdpa"
+
+
+# --- generation: a KV cache cut to the window, what leaves it in memory --------------------------------------
+
+
+def test_cut_cache_with_full_memory_decodes_as_full_context(tiny_lm, ids):
+    from knnlm.generate import generate
+
+    prompt = tiny_lm.decode(ids[:120])
+    full = generate(tiny_lm, prompt, None, max_new_tokens=12)  # one window: the whole prompt in context
+    windowed_only = generate(tiny_lm, prompt, None, max_new_tokens=12, window=(24, 8))
+    cfg = AttentionMemoryConfig(layers="all", k=1000, positions="exact")
+    with_memory = generate(tiny_lm, prompt, None, max_new_tokens=12, window=(24, 8), attention=cfg)
+    assert with_memory.tokens == full.tokens
+    assert windowed_only.tokens != full.tokens  # the test can tell a window from full context
+    fixed = generate(tiny_lm, prompt, None, max_new_tokens=12, window=(24, 8),
+                     attention=AttentionMemoryConfig(layers="all", k=4, positions="fixed"))
+    assert len(fixed.tokens) == 12
+
+
+def test_cut_cache_reader_keeps_the_window_and_matches_full_logits(tiny_lm, ids):
+    from knnlm.memory.reading import reading_with_memory
+
+    full = full_logits(tiny_lm, ids[:100])
+    cfg = AttentionMemoryConfig(layers="all", k=1000, positions="exact")
+    with torch.inference_mode(), reading_with_memory(tiny_lm, cfg, 24, 8) as reader:
+        scores = reader.scores(ids[:90])  # the prompt, in chunks of 8
+        for n in range(91, 101):  # then a token per step
+            assert reader.cache.get_seq_length() <= 24 and len(reader.memory) == n - 1 - reader.cache.get_seq_length()
+            torch.testing.assert_close(scores[0], full[n - 2], atol=1e-4, rtol=1e-4)
+            scores = reader.scores(ids[:n])
+        assert reader.memory.positions.tolist() == list(range(len(reader.memory)))
+
+
+def test_attention_memory_needs_a_window(tiny_lm):
+    from knnlm.generate import generate
+
+    with pytest.raises(KNNLMError, match="window"):
+        generate(tiny_lm, "def f():", None, max_new_tokens=2, attention=AttentionMemoryConfig())
+
+
+# --- eval, the API and the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, tiny_lm, corpus_texts):
+    """A datastore of two short documents, built with the tiny model."""
+    from knnlm.build import BuildConfig, build_datastore
+
+    root = tmp_path_factory.mktemp("store")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(__import__("json").dumps({"text": t[:2500]}) for t in corpus_texts.values()))
+    build_datastore(str(corpus), root / "ds", BuildConfig(context=64, stride=32, holdout=0), lm=tiny_lm)
+    return root / "ds"
+
+
+def test_eval_with_attention_memory(small_store, tiny_lm, corpus_texts):
+    from knnlm.api import KNNLM
+
+    knn = KNNLM.open(small_store, lm=tiny_lm)
+    texts = [corpus_texts["glob.py"][:600], corpus_texts["shlex.py"][:500]]  # under 500 tokens each
+    plain = knn.evaluate(texts, lam=0.25, context=64, stride=32)
+    assert plain["attention_memory"] is None and all(len(tiny_lm.encode(t)) < 500 for t in texts)
+    # A window longer than every document leaves nothing to memory: exactly today's numbers.
+    long = knn.evaluate(texts, lam=0.25, context=500, stride=500)
+    empty = knn.evaluate(texts, lam=0.25, context=500, stride=500, attention_memory=AttentionMemoryConfig())
+    assert (empty["lm_ppl"], empty["knn_lm_ppl"], empty["tokens"]) == (long["lm_ppl"], long["knn_lm_ppl"],
+                                                                      long["tokens"])
+    # Full memory at exact positions: the LM scores as with the whole document in context.
+    cfg = AttentionMemoryConfig(layers="all", k=10_000, positions="exact")
+    full = knn.evaluate(texts, lam=0.25, context=64, stride=32, attention_memory=cfg)
+    assert full["tokens"] == plain["tokens"] and full["attention_memory"] == cfg.describe
+    assert full["lm_ppl"] == pytest.approx(long["lm_ppl"], rel=1e-5)
+    assert abs(plain["lm_ppl"] - long["lm_ppl"]) > 1e-3
+
+
+def test_every_attention_flag_reaches_its_config(monkeypatch):
+    from click.testing import CliRunner
+
+    import knnlm.cli.evaluate as cli_eval
+    import knnlm.cli.generate as cli_generate
+    from knnlm.cli.main import cli
+    from knnlm.memory.attention import Positions, Retrieval
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_eval(datastore, corpus, cfg, progress=None):
+        seen["eval"] = cfg.attention
+        raise Stop
+
+    def fake_open(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(cli_eval, "run_eval", fake_eval)
+    flags = ["--attention-memory", "--memory-layers", "3,5-7", "--memory-k", "9", "--memory-positions", "fixed",
+             "--memory-retrieval", "head"]
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", *flags], catch_exceptions=False)
+    a = seen["eval"]
+    assert (a.layers, a.k, a.positions, a.retrieval) == ("3,5-7", 9, Positions.FIXED, Retrieval.HEAD)
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", "--attention-memory"], catch_exceptions=False)
+    assert seen["eval"] == AttentionMemoryConfig()
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["eval", "--corpus", "c.txt"], catch_exceptions=False)
+    assert seen["eval"] is None
+    r = CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", "--memory-k", "9"])
+    assert r.exit_code != 0 and "--memory-k only apply with --attention-memory" in r.output
+
+    def fake_generate(lm, prompt, retriever, *args, attention=None, **kwargs):
+        seen["generate"] = attention
+        raise Stop
+
+    class FakeKNN:
+        lm = retriever = None
+
+    monkeypatch.setattr(cli_generate.KNNLM, "open", lambda *a, **k: FakeKNN())
+    monkeypatch.setattr(cli_generate, "generate", fake_generate)
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["generate", "-p", "x", *flags], catch_exceptions=False)
+    a = seen["generate"]
+    assert (a.layers, a.k, a.positions, a.retrieval) == ("3,5-7", 9, Positions.FIXED, Retrieval.HEAD)
+
+
+@pytest.mark.parametrize("retrieval", ["head", "group"])
+@pytest.mark.parametrize("positions", ["exact", "fixed"])
+def test_memory_attention_matches_a_loop_reference(tiny_lm, retrieval, positions):
+    """One call of the attention function against a query-by-query reference: top-k by score, one softmax."""
+    from knnlm.memory.attention import _attention_modules, memory_attention
+    from knnlm.memory.rotary import cos_sin, rotate
+
+    g = torch.Generator().manual_seed(0)
+    h, h_kv, t, d, n, k, offset, window = 4, 2, 5, 8, 30, 6, 40, 16
+    query, key, value = (torch.randn(1, heads, t, d, generator=g) for heads in (h, h_kv, h_kv))
+    mem_k, mem_v = torch.randn(h_kv, n, d, generator=g), torch.randn(h_kv, n, d, generator=g)
+    mem_pos = torch.arange(n) + 3  # absolute positions, all before the window's start at `offset`
+    cfg = AttentionMemoryConfig(layers="0", k=k, positions=positions, retrieval=retrieval)
+    with attached(tiny_lm, cfg) as memory:
+        memory.start(window)
+        memory.append({0: (mem_k, mem_v)}, mem_pos)
+        memory.begin_forward(offset, torch.arange(t), capture=False)
+        got = memory_attention(_attention_modules(tiny_lm.model)[0], query, key, value, None, scaling=d ** -0.5)[0]
+        rotary = memory.rotary
+    scale, group = d ** -0.5, h // h_kv
+    if positions == "exact":  # each key at its position relative to the window's start
+        rot_k = rotate(mem_k, *cos_sin(rotary, mem_pos - offset, mem_k))
+    for kv in range(h_kv):
+        mem_scores = {}
+        for head in range(kv * group, (kv + 1) * group):
+            for i in range(t):
+                q = query[0, head, i]
+                if positions == "fixed":  # the key W positions before the query: its rotation at i − W
+                    keys = rotate(mem_k, *cos_sin(rotary, torch.full((n,), i - window), mem_k))
+                else:
+                    keys = rot_k
+                mem_scores[head, i] = keys[kv] @ q * scale  # (n,)
+        for head in range(kv * group, (kv + 1) * group):
+            for i in range(t):
+                by = mem_scores[head, i] if retrieval == "head" else \
+                    sum(mem_scores[x, i] for x in range(kv * group, (kv + 1) * group))
+                top = torch.argsort(by, descending=True)[:k]
+                local = key[0, kv, : i + 1] @ query[0, head, i] * scale
+                p = torch.softmax(torch.cat([local, mem_scores[head, i][top]]), dim=0)
+                want = p[: i + 1] @ value[0, kv, : i + 1] + p[i + 1:] @ mem_v[kv, top]
+                torch.testing.assert_close(got[0, i, head], want, atol=1e-5, rtol=1e-5)
