@@ -94,10 +94,9 @@ def test_memory_neighbors_stay_within_each_document_in_position_order():
         got = vals[r][vals[r] >= 0]
         assert (got // 1000 == s.doc[r]).all()  # same document
         assert (got % 1000 < s.pos[r]).all()  # earlier targets only
-        d, own = s.doc[r], (s.doc == s.doc[r]) & (s.pos < s.pos[r])
+        own = (s.doc == s.doc[r]) & (s.pos < s.pos[r])
         ref = np.sort(((s.queries[own] - s.queries[r]) ** 2).sum(1))[:8]
         np.testing.assert_allclose(dists[r][: len(ref)], ref, rtol=1e-5, atol=1e-5)
-        del d
 
 
 def _without_timing(report: dict) -> dict:
@@ -105,7 +104,7 @@ def _without_timing(report: dict) -> dict:
 
 
 def test_empty_memory_equals_todays_eval_exactly(store, tiny_lm):
-    text = [store.heldout("test")[0][1]]
+    text = [store.heldout("test")[0][1][:1500]]
     cfg = EvalConfig(lam="0.3", temperature=5.0, retrieval=RetrievalConfig(k=16, exact=True))
     docs = [("a", t) for t in text]
     today, s0 = run_eval(store, cfg=cfg, lm=tiny_lm, documents=docs)
@@ -121,8 +120,8 @@ def test_empty_memory_equals_todays_eval_exactly(store, tiny_lm):
 
 @pytest.mark.parametrize("mix", ["separate", "joint"])
 def test_eval_memory_equals_a_brute_force_per_position_reference(store, tiny_lm, corpus_texts, mix):
-    text = corpus_texts["fnmatch.py"][:3000]
-    docs = [("a", text), ("b", text[:1500])]  # the second repeats the first's start: no memory across documents
+    text = corpus_texts["fnmatch.py"][:1600]
+    docs = [("a", text), ("b", text[:800])]  # the second repeats the first's start: no memory across documents
     lam, t, lam_m, t_m, k_m = 0.3, 5.0, 0.4, 3.0, 12
     mem = MemoryConfig("document", mix=mix, lam=str(lam_m), temperature=t_m, k=k_m, chunk=50)
     cfg = EvalConfig(lam=str(lam), temperature=t, retrieval=RetrievalConfig(k=16, exact=True), memory=mem,
@@ -147,7 +146,7 @@ def test_eval_memory_equals_a_brute_force_per_position_reference(store, tiny_lm,
 
 
 def test_no_datastore_eval_takes_the_lm_and_the_memory_only(tiny_lm, tiny_model_dir, corpus_texts, tmp_path):
-    text = corpus_texts["bisect.py"][:2000]
+    text = corpus_texts["bisect.py"][:1200]
     (tmp_path / "t.txt").write_text(text + text)  # a document that repeats itself
     cfg = EvalConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, use_datastore=False,
                      memory=MemoryConfig("document", lam="0.5", temperature=3.0))
