@@ -177,7 +177,7 @@ def _periodic_prompt(lm, text: str, period: int, reps: int) -> tuple[str, list[i
     raise AssertionError("no prompt that encodes back to its tokens")
 
 
-def test_generate_with_document_memory_repeats_a_passage_of_the_prompt(tiny_lm):
+def test_generate_with_document_memory_repeats_a_passage_of_the_prompt(tiny_lm, tiny_model_dir):
     from conftest import STDLIB
 
     # Windows as long as the passage: each repeat starts a window, so a position of the last, cut repeat
@@ -193,6 +193,10 @@ def test_generate_with_document_memory_repeats_a_passage_of_the_prompt(tiny_lm):
     # The API decodes in one window as long as the model allows: the memory still finds the passage.
     api = KNNLM.without_datastore(lm=tiny_lm).generate(prompt, 8, memory=mem)
     assert tiny_lm.encode(api)[:4] == y[m: m + 4]
+    r = run("generate", "--no-datastore", "--model", tiny_model_dir, "--prompt", prompt, "-n", 8, "--memory",
+            "document", "--memory-lambda", 0.999, "--memory-temperature", 0.01, "--memory-neighbors", 8, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["text"] == api and json.loads(r.stdout)["search"] == "none"
 
 
 def test_generation_memory_holds_exactly_the_positions_before_the_query(tiny_lm, corpus_texts):
