@@ -12,9 +12,12 @@ per package:
   packages' tokens), so no package's figure is fitted on itself;
 - full: one window of all 8192 tokens (the model's positions: the upper bound);
 - full+doc: full-context keys with the document memory;
+- window+doc adaptive: as window+doc with λ_m per quartile of the memory's nearest distance (Drozdov
+  et al.'s adaptive λ applied to the memory; measured here only, not offered by eval yet);
 - ds rows (--datastore): the datastore's exact neighbours (k = --ds-k) mixed with its tuned λ and T
-  (window+ds), and the document memory added to it both ways: "joint" (one p_kNN over datastore and
-  memory; λ, T fitted leave-one-out) and "separate" (p_mem on top of window+ds, λ_m, T_m leave-one-out).
+  (window+ds), and the document memory added to it both ways, as eval does them: "joint" (one p_kNN
+  over datastore and memory, the datastore's tuned λ and T), "joint refit" (the same with λ, T fitted
+  leave-one-out) and "separate" (p_mem on top of window+ds, λ_m, T_m leave-one-out).
 Rows the lead adds later (attention memory) register in ROWS. The cost columns are seconds per token of
 each step against the window-only forward, all measured in this run on --threads threads. Forward
 passes are cached in bench/results/memory-cache/ (keys and LM log-probs per package and window).
@@ -41,8 +44,8 @@ from knnlm.lm import DEFAULT_MODEL, load_lm  # noqa: E402
 from knnlm.memory.document import causal_neighbors, fit_memory, join_neighbors, mix_memory  # noqa: E402
 from knnlm.windows import forward_owned, plan_windows  # noqa: E402
 
-BASE_ROWS = ("window", "window+doc", "full", "full+doc")
-DS_ROWS = ("window+ds", "window+ds+doc joint", "window+ds+doc separate")
+BASE_ROWS = ("window", "window+doc", "window+doc adaptive", "full", "full+doc")
+DS_ROWS = ("window+ds", "window+ds+doc joint", "window+ds+doc joint refit", "window+ds+doc separate")
 ROWS = BASE_ROWS + DS_ROWS
 
 
@@ -76,10 +79,29 @@ def cached_scores(lm, pkg: str, ids: list[int], context: int, stride: int, batch
     return out
 
 
-def fit_lambda_t(lm_logp: np.ndarray, dists: np.ndarray, vals: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-    """(λ, T) of λ·p_kNN + (1 − λ)·p_LM minimising the NLL (the joint mode's fit): fit_memory's grid."""
-    fit = fit_memory(lm_logp, dists, vals, targets)
-    return fit["lambda"], fit["temperature"]
+def fit_adaptive_memory(base: np.ndarray, md: np.ndarray, mv: np.ndarray, targets: np.ndarray, bins: int = 4) -> dict:
+    """λ_m per quantile bin of the memory's nearest distance and one T_m, maximising the likelihood."""
+    from knnlm.memory.document import TUNE_LAMBDAS, TUNE_TEMPERATURES
+    from knnlm.tune import fit_bins
+
+    nn = md[:, 0].astype(np.float64)
+    edges = fit_bins(nn, bins, 200)
+    b = np.searchsorted(edges, nn, side="right")
+    grid, best = np.asarray(TUNE_LAMBDAS), (-np.inf, 1.0, None)
+    for t in TUNE_TEMPERATURES:
+        ll = np.maximum(interpolate(base[None], knn_log_prob(md, mv, targets, t)[None], grid[:, None]), -1e300)
+        sums = np.stack([ll[:, b == i].sum(1) for i in range(edges.size + 1)], 1)  # (L, B)
+        if sums.max(0).sum() > best[0]:
+            best = (sums.max(0).sum(), t, grid[sums.argmax(0)])
+    return {"edges": edges, "lambdas": best[2], "temperature": float(best[1])}
+
+
+def mix_adaptive_memory(base, md, mv, targets, fit: dict) -> np.ndarray:
+    """mix_memory with fit_adaptive_memory's λ_m per token."""
+    from knnlm.interpolate import adaptive_lambdas
+
+    lam = np.where(mv[:, 0] >= 0, adaptive_lambdas(md[:, 0], fit["edges"], fit["lambdas"]), 0.0)
+    return interpolate(base, knn_log_prob(md, mv, targets, fit["temperature"]), lam)
 
 
 def main() -> None:
@@ -151,12 +173,19 @@ def main() -> None:
             print(f"datastore search {pkg}: {ds_nb[pkg][2]:.1f} s", flush=True)
         result["settings"].update(datastore=str(ds.path), datastore_k=args.ds_k, datastore_lambda=tuned["lambda"],
                                   datastore_temperature=tuned["temperature"])
+    if ds_nb:  # every package's joint neighbours and kNN-LM mix, made once for the leave-one-out fits
+        lam, t = result["settings"]["datastore_lambda"], result["settings"]["datastore_temperature"]
+        joint = {p: join_neighbors(*ds_nb[p][:2], data["window", p]["mem_dists"], data["window", p]["mem_vals"])
+                 for p in pkgs}
+        ds_mix = {p: interpolate(data["window", p]["lm_logp"],
+                                 knn_log_prob(*ds_nb[p][:2], data["window", p]["targets"], t), lam) for p in pkgs}
     for pkg in pkgs:
         win, out = data["window", pkg], {}
         past = win["past"]
         tok = int(past.sum())
         fwd = win["seconds"] / len(win["targets"])  # window-only forward, seconds per token
         out["tokens"] = tok
+        out["memory_share_of_forward"] = win["mem_seconds"] / win["seconds"]  # measured back to back
         out["window"] = {"ppl": perplexity(win["lm_logp"][past]), "cost": 1.0}
         for kind in kinds:
             s = data[kind, pkg]
@@ -170,6 +199,12 @@ def main() -> None:
             mem_tok = s["mem_seconds"] / len(s["targets"])
             if kind == "full":
                 out["full"] = {"ppl": perplexity(s["lm_logp"][past]), "cost": per_tok / fwd}
+            elif "window+doc adaptive" in rows:
+                afit = fit_out(kind, pkg, base, md, mv, fit=fit_adaptive_memory)
+                ad = mix_adaptive_memory(s["lm_logp"], s["mem_dists"], s["mem_vals"], s["targets"], afit)
+                out["window+doc adaptive"] = {"ppl": perplexity(ad[past]), "cost": (per_tok + mem_tok) / fwd,
+                                              "lambdas": afit["lambdas"], "edges": afit["edges"],
+                                              "temperature": afit["temperature"]}
             out[f"{kind}+doc"] = {"ppl": perplexity(mixed[past]), "cost": (per_tok + mem_tok) / fwd,
                                   "lambda": fit["lambda"], "temperature": fit["temperature"],
                                   "memory_seconds_per_token": mem_tok}
@@ -181,17 +216,16 @@ def main() -> None:
             mixed_ds = interpolate(win["lm_logp"], knn, lam)
             out["window+ds"] = {"ppl": perplexity(mixed_ds[past]), "cost": ds_cost, "lambda": lam, "temperature": t}
             # joint: one p_kNN over datastore + memory, (λ, T) fitted on the other packages
-            joint = {p: join_neighbors(*ds_nb[p][:2], data["window", p]["mem_dists"], data["window", p]["mem_vals"])
-                     for p in pkgs}
+            mem_cost = win["mem_seconds"] / len(win["targets"]) / fwd
+            jd = interpolate(win["lm_logp"], knn_log_prob(*joint[pkg], win["targets"], t), lam)
+            out["window+ds+doc joint"] = {"ppl": perplexity(jd[past]), "cost": ds_cost + mem_cost, "lambda": lam,
+                                          "temperature": t}
             lm_lp = {p: data["window", p]["lm_logp"] for p in pkgs}
             fit = fit_out("window", pkg, lm_lp, {p: joint[p][0] for p in pkgs}, {p: joint[p][1] for p in pkgs})
             jl = interpolate(win["lm_logp"], knn_log_prob(*joint[pkg], win["targets"], fit["temperature"]), fit["lambda"])
-            mem_cost = win["mem_seconds"] / len(win["targets"]) / fwd
-            out["window+ds+doc joint"] = {"ppl": perplexity(jl[past]), "cost": ds_cost + mem_cost,
-                                          "lambda": fit["lambda"], "temperature": fit["temperature"]}
+            out["window+ds+doc joint refit"] = {"ppl": perplexity(jl[past]), "cost": ds_cost + mem_cost,
+                                                "lambda": fit["lambda"], "temperature": fit["temperature"]}
             # separate: p_mem on top of window+ds
-            ds_mix = {p: interpolate(data["window", p]["lm_logp"],
-                                     knn_log_prob(*ds_nb[p][:2], data["window", p]["targets"], t), lam) for p in pkgs}
             fit = fit_out("window", pkg, ds_mix, {p: data["window", p]["mem_dists"] for p in pkgs},
                           {p: data["window", p]["mem_vals"] for p in pkgs})
             sl = mix_memory(mixed_ds, win["mem_dists"], win["mem_vals"], win["targets"], fit["lambda"],
@@ -202,7 +236,8 @@ def main() -> None:
             gap = out["window"]["ppl"] - out["full"]["ppl"]
             out["recovered"] = {r: (out["window"]["ppl"] - out[r]["ppl"]) / gap
                                 for r in out if isinstance(out[r], dict) and "ppl" in out[r] and r != "window"}
-        result["packages"][pkg] = {r: v for r, v in out.items() if r in rows or r in ("tokens", "recovered")}
+        result["packages"][pkg] = {r: v for r, v in out.items()
+                                   if r in rows or r in ("tokens", "recovered", "memory_share_of_forward")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, json_safe(result))
     print_table(result, rows)
