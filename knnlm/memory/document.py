@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 
 MEMORY_KINDS = ("none", "document")
 MIX_KINDS = ("joint", "separate")
-# Defaults measured by bench/memory.py (SmolLM2-135M, four stdlib packages of 8192 tokens, W = 256,
-# λ_m and T_m fitted leave-one-package-out): see the README's document-memory table.
-DEFAULT_MEMORY_LAMBDA = 0.3
-DEFAULT_MEMORY_TEMPERATURE = 10.0
+# Defaults measured by bench/memory.py (SmolLM2-135M, four stdlib packages of 8192 tokens, W = 256, k = 256):
+# fitted on any three packages, λ_m was 0.15-0.225 and T_m 68 (with full 8k context λ_m fell to 0.05-0.075).
+DEFAULT_MEMORY_LAMBDA = 0.2
+DEFAULT_MEMORY_TEMPERATURE = 68.0
 # tune-lambda's grids for p_mem: T log-spaced (memory distances are those of the datastore, tens to hundreds)
 TUNE_TEMPERATURES = tuple(np.logspace(0, 3, 19).tolist())
 TUNE_LAMBDAS = tuple(np.round(np.arange(0.0, 0.951, 0.025), 3).tolist())
