@@ -16,6 +16,7 @@ from dataclasses import replace
 from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
+from .errors import KNNLMError
 from .lm import DEFAULT_MODEL, LM, load_lm
 from .memory.document import MemoryConfig, tune_memory
 from .neighbors import neighbors
@@ -44,7 +45,7 @@ class KNNLM:
         retriever: the search over the datastore (None: without_datastore).
     """
 
-    def __init__(self, datastore: Datastore, lm: LM, retriever: Retriever):
+    def __init__(self, datastore: Datastore | None, lm: LM, retriever: Retriever | None):
         self.datastore, self.lm, self.retriever = datastore, lm, retriever
 
     @classmethod
@@ -84,6 +85,12 @@ class KNNLM:
             lm: an already loaded model to use instead of loading one.
         """
         return cls(None, lm or load_lm(model or DEFAULT_MODEL, device, trust_remote_code), None)
+
+    def _need_datastore(self, what: str) -> None:
+        """One sentence instead of an AttributeError when a datastore's method is called without one."""
+        if self.datastore is None:
+            raise KNNLMError(f"KNNLM.{what} needs a datastore; open one with KNNLM.open (without_datastore "
+                             "offers evaluate and generate only).")
 
     def evaluate(self, text: str | list[str], lam: str | float = 0.25, temperature: float | None = None,
                  context: int | None = None, stride: int | None = None, combine: str = "mix",
@@ -133,6 +140,7 @@ class KNNLM:
         Returns:
             The evaluation report, with "report_file" and "report_bytes".
         """
+        self._need_datastore("report")
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, combine=combine,
                          skip_below=None if skip_below is None else str(skip_below))
         texts = [text] if isinstance(text, str) else list(text)
@@ -178,6 +186,7 @@ class KNNLM:
             The dict of `knnlm neighbors --json`: LM and kNN top predictions, and neighbours with
             distance, stored next token, source document, offset and preceding context.
         """
+        self._need_datastore("neighbors")
         t = pick_temperature(temperature, self.datastore.path)
         retriever = self.retriever if top <= self.retriever.k else self.with_retrieval(k=top).retriever
         return neighbors(self.lm, retriever, text, position, top, temperature=t)
@@ -188,6 +197,7 @@ class KNNLM:
 
         Close it (or use it in a `with` block) when done: it hooks the model's output projection.
         """
+        self._need_datastore("logits_processor")
         return KNNLogitsProcessor(self.lm, self.retriever, str(lam), temperature, combine, skip_below)
 
     def tune(self, text: str | list[str] | None = None, cfg: TuneConfig = TuneConfig(),
@@ -202,6 +212,7 @@ class KNNLM:
         Returns:
             What `knnlm tune-lambda --json` prints: lambda, temperature, adaptive, heldout figures.
         """
+        self._need_datastore("tune")
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         if text is None:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
@@ -217,5 +228,6 @@ class KNNLM:
 
     def with_retrieval(self, **changes) -> "KNNLM":
         """The same datastore and model with other search settings, e.g. `.with_retrieval(k=100)`."""
+        self._need_datastore("with_retrieval")
         cfg = replace(self.retriever.cfg, **changes)
         return KNNLM(self.datastore, self.lm, Retriever(self.datastore, cfg))

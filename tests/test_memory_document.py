@@ -197,6 +197,8 @@ def test_generate_with_document_memory_repeats_a_passage_of_the_prompt(tiny_lm, 
             "document", "--memory-lambda", 0.999, "--memory-temperature", 0.01, "--memory-neighbors", 8, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["text"] == api and json.loads(r.stdout)["search"] == "none"
+    with pytest.raises(KNNLMError, match="needs a datastore"):
+        KNNLM.without_datastore(lm=tiny_lm).neighbors(prompt)
 
 
 def test_generation_memory_holds_exactly_the_positions_before_the_query(tiny_lm, corpus_texts):
