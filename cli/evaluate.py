@@ -58,7 +58,7 @@ def memory_options(f):
                      help="λ_m of p_mem (separate mix): a number in [0, 1] or 'tuned' [default: tuned, else the "
                           "measured default].")(f)
     f = click.option("--memory-mix", type=click.Choice(MIX_KINDS), default=MemoryConfig.mix, show_default=True,
-                     help="separate: λ_m·p_mem + (1 − λ_m)·p_kNN-LM; joint: one p_kNN over datastore and memory.")(f)
+                     help="joint: one p_kNN over datastore and memory; separate: λ_m·p_mem + (1 − λ_m)·p_kNN-LM.")(f)
     f = click.option("--memory", type=click.Choice(["none", "document"]), default="none", show_default=True,
                      help="document: the document's own earlier positions are a memory too (exact search).")(f)
     return f

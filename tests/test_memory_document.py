@@ -113,7 +113,7 @@ def test_empty_memory_equals_todays_eval_exactly(store, tiny_lm):
     assert _without_timing(today) == _without_timing(none) and "memory" not in none
     assert np.array_equal(s0.lm_logp, s1.lm_logp) and np.array_equal(s0.dists, s1.dists)
     # λ_m = 0 leaves every token as it was, to the last digit.
-    zero, _ = run_eval(store, cfg=EvalConfig(**{**cfg.__dict__, "memory": MemoryConfig("document", lam="0")}),
+    zero, _ = run_eval(store, cfg=EvalConfig(**{**cfg.__dict__, "memory": MemoryConfig("document", mix="separate", lam="0")}),
                        lm=tiny_lm, documents=docs)
     assert zero["memory"]["ppl"] == today["knn_lm_ppl"] == zero["knn_lm_ppl"]
 
@@ -246,7 +246,7 @@ def test_tuned_memory_round_trip(store, tiny_lm, corpus_texts):
     lam, t, source = resolve_memory(MemoryConfig("document", lam="tuned"), store.path)
     assert (lam, t, source) == (m["lambda"], m["temperature"], "tuned")
     # eval with the tuned values on the tuning text gives the fitted NLL back.
-    out = knn.evaluate(text, lam="tuned", memory=MemoryConfig("document", k=16))
+    out = knn.evaluate(text, lam="tuned", memory=MemoryConfig("document", mix="separate", k=16))
     assert out["memory"]["lambda"] == m["lambda"] and out["memory"]["source"] == "tuned"
     assert np.log(out["memory"]["ppl"]) == pytest.approx(m["nll"], rel=1e-9)
     # The CLI fits the same.
