@@ -6,6 +6,7 @@ import click
 
 from knnlm.corpus import DEFAULT_GLOB, FORMATS
 from knnlm.evaluate import EvalConfig, run_eval
+from knnlm.memory.document import MIX_KINDS, MemoryConfig
 from knnlm.report import REPORT_TOKENS, report_eval
 from knnlm.retrieval import RetrievalConfig
 
@@ -46,6 +47,30 @@ def mixing_options(f):
     return f
 
 
+def memory_options(f):
+    """--memory, --memory-mix, --memory-lambda, --memory-temperature, --memory-neighbors, --no-datastore."""
+    f = click.option("--no-datastore", is_flag=True,
+                     help="No datastore: the LM (--model, else the bundled one) with the document memory alone.")(f)
+    f = click.option("--memory-neighbors", default=256, show_default=True,
+                     help="Neighbours taken from the document memory per token.")(f)
+    f = click.option("--memory-temperature", type=float, default=None,
+                     help="T_m of p_mem (separate mix) [default: the tuned T_m, else the measured default].")(f)
+    f = click.option("--memory-lambda", default=None,
+                     help="λ_m of p_mem (separate mix): a number in [0, 1] or 'tuned' [default: tuned, else the "
+                          "measured default].")(f)
+    f = click.option("--memory-mix", type=click.Choice(MIX_KINDS), default=MemoryConfig.mix, show_default=True,
+                     help="joint: one p_kNN over datastore and memory; separate: λ_m·p_mem + (1 − λ_m)·p_kNN-LM.")(f)
+    f = click.option("--memory", type=click.Choice(["none", "document"]), default="none", show_default=True,
+                     help="document: the document's own earlier positions are a memory too (exact search).")(f)
+    return f
+
+
+def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors) -> MemoryConfig:
+    """The MemoryConfig of memory_options' flags."""
+    return MemoryConfig(memory=memory, mix=memory_mix, lam=memory_lambda, temperature=memory_temperature,
+                        k=memory_neighbors)
+
+
 def corpus_format_options(f):
     """--glob, --format, --text-field for a --corpus."""
     f = click.option("--text-field", default="text", help="JSONL field or table column with the text.")(f)
@@ -75,6 +100,15 @@ def format_report(r: dict) -> str:
         ("speed", f"{r['tokens_per_s']:.0f} tokens/s; LM {r['lm_seconds']:.1f} s, "
                   f"retrieval {r['retrieval_seconds']:.1f} s"),
     ]
+    if r["search"] == "none":  # --no-datastore: no kNN rows, no λ
+        rows = [row for row in rows if row[0] in ("text", "tokens", "LM perplexity", "speed")]
+    m = r.get("memory")
+    if m:
+        mixed = f"λ_m {m['lambda']:g}, T_m {m['temperature']:g} ({m['source']})" if m["mix"] == "separate" \
+            else f"joint with the datastore's neighbours, T {m['temperature']:g}"
+        rows.append(("with document memory", f"{m['ppl']:.4f}  ({100 * m['change']:+.2f}%; {mixed}; target among its "
+                                             f"{m['k']} neighbours for {100 * m['target_in_memory']:.1f}% of tokens; "
+                                             f"search {m['search_seconds']:.1f} s)"))
     if r.get("skip_below") is not None:
         rows.append(("searches skipped", f"{100 * r['searches_skipped']:.1f}% (--skip-below {r['skip_below']})"))
     if r.get("attention_memory"):
@@ -103,13 +137,15 @@ def format_report(r: dict) -> str:
               help="Write an interactive HTML report (one self-contained file) of the scored tokens.")
 @click.option("--report-tokens", default=REPORT_TOKENS, show_default=True,
               help="Tokens (the first ones) given full detail in the --report page.")
+@memory_options
 @model_option
 @device_option
 @trust_option
 @json_option
 def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
-             exact, context, stride, batch_size, save_scores, overwrite, report_file, report_tokens, model, device,
-             trust_remote_code, as_json, attention):
+             exact, context, stride, batch_size, save_scores, overwrite, report_file, report_tokens, memory, memory_mix,
+             memory_lambda, memory_temperature, memory_neighbors, no_datastore, model, device, trust_remote_code,
+             as_json, attention):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
     import os
 
@@ -121,7 +157,11 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
-                     save_scores=save_scores, combine=combine, skip_below=skip_below, attention=attention)
+                     save_scores=save_scores, combine=combine, skip_below=skip_below,
+                     memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors),
+                     use_datastore=not no_datastore, attention=attention)
+    if no_datastore and report_file:
+        raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
     if report_tokens < 0:
         raise click.BadParameter(f"{report_tokens} is negative; pass a number of tokens, e.g. 5000.",
                                  param_hint="--report-tokens")

@@ -12,7 +12,7 @@ from knnlm.retrieval import RetrievalConfig
 
 from .attention import attention_options
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
-from .evaluate import mixing_options, retrieval_options
+from .evaluate import memory_config, memory_options, mixing_options, retrieval_options
 
 
 @click.command("generate")
@@ -25,29 +25,36 @@ from .evaluate import mixing_options, retrieval_options
 @click.option("--compare", is_flag=True, help="Also print the LM's own continuation (λ = 0).")
 @retrieval_options
 @attention_options
+@memory_options
 @model_option
 @device_option
 @trust_option
 @json_option
 def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, temperature, sample, seed, compare, k,
-                 nprobe, rerank, exact, model, device, trust_remote_code, as_json, attention):
+                 nprobe, rerank, exact, memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors,
+                 no_datastore, model, device, trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
-                     trust_remote_code)
+    mem = memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors)
+    if no_datastore:
+        knn = KNNLM.without_datastore(model, device, trust_remote_code)
+    else:
+        knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
+                         trust_remote_code)
     out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed, combine=combine,
-                   skip_below=skip_below, attention=attention)
+                   skip_below=skip_below, memory=mem, attention=attention)
     # The LM alone decodes in the datastore's windows too, so the two see the same left context.
-    window = (knn.datastore.meta["context"], knn.datastore.meta["stride"])
+    window = (knn.datastore.meta["context"], knn.datastore.meta["stride"]) if knn.datastore else None
     plain = generate(knn.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, window) if compare else None
     if as_json:
         result = {"prompt": prompt, "text": out.text, "tokens": out.tokens, "lambda": lam, "sample": sample,
                   "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,
                   "tokens_per_s": len(out.tokens) / out.seconds, "combine": combine, "skip_below": skip_below,
                   "searches_skipped": out.searches_skipped, "tuned_settings_differ": out.tuned_settings_differ,
+                  "memory": memory, "memory_mix": memory_mix if knn.retriever else None,
                   "attention_memory": attention.describe if attention is not None else None,
-                  **knn.retriever.describe}
+                  **(knn.retriever.describe if knn.retriever else {"search": "none"})}
         if plain is not None:
             result["lm_text"] = plain.text
         print_json(result)

@@ -12,6 +12,7 @@ from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.lm import load_lm
+from knnlm.memory.document import MemoryConfig, tune_memory
 from knnlm.retrieval import RetrievalConfig
 from knnlm.scores import load_scores
 from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, tune
@@ -45,6 +46,10 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of held-out perplexity against λ [default: DATASTORE/lambda.png].")
 @click.option("--no-plot", is_flag=True, help="Skip the plot.")
+@click.option("--memory", type=click.Choice(["none", "document"]), default="none", show_default=True,
+              help="document: also fit the document memory's λ_m and T_m (eval --memory document --memory-mix "
+                   "separate), on top of the tuned λ and T.")
+@click.option("--memory-neighbors", default=256, show_default=True, help="Neighbours from the document memory.")
 @retrieval_options
 @window_options
 @model_option
@@ -53,8 +58,8 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @json_option
 @click.pass_context
 def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptive, bins, min_bin_tokens, gate,
-             gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, k, nprobe, rerank, exact,
-             context, stride, batch_size, model, device, trust_remote_code, as_json):
+             gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, memory, memory_neighbors, k,
+             nprobe, rerank, exact, context, stride, batch_size, model, device, trust_remote_code, as_json):
     """Fit every way of mixing the memory in (fixed λ and T, adaptive λ, the learned gates and their
     retrieval skip, SPALM) on the dev part; store them in DATASTORE/lambda.json and mixing.safetensors."""
     if scores_path:
@@ -92,6 +97,8 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
             click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
         what = f"dev part of {ds.path}"
     result = tune(scores, cfg, description=str(what), head=lm.model.get_output_embeddings() if lm else None)
+    if memory == "document":
+        result["memory"] = tune_memory(scores, result, MemoryConfig(memory=memory, k=memory_neighbors))
     save_lambda(ds.path, result, result.pop("tensors", None))
     if not no_plot:
         t = result["temperature"]
@@ -103,6 +110,10 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
         print_json(result)
     else:
         click.echo(format_table(result))
+        if "memory" in result:
+            m = result["memory"]
+            click.echo(f"document memory: λ_m {m['lambda']:g}, T_m {m['temperature']:.3g}; NLL {m['nll_without']:.4f} "
+                       f"→ {m['nll']:.4f} on {m['tokens']} tokens")
         click.echo(f"saved {ds.path}/lambda.json" + (f"; plot {result['plot']}" if "plot" in result else ""))
 
 

@@ -16,8 +16,10 @@ from dataclasses import replace
 from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
-from .lm import LM, load_lm
+from .errors import KNNLMError
+from .lm import DEFAULT_MODEL, LM, load_lm
 from .memory.attention import AttentionMemoryConfig
+from .memory.document import MemoryConfig, tune_memory
 from .neighbors import neighbors
 from .report import report_eval
 from .retrieval import RetrievalConfig, Retriever
@@ -35,13 +37,16 @@ class KNNLM:
     before-retrieval gate predicts a λ below it. temperature None means the tuned T, else 1,
     as in `knnlm eval`.
 
+    memory (a MemoryConfig) adds the document memory to evaluate and generate; `KNNLM.without_datastore`
+    gives the model with nothing built, for the document memory alone.
+
     Attributes:
-        datastore: the opened Datastore.
+        datastore: the opened Datastore (None: without_datastore).
         lm: the model (the one the datastore was built with).
-        retriever: the search over the datastore.
+        retriever: the search over the datastore (None: without_datastore).
     """
 
-    def __init__(self, datastore: Datastore, lm: LM, retriever: Retriever):
+    def __init__(self, datastore: Datastore | None, lm: LM, retriever: Retriever | None):
         self.datastore, self.lm, self.retriever = datastore, lm, retriever
 
     @classmethod
@@ -69,9 +74,29 @@ class KNNLM:
         ds.check_compatible(lm)
         return cls(ds, lm, Retriever(ds, retrieval))
 
+    @classmethod
+    def without_datastore(cls, model: str | None = None, device: str | None = None, trust_remote_code: bool = False,
+                          lm: LM | None = None) -> "KNNLM":
+        """The model alone, with no datastore (evaluate and generate then take the document memory only).
+
+        Args:
+            model: hub id, directory or .gguf file; None: the bundled default model.
+            device: torch device; None: cuda when available, else cpu.
+            trust_remote_code: allow the model repository's own code.
+            lm: an already loaded model to use instead of loading one.
+        """
+        return cls(None, lm or load_lm(model or DEFAULT_MODEL, device, trust_remote_code), None)
+
+    def _need_datastore(self, what: str) -> None:
+        """One sentence instead of an AttributeError when a datastore's method is called without one."""
+        if self.datastore is None:
+            raise KNNLMError(f"KNNLM.{what} needs a datastore; open one with KNNLM.open (without_datastore "
+                             "offers evaluate and generate only).")
+
     def evaluate(self, text: str | list[str], lam: str | float = 0.25, temperature: float | None = None,
                  context: int | None = None, stride: int | None = None, combine: str = "mix",
-                 skip_below: str | float | None = None, attention_memory: AttentionMemoryConfig | None = None) -> dict:
+                 skip_below: str | float | None = None, memory: MemoryConfig | None = None,
+                 attention_memory: AttentionMemoryConfig | None = None) -> dict:
         """Perplexity of the LM and of the kNN-LM on text.
 
         Args:
@@ -83,13 +108,16 @@ class KNNLM:
             combine: "mix" or "spalm".
             skip_below: None, a number or "tuned": the learned retrieval skip.
             attention_memory: kNN-augmented attention over what left the window (None: off).
+            memory: the document memory (its figures under "memory"); None: none.
 
         Returns:
             The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change,
             searches_skipped, ...
         """
-        cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, context=context,
+        cfg = EvalConfig(lam=str(lam), temperature=temperature,
+                         retrieval=self.retriever.cfg if self.retriever else RetrievalConfig(), context=context,
                          stride=stride, combine=combine, skip_below=None if skip_below is None else str(skip_below),
+                         memory=memory or MemoryConfig(), use_datastore=self.datastore is not None,
                          attention=attention_memory)
         return self._score(text, cfg)[0]
 
@@ -116,6 +144,7 @@ class KNNLM:
         Returns:
             The evaluation report, with "report_file" and "report_bytes".
         """
+        self._need_datastore("report")
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, combine=combine,
                          skip_below=None if skip_below is None else str(skip_below))
         texts = [text] if isinstance(text, str) else list(text)
@@ -124,7 +153,8 @@ class KNNLM:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
                  temperature: float | None = None, sample: bool = False, seed: int = 0, combine: str = "mix",
-                 skip_below: str | float | None = None, attention_memory: AttentionMemoryConfig | None = None) -> str:
+                 skip_below: str | float | None = None, memory: MemoryConfig | None = None,
+                 attention_memory: AttentionMemoryConfig | None = None) -> str:
         """Continue a prompt, decoding from the interpolated distribution.
 
         Args:
@@ -137,14 +167,17 @@ class KNNLM:
             combine: "mix" or "spalm".
             skip_below: None, a number or "tuned": the learned retrieval skip.
             attention_memory: kNN-augmented attention, the KV cache cut to the datastore's window (None: off).
+            memory: the document memory of the prompt and the continuation; None: none.
 
         Returns:
             The new text (without the prompt).
         """
+        if self.datastore is None:
+            return generate(self.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, memory=memory).text
         combiner = resolve_combiner(lam, self.datastore.path, combine, skip_below, temperature,
                                     search_settings(self.datastore, self.retriever))
         return generate(self.lm, prompt, self.retriever, combiner, None, max_new_tokens, sample, seed,
-                        attention=attention_memory).text
+                        memory=memory, attention=attention_memory).text
 
     def neighbors(self, text: str, position: int = -1, top: int = 10, temperature: float | None = None) -> dict:
         """The datastore entries nearest to one position of a text.
@@ -159,6 +192,7 @@ class KNNLM:
             The dict of `knnlm neighbors --json`: LM and kNN top predictions, and neighbours with
             distance, stored next token, source document, offset and preceding context.
         """
+        self._need_datastore("neighbors")
         t = pick_temperature(temperature, self.datastore.path)
         retriever = self.retriever if top <= self.retriever.k else self.with_retrieval(k=top).retriever
         return neighbors(self.lm, retriever, text, position, top, temperature=t)
@@ -169,18 +203,22 @@ class KNNLM:
 
         Close it (or use it in a `with` block) when done: it hooks the model's output projection.
         """
+        self._need_datastore("logits_processor")
         return KNNLogitsProcessor(self.lm, self.retriever, str(lam), temperature, combine, skip_below)
 
-    def tune(self, text: str | list[str] | None = None, cfg: TuneConfig = TuneConfig()) -> dict:
+    def tune(self, text: str | list[str] | None = None, cfg: TuneConfig = TuneConfig(),
+             memory: MemoryConfig | None = None) -> dict:
         """Fit every mixing policy (λ, T, adaptive bins, gates, skip threshold, SPALM) and store them in the datastore.
 
         Args:
             text: tuning documents; None: the datastore's held-out dev part (scores cached).
             cfg: the search settings.
+            memory: with memory "document", also fit the separate p_mem's λ_m and T_m (lambda.json's "memory").
 
         Returns:
             What `knnlm tune-lambda --json` prints: lambda, temperature, adaptive, heldout figures.
         """
+        self._need_datastore("tune")
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         if text is None:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
@@ -189,10 +227,13 @@ class KNNLM:
             report, scores = self._score(text, ecfg)
             what = report["corpus"]
         result = tune(scores, cfg, description=what, head=self.lm.model.get_output_embeddings())
+        if memory is not None and memory.on:
+            result["memory"] = tune_memory(scores, result, memory)
         save_lambda(self.datastore.path, result, result.pop("tensors", None))
         return result
 
     def with_retrieval(self, **changes) -> "KNNLM":
         """The same datastore and model with other search settings, e.g. `.with_retrieval(k=100)`."""
+        self._need_datastore("with_retrieval")
         cfg = replace(self.retriever.cfg, **changes)
         return KNNLM(self.datastore, self.lm, Retriever(self.datastore, cfg))

@@ -18,14 +18,18 @@ from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError
 from .interpolate import knn_log_prob, perplexity
-from .lm import LM, load_lm
+from .lm import DEFAULT_MODEL, LM, load_lm
 from .memory.attention import AttentionMemoryConfig
+from .memory.document import MemoryConfig, memory_report
 from .memory.reading import forward_in_order
 from .retrieval import RetrievalConfig, Retriever
 from .scores import Scores, concat_scores, load_scores, save_scores
 from .windows import check_window, forward_owned, plan_windows
 
 log = logging.getLogger(__name__)
+
+
+NO_DATASTORE_WINDOW = (512, 256)  # (context, stride) of --no-datastore without --context: build's defaults
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class EvalConfig:
     # ~10% of eval time, the queries n·d floats of memory.
     keep_features: bool = False
     attention: AttentionMemoryConfig | None = None  # kNN-augmented attention (--attention-memory); None: off
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # the document memory (--memory and --memory-*)
+    use_datastore: bool = True  # False (--no-datastore): the LM alone, with the document memory if asked
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -73,7 +79,7 @@ class Timer:
 
 def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, str]], context: int,
                     stride: int, batch_size: int = 4, progress=None, timer: Timer | None = None,
-                    combiner: Combiner | None = None, keep_features: bool = False,
+                    combiner: Combiner | None = None, keep_features: bool = False, keep_queries: bool = False,
                     attention: AttentionMemoryConfig | None = None) -> Scores:
     """Per-token LM log-probs and neighbours for every token after each document's first.
 
@@ -89,9 +95,7 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         combiner: the mixing policy; its learned skip decides which tokens are searched.
         keep_features: also keep the queries and the LM statistics the learned gates read (each
             forced on when the combiner reads it).
-        attention: kNN-augmented attention over what left the window (each document's windows
-            are then read one at a time, in order); None: off.
-
+ba
     Returns:
         Scores in document order (with the queries and the LM statistics, if kept).
     """
@@ -105,7 +109,7 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
             targets.append(ids[w.own_from + 1: w.own_to + 1])
     parts: list = [None] * len(work)
     keep_lm_stats = keep_features or (combiner is not None and combiner.reads_lm_stats)
-    keep_queries = keep_features or (combiner is not None and combiner.reads_queries)
+    keep_queries = keep_queries or keep_features or (combiner is not None and combiner.reads_queries)
     batches = forward_owned(lm, work, batch_size, logits=True) if attention is None else \
         forward_in_order(lm, work, attention, context)
     while True:
@@ -219,9 +223,9 @@ def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalCo
 class EvalRun:
     """What an evaluation scores and with what, opened once (run_eval and the HTML report share it)."""
 
-    ds: Datastore
+    ds: Datastore | None  # None: --no-datastore
     lm: LM
-    retriever: Retriever
+    retriever: Retriever | None  # None: no search at all
     combiner: Combiner
     docs: list[tuple[str, str]]  # (name, text) pairs
     what: str  # the text, in words
@@ -234,6 +238,8 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
               split: str = "test", documents: list[tuple[str, str]] | None = None,
               retriever: Retriever | None = None) -> EvalRun:
     """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
+    if not cfg.use_datastore:
+        return open_without_datastore(corpus, cfg, lm, documents)
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
     if cfg.save_scores and os.path.exists(cfg.save_scores) and os.path.isdir(cfg.save_scores):
         raise KNNLMError(f"--save-scores {cfg.save_scores} is a folder; pass a file path.")
@@ -251,23 +257,56 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     return EvalRun(ds, lm, retriever, combiner, docs, what, context, stride, search)
 
 
+def open_without_datastore(corpus: str | None, cfg: EvalConfig, lm: LM | None = None,
+                           documents: list[tuple[str, str]] | None = None) -> EvalRun:
+    """An evaluation of the LM alone (--no-datastore): λ = 0, no search; the document memory may be added."""
+    from .combine import FixedLambda
+
+    if documents is None and corpus is None:
+        raise KNNLMError("--no-datastore has no held-out text to score; pass the text with --corpus.")
+    lm = lm or load_lm(cfg.model or DEFAULT_MODEL, cfg.device, cfg.trust_remote_code)
+    # No datastore to take windows from: build's default windows, or half of a given --context.
+    context = cfg.context or NO_DATASTORE_WINDOW[0]
+    stride = cfg.stride or (max(1, context // 2) if cfg.context else NO_DATASTORE_WINDOW[1])
+    check_window(context, stride, lm.max_positions)
+    if documents is not None:
+        docs, what = list(documents), f"{len(documents)} given texts"
+    else:
+        src = open_corpus(corpus, glob=cfg.glob, fmt=cfg.fmt, text_field=cfg.text_field)
+        docs, what = [(name, text) for _, _, name, text in iter_documents(src, 0.0)], str(corpus)
+    search = {"search": "none", "k": 0, "nprobe": 0, "rerank": False, "index": "none"}
+    return EvalRun(None, lm, NoSearch(), FixedLambda(0.0, 1.0, "no datastore"), docs, what, context, stride, search)
+
+
+class NoSearch:
+    """The search of --no-datastore: every query gets one missing neighbour (the report's rule for a miss)."""
+
+    def neighbors(self, queries: np.ndarray, keep=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(queries)
+        return np.full((n, 1), np.inf, np.float32), np.full((n, 1), -1, np.int64), np.full((n, 1), -1, np.int32)
+
+
 def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Scores]:
     """Score an opened evaluation and report it (run_eval's second half)."""
     timer = Timer()
     t0 = time.perf_counter()
     scores = score_documents(run.lm, run.retriever, run.docs, run.context, run.stride, cfg.batch_size, progress,
                              timer, run.combiner, keep_features=cfg.keep_features or bool(cfg.save_scores),
-                             attention=cfg.attention)
+                             keep_queries=cfg.memory.on, attention=cfg.attention)
     seconds = time.perf_counter() - t0
     if len(scores) == 0:
         raise KNNLMError(f"{run.what} has no tokens to score (each document needs two or more); pass more text.")
-    scores.attrs.update(datastore=run.ds.fingerprint, datastore_path=str(run.ds.path), model=run.lm.name,
+    scores.attrs.update(datastore=run.ds.fingerprint if run.ds else "none",
+                        datastore_path=str(run.ds.path) if run.ds else "none", model=run.lm.name,
                         model_fingerprint=run.lm.fingerprint, context=run.context, stride=run.stride,
                         corpus=run.what, **run.search)
     if cfg.attention is not None:
         scores.attrs["attention_memory"] = json.dumps(cfg.attention.describe)
     t0 = time.perf_counter()
     out = report(scores, run.combiner, run.lm.model.get_output_embeddings())
+    if cfg.memory.on:
+        out["memory"] = memory_report(scores, run.combiner, cfg.memory, run.ds.path if run.ds else None,
+                                      run.lm.model.get_output_embeddings(), out["knn_lm_ppl"])
     seconds += time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
     out.update(corpus=run.what, documents=len(run.docs), lam=cfg.lam, lambda_kind=run.combiner.kind,
                lambda_source=run.combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,

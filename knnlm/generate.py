@@ -26,6 +26,7 @@ from .combine.features import lm_stats
 from .lm import LM
 from .memory.attention import AttentionMemoryConfig
 from .memory.reading import reading_with_memory
+from .memory.document import DocumentMemory, MemoryConfig, MemoryProcessor, join_neighbors, prompt_memory, resolve_memory
 from .retrieval import Retriever
 from .scores import Scores
 from .windows import check_window, plan_windows
@@ -53,10 +54,12 @@ class KNNLogitsProcessor(LogitsProcessor):
         combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory).
         skip_below: skip the search where the before-retrieval gate predicts λ below this (a
             number, or "tuned"); those steps keep p_LM.
+        memory: a document memory whose neighbours join the datastore's ("joint" mix); None: none.
     """
 
     def __init__(self, lm: LM, retriever: Retriever, lam: str | float | Combiner = 0.25,
-                 temperature: float | None = None, combine: str = "mix", skip_below: str | float | None = None):
+                 temperature: float | None = None, combine: str = "mix", skip_below: str | float | None = None,
+                 memory: DocumentMemory | None = None):
         from .evaluate import search_settings
 
         retriever.ds.check_compatible(lm)
@@ -70,6 +73,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.last: dict | None = None  # the last step's neighbours, for inspection
         self._query: torch.Tensor | None = None
         self._mixing = False  # inside distribution(): lm_head calls there are not the model's
+        self.memory, self._last_token = memory, -1
         self._handle = self.head.register_forward_pre_hook(self._capture)
 
     def _capture(self, _module, args) -> None:
@@ -110,6 +114,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         searched = np.ones(len(q), bool) if keep is None else keep
         self.searches += int(searched.sum())
         self.skipped += int((~searched).sum())
+        if self.memory is not None:  # "joint": the memory's neighbours join the datastore's, ids stay the datastore's
+            dists, vals = join_neighbors(dists, vals, *self.memory.step(queries, self._last_token))
         self.retrieval_seconds += time.perf_counter() - t0
         self.last = {"dists": dists, "ids": ids, "vals": vals, "searched": searched}
         zeros = np.zeros(len(q), np.int32)
@@ -127,6 +133,7 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise KNNLMError("KNNLogitsProcessor saw no query for this step; use it with the model it was "
                              "created for (lm.model.generate) and do not close it before generating.")
         self._query = None
+        self._last_token = int(input_ids[0, -1])
         out = self.distribution(q, scores).to(scores.device, scores.dtype)
         # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out.
         return out.masked_fill(scores == -math.inf, -math.inf)
@@ -147,7 +154,8 @@ class Generation:
 def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str | float | Combiner = 0.25,
              temperature: float | None = None, max_new_tokens: int = 64, sample: bool = False,
              seed: int = 0, window: tuple[int, int] | None = None, combine: str = "mix",
-             skip_below: str | float | None = None, attention: AttentionMemoryConfig | None = None) -> Generation:
+             skip_below: str | float | None = None, memory: MemoryConfig | None = None,
+             attention: AttentionMemoryConfig | None = None) -> Generation:
     """Continue a prompt with the kNN-LM (or with the LM alone when retriever is None).
 
     Decoding runs in the datastore's windows (context, stride), the way build and eval cut a
@@ -173,10 +181,7 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory).
         skip_below: skip the search where the before-retrieval gate predicts λ below this (a
             number, or "tuned").
-        attention: kNN-augmented attention: the KV cache is cut to the window's context (the
-            prompt read in chunks of its stride, then a token per step), and what leaves the cache
-            joins the memory the chosen layers retrieve from. Needs a window.
-
+ba
     Returns:
         The Generation.
     """
@@ -206,15 +211,20 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         context, stride = window
         check_window(context, stride, limit)
     t0 = time.perf_counter()
-    processor = KNNLogitsProcessor(lm, retriever, lam, temperature, combine, skip_below) \
-        if retriever is not None else None
+    doc_memory = prompt_memory(lm, ids, context, stride, memory.k) if memory is not None and memory.on else None
+    joint = doc_memory is not None and retriever is not None and memory.mix == "joint"
+    processor = KNNLogitsProcessor(lm, retriever, lam, temperature, combine, skip_below,
+                                   doc_memory if joint else None) if retriever is not None else None
+    mem_processor = MemoryProcessor(lm, doc_memory, *resolve_memory(memory, retriever.ds.path if retriever else None)[:2]) \
+        if doc_memory is not None and not joint else None
     try:
-        new = _decode(lm, ids, LogitsProcessorList([processor] if processor else []), max_new_tokens,
+        new = _decode(lm, ids, LogitsProcessorList([p for p in (processor, mem_processor) if p]), max_new_tokens,
                       context, stride, torch.Generator(device=lm.device).manual_seed(seed) if sample else None,
                       attention)
     finally:
-        if processor is not None:
-            processor.close()
+        for p in (processor, mem_processor):
+            if p is not None:
+                p.close()
     return Generation(text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
                       seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0,

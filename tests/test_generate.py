@@ -256,7 +256,7 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
         pass
 
     def fake_generate(lm, prompt, retriever, lam, temperature, max_new_tokens, sample, seed, combine="mix",
-                      skip_below=None, attention=None):
+                      skip_below=None, attention=None, memory=None):
         seen.update(lm=lm.name, prompt=prompt, cfg=retriever.cfg, lam=lam, t=temperature, n=max_new_tokens,
                     sample=sample, seed=seed, combine=combine, skip=skip_below)
         raise Stop
