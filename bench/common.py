@@ -14,6 +14,11 @@ import numpy as np
 from knnlm.arrays import write_json
 from knnlm.datastore import FORMAT_VERSION, KEY_SOURCE
 
+# The model and device of the speed benchmarks. A GPU machine without the bundled GGUF can time a model of
+# SmolLM2's shape with random weights (the cost does not depend on the weights' values).
+BENCH_MODEL = os.environ.get("KNNLM_BENCH_MODEL", "smollm2-135m")
+BENCH_DEVICE = os.environ.get("KNNLM_BENCH_DEVICE", "cpu")
+
 
 def stdlib_texts(n_files: int, seed: int = 0) -> list[tuple[str, str]]:
     """(name, text) of n_files Python files of the standard library, picked with a seed."""

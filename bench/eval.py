@@ -24,13 +24,13 @@ HERE = Path(__file__).parent
 
 def one_size(n: int, tokens: int) -> dict:
     """Measure at one datastore size (run in a child process)."""
-    from common import MemorySampler, peak_rss_mib, stdlib_texts
+    from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler, peak_rss_mib, stdlib_texts
     from knnlm.datastore import open_datastore
     from knnlm.evaluate import Timer, score_documents
     from knnlm.lm import load_lm
     from knnlm.retrieval import RetrievalConfig, Retriever
 
-    lm = load_lm("smollm2-135m", "cpu")
+    lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     path = HERE / "results" / f"synthetic-{n}"
     ds = open_datastore(path)
     docs, total = [], 0
@@ -63,12 +63,12 @@ def one_size(n: int, tokens: int) -> dict:
 
 def prepare(n: int) -> None:
     """Create the synthetic datastore of n keys and its index (run in a process of its own)."""
-    from common import cached_synthetic
+    from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic
     from knnlm.lm import load_lm
 
     path = HERE / "results" / f"synthetic-{n}"
     if not (path / "index.faiss").exists():
-        cached_synthetic(path, load_lm("smollm2-135m", "cpu"), n)
+        cached_synthetic(path, load_lm(BENCH_MODEL, BENCH_DEVICE), n)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import cached_synthetic, stdlib_texts  # noqa: E402
+from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic, stdlib_texts  # noqa: E402
 from knnlm.datastore import open_datastore  # noqa: E402
 from knnlm.generate import generate  # noqa: E402
 from knnlm.lm import load_lm  # noqa: E402
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    lm = load_lm("smollm2-135m", "cpu")
+    lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     path = cached_synthetic(HERE / "results" / f"synthetic-{args.keys}", lm, args.keys)
     retriever = Retriever(open_datastore(path), RetrievalConfig())
     _, text = stdlib_texts(1, seed=2)[0]
