@@ -14,7 +14,10 @@ from .common import device_option, progress_bar, trust_option
 
 
 def index_options(f):
-    """--nlist, --code-size, --train-size, --exact, --seed."""
+    """--nlist, --code-size, --train-size, --exact, --seed, --factory."""
+    f = click.option("--factory", default=None,
+                     help="Any faiss index factory string, e.g. IVF1024,PQ64x4fs (L2; re-ranking stays on the "
+                          "fp16 keys) [default: IVF{nlist},PQ{code-size} chosen from N].")(f)
     f = click.option("--seed", default=0, help="Seed of the training sample and k-means.")(f)
     f = click.option("--exact", is_flag=True, help="Exact (flat) index instead of IVF-PQ.")(f)
     f = click.option("--train-size", type=int, default=None,
@@ -46,14 +49,15 @@ def index_options(f):
 @device_option
 @trust_option
 def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field,
-                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed,
+                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, factory,
                         overwrite, resume, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
     cfg = BuildConfig(
         model=model, device=device, trust_remote_code=trust_remote_code, context=context, stride=stride,
         batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field,
         shuffle_seed=shuffle_seed, max_tokens=max_tokens, build_index=build_index,
-        index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed),
+        index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
+                          factory=factory),
         overwrite=overwrite, resume=resume)
     with progress_bar(max_tokens, "building") as bar:
         try:
@@ -72,10 +76,10 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
 @click.command("train-index")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
-def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed):
+def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, factory):
     """(Re)build the FAISS index of DATASTORE."""
     ds = open_datastore(datastore)
-    cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed)
+    cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed, factory=factory)
     with progress_bar(ds.count, "adding keys", unit="key") as bar:
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")

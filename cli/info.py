@@ -45,7 +45,9 @@ def info_cmd(datastore, as_json):
     if index:
         detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
                   f"trained on {index['train_size']} keys ({index['reason']})"
-                  if index["kind"] == "ivfpq" else f"exact (Flat): {index['reason']}")
+                  if index["kind"] == "ivfpq" else f"{index['factory']} (--factory): nlist {index['nlist']}, "
+                  f"{index['code_size']} bytes/key, trained on {index['train_size']} keys"
+                  if index["kind"] == "factory" else f"exact (Flat): {index['reason']}")
         rows.append(("index", f"{detail}; {_mib(ds.path / 'index.faiss')}, built in {index['total_seconds']} s"))
     else:
         rows.append(("index", "none (run `knnlm train-index`)"))
