@@ -31,7 +31,7 @@ class Automaton:
     starts: np.ndarray  # (D,) int64 sorted first rows of the documents that hold keys
     list_of: np.ndarray | None  # (N,) int32 IVF list of each key; None: no clusters (exact index)
     offsets: np.ndarray | None  # (nlist + 1,) int64: list l's members are members[offsets[l]:offsets[l+1]]
-    members: np.ndarray | None  # (N,) int64 key ids grouped by list
+    members: np.ndarray | None  # (N,) int32 key ids grouped by list
 
 
 def document_starts(documents: list) -> np.ndarray:
@@ -47,7 +47,7 @@ def invlist_members(index) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     ids = [get_invlist(ivf.invlists, lst)[0] for lst in range(ivf.nlist)]
     sizes = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    members = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    members = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)  # 4 bytes a key
     list_of = np.full(ivf.ntotal, -1, dtype=np.int32)
     list_of[members] = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
     return list_of, offsets, members

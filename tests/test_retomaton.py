@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import knnlm.cli.evaluate as cli_eval
+from knnlm.api import KNNLM
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.datastore import open_datastore
@@ -188,6 +189,10 @@ def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm):
     r, _ = run_eval(store, cfg=low, lm=tiny_lm, documents=docs)
     assert 0 < r["searches_saved"] < 1 and r["tokens"] == plain["tokens"]
     assert "RetoMaton" in cli_eval.format_report(r) and "searches saved" in cli_eval.format_report(r)
+    # the API: RetoMaton is a search setting
+    knn = KNNLM(store, tiny_lm, Retriever(store, RetrievalConfig(k=16, exact=True)))
+    api = knn.with_retrieval(retomaton=True, min_knns=1).evaluate(text[:1200], lam=0.5, temperature=2.0)
+    assert api["searches_saved"] > 0 and knn.evaluate(text[:1200], lam=0.5, temperature=2.0)["searches_saved"] == 0
 
 
 def test_generation_with_retomaton_continues_stored_text_verbatim(store, tiny_lm, corpus_dir):
