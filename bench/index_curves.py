@@ -26,7 +26,7 @@ import torch
 from knnlm.combine import FixedLambda
 from knnlm.datastore import open_datastore
 from knnlm.evaluate import report
-from knnlm.index import PQ_CENTROIDS, make_factory_index
+from knnlm.index import PQ_CENTROIDS, load_index, make_factory_index, read_index_info
 from knnlm.retrieval import exact_distances
 from knnlm.scores import load_scores
 
@@ -36,6 +36,9 @@ FACTORIES = "IVF512,PQ64;IVF512,PQ64x4fs;OPQ64,IVF512,PQ64x4fs;PCAR288,IVF512,PQ
 def trained(ds, factory: str, cache: Path, seed: int = 0):
     """The factory's index over the datastore's keys, trained like train_index, cached."""
     path = cache / (factory.replace(",", "_") + ".faiss")
+    built = read_index_info(ds)
+    if built and built["factory"] == factory:  # the datastore's own index (train_index): no need to train it again
+        return load_index(ds), {"seconds": built["total_seconds"], "bytes_per_key": int(load_index(ds).sa_code_size())}
     if path.exists():
         return faiss.read_index(str(path)), json.loads(path.with_suffix(".json").read_text())
     index = make_factory_index(factory, ds.dim)

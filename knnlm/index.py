@@ -91,6 +91,9 @@ def _factory_params(n: int, d: int, cfg: IndexConfig) -> dict:
     ivf = faiss.try_extract_index_ivf(index)
     nlist = int(ivf.nlist) if ivf is not None else None
     train = 0 if index.is_trained else min(n, cfg.train_size or max(PQ_CENTROIDS, 64 * (nlist or 1)))
+    if nlist and train and train < nlist:
+        raise KNNLMError(f"--factory {cfg.factory!r} has {nlist} IVF lists but only {train} keys to train them on; "
+                         f"pass a smaller IVF (e.g. IVF{max(1, train // 39)}) or --train-size {nlist} or more.")
     return {"factory": cfg.factory, "kind": "factory", "nlist": nlist, "code_size": int(index.sa_code_size()),
             "train_size": train, "reason": "--factory"}
 
