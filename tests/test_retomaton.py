@@ -170,16 +170,21 @@ def test_bad_min_knns_is_one_sentence():
         RetrievalConfig(min_knns=0)
 
 
-@pytest.fixture
-def store(tiny_lm, tiny_model_dir, corpus_dir):
+@pytest.fixture(scope="module")
+def store(tiny_lm, tiny_model_dir, corpus_texts, tmp_path_factory):
+    """A datastore of the corpus files, built once for the module (exact index: too few keys for IVF)."""
+    root = tmp_path_factory.mktemp("reto-store")
+    (root / "corpus").mkdir()
+    for name, text in corpus_texts.items():
+        (root / "corpus" / f"{name}.txt").write_text(text)
     cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.2, glob="*.txt")
-    return build_datastore(str(corpus_dir), "ds", cfg, lm=tiny_lm)
+    return build_datastore(str(root / "corpus"), root / "ds", cfg, lm=tiny_lm)
 
 
 def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm):
     name, text = store.heldout("test")[0]
-    docs = [(name, text[:2500]), ("stored", text[:1200])]  # short: two documents of a few windows each
-    base = EvalConfig(lam="0.5", temperature=2.0, retrieval=RetrievalConfig(k=16, exact=True))
+    docs = [(name, text[:1500]), ("again", text[:800])]  # short: two documents of a few windows each
+    base = EvalConfig(lam="0.5", temperature=2.0, retrieval=RetrievalConfig(k=16, exact=True), batch_size=16)
     plain, ps = run_eval(store, cfg=base, lm=tiny_lm, documents=docs)
     above = EvalConfig(**{**base.__dict__, "retrieval": RetrievalConfig(k=16, exact=True, retomaton=True, min_knns=17)})
     same, ss = run_eval(store, cfg=above, lm=tiny_lm, documents=docs)
@@ -195,9 +200,9 @@ def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm):
     assert api["searches_saved"] > 0 and knn.evaluate(text[:1200], lam=0.5, temperature=2.0)["searches_saved"] == 0
 
 
-def test_generation_with_retomaton_continues_stored_text_verbatim(store, tiny_lm, corpus_dir):
-    name, start, count, _ = store.documents[0]
-    text = (corpus_dir / name).read_text() if not name.startswith("/") else open(name).read()
+def test_generation_with_retomaton_continues_stored_text_verbatim(store, tiny_lm):
+    name = store.documents[0][0]
+    text = open(name).read() if name.startswith("/") else (store.path.parent / "corpus" / name).read_text()
     ids = tiny_lm.encode(text)
     n = next(n for n in range(16, 30) if tiny_lm.encode(tiny_lm.decode(ids[:n])) == ids[:n])
     r = Retriever(store, RetrievalConfig(k=8, exact=True, retomaton=True, min_knns=1))
