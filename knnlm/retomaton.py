@@ -102,16 +102,18 @@ def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int) -> np.nda
     if auto.list_of is None or len(ptr) == 0:
         return pack_rows(b, ptr, len(pointers))
     n_lists = len(auto.offsets) - 1
-    pair, counts = np.unique(b * n_lists + auto.list_of[ptr], return_counts=True)
+    listed = auto.list_of[ptr] >= 0  # a key in no list (removed from the index) brings no members
+    pair, counts = np.unique(b[listed] * n_lists + auto.list_of[ptr[listed]], return_counts=True)
     row, lst = pair // n_lists, pair % n_lists
     order = np.lexsort((-counts, row))  # by row, then lists with more pointers first
     row, lst = row[order], lst[order]
     size = auto.offsets[lst + 1] - auto.offsets[lst]
     room = np.maximum(cap - np.bincount(b, minlength=len(pointers)), 0)[row]  # candidates left after the pointers
-    before = np.cumsum(size) - size  # members of earlier lists of all rows ...
+    # members in this row's earlier lists: all earlier lists' sizes less those of the earlier rows
+    before = np.cumsum(size) - size
     before -= np.concatenate([[0], np.cumsum(np.bincount(row, weights=size, minlength=len(pointers)))])[row].astype(np.int64)
-    take = np.clip(room - before, 0, size)  # ... of this row's earlier lists
-    start = np.repeat(auto.offsets[lst] - (np.cumsum(take) - take), take)
+    take = np.clip(room - before, 0, size)  # whole lists while there is room, the last one cut
+    start = np.repeat(auto.offsets[lst] - (np.cumsum(take) - take), take)  # + output position = member index
     member = auto.members[start + np.arange(int(take.sum()))]
     rows = np.concatenate([b, np.repeat(row, take)])
     ids = np.concatenate([ptr, member])
