@@ -5,19 +5,22 @@ from __future__ import annotations
 import click
 
 from knnlm.build import BuildConfig, build_datastore
-from knnlm.corpus import DEFAULT_GLOB
 from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import IndexConfig, train_index
 from knnlm.lm import DEFAULT_MODEL
+from knnlm.scale import Engine, ShardConfig, build_sharded
 
 from .common import device_option, progress_bar, trust_option
+from .evaluate import corpus_format_options
 
 
 def index_options(f):
-    """--nlist, --code-size, --train-size, --exact, --seed, --factory."""
+    """--nlist, --code-size, --train-size, --exact, --seed, --on-disk, --factory."""
     f = click.option("--factory", default=None,
                      help="Any faiss index factory string, e.g. IVF1024,PQ64x4fs (L2; re-ranking stays on the "
                           "fp16 keys) [default: IVF{nlist},PQ{code-size} chosen from N].")(f)
+    f = click.option("--on-disk", is_flag=True,
+                     help="Keep the IVF inverted lists in a file, memory-mapped at search time.")(f)
     f = click.option("--seed", default=0, help="Seed of the training sample and k-means.")(f)
     f = click.option("--exact", is_flag=True, help="Exact (flat) index instead of IVF-PQ.")(f)
     f = click.option("--train-size", type=int, default=None,
@@ -25,6 +28,10 @@ def index_options(f):
     f = click.option("--code-size", default=64, help="PQ bytes per key (lowered to divide the key width).")(f)
     f = click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two near 2·sqrt(N)].")(f)
     return f
+
+
+strict_option = click.option("--strict", is_flag=True,
+                             help="Fail on the first unreadable file of a folder instead of skipping it.")
 
 
 @click.command("build-datastore")
@@ -36,32 +43,39 @@ def index_options(f):
 @click.option("--stride", default=256, help="Tokens a window advances.")
 @click.option("--batch-size", "-b", default=8, help="Windows per forward pass.")
 @click.option("--holdout", default=0.05, help="Share of the corpus held out for each of dev and test.")
-@click.option("--glob", default=DEFAULT_GLOB, help="Files of a folder corpus.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
-              help="Corpus format (auto: JSONL by .jsonl suffix).")
-@click.option("--text-field", default="text", help="JSONL field with the text.")
+@corpus_format_options
+@strict_option
 @click.option("--shuffle-seed", type=int, default=None, help="Shuffle document order with this seed.")
 @click.option("--max-tokens", type=int, default=None, help="At most this many keys (the document that reaches it is cut).")
 @click.option("--index/--no-index", "build_index", default=True, help="Train the index at the end.")
 @index_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing datastore once the new one is whole.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build.")
+@click.option("--shards", default=1, help="Split the build into this many shards, merged at the end.")
+@click.option("--engine", type=click.Choice([e.value for e in Engine]), default=Engine.LOCAL.value,
+              help="Run shards in this process, or one Ray task each (pip install 'knnlm[ray]').")
+@click.option("--ray-address", default=None, help="Ray cluster to join [default: start a local Ray].")
 @device_option
 @trust_option
-def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field,
-                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, factory,
-                        overwrite, resume, device, trust_remote_code):
+def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field, strict,
+                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, on_disk, factory,
+                        overwrite, resume, shards, engine, ray_address, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
     cfg = BuildConfig(
         model=model, device=device, trust_remote_code=trust_remote_code, context=context, stride=stride,
-        batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field,
+        batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field, strict=strict,
         shuffle_seed=shuffle_seed, max_tokens=max_tokens, build_index=build_index,
         index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
-                          factory=factory),
+                          on_disk=on_disk, factory=factory),
         overwrite=overwrite, resume=resume)
+    shard_cfg = ShardConfig(shards=shards, engine=engine, ray_address=ray_address)
     with progress_bar(max_tokens, "building") as bar:
         try:
-            ds = build_datastore(corpus, out, cfg, progress=bar.update)
+            if shard_cfg.shards > 1 or shard_cfg.engine is not Engine.LOCAL:
+                ds = build_sharded(corpus, out, cfg, shard_cfg, progress=bar.update,
+                                   total=lambda n: setattr(bar, "total", n))
+            else:
+                ds = build_datastore(corpus, out, cfg, progress=bar.update)
         except KeyboardInterrupt:
             bar.close()
             click.echo("Interrupted; continue with the same command and --resume.", err=True)
@@ -70,16 +84,26 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
     click.echo(f"{ds.path}: {ds.count} keys of width {ds.dim} from {len(ds.documents)} documents "
                f"in {b['seconds']:.0f} s ({b['tokens_per_s']} tokens/s); "
                f"held out {ds.meta['holdout']['dev_documents']} dev and "
-               f"{ds.meta['holdout']['test_documents']} test documents.")
+               f"{ds.meta['holdout']['test_documents']} test documents." + unreadable_note(ds.meta))
+
+
+def unreadable_note(meta: dict) -> str:
+    """' Skipped N unreadable files: ...' from meta.json, or ''."""
+    bad = meta.get("corpus", {}).get("unreadable", {})
+    if not bad or not bad.get("count"):
+        return ""
+    names = ", ".join(bad["names"][:3]) + (", ..." if bad["count"] > 3 else "")
+    return f" Skipped {bad['count']} unreadable files or documents ({names}; all in meta.json)."
 
 
 @click.command("train-index")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
-def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, factory):
+def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, on_disk, factory):
     """(Re)build the FAISS index of DATASTORE."""
     ds = open_datastore(datastore)
-    cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed, factory=factory)
+    cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
+                      on_disk=on_disk, factory=factory)
     with progress_bar(ds.count, "adding keys", unit="key") as bar:
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")

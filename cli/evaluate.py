@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from knnlm.corpus import DEFAULT_GLOB
+from knnlm.corpus import DEFAULT_GLOB, FORMATS
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.report import REPORT_TOKENS, report_eval
 from knnlm.retrieval import RetrievalConfig
@@ -66,10 +66,10 @@ def mixing_options(f):
 
 def corpus_format_options(f):
     """--glob, --format, --text-field for a --corpus."""
-    f = click.option("--text-field", default="text", help="JSONL field with the text.")(f)
-    f = click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
-                     help="Corpus format (auto: JSONL by .jsonl suffix).")(f)
-    f = click.option("--glob", default=DEFAULT_GLOB, help="Files of a folder given as --corpus.")(f)
+    f = click.option("--text-field", default="text", help="JSONL field or table column with the text.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto",
+                     help="Corpus format (auto: .jsonl, .parquet by suffix; a datasets folder by state.json).")(f)
+    f = click.option("--glob", default=DEFAULT_GLOB, help="Files of a folder corpus.")(f)
     return f
 
 

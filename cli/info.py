@@ -7,6 +7,7 @@ import click
 from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import read_index_info
 from knnlm.combine import load_lambda
+from knnlm.update import describe_updates
 
 from .common import json_option, print_json, print_table
 
@@ -26,7 +27,7 @@ def info_cmd(datastore, as_json):
     m = {k: v for k, v in ds.meta.items() if k != "documents"}
     if as_json:
         print_json({"path": str(ds.path), "meta": m, "documents": len(ds.documents), "index": index,
-                    "lambda": lam})
+                    "lambda": lam, "updates": describe_updates(ds.meta)})
         return
     c, b = m["corpus"], m["build"]
     rows = [
@@ -40,14 +41,25 @@ def info_cmd(datastore, as_json):
         ("corpus", f"{c['source']} ({len(c['files'])} files, {len(ds.documents)} documents stored)"),
         ("held out", f"{m['holdout']['dev_documents']} dev, {m['holdout']['test_documents']} test documents "
                      f"(share {m['holdout']['share']} each)"),
-        ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"),
+        ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"
+                  + (f", in {b['shards']} shards" if b.get("shards", 1) > 1 else "")),
     ]
+    if ds.meta.get("updates"):
+        u = describe_updates(ds.meta)
+        rows.append(("updates", f"revision {u['revision']}: added {u['add']['documents']} documents "
+                                f"({u['add']['keys']} keys), removed {u['remove']['documents']} "
+                                f"({u['remove']['keys']} keys); {u['awaiting_compact']['keys']} removed keys "
+                                f"await `knnlm compact`"))
     if index:
         detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
                   f"trained on {index['train_size']} keys ({index['reason']})"
                   if index["kind"] == "ivfpq" else f"{index['factory']} (--factory): nlist {index['nlist']}, "
                   f"{index['code_size']} bytes/key, trained on {index['train_size']} keys"
                   if index["kind"] == "factory" else f"exact (Flat): {index['reason']}")
+        if index.get("lists") == "on-disk":
+            detail += f"; inverted lists on disk ({index['ivfdata']}, {_mib(ds.path / index['ivfdata'])}, memory-mapped)"
+        elif index["kind"] == "ivfpq":
+            detail += "; inverted lists in RAM"
         rows.append(("index", f"{detail}; {_mib(ds.path / 'index.faiss')}, built in {index['total_seconds']} s"))
     else:
         rows.append(("index", "none (run `knnlm train-index`)"))

@@ -39,9 +39,9 @@ def cli(quiet: bool, verbose: bool) -> None:
 
 def _register() -> None:
     """Attach every subcommand (one module each)."""
-    from . import build, evaluate, generate, info, neighbors, tune
+    from . import build, evaluate, generate, info, neighbors, tune, update
 
-    for mod in (build, info, evaluate, tune, generate, neighbors):
+    for mod in (build, info, evaluate, tune, generate, neighbors, update):
         for command in mod.COMMANDS:
             cli.add_command(command)
 

@@ -36,8 +36,9 @@ class BuildConfig:
     batch_size: int = 8  # windows per forward pass
     holdout: float = 0.05  # share of the corpus for each of the dev and test parts (0 turns it off)
     glob: str = DEFAULT_GLOB  # files of a folder corpus
-    fmt: str = "auto"  # "auto" (JSONL by suffix), "text" or "jsonl"
-    text_field: str = "text"  # JSONL field with a document's text
+    fmt: str = "auto"  # "auto" (by suffix / folder), "text", "jsonl", "parquet" or "hf" (corpus.FORMATS)
+    text_field: str = "text"  # JSONL field or table column with a document's text
+    strict: bool = False  # fail on the first unreadable file of a folder corpus; False: skip it, named in meta.json
     shuffle_seed: int | None = None  # shuffle document order with this seed; None: sorted order
     max_tokens: int | None = None  # at most this many keys (>= 1): the document that reaches it is cut; None: all
     block_windows: int = 64  # windows between checkpoints (sorted by length within a block)
@@ -71,16 +72,20 @@ def _partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _prepare_dirs(out: Path, cfg: BuildConfig) -> tuple[Path, dict | None]:
-    """Check what exists at out, and return (work dir, checkpoint or None)."""
+def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
+    """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan."""
     work = _partial_dir(out)
     if out.exists() and not cfg.overwrite:
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
     if work.exists():
-        ckpt = work / "progress.json"
+        ckpt = work / ("shards.json" if sharded else "progress.json")
+        if cfg.resume and (work / "shards.json").exists() != sharded:
+            raise KNNLMError(f"The interrupted build in {work} was {'not ' if sharded else ''}sharded; resume "
+                             f"it {'without' if sharded else 'with the same'} --shards, or pass --overwrite to "
+                             "start over.")
         if cfg.resume and ckpt.exists():
-            return work, _read_progress(work)
+            return work, _read_json(work, ckpt.name) if sharded else _read_progress(work)
         if not cfg.resume and not cfg.overwrite:
             raise KNNLMError(f"An interrupted build is in {work}; pass --resume to continue it or "
                              "--overwrite to start over.")
@@ -164,12 +169,17 @@ def _read_docs(work: Path, size: int | None = None) -> list:
     return docs
 
 
+def _new_state() -> dict:
+    """The checkpoint state of a build that has not started."""
+    return {"seq": 0, "window": 0, "rows": 0, "scheduled": 0, "docs_bytes": 0, "holdout_bytes": 0,
+            "skipped": 0, "heldout": {"dev": 0, "test": 0}, "seconds": 0.0}
+
+
 class _Writer:
     """The files of a build in progress, and its checkpoints."""
 
     def __init__(self, work: Path, dim: int, ckpt: dict | None):
-        s = ckpt or {"seq": 0, "window": 0, "rows": 0, "scheduled": 0, "docs_bytes": 0, "holdout_bytes": 0,
-                     "skipped": 0, "heldout": {"dev": 0, "test": 0}, "seconds": 0.0}
+        s = ckpt or _new_state()
         self.state, self.work = s, work
         self.keys = NpyAppender(work / "keys.npy", np.float16, (dim,), s["rows"])
         self.vals = NpyAppender(work / "vals.npy", np.int32, (), s["rows"])
@@ -233,7 +243,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
     out = datastore_path(out)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
     check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
     check_window(cfg.context, cfg.stride, lm.max_positions)
@@ -253,6 +263,8 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
 
     w = _Writer(work, lm.dim, ckpt)
     s = w.state
+    # Documents skipped before the checkpoint are not read again; those found at listing time are.
+    src.unreadable[:] = list(dict.fromkeys([*s.get("unreadable", []), *src.unreadable]))
     try:
         if not s.get("done"):
             _fill(lm, src, cfg, w, progress)
@@ -264,34 +276,24 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         shutil.rmtree(work)
         raise KNNLMError(f"Corpus {corpus} gave no tokens for the datastore (every document is empty, "
                          "one token long, or held out); pass a larger corpus or a smaller --holdout.")
-    return _finish(lm, src, cfg, w, out, progress)
+    return _finish(lm, src, cfg, w.work, w.state, out)
 
 
-def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
-    """Stream documents through the LM into the writer, checkpointing every block."""
-    s = w.state
-    block: list = []
+def _stream(lm: LM, src, cfg: BuildConfig, s: dict, write_doc, write_holdout):
+    """(seq, window, token ids, labels) of every window from checkpoint state s on, in build order.
+
+    Document and held-out records go to write_doc / write_holdout, counts into s. A dry run (sharding's
+    plan) passes writers that drop them.
+    """
     start_seq, start_win = s["seq"], s["window"]
-
-    def flush(seq: int, window: int) -> None:
-        if block:
-            k, v = _run_block(lm, block, cfg.batch_size)
-            w.keys.append(k)
-            w.vals.append(v)
-            if progress:
-                progress(len(v))
-            block.clear()
-        w.checkpoint(seq, window)
-
     for seq, split, name, text in iter_documents(src, cfg.holdout, start_seq):
         if split != STORE:
             if text.strip():
-                w.holdout.write(json.dumps({"split": split, "name": name, "text": text}) + "\n")
+                write_holdout(json.dumps({"split": split, "name": name, "text": text}) + "\n")
                 s["heldout"][split] += 1
             continue
         resumed = seq == start_seq and start_win > 0
         if not resumed and cfg.max_tokens is not None and s["scheduled"] >= cfg.max_tokens:
-            flush(seq, 0)
             return
         ids = lm.encode(text)
         if len(ids) < 2:
@@ -303,26 +305,48 @@ def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress) -> None:
             ids = ids[: cfg.max_tokens - s["doc_start"] + 1]
         if not resumed:
             # Token j > 0 of this document is vals[start + j - 1]; token 0 is kept here.
-            w.docs.write(json.dumps([name, s["scheduled"], len(ids) - 1, int(ids[0])]) + "\n")
+            write_doc(json.dumps([name, s["scheduled"], len(ids) - 1, int(ids[0])]) + "\n")
             s["scheduled"] += len(ids) - 1
         for win in plan_windows(seq, len(ids), cfg.context, cfg.stride):
             if resumed and win.index < start_win:
                 continue
             # A window's last position predicts the token just past it, so labels come from the document.
             labels = np.asarray(ids[win.own_from + 1: win.own_to + 1], dtype=np.int32)
-            block.append((win, ids[win.begin: win.end], labels))
-            if len(block) >= cfg.block_windows:
-                flush(seq, win.index + 1)
+            yield seq, win, ids[win.begin: win.end], labels
+
+
+def _fill(lm: LM, src, cfg: BuildConfig, w: _Writer, progress, stop: tuple[int, int] | None = None) -> None:
+    """Stream documents through the LM into the writer, checkpointing every block; a shard ends at checkpoint `stop`."""
+    block: list = []
+
+    def flush(seq: int, window: int) -> None:
+        w.state["unreadable"] = list(src.unreadable)
+        if block:
+            k, v = _run_block(lm, block, cfg.batch_size)
+            w.keys.append(k)
+            w.vals.append(v)
+            if progress:
+                progress(len(v))
+            block.clear()
+        w.checkpoint(seq, window)
+
+    for seq, win, ids, labels in _stream(lm, src, cfg, w.state, w.docs.write, w.holdout.write):
+        block.append((win, ids, labels))
+        # Blocks start every block_windows windows of the whole build, so a shard's forward passes are the
+        # unsharded build's, and their keys equal to the bit.
+        if len(block) >= cfg.block_windows:
+            flush(seq, win.index + 1)
+            if stop is not None and (seq, win.index + 1) == tuple(stop):
+                return
     flush(len(src.docs) + 3, 0)
 
 
-def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> Datastore:
-    """Seal the arrays, write meta.json, train the index, and move the datastore into place."""
+def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index_runner=None) -> Datastore:
+    """Seal the arrays in work (s: the build's counts), write meta.json, train the index, move it all to out."""
     import faiss
     import torch
     import transformers
 
-    work, s = w.work, w.state
     NpyAppender(work / "keys.npy", np.float16, (lm.dim,), s["rows"]).finish()
     NpyAppender(work / "vals.npy", np.int32, (), s["rows"]).finish()
     docs = _read_docs(work)
@@ -342,11 +366,12 @@ def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> D
                     "rule": "one document: its tail; several: every round(1/share)-th to dev, the next to test"},
         "corpus": {"source": src.source, "glob": cfg.glob, "format": cfg.fmt, "text_field": cfg.text_field,
                    "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
-                   "documents_skipped": s["skipped"]},
+                   "documents_skipped": s["skipped"],
+                   "unreadable": {"count": len(src.unreadable), "names": src.unreadable}},
         "documents": docs,
         "build": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
                   "tokens_per_s": round(s["rows"] / seconds, 1) if seconds else None,
-                  "device": lm.device, "batch_size": cfg.batch_size,
+                  "device": lm.device, "batch_size": cfg.batch_size, "shards": s.get("shards", 1),
                   "versions": {"knnlm": __version__, "torch": torch.__version__,
                                "transformers": transformers.__version__, "faiss": faiss.__version__}},
     }
@@ -354,11 +379,11 @@ def _finish(lm: LM, src, cfg: BuildConfig, w: _Writer, out: Path, progress) -> D
     ds = open_datastore(work)
     if cfg.build_index:
         try:
-            train_index(ds, cfg.index)
+            train_index(ds, cfg.index, runner=index_runner)
         except KNNLMError as e:
             raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
                              "or --no-index and `knnlm train-index` later.") from e
     replace_dir(work, out)
-    for name in ("progress.json", "settings.json", "docs.jsonl"):
+    for name in ("progress.json", "settings.json", "docs.jsonl", "shards.json"):
         (out / name).unlink(missing_ok=True)
     return open_datastore(out)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from .errors import KNNLMError
+from .tables import Tables, arrow_refs, hf_files, parquet_refs
+
+log = logging.getLogger(__name__)
 
 DEV, TEST, STORE = "dev", "test", "store"
 DEFAULT_GLOB = "**/*.txt"  # files of a folder corpus, unless --glob says otherwise
@@ -20,9 +24,10 @@ DEFAULT_GLOB = "**/*.txt"  # files of a folder corpus, unless --glob says otherw
 class DocRef:
     """Where one document lives; its text is read only when needed."""
 
-    name: str  # file path, "path:line" for JSONL, or "<stdin>"
+    name: str  # file path, "path:line" for JSONL, "path:row" for Parquet and HF datasets, or "<stdin>"
     path: str | None  # None for stdin
-    offset: int = -1  # byte offset of the line in a JSONL file; -1 for a whole file
+    offset: int = -1  # byte offset of the line in a JSONL file, row in a table; -1 for a whole file
+    kind: str = "text"  # "text" (whole file or JSONL line by offset), "parquet" or "arrow" (HF datasets)
 
 
 @dataclass
@@ -34,11 +39,17 @@ class Corpus:
     files: list[dict]  # {"path", "size", "sha256"} of every file read
     text_field: str = "text"
     stdin_text: str | None = None
+    strict: bool = True  # an unreadable document of a multi-document corpus fails; False: skipped, named here
+    unreadable: list[str] = field(default_factory=list)  # names of documents (or files) skipped as unreadable
+    _tables: Tables | None = field(default=None, repr=False)
 
     def read(self, ref: DocRef) -> str:
         """Text of one document."""
         if ref.path is None:
             return self.stdin_text or ""
+        if ref.kind != "text":
+            self._tables = self._tables or Tables(self.text_field)
+            return self._tables.text(ref)
         if ref.offset < 0:
             return _read_text(Path(ref.path))
         with open(ref.path, "rb") as f:
@@ -51,6 +62,14 @@ class Corpus:
         if not isinstance(obj, dict) or not isinstance(obj.get(self.text_field), str):
             raise KNNLMError(f"{ref.name} has no string field {self.text_field!r}; pass the right --text-field.")
         return obj[self.text_field]
+
+    def skip(self, name: str, error: KNNLMError) -> None:
+        """Record an unreadable document or file, or raise when strict."""
+        if self.strict:
+            raise error
+        log.warning("skipping %s: %s", name, error)
+        if name not in self.unreadable:
+            self.unreadable.append(name)
 
 
 def _read_text(path: Path) -> str:
@@ -74,9 +93,22 @@ def _file_record(path: Path) -> dict:
     return {"path": str(path), "size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def _is_jsonl(path: Path, fmt: str) -> bool:
-    """Whether a file is read as JSONL (one document per line)."""
-    return fmt == "jsonl" or (fmt == "auto" and path.suffix in (".jsonl", ".ndjson"))
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf")  # --format; auto: JSONL, Parquet, HF datasets by name
+_SNIFF = 8192  # bytes of a text file checked for NUL when a folder corpus is listed
+
+
+def _kind(path: Path, fmt: str) -> str:
+    """How a file of the corpus is read: "jsonl" (one document per line), "parquet" or "text"."""
+    if fmt in ("jsonl", "parquet"):
+        return fmt
+    if fmt == "auto" and path.suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    return "parquet" if fmt == "auto" and path.suffix == ".parquet" else "text"
+
+
+def _is_hf(path: Path, fmt: str) -> bool:
+    """Whether a folder is a Hugging Face datasets folder (save_to_disk)."""
+    return fmt == "hf" or (fmt == "auto" and any((path / n).exists() for n in ("state.json", "dataset_dict.json")))
 
 
 def _jsonl_refs(path: Path) -> list[DocRef]:
@@ -90,26 +122,53 @@ def _jsonl_refs(path: Path) -> list[DocRef]:
     return refs
 
 
+def _file_refs(path: Path, kind: str, text_field: str) -> list[DocRef]:
+    """The documents of one file; a text or JSONL file with NUL bytes near its start is refused as binary."""
+    if kind == "parquet":
+        return parquet_refs(path, text_field)
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(_SNIFF):
+            raise KNNLMError(f"{path} is not a text file (it contains NUL bytes); pass text, or exclude it with --glob.")
+    return _jsonl_refs(path) if kind == "jsonl" else [DocRef(str(path), str(path))]
+
+
+def _folder_files(path: Path, glob: str, fmt: str) -> list[Path]:
+    """The files of a folder corpus; Parquet files when the format (or, by default, the folder) says so."""
+    if fmt == "parquet" and glob == DEFAULT_GLOB:
+        glob = "**/*.parquet"
+    files = sorted(p for p in path.glob(glob) if p.is_file())
+    if not files and fmt == "auto" and glob == DEFAULT_GLOB:  # a folder of Parquet files, found by default
+        files = sorted(p for p in path.glob("**/*.parquet") if p.is_file())
+    if not files:
+        raise KNNLMError(f"Folder {path} has no files matching {glob!r}; pass --glob, e.g. --glob '**/*.py'.")
+    return files
+
+
 def open_corpus(
     source: str, glob: str = DEFAULT_GLOB, fmt: str = "auto", text_field: str = "text",
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | None = None, strict: bool = True,
 ) -> Corpus:
     """List a corpus's documents without reading their text.
 
     Args:
-        source: a text file (one document), a folder (each file matching glob a document),
-            a JSONL file (each line a document), or "-" for stdin.
+        source: a text file (one document), a folder (each file matching glob a document), a JSONL
+            file (each line a document), a Parquet file or folder of them (each row a document), a
+            Hugging Face datasets folder written by save_to_disk (each row), or "-" for stdin.
         glob: file pattern inside a folder.
-        fmt: "auto" (JSONL by suffix), "text" or "jsonl".
-        text_field: the JSONL field holding a document's text.
+        fmt: "auto" (JSONL, Parquet by suffix; HF datasets by state.json), "text", "jsonl", "parquet" or "hf".
+        text_field: the JSONL field, or table column, holding a document's text.
         shuffle_seed: shuffle document order with this seed; None keeps sorted order.
+        strict: in a corpus of several files, fail on an unreadable one (False: skip it, named in
+            corpus.unreadable, and skip documents that later prove unreadable; see iter_documents).
 
     Returns:
         A Corpus; raises KNNLMError for a missing or empty source.
     """
+    if fmt not in FORMATS:
+        raise KNNLMError(f"--format {fmt} is not one of {', '.join(FORMATS)}.")
     if source == "-":
-        if fmt == "jsonl":
-            raise KNNLMError("JSONL from stdin is not supported; save it to a file and pass its path.")
+        if fmt != "auto" and fmt != "text":
+            raise KNNLMError(f"{fmt} from stdin is not supported; save it to a file and pass its path.")
         text = sys.stdin.read()
         corpus = Corpus(source, [DocRef("<stdin>", None)], [{
             "path": "<stdin>", "size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}],
@@ -117,17 +176,30 @@ def open_corpus(
     else:
         path = Path(source)
         if not path.exists():
-            raise KNNLMError(f"Corpus {source} does not exist; pass a text file, folder, JSONL file or - for stdin.")
-        if path.is_dir():
-            files = sorted(p for p in path.glob(glob) if p.is_file())
-            if not files:
-                raise KNNLMError(f"Folder {source} has no files matching {glob!r}; pass --glob, e.g. --glob '**/*.py'.")
+            raise KNNLMError(f"Corpus {source} does not exist; pass a text file, folder, JSONL or Parquet file, "
+                             "datasets folder, or - for stdin.")
+        if fmt == "hf" and not path.is_dir():
+            raise KNNLMError(f"--format hf reads a folder written by save_to_disk, and {source} is a file; "
+                             "pass the folder.")
+        corpus = Corpus(source, [], [], text_field, strict=strict)
+        if path.is_dir() and _is_hf(path, fmt):
+            files = hf_files(path)
+            for f in files:
+                corpus.docs.extend(arrow_refs(f, text_field))
         else:
-            files = [path]
-        docs = []
-        for f in files:
-            docs.extend(_jsonl_refs(f) if _is_jsonl(f, fmt) else [DocRef(str(f), str(f))])
-        corpus = Corpus(source, docs, [_file_record(f) for f in files], text_field)
+            files = _folder_files(path, glob, fmt) if path.is_dir() else [path]
+            errors = []
+            for f in files:
+                try:
+                    corpus.docs.extend(_file_refs(f, _kind(f, fmt), text_field))
+                except KNNLMError as e:
+                    if len(files) == 1:  # a lone file that cannot be read fails, whatever strict says
+                        raise
+                    errors.append(e)
+                    corpus.skip(str(f), e)
+            if errors and len(errors) == len(files):  # none readable: most likely a wrong flag, so say why
+                raise errors[0]
+        corpus.files = [_file_record(f) for f in files]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(corpus.docs)
     if not corpus.docs or all(f["size"] == 0 for f in corpus.files):
@@ -136,9 +208,14 @@ def open_corpus(
 
 
 def check_documents(corpus: Corpus) -> None:
-    """Read every document once, so a file that is not text fails before any work is done."""
-    for ref in corpus.docs:
-        corpus.read(ref)
+    """Read every document once, so a file that is not text fails before any work is done.
+
+    Only where a bad document fails the build anyway (strict, or a single document); otherwise
+    iter_documents skips them as they come, and a bad file among thousands costs nothing up front.
+    """
+    if corpus.strict or len(corpus.docs) == 1:
+        for ref in corpus.docs:
+            corpus.read(ref)
 
 
 def split_of(index: int, holdout: float) -> str:
@@ -166,8 +243,9 @@ def split_tail(text: str, holdout: float) -> tuple[str, str, str]:
 def iter_documents(corpus: Corpus, holdout: float, start: int = 0) -> Iterator[tuple[int, str, str, str]]:
     """(seq, split, name, text) for each document from number `start` on, split by holdout.
 
-    Several documents: whole documents are held out (split_of). One document: its tail is
-    (split_tail), and its parts count as documents 0, 1, 2 (store, dev, test).
+    Several documents: whole documents are held out (split_of); an unreadable one is skipped
+    (Corpus.skip: raised when strict) and keeps its number, so the split stays the same. One
+    document: its tail is (split_tail), and its parts count as documents 0, 1, 2 (store, dev, test).
     """
     if len(corpus.docs) == 1:
         ref = corpus.docs[0]
@@ -178,4 +256,9 @@ def iter_documents(corpus: Corpus, holdout: float, start: int = 0) -> Iterator[t
         return
     for i in range(start, len(corpus.docs)):
         ref = corpus.docs[i]
-        yield i, split_of(i, holdout), ref.name, corpus.read(ref)
+        try:
+            text = corpus.read(ref)
+        except KNNLMError as e:  # raised again when strict
+            corpus.skip(ref.name, e)
+            continue
+        yield i, split_of(i, holdout), ref.name, text

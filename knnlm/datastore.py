@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KNNLMError
+from .journal import recover
 
 FORMAT_VERSION = 1
 DEFAULT_DATASTORE = os.path.join("datastores", "default")  # used when neither a path nor $KNNLM_DATASTORE is given
@@ -45,7 +46,26 @@ class Datastore:
     def fingerprint(self) -> str:
         """Identity of this build: model, tokenizer, count and build time."""
         m = self.meta
-        return f"{m['model']['fingerprint']}-{m['tokenizer']['fingerprint']}-{m['count']}-{m['build']['finished']}"
+        fp = f"{m['model']['fingerprint']}-{m['tokenizer']['fingerprint']}-{m['count']}-{m['build']['finished']}"
+        # Each add, remove or compact (knnlm.update) is a new revision: caches made before it are stale.
+        return f"{fp}-r{m['revision']}" if m.get("revision") else fp
+
+    @property
+    def removed(self) -> list:
+        """[name, first key row, key count] of each removed document whose rows `compact` has not yet dropped."""
+        return self.meta.get("removed", [])
+
+    @property
+    def live_count(self) -> int:
+        """Number of keys a search may return (count less the removed documents' rows)."""
+        return self.count - sum(int(r[2]) for r in self.removed)
+
+    def live_ids(self) -> np.ndarray:
+        """Row numbers a search may return, ascending."""
+        keep = np.ones(self.count, dtype=bool)
+        for _name, start, n in self.removed:
+            keep[start: start + n] = False
+        return np.flatnonzero(keep)
 
     @cached_property
     def keys(self) -> np.ndarray:
@@ -169,6 +189,8 @@ def open_datastore(path: str | os.PathLike | None = None, check_arrays: bool = T
         A Datastore; raises KNNLMError, with the fix, for anything missing or inconsistent.
     """
     p = datastore_path(path)
+    if p.is_dir():
+        recover(p)  # an add, remove or compact killed halfway: finish it or undo it
     ds = Datastore(p, read_meta(p))
     if check_arrays:
         ds.keys, ds.vals  # noqa: B018 - opening them validates shape and dtype

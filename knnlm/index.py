@@ -38,11 +38,15 @@ class IndexConfig:
     seed: int = 0  # seeds the training sample and k-means
     add_chunk: int = 65_536  # keys converted and added per step, bounding RAM
     exact: bool = False  # force an exact (flat) index whatever N
+    on_disk: bool = False  # IVF inverted lists in a file beside index.faiss, memory-mapped at search time
     # any faiss index_factory string, e.g. "IVF1024,PQ64x4fs" or "OPQ64,IVF1024_HNSW32,PQ64" (metric L2;
     # re-ranking stays on the full fp16 keys); None: IVF{nlist},PQ{code_size} chosen from N, exact when N is small
     factory: str | None = None
 
     def __post_init__(self):
+        if self.factory is not None and self.on_disk and not self.exact:
+            raise KNNLMError(f"--on-disk keeps the default IVF-PQ index's lists on disk, not a --factory index's "
+                             f"({self.factory!r}); leave out one of the two.")
         if self.code_size < 1:
             raise KNNLMError(f"--code-size {self.code_size} must be at least 1 (PQ bytes per key).")
         if self.nlist is not None and self.nlist < 1:
@@ -131,17 +135,22 @@ def _chunks(n: int, size: int):
         yield lo, min(n, lo + size)
 
 
-def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) -> dict:
+def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, runner=None) -> dict:
     """Train and fill the index for a datastore; writes index.faiss and index.json atomically.
 
     Args:
         ds: an opened datastore.
         cfg: index settings.
         progress: optional callable taking the number of keys just added.
+        runner: adds the keys in parts sharing the trained quantizer (knnlm.scale.engines, e.g. Ray
+            tasks); None: in this process (in one part when cfg.on_disk).
 
     Returns:
         The content of index.json.
     """
+    if ds.removed:  # the index would hold their keys again
+        raise KNNLMError(f"Datastore {ds.path} has removed documents whose keys are still in its arrays; run "
+                         f"`knnlm compact {ds.path}` first, then train the index.")
     n, d = ds.count, ds.dim
     p = choose_params(n, d, cfg)
     t0 = time.time()
@@ -162,15 +171,28 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
         pq = getattr(faiss.downcast_index(ivf), "pq", None) if ivf is not None else None
         if pq is not None:
             pq.cp.max_points_per_centroid, pq.cp.niter, pq.cp.seed = 64, 15, cfg.seed
+        # faiss's factory turns on polysemous training (an annealing that renumbers PQ centroids for
+        # Hamming pre-filtering, which no search here uses): most of the training time, for nothing.
+        if hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+            faiss.downcast_index(ivf).do_polysemous_training = False
         log.info("training %s on %d keys", p["factory"], len(xt))
         index.train(xt)
         del xt
     t_train = time.time() - t0
-    for lo, hi in _chunks(n, cfg.add_chunk):
-        index.add(np.asarray(ds.keys[lo:hi], dtype=np.float32))
-        if progress:
-            progress(hi - lo)
-    info = {**p, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
+    lists = {"lists": "in RAM"}
+    if p["kind"] == "ivfpq" and (cfg.on_disk or runner is not None):
+        from .scale.engines import LocalRunner
+        from .scale.ivf import fill_in_parts
+
+        lists = fill_in_parts(index, ds, cfg, runner or LocalRunner(), progress)
+    else:
+        if cfg.on_disk:
+            log.info("--on-disk applies to IVF indexes; this exact index stays in RAM")
+        for lo, hi in _chunks(n, cfg.add_chunk):
+            index.add(np.asarray(ds.keys[lo:hi], dtype=np.float32))
+            if progress:
+                progress(hi - lo)
+    info = {**p, **lists, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
             "train_seconds": round(t_train, 2), "total_seconds": round(time.time() - t0, 2),
             "datastore": ds.fingerprint,
             # Caches and tuned values name the index they were made with: a retrain is a new index.
@@ -178,6 +200,9 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None) 
     with atomic_path(ds.path / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
     write_json(ds.path / "index.json", info)
+    for old in ds.path.glob("index-*.ivfdata"):  # lists of an index just replaced
+        if old.name != info.get("ivfdata"):
+            old.unlink()
     return info
 
 
@@ -210,11 +235,12 @@ def load_index(ds: Datastore):
         raise KNNLMError(f"The index in {ds.path} was built for other keys; rebuild it with "
                          f"`knnlm train-index {ds.path}`.")
     try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as e:
+        # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except (RuntimeError, MemoryError, ValueError, OSError) as e:  # faiss: RuntimeError; a garbled size: MemoryError
         raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
                          f"`knnlm train-index {ds.path}`.") from e
-    if index.ntotal != ds.count or index.d != ds.dim:
+    if index.ntotal != ds.live_count or index.d != ds.dim:  # removed documents' keys have left the index
         raise KNNLMError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore "
-                         f"{ds.count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")
+                         f"{ds.live_count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")
     return index

@@ -40,6 +40,11 @@ class RetrievalConfig:
         if self.max_candidates < 1:
             raise KNNLMError(f"max_candidates {self.max_candidates} must be at least 1.")
 
+    def __post_init__(self):
+        # Refused here: faiss takes nprobe 0 silently and visits no list, so every search finds nothing.
+        if self.nprobe < 1:
+            raise KNNLMError(f"--nprobe {self.nprobe} must be at least 1 (IVF lists visited per query).")
+
 
 def as_tensor(keys: np.ndarray) -> torch.Tensor:
     """A torch view of a (memory-mapped, read-only) array, without a copy."""
@@ -107,6 +112,27 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     return out
 
 
+def exact_index(ds: Datastore) -> faiss.Index:
+    """A flat index over the datastore's keys, less removed documents' (their rows keep their numbers)."""
+    flat = faiss.IndexFlatL2(ds.dim)
+    live = ds.live_ids() if ds.removed else None
+    index = flat if live is None else faiss.IndexIDMap2(flat)
+    for lo in range(0, ds.count if live is None else len(live), 65_536):
+        if live is None:
+            index.add(np.asarray(ds.keys[lo: lo + 65_536], dtype=np.float32))
+        else:
+            ids = live[lo: lo + 65_536]
+            index.add_with_ids(np.asarray(ds.keys[ids], dtype=np.float32), ids.astype(np.int64))
+    return index
+
+
+def check_ids(ds: Datastore, ids: np.ndarray) -> None:
+    """Refuse ids past the keys: faiss reads an index.faiss with garbled ids without complaint."""
+    if ids.size and int(ids.max()) >= ds.count:
+        raise KNNLMError(f"{ds.path / 'index.faiss'} is damaged (it returns key {int(ids.max())} of "
+                         f"{ds.count}); rebuild it with `knnlm train-index {ds.path}`.")
+
+
 class Retriever:
     """Finds the k nearest stored keys of query vectors and their values."""
 
@@ -115,9 +141,7 @@ class Retriever:
         if cfg.k < 1:
             raise KNNLMError(f"--k {cfg.k} must be at least 1.")
         if cfg.exact:
-            self.index = faiss.IndexFlatL2(ds.dim)
-            for lo in range(0, ds.count, 65_536):
-                self.index.add(np.asarray(ds.keys[lo: lo + 65_536], dtype=np.float32))
+            self.index = exact_index(ds)
             self.kind = "exact"
         else:
             self.index = load_index(ds)
@@ -142,6 +166,7 @@ class Retriever:
         """(dists (n, k) ascending, ids (n, k), -1 where missing) for queries (n, d)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         dists, ids = self.index.search(q, self.k)
+        check_ids(self.ds, ids)
         if self.rerank:
             dists = exact_distances(q, self._keys, ids)
             order = np.argsort(dists, axis=1, kind="stable")

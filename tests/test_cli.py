@@ -122,7 +122,7 @@ def test_every_build_flag_reaches_its_config(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         run("build-datastore", tmp_path / "c.txt", "--model", "m", "--out", "o", "--context", 100, "--stride", 50,
             "--batch-size", 3, "--holdout", 0.1, "--glob", "*.md", "--format", "jsonl", "--text-field", "body",
-            "--shuffle-seed", 7, "--max-tokens", 999, "--no-index", "--nlist", 64, "--code-size", 16,
+            "--strict", "--shuffle-seed", 7, "--max-tokens", 999, "--no-index", "--nlist", 64, "--code-size", 16,
             "--train-size", 5000, "--exact", "--seed", 3, "--overwrite", "--resume", "--device", "cpu",
             "--trust-remote-code")
     c = seen["cfg"]
@@ -131,6 +131,7 @@ def test_every_build_flag_reaches_its_config(monkeypatch, tmp_path):
         ("m", 100, 50, 3, 0.1, "*.md", "jsonl", "body")
     assert (c.shuffle_seed, c.max_tokens, c.build_index, c.overwrite, c.resume, c.device, c.trust_remote_code) == \
         (7, 999, False, True, True, "cpu", True)
+    assert c.strict is True
     assert (c.index.nlist, c.index.code_size, c.index.train_size, c.index.exact, c.index.seed) == (64, 16, 5000, True, 3)
 
 

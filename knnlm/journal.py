@@ -1,0 +1,107 @@
+"""Crash-safe changes to several files of a directory: stage them, commit with one rename, roll forward.
+
+A change writes the new versions of whole files into DIR/.pending/, and may append rows to a .npy
+file in place past the shape its header declares (readers take the header's shape, so the old
+content still reads whole). Writing .pending/commit.json (atomically) is the one moment the change
+happens: before it, recovery throws the staged files and appended tails away; after it, recovery
+finishes the change (header shapes, then renames; each step can be redone). kill -9 at any point
+thus leaves the old directory or the new one, once `recover` has run (opening a datastore runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import _HEADER_BYTES, _fsync, npy_header, write_json
+
+log = logging.getLogger(__name__)
+
+PENDING = ".pending"  # staging folder inside the directory being changed
+COMMIT = "commit.json"  # its presence in PENDING is the commit
+
+
+def begin(root: Path) -> Path:
+    """An empty staging folder in root, after recovering from any earlier interrupted change."""
+    recover(root)
+    pending = Path(root) / PENDING
+    pending.mkdir()
+    return pending
+
+
+def commit(root: Path, files: list[str], npy_rows: dict[str, int] | None = None) -> None:
+    """Make the staged files (names in PENDING) and the in-place appends (.npy name -> new row count) the content.
+
+    Args:
+        root: the directory being changed.
+        files: names of files staged in root/PENDING, each replacing root/name.
+        npy_rows: .npy files in root grown in place past their header, and their new row counts.
+    """
+    pending = Path(root) / PENDING
+    for name in files:
+        _fsync(pending / name)
+    write_json(pending / COMMIT, {"files": list(files), "npy_rows": dict(npy_rows or {})})
+    _roll_forward(Path(root))
+
+
+def recover(root: Path) -> None:
+    """Finish a committed change or throw away an uncommitted one; nothing to do after a clean one."""
+    root = Path(root)
+    pending = root / PENDING
+    if not pending.exists():
+        return
+    if (pending / COMMIT).exists():
+        log.info("finishing an interrupted change of %s", root)
+        _roll_forward(root)
+        return
+    log.info("discarding an interrupted change of %s", root)
+    for path in root.glob("*.npy"):
+        _cut_to_header(path)
+    shutil.rmtree(pending)
+
+
+def _roll_forward(root: Path) -> None:
+    """Apply a committed change; every step can be redone after a crash."""
+    pending = root / PENDING
+    rec = json.loads((pending / COMMIT).read_text())
+    for name, rows in rec["npy_rows"].items():
+        set_npy_rows(root / name, rows)
+    for name in rec["files"]:
+        if (pending / name).exists():
+            os.replace(pending / name, root / name)
+    _fsync(root)
+    shutil.rmtree(pending)
+    _fsync(root)
+
+
+def npy_layout(path: Path) -> tuple[np.dtype, tuple, int, int]:
+    """(dtype, row shape, rows declared, header bytes) of a .npy file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read(f)
+        return dtype, tuple(shape[1:]), int(shape[0]), f.tell()
+
+
+def set_npy_rows(path: Path, rows: int) -> None:
+    """Rewrite a .npy header in place to declare `rows` rows (the bytes must be there)."""
+    dtype, row_shape, _rows, header = npy_layout(path)
+    if header != _HEADER_BYTES:
+        raise ValueError(f"{path} has a {header}-byte header, not {_HEADER_BYTES}")
+    with open(path, "r+b") as f:
+        f.write(npy_header(dtype, (rows, *row_shape)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cut_to_header(path: Path) -> None:
+    """Drop bytes past the shape a .npy header declares (an append that was never committed)."""
+    dtype, row_shape, rows, header = npy_layout(path)
+    size = header + rows * dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+    if path.stat().st_size > size:
+        os.truncate(path, size)

@@ -1,0 +1,160 @@
+"""A sharded build: plan shards as runs of the build's blocks, build each resumably, merge, finish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..arrays import write_json
+from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs,
+                     _read_json, _read_progress, _stream, _Writer)
+from ..corpus import check_documents, open_corpus
+from ..datastore import Datastore, datastore_path
+from ..errors import KNNLMError
+from ..lm import LM, load_lm
+from ..windows import check_window
+from .engines import Engine, index_runner, run_shards
+from .merge import merge_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How a build is split and where its shards run."""
+
+    shards: int = 1  # shards to split the build into (fewer if the corpus has fewer blocks of windows)
+    engine: Engine = Engine.LOCAL  # local: shards in this process, one after another; ray: one Ray task each
+    ray_address: str | None = None  # Ray cluster to join (ray.init's address); None: start a local Ray
+
+    def __post_init__(self):
+        if self.shards < 1:
+            raise KNNLMError(f"--shards {self.shards} must be at least 1.")
+        object.__setattr__(self, "engine", Engine(self.engine))
+
+
+def shard_dir(work: Path, i: int) -> Path:
+    """Where shard i of a build in progress lives."""
+    return work / "shards" / f"{i:04d}"
+
+
+def _drop(_record: str) -> None:
+    """A writer that keeps nothing (the plan's dry run)."""
+
+
+def plan_shards(lm: LM, src, cfg: BuildConfig, n: int) -> dict:
+    """Split the build's window stream into up to n runs of whole blocks.
+
+    A dry run tokenizes every document (no forward pass) and notes the checkpoint state after every
+    block of cfg.block_windows windows. Shard i starts from one of those states, exactly where an
+    unsharded build would be, and stops where shard i + 1 starts; shards may split a document.
+
+    Returns:
+        {"shards": [{"start": checkpoint state, "stop": [seq, window] or None (the last), "rows": keys}],
+        "rows": keys of the build, "seconds": 0.0 (build time so far), "merged": False}.
+    """
+    s = _new_state()
+    bounds, windows, rows = [], 0, 0  # bounds: (checkpoint position and counters, keys before it) per full block
+    for seq, win, _ids, labels in _stream(lm, src, cfg, s, _drop, _drop):
+        windows += 1
+        rows += len(labels)
+        if windows % cfg.block_windows == 0:
+            bounds.append(({"seq": seq, "window": win.index + 1, "scheduled": s["scheduled"],
+                            "doc_start": s["doc_start"]}, rows))
+    if rows == 0:
+        raise KNNLMError(f"Corpus {src.source} gave no tokens for the datastore (every document is empty, "
+                         "one token long, or held out); pass a larger corpus or a smaller --holdout.")
+    blocks = math.ceil(windows / cfg.block_windows)
+    cuts = sorted({round(j * blocks / n) for j in range(1, n)} - {0, blocks})
+    if len(cuts) + 1 < n:
+        log.info("the corpus has %d blocks of %d windows: %d shards instead of %d", blocks, cfg.block_windows,
+                 len(cuts) + 1, n)
+    starts = [({}, 0)] + [bounds[c - 1] for c in cuts] + [(None, rows)]
+    shards = []
+    for (start, lo), (end, hi) in zip(starts, starts[1:]):
+        shards.append({"start": {**_new_state(), **start}, "rows": hi - lo,
+                       "stop": None if end is None else [end["seq"], end["window"]]})
+    log.info("planned %d shards over %d keys", len(shards), rows)
+    return {"shards": shards, "rows": rows, "seconds": 0.0, "merged": False}
+
+
+def run_shard(lm: LM, src, cfg: BuildConfig, work: Path, spec: dict, progress=None) -> int:
+    """Build (or resume) one shard in its directory; returns the keys it holds."""
+    if (work / "progress.json").exists():
+        s = _read_progress(work)
+        _check_partial(work, s, lm.dim)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        s = json.loads(json.dumps(spec["start"]))
+    if s.get("done"):
+        return s["rows"]
+    w = _Writer(work, lm.dim, s)
+    try:
+        # A shard stopped right at its end has nothing left to run.
+        if spec["stop"] is None or [s["seq"], s["window"]] != spec["stop"]:
+            _fill(lm, src, cfg, w, progress, spec["stop"])
+        w.state["done"] = True
+        w.checkpoint(w.state["seq"], w.state["window"])
+    finally:
+        w.close()
+    return w.state["rows"]
+
+
+def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildConfig = BuildConfig(),
+                  shard_cfg: ShardConfig = ShardConfig(), lm: LM | None = None, progress=None,
+                  total=None) -> Datastore:
+    """Build a datastore in shards and merge them: the arrays equal an unsharded build's.
+
+    Args:
+        corpus: as for build_datastore.
+        out: the datastore directory (on storage every Ray node sees); None: $KNNLM_DATASTORE or the default.
+        cfg: build settings (--max-tokens, holdout, windows... apply to the whole build).
+        shard_cfg: how many shards, and the engine that runs them.
+        lm: an already loaded model for planning and the local engine (else cfg.model is loaded).
+        progress: optional callable taking the number of keys just stored, by any shard.
+        total: optional callable taking the number of keys the build will store, once planned.
+
+    Returns:
+        The opened datastore. Interrupted, OUT.partial/ keeps every shard's checkpoint for `resume=True`.
+    """
+    out = datastore_path(out)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
+    check_documents(src)
+    lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
+    check_window(cfg.context, cfg.stride, lm.max_positions)
+    work, plan = _prepare_dirs(out, cfg, sharded=True)
+    settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
+                | {"model": lm.fingerprint, "corpus": src.files, "shards": shard_cfg.shards})
+    if plan is None:
+        plan = plan_shards(lm, src, cfg, shard_cfg.shards)
+        write_json(work / "settings.json", settings)
+        write_json(work / "shards.json", plan)
+    elif _read_json(work, "settings.json") != json.loads(json.dumps(settings)):
+        raise KNNLMError(f"The interrupted build in {work} used other settings, model, corpus or --shards; pass "
+                         "the same ones to --resume, or --overwrite to start over.")
+    if total:
+        total(plan["rows"])
+    if not plan.get("merged"):
+        t0 = time.time()
+        try:
+            # Workers elsewhere read documents by absolute path; names (and so meta.json) stay as given.
+            remote_src = replace(src, docs=[replace(r, path=str(Path(r.path).resolve())) if r.path else r
+                                            for r in src.docs])
+            dirs = [shard_dir(work.resolve(), i) for i in range(len(plan["shards"]))]
+            run_shards(shard_cfg, lm, remote_src, cfg, dirs, plan["shards"], progress)
+        finally:
+            plan["seconds"] += time.time() - t0
+            write_json(work / "shards.json", plan)
+        plan["state"] = merge_shards(work, dirs, plan["shards"], lm.dim) | {"seconds": plan["seconds"]}
+        plan["merged"] = True
+        write_json(work / "shards.json", plan)
+    shutil.rmtree(work / "shards", ignore_errors=True)  # merged: only the merged arrays are resumed from
+    # Files the shards skipped as unreadable (found by workers elsewhere) go into meta.json with the rest.
+    src.unreadable[:] = list(dict.fromkeys([*plan["state"].get("unreadable", []), *src.unreadable]))
+    return _finish(lm, src, cfg, work, plan["state"], out, index_runner(shard_cfg, len(plan["shards"])))

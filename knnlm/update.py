@@ -1,0 +1,305 @@
+"""A datastore that follows its corpus: add documents, remove them by name, compact the arrays.
+
+Every change goes through knnlm.journal: the new meta.json, index.faiss and index.json (and, for
+compact, the new arrays) are staged, appended keys go past the arrays' declared shape, and one
+commit makes them the datastore; kill -9 anywhere leaves the old datastore or the new one.
+Removed documents' keys leave the index at once (faiss remove_ids); their rows stay in the arrays,
+listed in meta.json's "removed", until `compact` rewrites the arrays without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .arrays import NpyAppender, write_json
+from .corpus import DEFAULT_GLOB, open_corpus
+from .datastore import Datastore, open_datastore
+from .errors import KNNLMError
+from .index import load_index, read_index_info
+from .journal import PENDING, begin, commit
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 65_536  # rows copied or added per step, bounding RAM
+_ADDED = ".added"  # the keys of an `add` in progress, built as a datastore inside the datastore
+
+
+@dataclass(frozen=True)
+class AddConfig:
+    """Settings of `knnlm add`; context and stride are the datastore's own."""
+
+    model: str | None = None  # hub id, directory or .gguf; None: the model the datastore was built with
+    device: str | None = None  # torch device; None: cuda when available, else cpu
+    trust_remote_code: bool = False  # run the model repository's own code (off unless asked)
+    batch_size: int = 8  # windows per forward pass
+    glob: str = DEFAULT_GLOB  # files of a folder corpus
+    fmt: str = "auto"  # corpus format, as for build-datastore
+    text_field: str = "text"  # field with a document's text (JSONL, Parquet, HF datasets)
+    strict: bool = False  # fail on the first unreadable file of a folder instead of skipping it
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise KNNLMError(f"--batch-size {self.batch_size} must be at least 1 window per forward pass.")
+
+
+def _stamp() -> str:
+    """Now, as meta.json writes times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _live_names(ds: Datastore) -> set[str]:
+    """Names of the stored documents not removed."""
+    gone = {(r[0], r[1]) for r in ds.removed}
+    return {d[0] for d in ds.documents if (d[0], d[1]) not in gone}
+
+
+def _next_meta(ds: Datastore, record: dict) -> dict:
+    """A copy of meta.json for the next revision, with `record` appended to its history."""
+    meta = dict(ds.meta)
+    meta["revision"] = int(meta.get("revision", 0)) + 1
+    meta["updates"] = [*meta.get("updates", []), {"time": _stamp(), **record}]
+    return meta
+
+
+def _stage_index(ds: Datastore, index, new: Datastore, pending: Path) -> list[str]:
+    """Write index.faiss and index.json for the datastore `new` into pending; the names staged."""
+    info = read_index_info(ds)
+    faiss.write_index(index, str(pending / "index.faiss"))
+    write_json(pending / "index.json", {**info, "count": new.count, "datastore": new.fingerprint,
+                                        "updated": _stamp()})
+    return ["index.faiss", "index.json"]
+
+
+def _index_or_none(ds: Datastore):
+    """The datastore's index, or None when it has none (then only the arrays change)."""
+    if read_index_info(ds) is None or not (ds.path / "index.faiss").exists():
+        return None
+    index = load_index(ds)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+        # Lists kept in a file of their own would change in place, not through the journal.
+        raise KNNLMError(f"The index of {ds.path} keeps its lists on disk, which add, remove and compact cannot "
+                         f"change crash-safely; delete index.faiss and index.json, make the change, then run "
+                         f"`knnlm train-index {ds.path}` again.")
+    return index
+
+
+def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = AddConfig(), lm=None,
+                  progress=None) -> dict:
+    """Append a corpus's documents to a datastore: keys, values, document table and index (no retraining).
+
+    Args:
+        datastore: the datastore directory.
+        corpus: a text file, folder, JSONL, Parquet file or folder, or HF datasets folder.
+        cfg: settings.
+        lm: an already loaded model (else cfg.model or the datastore's model is loaded).
+        progress: optional callable taking the number of tokens just stored.
+
+    Returns:
+        The update record written to meta.json ("documents", "keys", "unreadable", ...).
+    """
+    from .build import BuildConfig, build_datastore
+    from .lm import load_lm
+
+    ds = open_datastore(datastore)
+    corpus_log = logging.getLogger("knnlm.corpus")
+    level = corpus_log.level
+    corpus_log.setLevel(logging.ERROR)  # the build lists the corpus again and warns then
+    try:
+        src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
+    finally:
+        corpus_log.setLevel(level)
+    dup = sorted({r.name for r in src.docs} & _live_names(ds))
+    if dup:
+        raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
+                         f"`knnlm remove {ds.path} DOC...`, or add other documents.")
+    lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
+    ds.check_compatible(lm)
+    # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
+    bcfg = BuildConfig(model=ds.meta["model"]["name"], device=cfg.device, context=ds.meta["context"],
+                       stride=ds.meta["stride"], batch_size=cfg.batch_size, holdout=0, glob=cfg.glob,
+                       fmt=cfg.fmt, text_field=cfg.text_field, strict=cfg.strict, build_index=False,
+                       overwrite=True, resume=(ds.path / f"{_ADDED}.partial").exists())
+    added = build_datastore(corpus, ds.path / _ADDED, bcfg, lm=lm, progress=progress)
+    record = apply_add(ds, added)
+    shutil.rmtree(added.path)
+    return record
+
+
+def apply_add(ds: Datastore, added: Datastore) -> dict:
+    """Append a built datastore's rows and documents to ds, crash-safely; returns the update record."""
+    n0, n = ds.count, added.count
+    index = _index_or_none(ds)
+    pending = begin(ds.path)
+    for name, arr, row in (("keys.npy", added.keys, (ds.dim,)), ("vals.npy", added.vals, ())):
+        out = NpyAppender(ds.path / name, arr.dtype, row, n0)  # past the declared shape until the commit
+        for lo in range(0, n, _CHUNK):
+            out.append(arr[lo: lo + _CHUNK])
+        out.flush()
+        out.close()
+    docs = [[name, start + n0, count, first] for name, start, count, first in added.documents]
+    unreadable = added.meta["corpus"].get("unreadable", [])
+    record = {"op": "add", "corpus": added.meta["corpus"]["source"], "documents": len(docs), "keys": n,
+              "files": added.meta["corpus"]["files"], "unreadable": unreadable}
+    meta = {**_next_meta(ds, record), "count": n0 + n, "documents": [*ds.documents, *docs]}
+    new = Datastore(ds.path, meta)
+    staged = []
+    if index is not None:
+        ids = np.arange(n0, n0 + n, dtype=np.int64)
+        for lo in range(0, n, _CHUNK):
+            # Explicit ids: after a removal, ntotal is no longer the next row number.
+            _add(index, np.asarray(added.keys[lo: lo + _CHUNK], dtype=np.float32), ids[lo: lo + _CHUNK])
+        staged = _stage_index(ds, index, new, pending)
+    write_json(pending / "meta.json", meta)
+    commit(ds.path, ["meta.json", *staged], {"keys.npy": n0 + n, "vals.npy": n0 + n})
+    log.info("added %d documents, %d keys to %s", len(docs), n, ds.path)
+    return record
+
+
+def _add(index, x: np.ndarray, ids: np.ndarray) -> None:
+    """Add vectors under the given ids; a plain flat index numbers them itself (and has no gaps)."""
+    if isinstance(index, faiss.IndexFlat):
+        assert index.ntotal == ids[0], "a flat index without removals numbers rows itself"
+        index.add(x)
+    else:
+        index.add_with_ids(x, ids)
+
+
+def _resolve(ds: Datastore, names: list[str]) -> list[list]:
+    """The live document entries named (exactly, or as the same path), in table order."""
+    gone = {(r[0], r[1]) for r in ds.removed}
+    live = [d for d in ds.documents if (d[0], d[1]) not in gone]
+    by_name: dict[str, list] = {}
+    for d in live:
+        by_name.setdefault(d[0], []).append(d)
+        by_name.setdefault(os.path.normpath(os.path.abspath(d[0])), []).append(d)
+    picked: dict[tuple, list] = {}
+    for name in names:
+        hits = by_name.get(name) or by_name.get(os.path.normpath(os.path.abspath(name)))
+        if not hits:
+            raise KNNLMError(f"{name} is not a stored document of {ds.path}; `knnlm info {ds.path} --json` "
+                             "counts them and meta.json's \"documents\" names them.")
+        for d in hits:
+            picked[(d[0], d[1])] = d
+    return sorted(picked.values(), key=lambda d: d[1])
+
+
+def remove_documents(datastore: str | os.PathLike, names: list[str]) -> dict:
+    """Remove documents by name: their ids leave the index and no search returns their rows again.
+
+    Args:
+        datastore: the datastore directory.
+        names: document names as stored (a file path, "path:line", "path:row").
+
+    Returns:
+        The update record written to meta.json ("documents", "keys").
+    """
+    ds = open_datastore(datastore)
+    if not names:
+        raise KNNLMError("Name at least one document to remove.")
+    docs = _resolve(ds, names)
+    ids = np.concatenate([np.arange(d[1], d[1] + d[2], dtype=np.int64) for d in docs])
+    index = _index_or_none(ds)
+    pending = begin(ds.path)
+    record = {"op": "remove", "documents": len(docs), "keys": int(ids.size), "names": [d[0] for d in docs]}
+    meta = {**_next_meta(ds, record), "removed": [*ds.removed, *[[d[0], d[1], d[2]] for d in docs]]}
+    new = Datastore(ds.path, meta)
+    staged = []
+    if index is not None:
+        index = _removable(index)
+        removed = index.remove_ids(faiss.IDSelectorBatch(ids))
+        if removed != ids.size:
+            raise KNNLMError(f"The index of {ds.path} held {removed} of the {ids.size} keys removed; rebuild it "
+                             f"with `knnlm compact {ds.path}` and `knnlm train-index {ds.path}`.")
+        staged = _stage_index(ds, index, new, pending)
+    write_json(pending / "meta.json", meta)
+    commit(ds.path, ["meta.json", *staged])
+    log.info("removed %d documents, %d keys from %s", len(docs), ids.size, ds.path)
+    return record
+
+
+def _removable(index):
+    """An index whose remove_ids keeps the other ids: a flat index renumbers, so it moves under an IDMap."""
+    if not isinstance(index, faiss.IndexFlat):
+        return index
+    out = faiss.IndexIDMap2(faiss.IndexFlatL2(index.d))
+    for lo in range(0, index.ntotal, _CHUNK):
+        hi = min(index.ntotal, lo + _CHUNK)
+        out.add_with_ids(index.reconstruct_n(lo, hi - lo), np.arange(lo, hi, dtype=np.int64))
+    return out
+
+
+def compact(datastore: str | os.PathLike) -> dict:
+    """Rewrite the arrays without removed documents' rows, renumbering the index's ids to match.
+
+    Args:
+        datastore: the datastore directory.
+
+    Returns:
+        The update record written to meta.json ("documents", "keys" dropped, "count" after).
+    """
+    ds = open_datastore(datastore)
+    if not ds.removed:
+        return {"op": "compact", "documents": 0, "keys": 0, "count": ds.count}
+    live = ds.live_ids()  # (n_live,) ascending
+    index = _index_or_none(ds)
+    pending = begin(ds.path)
+    for name, arr, row in (("keys.npy", ds.keys, (ds.dim,)), ("vals.npy", ds.vals, ())):
+        out = NpyAppender(pending / name, arr.dtype, row)
+        for lo in range(0, len(live), _CHUNK):
+            out.append(arr[live[lo: lo + _CHUNK]])
+        out.finish()
+    gone = {(r[0], r[1]) for r in ds.removed}
+    docs, start = [], 0
+    for name, old, count, first in ds.documents:
+        if (name, old) not in gone:
+            docs.append([name, start, count, first])
+            start += count
+    record = {"op": "compact", "documents": len(gone), "keys": ds.count - len(live), "count": len(live)}
+    meta = {**_next_meta(ds, record), "count": len(live), "documents": docs, "removed": []}
+    new = Datastore(ds.path, meta)
+    staged = []
+    if index is not None:
+        index = _renumbered(index, live, new)
+        staged = _stage_index(ds, index, new, pending)
+    write_json(pending / "meta.json", meta)
+    commit(ds.path, ["keys.npy", "vals.npy", "meta.json", *staged])
+    log.info("compacted %s: dropped %d keys, %d remain", ds.path, record["keys"], len(live))
+    return record
+
+
+def _renumbered(index, live: np.ndarray, new: Datastore):
+    """The index with old row ids replaced by their place in `live` (the compacted arrays)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:  # flat (under an IDMap after a removal): the compacted keys, in order
+        flat = faiss.IndexFlatL2(new.dim)
+        keys = np.load(new.path / PENDING / "keys.npy", mmap_mode="r")
+        for lo in range(0, new.count, _CHUNK):
+            flat.add(np.asarray(keys[lo: lo + _CHUNK], dtype=np.float32))
+        return flat
+    invlists = ivf.invlists  # in memory (_index_or_none refuses others)
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)  # a writable view of the list's ids
+            ids[:] = np.searchsorted(live, ids)  # every id here is live, so this is its new row number
+    return index
+
+
+def describe_updates(meta: dict) -> dict:
+    """Documents and keys added and removed over a datastore's history, and rows awaiting compact."""
+    ups = meta.get("updates", [])
+    total = {op: {"documents": sum(u["documents"] for u in ups if u["op"] == op),
+                  "keys": sum(u["keys"] for u in ups if u["op"] == op)} for op in ("add", "remove")}
+    pending = meta.get("removed", [])
+    return {**total, "revision": meta.get("revision", 0),
+            "awaiting_compact": {"documents": len(pending), "keys": sum(int(r[2]) for r in pending)}}
+

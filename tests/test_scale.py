@@ -1,0 +1,218 @@
+"""Sharded builds (in-process and on Ray) merge into the arrays of an unsharded build; the index filled in
+parts, in RAM or on disk, searches exactly like one filled in one go."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import knnlm
+from cli import build as cli_build
+from cli.main import cli
+from helpers import clustered, make_datastore
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.datastore import open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.index import IndexConfig, load_index, read_index_info, train_index
+from knnlm.scale import Engine, ShardConfig, build_sharded, plan_shards
+from knnlm.scale import shards as shards_mod
+from knnlm.scale.engines import RayRunner
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for this module; its workers import this checkout's knnlm."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'knnlm[ray]')")
+    root = str(Path(knnlm.__file__).resolve().parents[1])
+    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": root}}, log_to_driver=False,
+             include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def _cfg(model_dir, **kw) -> BuildConfig:
+    """Small windows and blocks, so that shards split documents and blocks span documents."""
+    base = dict(model=str(model_dir), device="cpu", context=64, stride=32, holdout=0.2, batch_size=3,
+                block_windows=8, glob="*.txt", build_index=False, max_tokens=5_000)
+    return BuildConfig(**{**base, **kw})
+
+
+def _assert_same(a, b) -> None:
+    """Two datastores hold identical arrays, document tables and held-out parts."""
+    assert a.count == b.count
+    assert np.array_equal(np.asarray(a.keys), np.asarray(b.keys))
+    assert np.array_equal(np.asarray(a.vals), np.asarray(b.vals))
+    assert a.documents == b.documents
+    assert a.heldout("dev") == b.heldout("dev") and a.heldout("test") == b.heldout("test")
+    for k in ("dev_documents", "test_documents"):
+        assert a.meta["holdout"][k] == b.meta["holdout"][k]
+    assert a.meta["corpus"]["documents_skipped"] == b.meta["corpus"]["documents_skipped"]
+
+
+@pytest.mark.parametrize("form", ["folder", "one document"])
+def test_sharded_build_equals_unsharded(tiny_lm, tiny_model_dir, corpus_dir, form):
+    corpus = str(corpus_dir if form == "folder" else corpus_dir / "textwrap.py.txt")
+    cfg = _cfg(tiny_model_dir)
+    whole = build_datastore(corpus, "whole", cfg, lm=tiny_lm)
+    plan = plan_shards(tiny_lm, knnlm.corpus.open_corpus(corpus, "*.txt"), cfg, 3)
+    assert len(plan["shards"]) == 3 and sum(s["rows"] for s in plan["shards"]) == whole.count
+    assert any(s["start"]["window"] > 0 for s in plan["shards"])  # a shard starts inside a document
+    seen = []
+    sharded = build_sharded(corpus, "sharded", cfg, ShardConfig(shards=3), lm=tiny_lm, progress=seen.append,
+                            total=seen.append)
+    _assert_same(sharded, whole)
+    assert seen[0] == whole.count and sum(seen[1:]) == whole.count  # the total, then every key once
+    assert sharded.meta["build"]["shards"] == 3
+    assert not Path("sharded.partial").exists() and not (sharded.path / "shards.json").exists()
+
+
+def test_more_shards_than_blocks_uses_fewer(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = _cfg(tiny_model_dir, max_tokens=300, block_windows=4)  # 300 keys: about 3 blocks
+    whole = build_datastore(str(corpus_dir), "whole", cfg, lm=tiny_lm)
+    sharded = build_sharded(str(corpus_dir), "sharded", cfg, ShardConfig(shards=16), lm=tiny_lm)
+    _assert_same(sharded, whole)
+    assert 1 < sharded.meta["build"]["shards"] < 16
+
+
+def test_resume_runs_only_unfinished_shards(tiny_lm, tiny_model_dir, corpus_dir, monkeypatch):
+    cfg = _cfg(tiny_model_dir)
+    whole = build_datastore(str(corpus_dir), "whole", cfg, lm=tiny_lm)
+    stored = []
+
+    def crash(n):
+        stored.append(n)
+        if sum(stored) > whole.count * 0.6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(str(corpus_dir), "out", cfg, ShardConfig(shards=3), lm=tiny_lm, progress=crash)
+    shard_dirs = sorted(Path("out.partial/shards").iterdir())
+    done = {d.name for d in shard_dirs if json.loads((d / "progress.json").read_text()).get("done")}
+    assert len(done) == 1 and not Path("out").exists()  # one shard whole, the second interrupted inside
+
+    with pytest.raises(KNNLMError, match="--resume"):
+        build_sharded(str(corpus_dir), "out", cfg, ShardConfig(shards=3), lm=tiny_lm)
+    with pytest.raises(KNNLMError, match="sharded"):
+        build_datastore(str(corpus_dir), "out", BuildConfig(**{**cfg.__dict__, "resume": True}), lm=tiny_lm)
+    resume = BuildConfig(**{**cfg.__dict__, "resume": True})
+    with pytest.raises(KNNLMError, match="other settings"):
+        build_sharded(str(corpus_dir), "out", resume, ShardConfig(shards=2), lm=tiny_lm)
+
+    ran = []
+    fill = shards_mod._fill
+    monkeypatch.setattr(shards_mod, "_fill", lambda lm, src, c, w, *a: (ran.append(w.work.name), fill(lm, src, c, w, *a)))
+    again = build_sharded(str(corpus_dir), "out", resume, ShardConfig(shards=3), lm=tiny_lm)
+    assert sorted(ran) == sorted({"0000", "0001", "0002"} - done)  # the unfinished and the unstarted
+    _assert_same(again, whole)
+
+
+def test_sharded_build_on_ray_equals_unsharded(ray_local, tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = _cfg(tiny_model_dir)
+    whole = build_datastore(str(corpus_dir), "whole", cfg, lm=tiny_lm)
+    seen = []
+    on_ray = build_sharded(str(corpus_dir), "ray", cfg, ShardConfig(shards=2, engine=Engine.RAY),
+                           lm=tiny_lm, progress=seen.append)
+    _assert_same(on_ray, whole)
+    assert sum(seen) == whole.count
+
+
+def _search(ds_path, queries, nprobe=8):
+    """(distances, ids) of the 10 nearest keys through the datastore's index."""
+    ds = open_datastore(ds_path)
+    index = load_index(ds)
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    return index.search(queries, 10)
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """A datastore of 12,000 clustered keys (d = 32), big enough for IVF-PQ, and queries near them."""
+    keys = clustered(12_000, 32, seed=1)
+    make_datastore(tmp_path / "ram", keys, np.arange(len(keys)) % 97)
+    queries = keys[::97] + np.random.default_rng(2).normal(0, 0.5, size=(len(keys[::97]), 32)).astype(np.float32)
+    return tmp_path, queries
+
+
+def test_on_disk_index_searches_like_in_ram(synthetic):
+    root, queries = synthetic
+    shutil.copytree(root / "ram", root / "disk")
+    cfg = IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0)
+    train_index(open_datastore(root / "ram"), cfg)
+    info = train_index(open_datastore(root / "disk"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0, on_disk=True))
+    assert info["lists"] == "on-disk" and (root / "disk" / info["ivfdata"]).is_file()
+    # The lists file is found beside index.faiss after the datastore moves.
+    (root / "disk").rename(root / "moved")
+    d_ram, i_ram = _search(root / "ram", queries)
+    d_disk, i_disk = _search(root / "moved", queries)
+    assert np.array_equal(i_ram, i_disk) and np.array_equal(d_ram, d_disk)
+    assert (i_ram >= 0).all()
+    out = CliRunner().invoke(cli, ["info", str(root / "moved")])
+    assert out.exit_code == 0 and "inverted lists on disk" in out.output and info["ivfdata"] in out.output
+    assert "inverted lists in RAM" in CliRunner().invoke(cli, ["info", str(root / "ram")]).output
+    # Retraining in RAM replaces the lists file, which goes.
+    train_index(open_datastore(root / "moved"), cfg)
+    assert read_index_info(open_datastore(root / "moved"))["lists"] == "in RAM"
+    assert not list((root / "moved").glob("*.ivfdata"))
+
+
+def test_index_parts_on_ray_search_like_one_add(ray_local, synthetic):
+    root, queries = synthetic
+    shutil.copytree(root / "ram", root / "parts")
+    shutil.copytree(root / "ram", root / "parts-disk")
+    cfg = IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0)
+    train_index(open_datastore(root / "ram"), cfg)
+    added = []
+    train_index(open_datastore(root / "parts"), cfg, progress=added.append, runner=RayRunner(3))
+    train_index(open_datastore(root / "parts-disk"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0, on_disk=True),
+                runner=RayRunner(2))
+    assert sum(added) == 12_000 and len(added) == 3
+    d_ram, i_ram = _search(root / "ram", queries)
+    for name in ("parts", "parts-disk"):
+        d, i = _search(root / name, queries)
+        assert np.array_equal(i, i_ram) and np.array_equal(d, d_ram)
+    assert not list((root / "parts").glob(".index-parts-*"))  # the parts are cleaned up
+
+
+def test_cli_shard_and_on_disk_flags_reach_their_configs(monkeypatch, tmp_path):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(corpus, out, cfg, shard_cfg, progress=None, total=None):
+        seen.update(cfg=cfg, shard_cfg=shard_cfg)
+        raise Stop
+
+    monkeypatch.setattr(cli_build, "build_sharded", fake)
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["build-datastore", str(tmp_path / "c.txt"), "--shards", "3", "--engine", "ray",
+                                 "--ray-address", "auto", "--on-disk"], catch_exceptions=False)
+    assert seen["shard_cfg"] == ShardConfig(shards=3, engine=Engine.RAY, ray_address="auto")
+    assert seen["cfg"].index.on_disk
+    def fake_index(ds, cfg, progress=None):
+        seen.update(index=cfg)
+        raise Stop
+
+    monkeypatch.setattr(cli_build, "train_index", fake_index)
+    make_datastore(tmp_path / "ds", clustered(100, 8), np.zeros(100))
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["train-index", str(tmp_path / "ds"), "--on-disk"], catch_exceptions=False)
+    assert seen["index"].on_disk
+    out = CliRunner().invoke(cli, ["build-datastore", str(tmp_path / "c.txt"), "--shards", "0"])
+    assert out.exit_code == 1 and "--shards 0 must be at least 1" in out.output
+
+
+def test_cli_sharded_build_and_info(tiny_model_dir, corpus_dir):
+    out = CliRunner().invoke(cli, ["build-datastore", str(corpus_dir), "--model", str(tiny_model_dir), "--out", "ds",
+                                   "--context", "64", "--stride", "32", "--max-tokens", "3000", "--shards", "2",
+                                   "--no-index", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    info = CliRunner().invoke(cli, ["info", "ds"])
+    assert "in 2 shards" in info.output and "3000 × 32" in info.output

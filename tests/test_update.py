@@ -1,0 +1,316 @@
+"""A datastore that follows its corpus: add, remove, compact; crash-safe; searches never return removed rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import knnlm
+import knnlm.cli.update as cli_update
+from helpers import clustered, make_datastore, read_json, without_polysemous_training
+from knnlm.arrays import write_json
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.cli.main import cli
+from knnlm.datastore import open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.index import IndexConfig, load_index, train_index
+from knnlm.journal import PENDING
+from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.update import AddConfig, add_documents, apply_add, compact, remove_documents
+
+BUILD = dict(context=64, stride=32, holdout=0, index=IndexConfig(exact=True))  # exact: neighbours checkable
+DOCS = ["bisect.py", "colorsys.py", "fnmatch.py", "keyword.py"]  # small, and in sorted order
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def folder(root: Path, texts: dict, names: list[str]) -> Path:
+    """A folder corpus holding the named documents."""
+    root.mkdir(parents=True)
+    for n in names:
+        (root / f"{n}.txt").write_text(texts[n])
+    return root
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, tiny_lm, tiny_model_dir, corpus_texts):
+    """A datastore of three documents (exact index), and a folder holding a fourth."""
+    base = tmp_path_factory.mktemp("upd")
+    src = folder(base / "corpus", corpus_texts, DOCS[:3])
+    ds = base / "ds"
+    build_datastore(str(src), ds, BuildConfig(model=str(tiny_model_dir), **BUILD), lm=tiny_lm)
+    return ds, folder(base / "more", corpus_texts, DOCS[3:])
+
+
+@pytest.fixture
+def ds3(three, tmp_path) -> Path:
+    """A copy of the three-document datastore this test may change."""
+    return Path(shutil.copytree(three[0], tmp_path / "ds"))
+
+
+def brute(keys: np.ndarray, live: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k nearest live rows (numpy, float64)."""
+    x = np.asarray(keys, dtype=np.float64)[live]
+    d = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    return live[np.argsort(d, axis=1, kind="stable")[:, :k]]
+
+
+def test_add_gives_the_arrays_of_a_build_over_all_documents(ds3, three, tiny_lm, tiny_model_dir, corpus_texts,
+                                                            tmp_path):
+    whole = tmp_path / "whole"
+    build_datastore(str(folder(tmp_path / "all", corpus_texts, DOCS)), whole,
+                    BuildConfig(model=str(tiny_model_dir), **BUILD), lm=tiny_lm)
+    r = add_documents(ds3, str(three[1]), lm=tiny_lm)
+    a, b = open_datastore(ds3), open_datastore(whole)
+    assert r["documents"] == 1 and a.count == b.count and r["keys"] == a.count - a.documents[2][1] - a.documents[2][2]
+    assert np.array_equal(a.keys, b.keys) and np.array_equal(a.vals, b.vals)
+    assert [d[1:] for d in a.documents] == [d[1:] for d in b.documents]
+    assert a.documents[3][0].endswith("keyword.py.txt") and not (ds3 / ".added").exists()
+    # The index was added to, not retrained: it returns the brute-force neighbours over all keys.
+    q = np.asarray(a.keys[:: 97], dtype=np.float32)
+    _, ids = Retriever(a, RetrievalConfig(k=5)).search(q)
+    assert np.array_equal(ids, brute(a.keys, np.arange(a.count), q, 5))
+    assert a.meta["updates"][0]["op"] == "add" and load_index(a).ntotal == a.count
+
+
+def test_add_refuses_another_model_and_documents_already_there(ds3, three, tiny_lm, tmp_path):
+    other = make_datastore(tmp_path / "other", clustered(50, tiny_lm.dim), np.zeros(50), model_fp="another")
+    with pytest.raises(KNNLMError, match="another model"):
+        add_documents(other, str(three[1]), lm=tiny_lm)
+    r = invoke("add", other, three[1], "--model", tiny_lm.name)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: ") and "another model" in r.output
+    name = open_datastore(ds3).documents[0][0]
+    with pytest.raises(KNNLMError, match="already in"):
+        add_documents(ds3, name, lm=tiny_lm)
+    assert read_json(ds3 / "meta.json") == open_datastore(three[0]).meta  # nothing changed
+
+
+def test_remove_then_no_search_returns_their_rows(ds3, tiny_lm):
+    ds = open_datastore(ds3)
+    name, start, count, _ = ds.documents[1]
+    gone = np.arange(start, start + count)
+    # The removed document's own keys (past its first token: documents that open alike share that key).
+    q = np.asarray(ds.keys[start + 1: start + count: 7], dtype=np.float32)
+    before = Retriever(ds, RetrievalConfig(k=8)).search(q)[1]
+    assert np.isin(before[:, 0], gone).all()  # they found themselves
+    r = invoke("remove", ds3, name)
+    assert r.exit_code == 0, r.output
+    ds = open_datastore(ds3)
+    live = ds.live_ids()
+    assert ds.live_count == ds.count - count and len(live) == ds.live_count
+    want = brute(ds.keys, live, q, 8)
+    for cfg in (RetrievalConfig(k=8), RetrievalConfig(k=8, exact=True), RetrievalConfig(k=8, rerank=False)):
+        ids = Retriever(ds, cfg).search(q)[1]
+        assert not np.isin(ids, gone).any()
+        assert np.array_equal(ids, want), cfg
+    # The neighbours listing (the CLI's and the library's) names no row of the removed document.
+    knn = knnlm.KNNLM(ds, tiny_lm, Retriever(ds, RetrievalConfig(k=50)))
+    text = Path(name).read_text()[:400]
+    docs = {n["document"] for n in knn.neighbors(text, -1, 50)["neighbors"]}
+    assert docs and name not in docs
+    # Removing it again is refused; train-index waits for compact.
+    assert invoke("remove", ds3, name).exit_code == 1
+    with pytest.raises(KNNLMError, match="compact"):
+        train_index(ds)
+
+
+def test_compact_drops_the_rows_and_keeps_every_search(ds3):
+    ds = open_datastore(ds3)
+    remove_documents(ds3, [ds.documents[0][0]])
+    before = open_datastore(ds3)
+    live = before.live_ids()
+    q = clustered(6, before.dim, seed=3) * 0.1 + np.asarray(before.keys[live[::400]][:6], dtype=np.float32)
+    d0, i0 = Retriever(before, RetrievalConfig(k=6)).search(q)
+    r = invoke("compact", ds3)
+    assert r.exit_code == 0, r.output
+    after = open_datastore(ds3)
+    assert after.count == len(live) and not after.removed and load_index(after).ntotal == after.count
+    assert np.array_equal(after.keys, before.keys[live]) and np.array_equal(after.vals, before.vals[live])
+    assert [d[0] for d in after.documents] == [d[0] for d in before.documents[1:]]
+    assert after.documents[0][1] == 0 and after.documents[1][1] == after.documents[0][2]
+    d1, i1 = Retriever(after, RetrievalConfig(k=6)).search(q)
+    assert np.array_equal(live[i1], i0) and np.allclose(d1, d0)
+    r = invoke("info", ds3)
+    assert "removed 1 (" in r.output and "0 removed keys await" in r.output
+
+
+def ivf_datastore(path: Path, docs: int = 4, per: int = 3000, d: int = 32) -> Path:
+    """A synthetic datastore of `docs` documents with an IVF-PQ index."""
+    keys = clustered(docs * per, d, seed=1)
+    make_datastore(path, keys, np.random.default_rng(0).integers(0, 100, docs * per))
+    meta = read_json(path / "meta.json")
+    meta["documents"] = [[f"doc{i}", i * per, per, 0] for i in range(docs)]
+    write_json(path / "meta.json", meta)
+    with without_polysemous_training():
+        train_index(open_datastore(path), IndexConfig(nlist=16, code_size=8))
+    return path
+
+
+def test_ivf_remove_add_compact_keep_the_pq_ranking(tmp_path):
+    path = ivf_datastore(tmp_path / "ivf")
+    ds = open_datastore(path)
+    assert "IVF" in read_json(path / "index.json")["factory"]
+    q = clustered(20, ds.dim, seed=5)
+    full = RetrievalConfig(k=60, nprobe=16, rerank=False)
+    _, before = Retriever(ds, full).search(q)
+    remove_documents(path, ["doc1", "doc3"])
+    ds = open_datastore(path)
+    gone = (before // 3000 == 1) | (before // 3000 == 3)
+    _, after = Retriever(ds, RetrievalConfig(k=10, nprobe=16, rerank=False)).search(q)
+    # Removing entries leaves the others' codes: the ranking is the old one with the removed ids dropped.
+    kept = [row[~g][:10] for row, g in zip(before, gone)]
+    assert all((~g).sum() >= 10 for g in gone)
+    assert np.array_equal(after, np.array(kept))
+    # Add a document: it gets the next row numbers, found under their ids, no retraining.
+    extra = make_datastore(tmp_path / "extra", clustered(500, ds.dim, seed=9), np.ones(500))
+    apply_add(ds, open_datastore(extra))
+    ds = open_datastore(path)
+    dists, ids = Retriever(ds, RetrievalConfig(k=5, nprobe=16)).search(np.asarray(ds.keys[12000:12500:50], np.float32))
+    assert (ids[:, 0] == np.arange(12000, 12500, 50)).mean() >= 0.9 and np.all(dists[:, 0] >= 0)
+    live = ds.live_ids()
+    _, i0 = Retriever(ds, full).search(q)
+    compact(path)
+    ds = open_datastore(path)
+    _, i1 = Retriever(ds, full).search(q)
+    assert ds.count == 6500 and np.array_equal(live[i1], i0)
+
+
+# Crash safety: a driver process forks one child per crash point; each child is killed (os._exit) just
+# before its n-th file-system step, on its own copy of the datastore. The parent never runs faiss before
+# forking (faiss's OpenMP is not fork-safe), and this test process checks every copy afterwards.
+DRIVER = r"""
+import os, shutil, sys, json
+import faiss
+import knnlm.arrays
+from knnlm import update
+from knnlm.datastore import open_datastore
+
+op, src, work, arg = sys.argv[1:5]
+steps = [0, 10**9]
+
+def hook(fn):
+    def wrapped(*a, **k):
+        steps[0] += 1
+        if steps[0] == steps[1]:
+            os._exit(137)
+        return fn(*a, **k)
+    return wrapped
+
+for mod, name in [(os, "replace"), (os, "fsync"), (os, "truncate"), (os, "mkdir"), (shutil, "rmtree"),
+                  (faiss, "write_index"), (knnlm.arrays.NpyAppender, "append"), (knnlm.arrays.NpyAppender, "finish")]:
+    setattr(mod, name, hook(getattr(mod, name)))
+outcomes = []
+for n in range(1, 200):
+    dst = os.path.join(work, str(n))
+    shutil.copytree(src, dst)
+    pid = os.fork()
+    if pid == 0:
+        steps[0], steps[1] = 0, n
+        ds = open_datastore(dst)
+        if op == "add":
+            update.apply_add(ds, open_datastore(arg, check_arrays=False))
+        elif op == "remove":
+            update.remove_documents(dst, json.loads(arg))
+        else:
+            update.compact(dst)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    outcomes.append(os.waitstatus_to_exitcode(status))
+    if outcomes[-1] == 0:
+        break
+print(json.dumps(outcomes))
+"""
+
+
+def state(path: Path) -> tuple:
+    """Everything a reader sees: meta (less history), arrays, and the index's answers to fixed queries."""
+    ds = open_datastore(path)
+    q = clustered(8, ds.dim, seed=11)
+    ids = Retriever(ds, RetrievalConfig(k=10, nprobe=16, rerank=False)).search(q)[1]
+    meta = {k: v for k, v in ds.meta.items() if k != "updates"}
+    return json.dumps(meta, sort_keys=True), ds.keys.tobytes(), ds.vals.tobytes(), ids.tobytes()
+
+
+@pytest.mark.parametrize("op", ["remove", "add", "compact"])
+def test_kill_at_any_step_leaves_the_old_or_the_new_datastore(tmp_path, op):
+    src = ivf_datastore(tmp_path / "src", per=1500, docs=8)
+    if op == "compact":
+        remove_documents(src, ["doc2", "doc5"])
+    arg = json.dumps(["doc1", "doc6"]) if op == "remove" else ""
+    if op == "add":
+        arg = str(make_datastore(tmp_path / "extra", clustered(300, 32, seed=4), np.ones(300)))
+    new = Path(shutil.copytree(src, tmp_path / "new"))
+    {"add": lambda: apply_add(open_datastore(new), open_datastore(arg)),
+     "remove": lambda: remove_documents(new, json.loads(arg)), "compact": lambda: compact(new)}[op]()
+    old_state, new_state = state(src), state(new)
+    assert old_state != new_state
+    work = tmp_path / "crashes"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(knnlm.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", DRIVER, op, str(src), str(work), arg], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    outcomes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert outcomes[-1] == 0 and set(outcomes[:-1]) == {137} and len(outcomes) > 10
+    seen = []
+    for n in range(1, len(outcomes)):
+        s = state(work / str(n))  # opening recovers: finishes a committed change or drops an uncommitted one
+        assert s in (old_state, new_state), f"crash at step {n} left a mix"
+        assert not (work / str(n) / PENDING).exists()
+        seen.append("new" if s == new_state else "old")
+    assert seen[0] == "old" and seen[-1] == "new"  # both outcomes happen: the crash points span the commit
+    assert seen == sorted(seen, key=["old", "new"].index)  # once new, always new
+    print(f"{op}: {len(seen)} crash points, {seen.count('old')} left the old datastore")
+
+
+def test_every_add_flag_reaches_its_config(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(datastore, corpus, cfg, progress=None):
+        seen.update(datastore=datastore, corpus=corpus, cfg=cfg)
+        raise KNNLMError("stop")
+
+    monkeypatch.setattr(cli_update, "add_documents", fake)
+    (tmp_path / "d").mkdir()
+    r = invoke("add", tmp_path / "d", "c.parquet", "--model", "m", "--batch-size", 3, "--glob", "*.md", "--format",
+               "parquet", "--text-field", "body", "--strict", "--device", "cpu", "--trust-remote-code")
+    assert "stop" in r.output
+    assert seen["cfg"] == AddConfig(model="m", device="cpu", trust_remote_code=True, batch_size=3, glob="*.md",
+                                    fmt="parquet", text_field="body", strict=True)
+    assert seen["corpus"] == "c.parquet"
+
+
+def test_exact_search_and_ids_check_without_an_index(tmp_path):
+    path = ivf_datastore(tmp_path / "ivf", docs=3, per=4000)
+    (path / "index.faiss").unlink()
+    (path / "index.json").unlink()
+    remove_documents(path, ["doc0"])  # no index: only meta.json changes
+    ds = open_datastore(path)
+    q = clustered(5, ds.dim, seed=2)
+    ids = Retriever(ds, RetrievalConfig(k=7, exact=True)).search(q)[1]
+    assert np.array_equal(ids, brute(ds.keys, ds.live_ids(), q, 7)) and ids.min() >= 4000
+    assert isinstance(faiss.IndexFlatL2(4), faiss.IndexFlat)
+
+
+def test_cli_add_then_info(ds3, three, tiny_model_dir, tmp_path):
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "x.txt"
+    bad.write_bytes(b"\x00binary")
+    shutil.copy(next(three[1].iterdir()), bad.with_name("y.txt"))
+    r = invoke("add", ds3, bad.parent, "--model", tiny_model_dir)
+    assert r.exit_code == 0, r.output
+    assert "added 1 documents" in r.output and "Skipped 1 unreadable" in r.output and "x.txt" in r.output
+    info = json.loads(invoke("info", ds3, "--json").stdout)
+    assert info["updates"]["add"]["documents"] == 1 and info["meta"]["updates"][0]["unreadable"]["count"] == 1
