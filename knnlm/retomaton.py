@@ -31,7 +31,7 @@ class Automaton:
     starts: np.ndarray  # (D,) int64 sorted first rows of the documents that hold keys
     list_of: np.ndarray | None  # (N,) int32 IVF list of each key; None: no clusters (exact index)
     offsets: np.ndarray | None  # (nlist + 1,) int64: list l's members are members[offsets[l]:offsets[l+1]]
-    members: np.ndarray | None  # (N,) int32 key ids grouped by list
+    members: np.ndarray | None  # (N,) int32 key ids grouped by list (those the index holds)
 
 
 def document_starts(documents: list) -> np.ndarray:
@@ -39,8 +39,11 @@ def document_starts(documents: list) -> np.ndarray:
     return np.unique(np.array([int(d[1]) for d in documents if int(d[2]) > 0], dtype=np.int64))
 
 
-def invlist_members(index) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(list_of (N,), offsets (nlist + 1,), members (N,)) from an IVF index's inverted lists; None if not IVF."""
+def invlist_members(index, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(list_of (count,), offsets (nlist + 1,), members) from an IVF index's inverted lists; None if not IVF.
+
+    Keys in no list (removed from the index) get list -1.
+    """
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return None
@@ -48,7 +51,7 @@ def invlist_members(index) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     sizes = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     members = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)  # 4 bytes a key
-    list_of = np.full(ivf.ntotal, -1, dtype=np.int32)
+    list_of = np.full(count, -1, dtype=np.int32)
     list_of[members] = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
     return list_of, offsets, members
 
@@ -60,7 +63,7 @@ def open_automaton(retriever: Retriever) -> Automaton:
     """The automaton of a retriever's datastore, clustered by its index's inverted lists (if IVF); made once per retriever."""
     if retriever in _AUTOMATA:
         return _AUTOMATA[retriever]
-    clusters = invlist_members(retriever.index)
+    clusters = invlist_members(retriever.index, retriever.ds.count)
     list_of, offsets, members = clusters if clusters is not None else (None, None, None)
     auto = Automaton(retriever.ds.count, document_starts(retriever.ds.documents), list_of, offsets, members)
     _AUTOMATA[retriever] = auto

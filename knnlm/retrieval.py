@@ -39,8 +39,6 @@ class RetrievalConfig:
             raise KNNLMError(f"--min-knns {self.min_knns} must be at least 1 (pointers needed to skip a search).")
         if self.max_candidates < 1:
             raise KNNLMError(f"max_candidates {self.max_candidates} must be at least 1.")
-
-    def __post_init__(self):
         # Refused here: faiss takes nprobe 0 silently and visits no list, so every search finds nothing.
         if self.nprobe < 1:
             raise KNNLMError(f"--nprobe {self.nprobe} must be at least 1 (IVF lists visited per query).")
