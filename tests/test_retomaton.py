@@ -275,3 +275,23 @@ def test_factory_flag_reaches_its_config(monkeypatch, tmp_path, tiny_model_dir, 
     r = CliRunner().invoke(cli, ["build-datastore", str(corpus_dir), "--model", str(tiny_model_dir), "--glob", "*.txt",
                                  "--factory", "IVF8,PQ7"])
     assert r.exit_code == 1 and "--factory 'IVF8,PQ7'" in r.output and not (tmp_path / "datastores").exists()
+
+
+def test_candidates_leave_out_a_removed_document(tmp_path):
+    """After `knnlm remove`, the removed document's keys are in no IVF list: never a candidate."""
+    from knnlm.update import remove_documents
+
+    n = 10_000
+    rng = np.random.default_rng(2)
+    path = make_datastore(tmp_path / "rm", clustered(n, 16, seed=3), rng.integers(0, 20, n))
+    _with_documents(path, [[f"d{i}", i * 500, 500, 1] for i in range(20)])
+    train_index(open_datastore(path), IndexConfig(factory="IVF64,Flat"))
+    remove_documents(path, ["d3"])
+    ds = open_datastore(path)
+    r = Retriever(ds, RetrievalConfig(k=20, nprobe=4, retomaton=True, min_knns=1, max_candidates=5000))
+    auto = open_automaton(r)
+    assert (auto.list_of[1500:2000] == -1).all() and (auto.list_of[:1500] >= 0).all()
+    rows = np.arange(4000, 4200)
+    q = np.asarray(ds.keys[rows], np.float32)
+    _, ids, _, saved = chain_neighbors(r, auto, q, np.asarray(ds.vals)[rows], np.array([0]))
+    assert saved.mean() > 0.5 and not ((ids >= 1500) & (ids < 2000)).any()
