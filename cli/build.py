@@ -15,7 +15,10 @@ from .evaluate import corpus_format_options
 
 
 def index_options(f):
-    """--nlist, --code-size, --train-size, --exact, --seed, --on-disk."""
+    """--nlist, --code-size, --train-size, --exact, --seed, --on-disk, --factory."""
+    f = click.option("--factory", default=None,
+                     help="Any faiss index factory string, e.g. IVF1024,PQ64x4fs (L2; re-ranking stays on the "
+                          "fp16 keys) [default: IVF{nlist},PQ{code-size} chosen from N].")(f)
     f = click.option("--on-disk", is_flag=True,
                      help="Keep the IVF inverted lists in a file, memory-mapped at search time.")(f)
     f = click.option("--seed", default=0, help="Seed of the training sample and k-means.")(f)
@@ -55,7 +58,7 @@ strict_option = click.option("--strict", is_flag=True,
 @device_option
 @trust_option
 def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field, strict,
-                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, on_disk,
+                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, on_disk, factory,
                         overwrite, resume, shards, engine, ray_address, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
     cfg = BuildConfig(
@@ -63,7 +66,7 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
         batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field, strict=strict,
         shuffle_seed=shuffle_seed, max_tokens=max_tokens, build_index=build_index,
         index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
-                          on_disk=on_disk),
+                          on_disk=on_disk, factory=factory),
         overwrite=overwrite, resume=resume)
     shard_cfg = ShardConfig(shards=shards, engine=engine, ray_address=ray_address)
     with progress_bar(max_tokens, "building") as bar:
@@ -96,11 +99,11 @@ def unreadable_note(meta: dict) -> str:
 @click.command("train-index")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
-def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, on_disk):
+def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, on_disk, factory):
     """(Re)build the FAISS index of DATASTORE."""
     ds = open_datastore(datastore)
     cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
-                      on_disk=on_disk)
+                      on_disk=on_disk, factory=factory)
     with progress_bar(ds.count, "adding keys", unit="key") as bar:
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")

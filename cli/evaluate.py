@@ -24,6 +24,25 @@ def retrieval_options(f):
     return f
 
 
+def retomaton_options(f):
+    """--retomaton/--no-retomaton, --min-knns, --max-candidates."""
+    d = RetrievalConfig()
+    f = click.option("--max-candidates", default=d.max_candidates, show_default=True,
+                     help="RetoMaton: pointers plus their IVF lists' members ranked instead of a search.")(f)
+    f = click.option("--min-knns", default=d.min_knns, show_default=True,
+                     help="RetoMaton: pointers needed to skip a search (above --k: never skips).")(f)
+    f = click.option("--retomaton/--no-retomaton", default=d.retomaton, show_default=True,
+                     help="Follow the neighbours that predicted the actual next token to their successors in "
+                          "the datastore, and skip the search where at least --min-knns remain.")(f)
+    return f
+
+
+def retrieval_config(k, nprobe, rerank, exact, retomaton, min_knns, max_candidates) -> RetrievalConfig:
+    """The RetrievalConfig of eval's and generate's search flags."""
+    return RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact, retomaton=retomaton, min_knns=min_knns,
+                           max_candidates=max_candidates)
+
+
 def window_options(f):
     """--context, --stride, --batch-size."""
     f = click.option("--batch-size", "-b", default=4, help="Windows per forward pass.")(f)
@@ -85,7 +104,7 @@ def format_report(r: dict) -> str:
     lam = r["lam"] if r["lambda_kind"] == "fixed" else f"{r['lam']} ({r['lambda_source']}, mean {r['mean_lambda']:.3f})"
     if r.get("combine") == "spalm":
         lam = f"SPALM ({r['lambda_source']}, mean memory weight 1 − g {r['mean_lambda']:.3f})"
-    search = f"{r['search']}, k {r['k']}" + (f", nprobe {r['nprobe']}" if r["search"] == "ivfpq" else "") + \
+    search = f"{r['search']}, k {r['k']}" + (f", nprobe {r['nprobe']}" if r["search"] in ("ivfpq", "factory") else "") + \
         (", re-ranked" if r["rerank"] else "")
     rows = [
         ("text", f"{r['corpus']} ({r['documents']} documents)"),
@@ -109,6 +128,8 @@ def format_report(r: dict) -> str:
         rows.append(("with document memory", f"{m['ppl']:.4f}  ({100 * m['change']:+.2f}%; {mixed}; target among its "
                                              f"{m['k']} neighbours for {100 * m['target_in_memory']:.1f}% of tokens; "
                                              f"search {m['search_seconds']:.1f} s)"))
+    if r.get("retomaton"):
+        rows.append(("searches saved", f"{100 * r['searches_saved']:.1f}% (RetoMaton: {r['retomaton']})"))
     if r.get("skip_below") is not None:
         rows.append(("searches skipped", f"{100 * r['searches_skipped']:.1f}% (--skip-below {r['skip_below']})"))
     if r.get("attention_memory"):
@@ -128,6 +149,7 @@ def format_report(r: dict) -> str:
 @corpus_format_options
 @mixing_options
 @retrieval_options
+@retomaton_options
 @window_options
 @attention_options
 @click.option("--save-scores", type=click.Path(dir_okay=False), default=None,
@@ -143,9 +165,9 @@ def format_report(r: dict) -> str:
 @trust_option
 @json_option
 def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
-             exact, context, stride, batch_size, save_scores, overwrite, report_file, report_tokens, memory, memory_mix,
-             memory_lambda, memory_temperature, memory_neighbors, no_datastore, model, device, trust_remote_code,
-             as_json, attention):
+             exact, retomaton, min_knns, max_candidates, context, stride, batch_size, save_scores, overwrite, report_file,
+             report_tokens, memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore, model,
+             device, trust_remote_code, as_json, attention):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
     import os
 
@@ -154,7 +176,7 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
     if report_file and os.path.exists(report_file) and not overwrite:
         raise click.ClickException(f"{report_file} already exists; pass --overwrite to replace it.")
     cfg = EvalConfig(lam=lam, temperature=temperature,
-                     retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
+                     retrieval=retrieval_config(k, nprobe, rerank, exact, retomaton, min_knns, max_candidates),
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
                      save_scores=save_scores, combine=combine, skip_below=skip_below,

@@ -8,11 +8,10 @@ import click
 
 from knnlm.api import KNNLM
 from knnlm.generate import generate
-from knnlm.retrieval import RetrievalConfig
 
 from .attention import attention_options
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
-from .evaluate import memory_config, memory_options, mixing_options, retrieval_options
+from .evaluate import memory_config, memory_options, mixing_options, retomaton_options, retrieval_config, retrieval_options
 
 
 @click.command("generate")
@@ -24,6 +23,7 @@ from .evaluate import memory_config, memory_options, mixing_options, retrieval_o
 @click.option("--seed", default=0, help="Seed of the sampler.")
 @click.option("--compare", is_flag=True, help="Also print the LM's own continuation (λ = 0).")
 @retrieval_options
+@retomaton_options
 @attention_options
 @memory_options
 @model_option
@@ -31,8 +31,8 @@ from .evaluate import memory_config, memory_options, mixing_options, retrieval_o
 @trust_option
 @json_option
 def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, temperature, sample, seed, compare, k,
-                 nprobe, rerank, exact, memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors,
-                 no_datastore, model, device, trust_remote_code, as_json, attention):
+                 nprobe, rerank, exact, retomaton, min_knns, max_candidates, memory, memory_mix, memory_lambda,
+                 memory_temperature, memory_neighbors, no_datastore, model, device, trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -40,8 +40,8 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
     if no_datastore:
         knn = KNNLM.without_datastore(model, device, trust_remote_code)
     else:
-        knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
-                         trust_remote_code)
+        knn = KNNLM.open(datastore, model, device,
+                         retrieval_config(k, nprobe, rerank, exact, retomaton, min_knns, max_candidates), trust_remote_code)
     out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed, combine=combine,
                    skip_below=skip_below, memory=mem, attention=attention)
     # The LM alone decodes in the datastore's windows too, so the two see the same left context.
@@ -51,7 +51,8 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
         result = {"prompt": prompt, "text": out.text, "tokens": out.tokens, "lambda": lam, "sample": sample,
                   "seed": seed, "seconds": out.seconds, "retrieval_seconds": out.retrieval_seconds,
                   "tokens_per_s": len(out.tokens) / out.seconds, "combine": combine, "skip_below": skip_below,
-                  "searches_skipped": out.searches_skipped, "tuned_settings_differ": out.tuned_settings_differ,
+                  "searches_skipped": out.searches_skipped, "searches_saved": out.searches_saved,
+                  "tuned_settings_differ": out.tuned_settings_differ,
                   "memory": memory, "memory_mix": memory_mix if knn.retriever else None,
                   "attention_memory": attention.describe if attention is not None else None,
                   **(knn.retriever.describe if knn.retriever else {"search": "none"})}
@@ -68,6 +69,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
         click.echo(prompt + click.style(plain.text, bold=True))
     per_token = 1000 * out.retrieval_seconds / max(1, len(out.tokens))
     skipped = f"; {out.searches_skipped} searches skipped" if skip_below is not None else ""
+    skipped += f"; {out.searches_saved} searches saved by RetoMaton" if retomaton else ""
     click.echo(f"{len(out.tokens)} tokens in {out.seconds:.1f} s (retrieval {per_token:.1f} ms/token{skipped})",
                err=True)
     if out.tuned_settings_differ:

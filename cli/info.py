@@ -53,7 +53,9 @@ def info_cmd(datastore, as_json):
     if index:
         detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
                   f"trained on {index['train_size']} keys ({index['reason']})"
-                  if index["kind"] == "ivfpq" else f"exact (Flat): {index['reason']}")
+                  if index["kind"] == "ivfpq" else f"{index['factory']} (--factory): nlist {index['nlist']}, "
+                  f"{index['code_size']} bytes/key, trained on {index['train_size']} keys"
+                  if index["kind"] == "factory" else f"exact (Flat): {index['reason']}")
         if index.get("lists") == "on-disk":
             detail += f"; inverted lists on disk ({index['ivfdata']}, {_mib(ds.path / index['ivfdata'])}, memory-mapped)"
         elif index["kind"] == "ivfpq":

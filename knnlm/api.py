@@ -35,7 +35,9 @@ class KNNLM:
     (all read the datastore's lambda.json, written by `tune`); combine="spalm" uses SPALM's
     gated memory instead of λ; skip_below (a number or "tuned") skips the search where the
     before-retrieval gate predicts a λ below it. temperature None means the tuned T, else 1,
-    as in `knnlm eval`.
+    as in `knnlm eval`. RetoMaton is a search setting: `KNNLM.open(..., retrieval=RetrievalConfig(
+    retomaton=True, min_knns=50))` or `knn.with_retrieval(retomaton=True)`; evaluate() then reports
+    `searches_saved`.
 
     memory (a MemoryConfig) adds the document memory to evaluate and generate; `KNNLM.without_datastore`
     gives the model with nothing built, for the document memory alone.

@@ -247,6 +247,8 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
     check_window(cfg.context, cfg.stride, lm.max_positions)
+    if cfg.build_index:
+        cfg.index.check_factory(lm.dim)
     work, ckpt = _prepare_dirs(out, cfg)
     settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
     if ckpt is not None:

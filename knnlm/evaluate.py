@@ -22,6 +22,7 @@ from .lm import DEFAULT_MODEL, LM, load_lm
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import MemoryConfig, memory_report
 from .memory.reading import forward_in_order
+from .retomaton import chain_neighbors, open_automaton
 from .retrieval import RetrievalConfig, Retriever
 from .scores import Scores, concat_scores, load_scores, save_scores
 from .windows import check_window, forward_owned, plan_windows
@@ -71,10 +72,11 @@ class EvalConfig:
 
 @dataclass
 class Timer:
-    """Seconds spent in the LM forward and in retrieval."""
+    """Seconds spent in the LM forward and in retrieval, and searches RetoMaton's pointers saved."""
 
     lm: float = 0.0
     retrieval: float = 0.0
+    searches_saved: int = 0  # tokens whose neighbours came from the pointers instead of a search
 
 
 def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, str]], context: int,
@@ -91,11 +93,15 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         stride: tokens a window advances (each token is scored exactly once).
         batch_size: windows per forward pass.
         progress: optional callable taking the number of tokens just scored.
-        timer: accumulates seconds spent in the LM and in retrieval.
+        timer: accumulates seconds spent in the LM and in retrieval, and searches RetoMaton saved
+            (retriever.cfg.retomaton: its pointer chains restart at each window's first position).
         combiner: the mixing policy; its learned skip decides which tokens are searched.
         keep_features: also keep the queries and the LM statistics the learned gates read (each
             forced on when the combiner reads it).
-ba
+        keep_queries: also keep the queries (the document memory searches them).
+        attention: kNN-augmented attention over what left the window (each document's windows
+            are then read one at a time, in order); None: off.
+
     Returns:
         Scores in document order (with the queries and the LM statistics, if kept).
     """
@@ -132,7 +138,12 @@ ba
         timer.lm += time.perf_counter() - t0
         t0 = time.perf_counter()
         keep = combiner.search_mask(q, st) if (combiner is not None and retriever is not None) else None
-        if retriever is not None:
+        if retriever is not None and retriever.cfg.retomaton:
+            # Each window's owned positions are one pointer chain; the batch's windows step together.
+            starts = np.cumsum([0] + [len(targets[o.item]) for o in owned[:-1]])
+            dists, _ids, vals, saved = chain_neighbors(retriever, open_automaton(retriever), q, tg, starts, keep)
+            timer.searches_saved += int(saved.sum())
+        elif retriever is not None:
             dists, _ids, vals = retriever.neighbors(q, keep)
         else:
             dists, vals = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int32)
@@ -313,7 +324,8 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
                temperature=run.combiner.temperature, **run.search,
                seconds=seconds, tokens_per_s=len(scores) / seconds, lm_seconds=timer.lm,
                retrieval_seconds=timer.retrieval, tuned_settings_differ=run.combiner.mismatch,
-               attention_memory=cfg.attention.describe if cfg.attention is not None else None)
+               attention_memory=cfg.attention.describe if cfg.attention is not None else None,
+               searches_saved=timer.searches_saved / len(scores))
     if cfg.save_scores:
         save_scores(cfg.save_scores, scores)
         out["scores_file"] = cfg.save_scores

@@ -25,8 +25,10 @@ from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
 from .lm import LM
 from .memory.attention import AttentionMemoryConfig
-from .memory.reading import reading_with_memory
 from .memory.document import DocumentMemory, MemoryConfig, MemoryProcessor, join_neighbors, prompt_memory, resolve_memory
+from .memory.reading import reading_with_memory
+from .retomaton import next_pointers, open_automaton
+from .retomaton import step as retomaton_step
 from .retrieval import Retriever
 from .scores import Scores
 from .windows import check_window, plan_windows
@@ -41,6 +43,10 @@ class KNNLogitsProcessor(LogitsProcessor):
     keeps the LM's distribution; tokens an earlier processor set to -inf stay at -inf. λ mixing
     takes p_LM from the scores it is given (after earlier processors); SPALM projects its own
     mixed hidden state, so it keeps only their -inf masks (a repetition penalty is lost).
+
+    With the retriever's RetoMaton on (RetrievalConfig.retomaton), the token chosen at a step (the
+    last of input_ids at the next call) moves the pointers of that step's neighbours; rows are
+    followed in place, so beam search, which reorders them, is not supported.
 
     Attach it to one model at a time; use it as a context manager (or call `close()`) to remove
     its hook from the model afterwards.
@@ -70,6 +76,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.head = lm.model.get_output_embeddings()
         self.retrieval_seconds = 0.0
         self.searches = self.skipped = 0  # queries searched and skipped so far
+        self.saved = 0  # queries whose search RetoMaton's pointers saved
+        self._automaton = open_automaton(retriever) if retriever.cfg.retomaton else None
         self.last: dict | None = None  # the last step's neighbours, for inspection
         self._query: torch.Tensor | None = None
         self._mixing = False  # inside distribution(): lm_head calls there are not the model's
@@ -94,12 +102,14 @@ class KNNLogitsProcessor(LogitsProcessor):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor) -> torch.Tensor:
+    def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor, pointers: np.ndarray | None = None
+                     ) -> torch.Tensor:
         """Next-token log-probabilities of the kNN-LM for given queries and LM scores.
 
         Args:
             queries: (B, d) keys of the positions being predicted (the lm_head's inputs).
             lm_logits: (B, V) the model's scores for those positions.
+            pointers: (B, P) RetoMaton's pointers into the datastore (-1 padded), or None to search.
 
         Returns:
             (B, V) float64 log-probabilities.
@@ -110,14 +120,20 @@ class KNNLogitsProcessor(LogitsProcessor):
         stats = lm_stats(lm_logp_t) if self.combiner.reads_lm_stats else {}
         t0 = time.perf_counter()
         keep = self.combiner.search_mask(q, stats)
-        dists, ids, vals = self.retriever.neighbors(q, keep)
+        if pointers is None:
+            dists, ids, vals = self.retriever.neighbors(q, keep)
+            saved = np.zeros(len(q), bool)
+        else:
+            dists, ids, vals, saved = retomaton_step(self.retriever, self._automaton, q, pointers, keep)
         searched = np.ones(len(q), bool) if keep is None else keep
-        self.searches += int(searched.sum())
+        self.saved += int(saved.sum())
+        self.searches += int((searched & ~saved).sum())
         self.skipped += int((~searched).sum())
-        if self.memory is not None:  # "joint": the memory's neighbours join the datastore's, ids stay the datastore's
+        # The datastore's own neighbours (RetoMaton's pointers follow them), before any memory joins them.
+        self.last = {"dists": dists, "ids": ids, "vals": vals, "searched": searched}
+        if self.memory is not None:  # "joint": the memory's neighbours join the datastore's
             dists, vals = join_neighbors(dists, vals, *self.memory.step(queries, self._last_token))
         self.retrieval_seconds += time.perf_counter() - t0
-        self.last = {"dists": dists, "ids": ids, "vals": vals, "searched": searched}
         zeros = np.zeros(len(q), np.int32)
         view = Scores(zeros, np.zeros(len(q)), dists, vals, zeros, zeros, queries=q, searched=searched, **stats)
         self._mixing = True
@@ -134,7 +150,15 @@ class KNNLogitsProcessor(LogitsProcessor):
                              "created for (lm.model.generate) and do not close it before generating.")
         self._query = None
         self._last_token = int(input_ids[0, -1])
-        out = self.distribution(q, scores).to(scores.device, scores.dtype)
+        pointers = None
+        if self._automaton is not None:
+            # The token chosen last step (input_ids' last) drives the pointers of last step's neighbours.
+            last = self.last
+            if last is not None and last["ids"].shape[0] == q.shape[0]:
+                pointers = next_pointers(last["ids"], last["vals"], input_ids[:, -1].cpu().numpy(), self._automaton)
+            else:
+                pointers = np.full((q.shape[0], 1), -1, np.int64)
+        out = self.distribution(q, scores, pointers).to(scores.device, scores.dtype)
         # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out.
         return out.masked_fill(scores == -math.inf, -math.inf)
 
@@ -148,6 +172,7 @@ class Generation:
     seconds: float
     retrieval_seconds: float
     searches_skipped: int = 0  # steps whose search the learned skip left out
+    searches_saved: int = 0  # steps whose search RetoMaton's pointers saved
     tuned_settings_differ: str | None = None  # tuned values used with other search settings: what differs
 
 
@@ -181,7 +206,13 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         combine: "mix" (λ-interpolation) or "spalm" (SPALM's gated memory).
         skip_below: skip the search where the before-retrieval gate predicts λ below this (a
             number, or "tuned").
-ba
+        memory: the document memory: the prompt's and the continuation's own positions, searched
+            exactly at each step ("joint": beside the datastore's neighbours; "separate" or without a
+            datastore: p_mem with its λ_m, T_m). None or memory "none": no memory.
+        attention: kNN-augmented attention: the KV cache is cut to the window's context (the
+            prompt read in chunks of its stride, then a token per step), and what leaves the cache
+            joins the memory the chosen layers retrieve from. Needs a window.
+
     Returns:
         The Generation.
     """
@@ -229,6 +260,7 @@ ba
                       seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0,
                       searches_skipped=processor.skipped if processor else 0,
+                      searches_saved=processor.saved if processor else 0,
                       tuned_settings_differ=processor.combiner.mismatch if processor else None)
 
 

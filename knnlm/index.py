@@ -39,8 +39,14 @@ class IndexConfig:
     add_chunk: int = 65_536  # keys converted and added per step, bounding RAM
     exact: bool = False  # force an exact (flat) index whatever N
     on_disk: bool = False  # IVF inverted lists in a file beside index.faiss, memory-mapped at search time
+    # any faiss index_factory string, e.g. "IVF1024,PQ64x4fs" or "OPQ64,IVF1024_HNSW32,PQ64" (metric L2;
+    # re-ranking stays on the full fp16 keys); None: IVF{nlist},PQ{code_size} chosen from N, exact when N is small
+    factory: str | None = None
 
     def __post_init__(self):
+        if self.factory is not None and self.on_disk and not self.exact:
+            raise KNNLMError(f"--on-disk keeps the default IVF-PQ index's lists on disk, not a --factory index's "
+                             f"({self.factory!r}); leave out one of the two.")
         if self.code_size < 1:
             raise KNNLMError(f"--code-size {self.code_size} must be at least 1 (PQ bytes per key).")
         if self.nlist is not None and self.nlist < 1:
@@ -53,13 +59,47 @@ class IndexConfig:
                 raise KNNLMError(f"--train-size {self.train_size} is too small: training IVF-PQ needs at least "
                                  f"{need} keys ({_needs(self.nlist)}); pass --train-size {need} or more.")
 
+    def check_factory(self, dim: int) -> None:
+        """Refuse, before any work, a --factory string faiss cannot build for keys of width dim."""
+        if self.factory is not None and not self.exact:
+            make_factory_index(self.factory, dim)
+
     def check_keys(self, n_max: int) -> None:
         """Refuse, before any keys exist, settings whose index could not be trained on up to n_max keys."""
+        if self.factory is not None and not self.exact:
+            return  # a --factory index is checked by check_factory once the key width is known
         p = choose_params(n_max, 1, self, check=False)
         if p["kind"] == "ivfpq" and self.train_size is not None and p["train_size"] < p["nlist"]:
             raise KNNLMError(f"--train-size {self.train_size} is too small for the index of up to {n_max} keys "
                              f"(--max-tokens): IVF{p['nlist']} needs at least {p['nlist']} training keys; pass "
                              f"--train-size {p['nlist']} or more, or a smaller --nlist.")
+
+
+FACTORY_EXAMPLE = "IVF1024,PQ64x4fs"
+
+
+def make_factory_index(factory: str, dim: int):
+    """faiss.index_factory(dim, factory) under L2, or one sentence naming the bad string and an example."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    except (RuntimeError, ValueError, TypeError) as e:
+        lines = str(e).strip().splitlines() or [""]
+        reason = lines[-1].rsplit(": ", 1)[-1] if "Error in" in lines[-1] else lines[-1]  # faiss's own words
+        raise KNNLMError(f"--factory {factory!r} is not a faiss index factory string for keys of width {dim} "
+                         f"({reason.rstrip('.')}); pass one such as --factory {FACTORY_EXAMPLE}.") from None
+
+
+def _factory_params(n: int, d: int, cfg: IndexConfig) -> dict:
+    """Parameters of a --factory index over n keys of width d: nlist (if IVF), code size, training sample."""
+    index = make_factory_index(cfg.factory, d)
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = int(ivf.nlist) if ivf is not None else None
+    train = 0 if index.is_trained else min(n, cfg.train_size or max(PQ_CENTROIDS, 64 * (nlist or 1)))
+    if nlist and train and train < nlist:
+        raise KNNLMError(f"--factory {cfg.factory!r} has {nlist} IVF lists but only {train} keys to train them on; "
+                         f"pass a smaller IVF (e.g. IVF{max(1, train // 39)}) or --train-size {nlist} or more.")
+    return {"factory": cfg.factory, "kind": "factory", "nlist": nlist, "code_size": int(index.sa_code_size()),
+            "train_size": train, "reason": "--factory"}
 
 
 def _needs(nlist: int | None) -> str:
@@ -70,6 +110,8 @@ def _needs(nlist: int | None) -> str:
 
 def choose_params(n: int, d: int, cfg: IndexConfig, check: bool = True) -> dict:
     """Factory string and parameters for n keys of width d; refuses (when check) a training sample too small."""
+    if cfg.factory is not None and not cfg.exact:
+        return _factory_params(n, d, cfg)
     nlist = cfg.nlist or max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
     if cfg.exact or n < max(MIN_IVF_KEYS, 39 * nlist):
         reason = "forced by --exact" if cfg.exact else f"{n} keys are too few for IVF-PQ (needs {max(MIN_IVF_KEYS, 39 * nlist)})"
@@ -112,24 +154,27 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     n, d = ds.count, ds.dim
     p = choose_params(n, d, cfg)
     t0 = time.time()
-    index = faiss.index_factory(d, p["factory"], faiss.METRIC_L2)
+    index = make_factory_index(p["factory"], d)
     if p["kind"] == "exact":
         log.info("exact (flat) index: %s", p["reason"])
-    else:
+    elif p["train_size"]:
         rng = np.random.default_rng(cfg.seed)
         # Sorted rows read the memmap sequentially.
         sample = np.sort(rng.choice(n, size=p["train_size"], replace=False))
         xt = np.asarray(ds.keys[sample], dtype=np.float32)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.seed = cfg.seed
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.cp.seed = cfg.seed
         # faiss trains each 9-dim PQ sub-quantizer with up to 65k points and 25 iterations by
         # default: 50 s on 2 cores for 64 of them. 16k points and 15 iterations cost a quarter, and
         # exact re-ranking makes up the small loss in code quality.
-        pq = faiss.downcast_index(index).pq
-        pq.cp.max_points_per_centroid, pq.cp.niter, pq.cp.seed = 64, 15, cfg.seed
+        pq = getattr(faiss.downcast_index(ivf), "pq", None) if ivf is not None else None
+        if pq is not None:
+            pq.cp.max_points_per_centroid, pq.cp.niter, pq.cp.seed = 64, 15, cfg.seed
         # faiss's factory turns on polysemous training (an annealing that renumbers PQ centroids for
         # Hamming pre-filtering, which no search here uses): most of the training time, for nothing.
-        faiss.downcast_index(index).do_polysemous_training = False
+        if hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+            faiss.downcast_index(ivf).do_polysemous_training = False
         log.info("training %s on %d keys", p["factory"], len(xt))
         index.train(xt)
         del xt
@@ -173,7 +218,7 @@ def read_index_info(ds: Datastore) -> dict | None:
         missing = [k for k in _INFO_KEYS if k not in info]
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise KNNLMError(f"{path} is damaged ({e}); rebuild the index with `knnlm train-index {ds.path}`.") from e
-    if missing or info["kind"] not in ("exact", "ivfpq"):
+    if missing or info["kind"] not in ("exact", "ivfpq", "factory"):
         raise KNNLMError(f"{path} is damaged (it lacks {', '.join(missing) or 'a known kind'}); rebuild the index "
                          f"with `knnlm train-index {ds.path}`.")
     return info

@@ -28,8 +28,17 @@ class RetrievalConfig:
     nprobe: int = 8  # IVF lists visited per query
     rerank: bool = True  # recompute exact distances of the retrieved keys from keys.npy
     exact: bool = False  # brute-force search over keys.npy instead of the index (RAM: N·d·4 bytes)
+    # RetoMaton (knnlm/retomaton.py): follow the neighbours that predicted the actual next token to
+    # their successors, and skip the search where at least min_knns of them remain.
+    retomaton: bool = False
+    min_knns: int = 50  # pointers needed to skip a search; above k it never skips (plain kNN-LM)
+    max_candidates: int = 2048  # pointers plus their IVF lists' members ranked when skipping (at least k)
 
     def __post_init__(self):
+        if self.min_knns < 1:
+            raise KNNLMError(f"--min-knns {self.min_knns} must be at least 1 (pointers needed to skip a search).")
+        if self.max_candidates < 1:
+            raise KNNLMError(f"max_candidates {self.max_candidates} must be at least 1.")
         # Refused here: faiss takes nprobe 0 silently and visits no list, so every search finds nothing.
         if self.nprobe < 1:
             raise KNNLMError(f"--nprobe {self.nprobe} must be at least 1 (IVF lists visited per query).")
@@ -146,7 +155,10 @@ class Retriever:
     @property
     def describe(self) -> dict:
         """What this search is, for reports and the scores cache."""
-        return {"search": self.kind, "k": self.k, "nprobe": self.cfg.nprobe, "rerank": bool(self.rerank)}
+        out = {"search": self.kind, "k": self.k, "nprobe": self.cfg.nprobe, "rerank": bool(self.rerank)}
+        if self.cfg.retomaton:  # only when on: caches made before RetoMaton existed still match a full search
+            out["retomaton"] = f"min_knns {self.cfg.min_knns}, candidates {self.cfg.max_candidates}"
+        return out
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dists (n, k) ascending, ids (n, k), -1 where missing) for queries (n, d)."""

@@ -1,0 +1,297 @@
+"""RetoMaton: pointers within documents, candidates from IVF lists, searches saved, eval and generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import knnlm.cli.evaluate as cli_eval
+from knnlm.api import KNNLM
+from knnlm.build import BuildConfig, build_datastore
+from knnlm.cli.main import cli
+from knnlm.datastore import open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.evaluate import EvalConfig, run_eval
+from knnlm.generate import generate
+from knnlm.index import IndexConfig, train_index
+from knnlm.retomaton import (Automaton, chain_neighbors, document_starts, expand_candidates, next_pointers,
+                             open_automaton, successors)
+from knnlm.retrieval import RetrievalConfig, Retriever, exact_distances
+
+from helpers import clustered, make_datastore
+
+CTX, STRIDE = 64, 32
+
+
+def _with_documents(path, documents):
+    """Rewrite a synthetic datastore's document table."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["documents"] = documents
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_successors_never_cross_a_document_or_pass_the_end():
+    # documents of rows [0, 3), an empty one, [3, 7), [7, 9); N = 9
+    starts = document_starts([["a", 0, 3, 1], ["empty", 3, 0, 1], ["b", 3, 4, 1], ["c", 7, 2, 1]])
+    assert starts.tolist() == [0, 3, 7]
+    got = successors(np.array([0, 1, 2, 3, 6, 7, 8, -1]), 9, starts)
+    assert got.tolist() == [1, 2, -1, 4, -1, 8, -1, -1]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, 9, size=(50, 7))
+    nxt = successors(ids, 9, starts)
+    doc = np.searchsorted(starts, np.maximum(ids, 0), side="right")
+    ok = nxt >= 0
+    assert (nxt[ok] == ids[ok] + 1).all() and (nxt < 9).all()
+    assert (np.searchsorted(starts, nxt[ok], side="right") == doc[ok]).all()  # the same document
+    # a successor is given wherever one exists
+    assert ((ids >= 0) & (ids + 1 < 9) & ~np.isin(ids + 1, starts) == ok).all()
+
+
+def test_next_pointers_follow_only_neighbours_that_predicted_the_target():
+    auto = Automaton(9, np.array([0, 3, 7]), None, None, None)
+    ids = np.array([[0, 2, 5, 8, -1], [6, 4, 1, 7, 3]])
+    vals = np.array([[4, 4, 4, 4, -1], [9, 9, 8, 9, 9]])
+    got = next_pointers(ids, vals, np.array([4, 9]), auto)
+    assert got.tolist() == [[1, -1, 6, -1, -1], [-1, 5, -1, 8, 4]]
+
+
+def _fake_lists(n: int, nlist: int, seed: int = 0) -> Automaton:
+    """An automaton over n keys whose IVF lists are a random partition."""
+    rng = np.random.default_rng(seed)
+    list_of = rng.integers(0, nlist, n).astype(np.int32)
+    members = np.argsort(list_of, kind="stable").astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(list_of, minlength=nlist))])
+    return Automaton(n, np.array([0]), list_of, offsets, members)
+
+
+def test_candidates_are_the_pointers_and_their_lists_members():
+    auto = _fake_lists(200, 12)
+    rng = np.random.default_rng(1)
+    pointers = np.full((5, 6), -1, np.int64)
+    for b in range(4):  # row 4 has no pointer
+        pointers[b, : b + 2] = rng.choice(200, b + 2, replace=False)
+    cand = expand_candidates(pointers, auto, cap=10_000)
+    for b in range(5):
+        ptr = pointers[b][pointers[b] >= 0]
+        ref = set(ptr.tolist()) | {int(i) for i in np.nonzero(np.isin(auto.list_of, auto.list_of[ptr]))[0]}
+        got = cand[b][cand[b] >= 0]
+        assert len(got) == len(set(got.tolist())) and set(got.tolist()) == ref
+    # A cap: the pointers always, whole lists with more pointers first, at most cap candidates.
+    lst = np.nonzero(np.bincount(auto.list_of) > 15)[0][:2]
+    a, b = np.nonzero(auto.list_of == lst[0])[0], np.nonzero(auto.list_of == lst[1])[0]
+    pointers = np.array([[b[0], a[0], a[1]]])
+    cand = expand_candidates(pointers, auto, cap=len(a) + 5)
+    got = set(cand[0][cand[0] >= 0].tolist())
+    assert set(a.tolist()) | {int(b[0])} <= got and len(got) <= len(a) + 5 and len(got) > len(a) + 1
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    """12 keys in two documents, rows [0, 5) and [5, 12); every value distinct, so only the exact row matches."""
+    rng = np.random.default_rng(0)
+    keys = rng.normal(0, 1, size=(12, 8)).astype(np.float32)
+    path = make_datastore(tmp_path / "hand", keys, np.arange(100, 112))
+    _with_documents(path, [["a", 0, 5, 1], ["b", 5, 7, 1]])
+    return open_datastore(path)
+
+
+def test_searches_saved_on_a_hand_made_datastore(hand_made):
+    ds = hand_made
+    keys = np.asarray(ds.keys, np.float32)
+    r = Retriever(ds, RetrievalConfig(k=3, exact=True, retomaton=True, min_knns=1))
+    auto = open_automaton(r)
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    targets = np.asarray(ds.vals)[rows].copy()
+    targets[7] = 0  # the text leaves the stored one after row 7: no neighbour predicted it
+    dists, ids, vals, saved = chain_neighbors(r, auto, keys[rows], targets, np.array([0]))
+    # 0: first, searched; 5: row 4 ends document a, no successor; 8: the chain broke at 7.
+    assert saved.tolist() == [False, True, True, True, True, False, True, True, False, True]
+    assert (ids[:, 0] == rows).all() and np.allclose(dists[:, 0], 0, atol=1e-5)
+    # two chains side by side: each starts with a search
+    _, _, _, saved2 = chain_neighbors(r, auto, keys[rows], targets, np.array([0, 3]))
+    assert saved2.tolist() == [False, True, True, False, True, False, True, True, False, True]
+    # rows a learned skip leaves out get no neighbour and break the chain
+    keep = np.ones(10, bool)
+    keep[2] = False
+    _, ids3, _, saved3 = chain_neighbors(r, auto, keys[rows], targets, np.array([0]), keep)
+    assert (ids3[2] == -1).all() and saved3.tolist()[:5] == [False, True, False, False, True]
+
+
+@pytest.fixture(scope="module")
+def ivf_store(tmp_path_factory):
+    """10 000 clustered keys in 20 documents with an IVF-PQ index, values a small vocabulary."""
+    path = tmp_path_factory.mktemp("ivf") / "ds"
+    n = 10_000
+    rng = np.random.default_rng(0)
+    make_datastore(path, clustered(n, 16, seed=0), rng.integers(0, 20, n))
+    _with_documents(path, [[f"d{i}", i * 500, 500, 1] for i in range(20)])
+    ds = open_datastore(path)
+    train_index(ds, IndexConfig(factory="IVF64,Flat"))  # IVF lists are all RetoMaton reads; Flat trains at once
+    return ds
+
+
+def test_min_knns_above_k_equals_plain_knn_lm(ivf_store):
+    ds = ivf_store
+    rng = np.random.default_rng(1)
+    rows = np.arange(1200, 1500)  # a stretch of one document, queried near its own keys
+    q = np.asarray(ds.keys[rows], np.float32) + rng.normal(0, 0.3, (len(rows), 16)).astype(np.float32)
+    targets = np.asarray(ds.vals)[rows]
+    plain = Retriever(ds, RetrievalConfig(k=20, nprobe=4))
+    ref = plain.neighbors(q)
+    r = Retriever(ds, RetrievalConfig(k=20, nprobe=4, retomaton=True, min_knns=21))
+    dists, ids, vals, saved = chain_neighbors(r, open_automaton(r), q, targets, np.array([0, 100]))
+    assert not saved.any()
+    assert np.array_equal(dists, ref[0]) and np.array_equal(ids, ref[1]) and np.array_equal(vals, ref[2])
+    # With a low threshold most searches are saved, and a saved row holds the k nearest candidates exactly.
+    r = Retriever(ds, RetrievalConfig(k=20, nprobe=4, retomaton=True, min_knns=2, max_candidates=300))
+    auto = open_automaton(r)
+    dists, ids, vals, saved = chain_neighbors(r, auto, q, targets, np.array([0, 100]))
+    assert saved.mean() > 0.5 and not saved[0] and not saved[100]
+    t = int(np.nonzero(saved[:100])[0][5])
+    _, prev_ids, prev_vals, _ = chain_neighbors(r, auto, q[:t], targets[:t], np.array([0]))
+    ptr = next_pointers(prev_ids[-1:], prev_vals[-1:], targets[t - 1: t], auto)
+    cand = expand_candidates(ptr, auto, 300)
+    d_ref = exact_distances(q[t: t + 1], ds.keys, cand)[0]
+    order = np.argsort(d_ref, kind="stable")[:20]
+    assert set(ids[t].tolist()) == set(cand[0][order].tolist())
+    assert np.allclose(dists[t], d_ref[order], rtol=1e-5)
+    assert (vals[t] == np.asarray(ds.vals)[ids[t]]).all()
+    # every pointer is the successor, in the same document, of a neighbour that predicted the target
+    p = ptr[ptr >= 0]
+    assert len(p) and np.isin(p - 1, prev_ids[-1][prev_vals[-1] == targets[t - 1]]).all()
+    assert (p // 500 == (p - 1) // 500).all()
+
+
+def test_bad_min_knns_is_one_sentence():
+    with pytest.raises(KNNLMError, match="--min-knns 0 must be at least 1"):
+        RetrievalConfig(min_knns=0)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_lm, tiny_model_dir, corpus_texts, tmp_path_factory):
+    """A datastore of the corpus files, built once for the module (exact index: too few keys for IVF)."""
+    root = tmp_path_factory.mktemp("reto-store")
+    (root / "corpus").mkdir()
+    for name, text in corpus_texts.items():
+        (root / "corpus" / f"{name}.txt").write_text(text)
+    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.2, glob="*.txt")
+    return build_datastore(str(root / "corpus"), root / "ds", cfg, lm=tiny_lm)
+
+
+def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm):
+    name, text = store.heldout("test")[0]
+    docs = [(name, text[:1500]), ("again", text[:800])]  # short: two documents of a few windows each
+    base = EvalConfig(lam="0.5", temperature=2.0, retrieval=RetrievalConfig(k=16, exact=True), batch_size=16)
+    plain, ps = run_eval(store, cfg=base, lm=tiny_lm, documents=docs)
+    above = EvalConfig(**{**base.__dict__, "retrieval": RetrievalConfig(k=16, exact=True, retomaton=True, min_knns=17)})
+    same, ss = run_eval(store, cfg=above, lm=tiny_lm, documents=docs)
+    assert same["searches_saved"] == 0 and plain["searches_saved"] == 0
+    assert same["knn_lm_ppl"] == plain["knn_lm_ppl"] and np.array_equal(ss.dists, ps.dists)
+    low = EvalConfig(**{**base.__dict__, "retrieval": RetrievalConfig(k=16, exact=True, retomaton=True, min_knns=1)})
+    r, _ = run_eval(store, cfg=low, lm=tiny_lm, documents=docs)
+    assert 0 < r["searches_saved"] < 1 and r["tokens"] == plain["tokens"]
+    assert "RetoMaton" in cli_eval.format_report(r) and "searches saved" in cli_eval.format_report(r)
+    # the API: RetoMaton is a search setting
+    knn = KNNLM(store, tiny_lm, Retriever(store, RetrievalConfig(k=16, exact=True)))
+    api = knn.with_retrieval(retomaton=True, min_knns=1).evaluate(text[:1200], lam=0.5, temperature=2.0)
+    assert api["searches_saved"] > 0 and knn.evaluate(text[:1200], lam=0.5, temperature=2.0)["searches_saved"] == 0
+
+
+def test_generation_with_retomaton_continues_stored_text_verbatim(store, tiny_lm):
+    name = store.documents[0][0]
+    text = open(name).read() if name.startswith("/") else (store.path.parent / "corpus" / name).read_text()
+    ids = tiny_lm.encode(text)
+    n = next(n for n in range(16, 30) if tiny_lm.encode(tiny_lm.decode(ids[:n])) == ids[:n])
+    r = Retriever(store, RetrievalConfig(k=8, exact=True, retomaton=True, min_knns=1))
+    out = generate(tiny_lm, tiny_lm.decode(ids[:n]), r, lam=0.999, temperature=0.01, max_new_tokens=40)
+    assert out.tokens == ids[n: n + len(out.tokens)] and len(out.tokens) == 40
+    # After the first step each chosen token was the stored one, so its successor carried the next step.
+    assert out.searches_saved >= 35
+
+
+def test_retomaton_flags_reach_their_configs(monkeypatch, tiny_model_dir):
+    import knnlm.api as api
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_eval(datastore, corpus, cfg, progress=None):
+        seen.update(cfg=cfg.retrieval)
+        raise Stop
+
+    def fake_open(datastore, model, device, retrieval, trust_remote_code):
+        seen.update(cfg=retrieval)
+        raise Stop
+
+    monkeypatch.setattr(cli_eval, "run_eval", fake_eval)
+    monkeypatch.setattr(api.KNNLM, "open", staticmethod(fake_open))
+    runner = CliRunner()
+    for cmd in (["eval"], ["generate", "--prompt", "x"]):
+        r = runner.invoke(cli, cmd + ["--retomaton", "--min-knns", 7, "--max-candidates", 500])
+        assert isinstance(r.exception, Stop), r.output
+        assert (seen["cfg"].retomaton, seen["cfg"].min_knns, seen["cfg"].max_candidates) == (True, 7, 500)
+        r = runner.invoke(cli, cmd + ["--no-retomaton"])
+        assert isinstance(r.exception, Stop) and seen["cfg"].retomaton is False
+
+
+def test_factory_builds_any_faiss_index_and_a_bad_one_is_one_sentence(ivf_store, tmp_path):
+    info = json.loads((ivf_store.path / "index.json").read_text())
+    assert (info["factory"], info["kind"], info["nlist"]) == ("IVF64,Flat", "factory", 64)
+    r = Retriever(ivf_store, RetrievalConfig(k=10, nprobe=64))  # every list: an exact search
+    q = clustered(20, 16, seed=5)
+    ref = Retriever(ivf_store, RetrievalConfig(k=10, exact=True)).search(q)
+    assert (r.search(q)[1] == ref[1]).mean() > 0.99
+    for bad, words in [("IVFxx,PQ", "could not parse"), ("IVF64,PQ7", "multiple")]:
+        with pytest.raises(KNNLMError) as e:
+            IndexConfig(factory=bad).check_factory(16)
+        msg = str(e.value)
+        assert msg.count("\n") == 0 and f"--factory {bad!r}" in msg and words in msg and "IVF1024,PQ64x4fs" in msg
+    # the CLI refuses it before building anything, and train-index too
+    (tmp_path / "c.txt").write_text("x = 1\n" * 50)
+    r = CliRunner().invoke(cli, ["train-index", str(ivf_store.path), "--factory", "IVF64,PQ7"])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("Error: --factory 'IVF64,PQ7'")
+    assert json.loads((ivf_store.path / "index.json").read_text())["factory"] == "IVF64,Flat"  # untouched
+
+
+def test_factory_flag_reaches_its_config(monkeypatch, tmp_path, tiny_model_dir, corpus_dir):
+    import knnlm.cli.build as cli_build
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(cli_build, "build_datastore", lambda corpus, out, cfg, progress=None: (
+        seen.update(cfg=cfg), (_ for _ in ()).throw(Stop)))
+    (tmp_path / "c.txt").write_text("x")
+    r = CliRunner().invoke(cli, ["build-datastore", str(tmp_path / "c.txt"), "--factory", "IVF8,PQ4x4fs"])
+    assert isinstance(r.exception, Stop) and seen["cfg"].index.factory == "IVF8,PQ4x4fs"
+    monkeypatch.undo()
+    r = CliRunner().invoke(cli, ["build-datastore", str(corpus_dir), "--model", str(tiny_model_dir), "--glob", "*.txt",
+                                 "--factory", "IVF8,PQ7"])
+    assert r.exit_code == 1 and "--factory 'IVF8,PQ7'" in r.output and not (tmp_path / "datastores").exists()
+
+
+def test_candidates_leave_out_a_removed_document(tmp_path):
+    """After `knnlm remove`, the removed document's keys are in no IVF list: never a candidate."""
+    from knnlm.update import remove_documents
+
+    n = 10_000
+    rng = np.random.default_rng(2)
+    path = make_datastore(tmp_path / "rm", clustered(n, 16, seed=3), rng.integers(0, 20, n))
+    _with_documents(path, [[f"d{i}", i * 500, 500, 1] for i in range(20)])
+    train_index(open_datastore(path), IndexConfig(factory="IVF64,Flat"))
+    remove_documents(path, ["d3"])
+    ds = open_datastore(path)
+    r = Retriever(ds, RetrievalConfig(k=20, nprobe=4, retomaton=True, min_knns=1, max_candidates=5000))
+    auto = open_automaton(r)
+    assert (auto.list_of[1500:2000] == -1).all() and (auto.list_of[:1500] >= 0).all()
+    rows = np.arange(4000, 4200)
+    q = np.asarray(ds.keys[rows], np.float32)
+    _, ids, _, saved = chain_neighbors(r, auto, q, np.asarray(ds.vals)[rows], np.array([0]))
+    assert saved.mean() > 0.5 and not ((ids >= 1500) & (ids < 2000)).any()
