@@ -56,8 +56,8 @@ def target_logp(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 
     out = []
     for lo in range(0, len(hidden), chunk):
         logp = torch.log_softmax(head(hidden[lo: lo + chunk]).float(), dim=-1)  # (chunk, V)
-        out.append(logp.gather(1, targets[lo: lo + chunk, None])[:, 0])
-    return torch.cat(out).double().numpy()
+        out.append(logp.gather(1, targets[lo: lo + chunk, None].to(logp.device))[:, 0])
+    return torch.cat(out).double().cpu().numpy()
 
 
 def score_windows(lm, ids: list[int], context: int, stride: int, cfg) -> np.ndarray:
@@ -70,8 +70,8 @@ def score_windows(lm, ids: list[int], context: int, stride: int, cfg) -> np.ndar
             if o.window.index == 0:
                 continue
             tgt = torch.tensor(ids[o.window.own_from + 1: o.window.own_to + 1])
-            logp = torch.log_softmax(o.logits, dim=-1)  # (n, V)
-            parts[o.window.index] = logp.gather(1, tgt[:, None])[:, 0].double().numpy()
+            logp = torch.log_softmax(o.logits.float(), dim=-1)  # (n, V)
+            parts[o.window.index] = logp.gather(1, tgt[:, None].to(logp.device))[:, 0].double().cpu().numpy()
     return np.concatenate([parts[i] for i in sorted(parts)])
 
 
@@ -97,12 +97,15 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=128)
     ap.add_argument("--runs", default="core", help="default (the default settings), core, ablations or all")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device of the model")
+    ap.add_argument("--out", default=str(OUT), help="results (JSON), updated run by run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    lm = load_lm(device="cpu")
+    lm = load_lm(device=args.device)
     runs = {"default": CORE[:1], "core": CORE, "ablations": ABLATIONS, "all": ABLATIONS}[args.runs]
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
     setting = f"context {args.context}, stride {args.stride}, {args.tokens} tokens"
     docs = long_documents(lm, args.tokens, tuple(args.packages.split(",")))
     for pkg, ids in docs:
@@ -120,7 +123,7 @@ def main() -> None:
             entry["runs"][name] = {"ppl": ppl(logp), "scored": len(logp), "seconds": seconds, "cpu_seconds": cpu,
                                    "settings": None if cfg in (None, "full") else cfg.describe}
             summarise(entry)
-            write_json(OUT, results)
+            write_json(out, results)
             log.info("%s %s: ppl %.4f, %.1f s", pkg, name, entry["runs"][name]["ppl"], seconds)
 
 

@@ -18,7 +18,8 @@ per package:
   (window+ds), and the document memory added to it both ways, as eval does them: "joint" (one p_kNN
   over datastore and memory, the datastore's tuned λ and T), "joint refit" (the same with λ, T fitted
   leave-one-out) and "separate" (p_mem on top of window+ds, λ_m, T_m leave-one-out).
-Rows the lead adds later (attention memory) register in ROWS. The cost columns are seconds per token of
+- window+attn: attention memory (AttentionMemoryConfig's defaults) in the window W; window+attn+doc: its
+  keys with the document memory mixed in as in window+doc. The cost columns are seconds per token of
 each step against the window-only forward, all measured in this run on --threads threads. Forward
 passes are cached in bench/results/memory-cache/ (keys and LM log-probs per package and window).
 Writes bench/results/memory.json and prints a markdown table.
@@ -41,25 +42,31 @@ from bench.common import long_documents  # noqa: E402
 from knnlm.arrays import json_safe, write_json  # noqa: E402
 from knnlm.interpolate import interpolate, knn_log_prob, perplexity  # noqa: E402
 from knnlm.lm import DEFAULT_MODEL, load_lm  # noqa: E402
+from knnlm.memory.attention import AttentionMemoryConfig  # noqa: E402
 from knnlm.memory.document import causal_neighbors, fit_memory, join_neighbors, mix_memory  # noqa: E402
+from knnlm.memory.reading import forward_in_order  # noqa: E402
 from knnlm.windows import forward_owned, plan_windows  # noqa: E402
 
 BASE_ROWS = ("window", "window+doc", "window+doc adaptive", "full", "full+doc")
 DS_ROWS = ("window+ds", "window+ds+doc joint", "window+ds+doc joint refit", "window+ds+doc separate")
-ROWS = BASE_ROWS + DS_ROWS
+ATTN_ROWS = ("window+attn", "window+attn+doc")  # attention memory (its defaults), alone and with the document memory
+ROWS = BASE_ROWS + DS_ROWS + ATTN_ROWS
 
 
-def score_ids(lm, ids: list[int], context: int, stride: int, batch_size: int) -> dict:
-    """Keys (n − 1, d) of positions 0..n−2 and log p_LM of tokens 1..n−1 in eval's windows, with seconds."""
+def score_ids(lm, ids: list[int], context: int, stride: int, batch_size: int, attention=None) -> dict:
+    """Keys (n − 1, d) of positions 0..n−2 and log p_LM of tokens 1..n−1 in eval's windows (with attention
+    memory when given: windows read in order, as eval reads them), with seconds."""
     work = [(w, ids[w.begin: w.end]) for w in plan_windows(0, len(ids), context, stride)]
     keys, logp = {}, {}
     t0 = time.perf_counter()
-    for owned in forward_owned(lm, work, batch_size, logits=True):
+    batches = forward_owned(lm, work, batch_size, logits=True) if attention is None else \
+        forward_in_order(lm, work, attention, context)
+    for owned in batches:
         for o in owned:
             tgt = torch.as_tensor(ids[o.window.own_from + 1: o.window.own_to + 1])
-            lp = torch.log_softmax(o.logits, dim=-1)  # (n, V)
-            logp[o.item] = lp.gather(1, tgt[:, None])[:, 0].double().numpy()
-            keys[o.item] = o.keys.numpy().astype(np.float32)
+            lp = torch.log_softmax(o.logits.float(), dim=-1)  # (n, V)
+            logp[o.item] = lp.gather(1, tgt[:, None].to(lp.device))[:, 0].double().cpu().numpy()
+            keys[o.item] = o.keys.float().cpu().numpy()
             del lp
     seconds = time.perf_counter() - t0
     order = sorted(keys)
@@ -67,13 +74,15 @@ def score_ids(lm, ids: list[int], context: int, stride: int, batch_size: int) ->
             "seconds": seconds}
 
 
-def cached_scores(lm, pkg: str, ids: list[int], context: int, stride: int, batch_size: int, cache: Path) -> dict:
+def cached_scores(lm, pkg: str, ids: list[int], context: int, stride: int, batch_size: int, cache: Path,
+                  attention=None) -> dict:
     """score_ids, kept in cache/ (npz) so that a rerun does not repeat the forwards."""
-    path = cache / f"{pkg}-{len(ids)}-{context}-{stride}.npz"
+    tag = "" if attention is None else "-attn-" + "-".join(map(str, attention.describe.values()))
+    path = cache / f"{pkg}-{len(ids)}-{context}-{stride}{tag}.npz"
     if path.exists():
         with np.load(path) as z:
             return {name: z[name] for name in z.files if name != "seconds"} | {"seconds": float(z["seconds"])}
-    out = score_ids(lm, ids, context, stride, batch_size)
+    out = score_ids(lm, ids, context, stride, batch_size, attention)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
@@ -111,8 +120,11 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=128, help="eval's --stride")
     ap.add_argument("--k", type=int, default=256, help="neighbours from the document memory")
     ap.add_argument("--ds-k", type=int, default=1000, help="neighbours from the datastore (ds rows)")
-    ap.add_argument("--datastore", default="/work/main/bench/results/code", help="for the ds rows")
+    ap.add_argument("--datastore", default="bench/results/code", help="for the ds rows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device of the model")
+    ap.add_argument("--tokens", type=int, default=None, help="cut each document to this many tokens [default: "
+                                                             "the model's positions]")
     ap.add_argument("--out", default="bench/results/memory.json")
     args = ap.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -124,16 +136,18 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     W, S = args.context, args.stride
     cache = Path(args.out).parent / "memory-cache"
-    lm = load_lm(DEFAULT_MODEL, "cpu")
-    docs = long_documents(lm)
-    kinds = {"window": (W, S, 4)}
+    lm = load_lm(DEFAULT_MODEL, args.device)
+    docs = long_documents(lm, args.tokens or lm.max_positions)
+    kinds = {"window": (W, S, 4, None)}
     if any(r.startswith("full") for r in rows):
-        kinds["full"] = (lm.max_positions, lm.max_positions, 1)
+        kinds["full"] = (max(len(ids) for _, ids in docs),) * 2 + (1, None)
+    if any(r.startswith("window+attn") for r in rows):
+        kinds["attn"] = (W, S, 1, AttentionMemoryConfig())
     data = {}  # (kind, pkg) -> scores, memory neighbours and timings
-    for kind, (context, stride, batch) in kinds.items():
+    for kind, (context, stride, batch, attention) in kinds.items():
         for pkg, ids in docs:
             t0 = time.perf_counter()
-            s = cached_scores(lm, pkg, ids, context, stride, batch, cache)
+            s = cached_scores(lm, pkg, ids, context, stride, batch, cache, attention)
             targets = np.asarray(ids[1:], np.int32)
             t1 = time.perf_counter()
             md, mv = causal_neighbors(s["keys"], targets, args.k)
@@ -199,13 +213,15 @@ def main() -> None:
             mem_tok = s["mem_seconds"] / len(s["targets"])
             if kind == "full":
                 out["full"] = {"ppl": perplexity(s["lm_logp"][past]), "cost": per_tok / fwd}
+            elif kind == "attn":
+                out["window+attn"] = {"ppl": perplexity(s["lm_logp"][past]), "cost": per_tok / fwd}
             elif "window+doc adaptive" in rows:
                 afit = fit_out(kind, pkg, base, md, mv, fit=fit_adaptive_memory)
                 ad = mix_adaptive_memory(s["lm_logp"], s["mem_dists"], s["mem_vals"], s["targets"], afit)
                 out["window+doc adaptive"] = {"ppl": perplexity(ad[past]), "cost": (per_tok + mem_tok) / fwd,
                                               "lambdas": afit["lambdas"], "edges": afit["edges"],
                                               "temperature": afit["temperature"]}
-            out[f"{kind}+doc"] = {"ppl": perplexity(mixed[past]), "cost": (per_tok + mem_tok) / fwd,
+            out[{"attn": "window+attn+doc"}.get(kind, f"{kind}+doc")] = {"ppl": perplexity(mixed[past]), "cost": (per_tok + mem_tok) / fwd,
                                   "lambda": fit["lambda"], "temperature": fit["temperature"],
                                   "memory_seconds_per_token": mem_tok}
         if pkg in ds_nb:
