@@ -84,6 +84,21 @@ def memory_options(f):
     return f
 
 
+# Flags only a datastore's search or mix reads: given with --no-datastore they would do nothing.
+DATASTORE_ONLY = ("datastore", "lam", "combine", "skip_below", "temperature", "k", "nprobe", "rerank", "exact",
+                  "retomaton", "min_knns", "max_candidates")
+
+
+def refuse_datastore_flags() -> None:
+    """One sentence, not silence, for --no-datastore with a flag that only the datastore reads."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name in DATASTORE_ONLY
+             and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only change the datastore's search or mix; drop them with "
+                               "--no-datastore.")
+
+
 def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors) -> MemoryConfig:
     """The MemoryConfig of memory_options' flags."""
     return MemoryConfig(memory=memory, mix=memory_mix, lam=memory_lambda, temperature=memory_temperature,
@@ -182,6 +197,8 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      save_scores=save_scores, combine=combine, skip_below=skip_below,
                      memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors),
                      use_datastore=not no_datastore, attention=attention)
+    if no_datastore:
+        refuse_datastore_flags()
     if no_datastore and report_file:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
     if report_tokens < 0:

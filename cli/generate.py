@@ -11,7 +11,8 @@ from knnlm.generate import generate
 
 from .attention import attention_options
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
-from .evaluate import memory_config, memory_options, mixing_options, retomaton_options, retrieval_config, retrieval_options
+from .evaluate import (memory_config, memory_options, mixing_options, refuse_datastore_flags, retomaton_options,
+                       retrieval_config, retrieval_options)
 
 
 @click.command("generate")
@@ -38,6 +39,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
         prompt = sys.stdin.read()
     mem = memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors)
     if no_datastore:
+        refuse_datastore_flags()
         knn = KNNLM.without_datastore(model, device, trust_remote_code)
     else:
         knn = KNNLM.open(datastore, model, device,

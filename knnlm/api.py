@@ -168,14 +168,16 @@ class KNNLM:
             seed: seed of the sampler.
             combine: "mix" or "spalm".
             skip_below: None, a number or "tuned": the learned retrieval skip.
-            attention_memory: kNN-augmented attention, the KV cache cut to the datastore's window (None: off).
+            attention_memory: kNN-augmented attention, the KV cache cut to the datastore's window (without a
+                datastore: eval's (512, 256)); None: off.
             memory: the document memory of the prompt and the continuation; None: none.
 
         Returns:
             The new text (without the prompt).
         """
         if self.datastore is None:
-            return generate(self.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, memory=memory).text
+            return generate(self.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, memory=memory,
+                            attention=attention_memory).text
         combiner = resolve_combiner(lam, self.datastore.path, combine, skip_below, temperature,
                                     search_settings(self.datastore, self.retriever))
         return generate(self.lm, prompt, self.retriever, combiner, None, max_new_tokens, sample, seed,

@@ -292,6 +292,8 @@ def open_without_datastore(corpus: str | None, cfg: EvalConfig, lm: LM | None = 
 class NoSearch:
     """The search of --no-datastore: every query gets one missing neighbour (the report's rule for a miss)."""
 
+    cfg = RetrievalConfig()  # what scoring reads of a search's settings: no RetoMaton here
+
     def neighbors(self, queries: np.ndarray, keep=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(queries)
         return np.full((n, 1), np.inf, np.float32), np.full((n, 1), -1, np.int64), np.full((n, 1), -1, np.int32)
@@ -346,13 +348,15 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     want = {"datastore": ds.fingerprint, **search_settings(ds, retriever),
             "context": cfg.context or ds.meta["context"], "stride": cfg.stride or ds.meta["stride"]}
     want["attention_memory"] = json.dumps(cfg.attention.describe) if cfg.attention is not None else "none"
+    want.setdefault("retomaton", "off")  # scores made with RetoMaton's pointers are not a full search's
     if path.exists():
         try:
             scores = load_scores(str(path))
         except KNNLMError as e:  # an old or damaged cache is rebuilt, never misread
             log.info("rebuilding %s: %s", path, e)
         else:
-            got = {"attention_memory": "none", **scores.attrs}  # caches from before attention memory had none
+            # caches from before attention memory and RetoMaton had neither
+            got = {"attention_memory": "none", "retomaton": "off", **scores.attrs}
             if all(str(got.get(key)) == str(value) for key, value in want.items()):
                 return scores, True
     cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "combine": "mix", "skip_below": None, "save_scores": str(path)})

@@ -211,7 +211,7 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
             datastore: p_mem with its λ_m, T_m). None or memory "none": no memory.
         attention: kNN-augmented attention: the KV cache is cut to the window's context (the
             prompt read in chunks of its stride, then a token per step), and what leaves the cache
-            joins the memory the chosen layers retrieve from. Needs a window.
+            joins the memory the chosen layers retrieve from. Without a window or datastore: eval's (512, 256).
 
     Returns:
         The Generation.
@@ -232,7 +232,9 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         window = stored
     limit = lm.max_positions
     if attention is not None and window is None:
-        raise KNNLMError("Attention memory reads through a window; pass window=(context, stride), or a datastore.")
+        from .evaluate import NO_DATASTORE_WINDOW
+
+        window = NO_DATASTORE_WINDOW  # attention memory reads through a window: eval's without a datastore
     if window is None:
         if limit and len(ids) + max_new_tokens > limit:
             raise KNNLMError(f"The prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "

@@ -98,7 +98,11 @@ def _factory_params(n: int, d: int, cfg: IndexConfig) -> dict:
     if nlist and train and train < nlist:
         raise KNNLMError(f"--factory {cfg.factory!r} has {nlist} IVF lists but only {train} keys to train them on; "
                          f"pass a smaller IVF (e.g. IVF{max(1, train // 39)}) or --train-size {nlist} or more.")
-    return {"factory": cfg.factory, "kind": "factory", "nlist": nlist, "code_size": int(index.sa_code_size()),
+    try:
+        code_size = int(index.sa_code_size())
+    except RuntimeError:  # graph indexes (HNSW) have no standalone code
+        code_size = None
+    return {"factory": cfg.factory, "kind": "factory", "nlist": nlist, "code_size": code_size,
             "train_size": train, "reason": "--factory"}
 
 

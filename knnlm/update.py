@@ -84,6 +84,11 @@ def _index_or_none(ds: Datastore):
         return None
     index = load_index(ds)
     ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None and not isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexIDMap2)):
+        # faiss cannot remove ids from e.g. HNSW, and compact renumbers IVF ids only.
+        raise KNNLMError(f"The index of {ds.path} ({type(faiss.downcast_index(index)).__name__}) is neither IVF nor "
+                         f"flat, which add, remove and compact cannot change; delete index.faiss and index.json, make "
+                         f"the change, then run `knnlm train-index {ds.path}` again.")
     if ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
         # Lists kept in a file of their own would change in place, not through the journal.
         raise KNNLMError(f"The index of {ds.path} keeps its lists on disk, which add, remove and compact cannot "

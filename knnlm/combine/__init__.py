@@ -32,7 +32,8 @@ MIXING_FILE = "mixing.safetensors"
 LAMBDA_WORDS = ("tuned", "adaptive", "gate", "gate-pre")
 COMBINE_KINDS = ("mix", "spalm")
 # The search settings that tuned values depend on; compared with the current search on use.
-SEARCH_KEYS = ("search", "index", "k", "nprobe", "rerank")
+SEARCH_KEYS = ("search", "index", "k", "nprobe", "rerank", "retomaton")
+SEARCH_DEFAULTS = {"retomaton": "off"}  # absent from settings recorded before RetoMaton, or with it off
 
 
 def save_lambda(datastore_dir, result: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -103,7 +104,8 @@ def search_settings_note(data: dict, current: dict | None) -> str | None:
     """One line when lambda.json was tuned with other search settings than `current`, else None."""
     if current is None:
         return None
-    tuned = ((data.get("tuned_on") or {}).get("attrs")) or {}
+    tuned = {**SEARCH_DEFAULTS, **(((data.get("tuned_on") or {}).get("attrs")) or {})}
+    current = {**SEARCH_DEFAULTS, **current}
     # nprobe means nothing to an exact search: comparing it would report a difference that is none.
     keys = [key for key in SEARCH_KEYS if key != "nprobe" or "exact" not in (tuned.get("search"), current.get("search"))]
     diff = [f"{key} {tuned.get(key)!s} → {current.get(key)!s}" for key in keys

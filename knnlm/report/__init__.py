@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..combine import Combiner, load_lambda
+from ..errors import KNNLMError
 from ..evaluate import EvalConfig, open_eval, score_run
 from ..lm import LM
 from ..retrieval import Retriever
@@ -84,6 +85,11 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
         run_eval's (report, scores); the report also holds "report_file" and "report_bytes".
     """
     check_report_path(path)
+    # The page searches the detailed tokens' queries again, and reads the LM's top tokens from a plain forward:
+    # neither is what RetoMaton's pointers or the attention memory scored.
+    if (retriever.cfg if retriever is not None else cfg.retrieval).retomaton or cfg.attention is not None:
+        raise KNNLMError("The report shows a plain search's neighbours and the LM's own top tokens; drop "
+                         "--retomaton and --attention-memory to write it.")
     run = open_eval(datastore, corpus, cfg, lm, split, documents, retriever)
     # The page searches the detailed tokens' queries again for their neighbours' rows.
     result, scores = score_run(run, replace(cfg, keep_features=True), progress)

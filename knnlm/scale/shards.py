@@ -128,6 +128,8 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
     check_window(cfg.context, cfg.stride, lm.max_positions)
+    if cfg.build_index:
+        cfg.index.check_factory(lm.dim)
     work, plan = _prepare_dirs(out, cfg, sharded=True)
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
                 | {"model": lm.fingerprint, "corpus": src.files, "shards": shard_cfg.shards})
@@ -144,7 +146,8 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
         t0 = time.time()
         try:
             # Workers elsewhere read documents by absolute path; names (and so meta.json) stay as given.
-            remote_src = replace(src, docs=[replace(r, path=str(Path(r.path).resolve())) if r.path else r
+            # Without the planning pass's open table readers (a pyarrow batch generator cannot be pickled).
+            remote_src = replace(src, _tables=None, docs=[replace(r, path=str(Path(r.path).resolve())) if r.path else r
                                             for r in src.docs])
             dirs = [shard_dir(work.resolve(), i) for i in range(len(plan["shards"]))]
             run_shards(shard_cfg, lm, remote_src, cfg, dirs, plan["shards"], progress)

@@ -1,0 +1,64 @@
+"""Features meeting each other: --no-datastore with search flags and attention memory, RetoMaton in the
+dev-scores cache and the tuned-settings note, the report's refusals, updates of indexes they cannot change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from helpers import make_datastore
+from knnlm.api import KNNLM
+from knnlm.cli.main import cli
+from knnlm.combine import search_settings_note
+from knnlm.datastore import open_datastore
+from knnlm.errors import KNNLMError
+from knnlm.evaluate import NO_DATASTORE_WINDOW, EvalConfig
+from knnlm.generate import generate
+from knnlm.index import IndexConfig, train_index
+from knnlm.memory.attention import AttentionMemoryConfig
+from knnlm.report import report_eval
+from knnlm.retrieval import RetrievalConfig
+from knnlm.update import remove_documents
+
+
+def test_no_datastore_refuses_flags_only_a_datastore_reads(tiny_model_dir, tmp_path):
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    for cmd in (["eval", "--corpus", tmp_path / "t.txt"], ["generate", "-p", "def f("]):
+        r = CliRunner().invoke(cli, [*map(str, cmd), "--no-datastore", "--model", str(tiny_model_dir), "--k", "5",
+                                     "--retomaton"])
+        assert r.exit_code == 2, r.output
+        assert "--k" in r.output and "--retomaton" in r.output and "--no-datastore" in r.output
+
+
+def test_generate_without_a_datastore_reads_through_eval_s_window_with_attention_memory(tiny_lm, corpus_texts):
+    prompt = corpus_texts["bisect.py"][:300]
+    api = KNNLM.without_datastore(lm=tiny_lm).generate(prompt, 6, attention_memory=AttentionMemoryConfig(k=4))
+    # The prompt fits the window, so the memory stays empty: the continuation is the windowed LM's.
+    plain = generate(tiny_lm, prompt, None, 0.0, None, 6, window=NO_DATASTORE_WINDOW)
+    assert api == plain.text
+
+
+def test_retomaton_is_a_search_setting_for_the_tuned_values_note():
+    tuned = {"tuned_on": {"attrs": {"search": "ivfpq", "index": "a", "k": 1000, "nprobe": 8, "rerank": True}}}
+    plain = {"search": "ivfpq", "index": "a", "k": 1000, "nprobe": 8, "rerank": True}
+    assert search_settings_note(tuned, plain) is None
+    note = search_settings_note(tuned, {**plain, "retomaton": "min_knns 50, candidates 2048"})
+    assert note is not None and "retomaton off" in note
+
+
+@pytest.mark.parametrize("cfg", [EvalConfig(retrieval=RetrievalConfig(retomaton=True)),
+                                 EvalConfig(attention=AttentionMemoryConfig())])
+def test_report_refuses_what_it_would_show_wrongly(cfg, tmp_path):
+    with pytest.raises(KNNLMError, match="--retomaton and --attention-memory"):
+        report_eval(None, None, cfg, tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_updates_refuse_an_index_that_is_neither_ivf_nor_flat(tmp_path):
+    rng = np.random.default_rng(0)
+    ds = make_datastore(tmp_path / "ds", rng.normal(size=(300, 16)), rng.integers(0, 100, 300))
+    train_index(open_datastore(ds), IndexConfig(factory="HNSW8"))
+    with pytest.raises(KNNLMError, match="neither IVF nor flat"):
+        remove_documents(ds, ["synthetic"])
+    assert open_datastore(ds).meta.get("removed") in (None, [])
