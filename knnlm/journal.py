@@ -6,10 +6,14 @@ content still reads whole). Writing .pending/commit.json (atomically) is the one
 happens: before it, recovery throws the staged files and appended tails away; after it, recovery
 finishes the change (header shapes, then renames; each step can be redone). kill -9 at any point
 thus leaves the old directory or the new one, once `recover` has run (opening a datastore runs it).
+A change holds an exclusive lock on DIR/.lock from begin to commit, so a reader opening the directory
+meanwhile leaves the change in progress alone (it reads the last committed state); the kernel drops the
+lock of a killed process, and recovery then proceeds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,15 +23,43 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import _HEADER_BYTES, _fsync, npy_header, write_json
+from .errors import KNNLMError
 
 log = logging.getLogger(__name__)
 
 PENDING = ".pending"  # staging folder inside the directory being changed
 COMMIT = "commit.json"  # its presence in PENDING is the commit
+LOCK = ".lock"  # flock()ed by the process changing the directory
+_HELD: dict[str, int] = {}  # directories this process is changing -> the lock's file descriptor
+
+
+def _try_lock(root: Path) -> int | None:
+    """root's lock taken without waiting (its file descriptor), or None when another process holds it."""
+    fd = os.open(Path(root) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    """Release a lock _try_lock took."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def begin(root: Path) -> Path:
-    """An empty staging folder in root, after recovering from any earlier interrupted change."""
+    """An empty staging folder in root, after recovering from any earlier interrupted change; root stays
+    locked against other changes (and other processes' recovery) until commit."""
+    key = str(Path(root).resolve())
+    if key not in _HELD:  # held already: an earlier change of this process failed before its commit
+        fd = _try_lock(Path(root))
+        if fd is None:
+            raise KNNLMError(f"{root} is being changed by another process (knnlm add, remove or compact); "
+                             "wait for it to finish, then try again.")
+        _HELD[key] = fd
     recover(root)
     pending = Path(root) / PENDING
     pending.mkdir()
@@ -47,6 +79,9 @@ def commit(root: Path, files: list[str], npy_rows: dict[str, int] | None = None)
         _fsync(pending / name)
     write_json(pending / COMMIT, {"files": list(files), "npy_rows": dict(npy_rows or {})})
     _roll_forward(Path(root))
+    fd = _HELD.pop(str(Path(root).resolve()), None)
+    if fd is not None:
+        _unlock(fd)
 
 
 def recover(root: Path) -> None:
@@ -55,14 +90,28 @@ def recover(root: Path) -> None:
     pending = root / PENDING
     if not pending.exists():
         return
-    if (pending / COMMIT).exists():
-        log.info("finishing an interrupted change of %s", root)
-        _roll_forward(root)
-        return
-    log.info("discarding an interrupted change of %s", root)
-    for path in root.glob("*.npy"):
-        _cut_to_header(path)
-    shutil.rmtree(pending)
+    fd = None
+    if str(root.resolve()) not in _HELD:
+        try:
+            fd = _try_lock(root)
+        except OSError:  # a folder this process cannot write: recovery would fail on its own words below
+            pass
+        else:
+            if fd is None:
+                log.info("%s is being changed by another process; reading its last committed state", root)
+                return
+    try:
+        if (pending / COMMIT).exists():
+            log.info("finishing an interrupted change of %s", root)
+            _roll_forward(root)
+            return
+        log.info("discarding an interrupted change of %s", root)
+        for path in root.glob("*.npy"):
+            _cut_to_header(path)
+        shutil.rmtree(pending)
+    finally:
+        if fd is not None:
+            _unlock(fd)
 
 
 def _roll_forward(root: Path) -> None:

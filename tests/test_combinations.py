@@ -62,3 +62,29 @@ def test_updates_refuse_an_index_that_is_neither_ivf_nor_flat(tmp_path):
     with pytest.raises(KNNLMError, match="neither IVF nor flat"):
         remove_documents(ds, ["synthetic"])
     assert open_datastore(ds).meta.get("removed") in (None, [])
+
+
+def test_a_change_in_progress_is_left_alone_by_readers_and_other_writers(tmp_path):
+    import fcntl
+    import os
+
+    from knnlm.journal import LOCK, PENDING
+
+    rng = np.random.default_rng(0)
+    ds = make_datastore(tmp_path / "ds", rng.normal(size=(50, 8)), rng.integers(0, 100, 50))
+    fd = os.open(ds / LOCK, os.O_CREAT | os.O_RDWR)  # another process, in the middle of a change
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    (ds / PENDING).mkdir()
+    (ds / PENDING / "meta.json").write_text("{}")
+    try:
+        assert open_datastore(ds).count == 50  # the last committed state
+        assert (ds / PENDING / "meta.json").exists()  # not thrown away under the writer's feet
+        with pytest.raises(KNNLMError, match="being changed by another process"):
+            remove_documents(ds, ["synthetic"])
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    open_datastore(ds)  # the writer is gone: its uncommitted change is discarded
+    assert not (ds / PENDING).exists()
+    remove_documents(ds, ["synthetic"])
+    assert open_datastore(ds).live_count == 0
