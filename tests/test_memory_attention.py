@@ -138,11 +138,16 @@ def test_cut_cache_reader_keeps_the_window_and_matches_full_logits(tiny_lm, ids)
         assert reader.memory.positions.tolist() == list(range(len(reader.memory)))
 
 
-def test_attention_memory_needs_a_window(tiny_lm):
+def test_attention_memory_without_a_window_reads_through_eval_s(tiny_lm, corpus_texts):
+    from knnlm.evaluate import NO_DATASTORE_WINDOW
     from knnlm.generate import generate
 
-    with pytest.raises(KNNLMError, match="window"):
-        generate(tiny_lm, "def f():", None, max_new_tokens=2, attention=AttentionMemoryConfig())
+    prompt = corpus_texts["bisect.py"] * 2
+    assert len(tiny_lm.encode(prompt)) > NO_DATASTORE_WINDOW[0]  # longer than the window: the memory fills
+    cfg = AttentionMemoryConfig(k=8)
+    got = generate(tiny_lm, prompt, None, max_new_tokens=3, attention=cfg)
+    assert got.tokens == generate(tiny_lm, prompt, None, max_new_tokens=3, window=NO_DATASTORE_WINDOW,
+                                  attention=cfg).tokens
 
 
 # --- eval, the API and the command line -----------------------------------------------------------------------
