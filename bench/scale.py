@@ -3,8 +3,8 @@ disk as keys grow, and a sharded build's throughput against an unsharded one.
 
     python bench/scale.py [--keys 1000000,2000000] [--build-tokens 4000] [--keep]
 
-Keys are clustered like real ones: the real SmolLM2 keys of bench/results/code (or /work/main's,
-read only) plus Gaussian noise. Every ratio compares two timings of one run. Datastores are made
+Keys are clustered like real ones: the real SmolLM2 keys of bench/results/code (built by
+bench/quality.py) plus Gaussian noise. Every ratio compares two timings of one run. Datastores are made
 under bench/results/scale/ and removed at the end unless --keep (10M keys of d = 576 are 11.5 GB).
 """
 
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from common import MemorySampler, stdlib_texts  # noqa: E402
 from knnlm.arrays import write_json  # noqa: E402
 
-REAL = [HERE / "results" / "code", Path("/work/main/bench/results/code")]
+REAL = [HERE / "results" / "code"]  # bench/quality.py builds it
 
 
 def real_datastore() -> Path:
