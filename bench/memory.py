@@ -1,7 +1,7 @@
 """Memory of the text being read, on long documents: how much of the window → full-context gap it recovers.
 
     python bench/memory.py [--rows window,window+doc,full,full+doc] [--context 256] [--stride 128]
-                           [--datastore /work/main/bench/results/code] [--threads 1]
+                           [--datastore bench/results/code] [--threads 1]
 
 Documents: bench/common.py's long_documents (whole stdlib packages, each cut to SmolLM2's 8192
 positions). Every row is the perplexity of the tokens past the first window (target position > W),
