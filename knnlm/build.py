@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .arrays import NpyAppender, npy_header, replace_dir, write_json
-from .corpus import DEFAULT_GLOB, STORE, check_documents, iter_documents, open_corpus
+from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
 from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore, parse_holdout
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
@@ -228,6 +228,18 @@ def _run_block(lm: LM, block: list, batch_size: int) -> tuple[np.ndarray, np.nda
     return k16, v
 
 
+def open_build(corpus: str, out, cfg: BuildConfig, lm: LM | None) -> tuple[Path, Corpus, LM]:
+    """(datastore path, corpus, model) of a build, with every check that can fail before any work."""
+    out = datastore_path(out)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
+    check_documents(src)
+    lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
+    check_window(cfg.context, cfg.stride, lm.max_positions)
+    if cfg.build_index:
+        cfg.index.check_factory(lm.dim)
+    return out, src, lm
+
+
 def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: BuildConfig = BuildConfig(),
                     lm: LM | None = None, progress=None) -> Datastore:
     """Build a datastore from a corpus.
@@ -242,13 +254,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     Returns:
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
-    out = datastore_path(out)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
-    check_documents(src)
-    lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
-    check_window(cfg.context, cfg.stride, lm.max_positions)
-    if cfg.build_index:
-        cfg.index.check_factory(lm.dim)
+    out, src, lm = open_build(corpus, out, cfg, lm)
     work, ckpt = _prepare_dirs(out, cfg)
     settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
     if ckpt is not None:

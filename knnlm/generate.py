@@ -23,7 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .errors import KNNLMError
 from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
-from .lm import LM
+from .lm import LM, QueryHook
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import DocumentMemory, MemoryConfig, MemoryProcessor, join_neighbors, prompt_memory, resolve_memory
 from .memory.reading import reading_with_memory
@@ -34,7 +34,7 @@ from .scores import Scores
 from .windows import check_window, plan_windows
 
 
-class KNNLogitsProcessor(LogitsProcessor):
+class KNNLogitsProcessor(QueryHook, LogitsProcessor):
     """Replaces the model's next-token scores with log(λ·p_kNN + (1−λ)·p_LM).
 
     Usable with `model.generate(..., logits_processor=LogitsProcessorList([processor]))`, greedy
@@ -79,28 +79,14 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.saved = 0  # queries whose search RetoMaton's pointers saved
         self._automaton = open_automaton(retriever) if retriever.cfg.retomaton else None
         self.last: dict | None = None  # the last step's neighbours, for inspection
-        self._query: torch.Tensor | None = None
         self._mixing = False  # inside distribution(): lm_head calls there are not the model's
         self.memory, self._last_token = memory, -1
-        self._handle = self.head.register_forward_pre_hook(self._capture)
+        QueryHook.__init__(self, lm)
 
-    def _capture(self, _module, args) -> None:
-        # The lm_head's input; generate computes logits for the last position only. SPALM's own
-        # projections inside distribution() pass through this hook too, and are not queries.
+    def _capture(self, module, args) -> None:
+        # SPALM's own projections inside distribution() pass through this hook too, and are not queries.
         if not self._mixing:
-            self._query = args[0][:, -1, :].detach()
-
-    def close(self) -> None:
-        """Remove the hook from the model."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __enter__(self) -> "KNNLogitsProcessor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            super()._capture(module, args)
 
     def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor, pointers: np.ndarray | None = None
                      ) -> torch.Tensor:

@@ -50,6 +50,30 @@ def bundled_gguf() -> Path:
     return path
 
 
+class QueryHook:
+    """Captures each forward's query (the lm_head's input at the last position) with a forward pre-hook;
+    a context manager that removes the hook. Logits processors read `_query` in their __call__."""
+
+    def __init__(self, lm: "LM"):
+        self._query: torch.Tensor | None = None
+        self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
+
+    def _capture(self, _module, args) -> None:
+        self._query = args[0][:, -1, :].detach()
+
+    def close(self) -> None:
+        """Remove the hook from the model."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _KeysCaptured(Exception):
     """Raised by the lm_head hook to skip the output projection when only keys are needed."""
 

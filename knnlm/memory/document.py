@@ -29,6 +29,7 @@ from transformers import LogitsProcessor
 from ..combine import load_lambda
 from ..errors import KNNLMError
 from ..interpolate import interpolate, knn_log_distribution, knn_log_prob
+from ..lm import QueryHook
 from ..retrieval import exact_distances
 from ..scores import Scores
 
@@ -280,7 +281,7 @@ def prompt_memory(lm, ids: list[int], context: int, stride: int, k: int, batch_s
     return memory
 
 
-class MemoryProcessor(LogitsProcessor):
+class MemoryProcessor(QueryHook, LogitsProcessor):
     """Mixes p_mem into a decoding step's scores: log(λ_m·p_mem + (1 − λ_m)·p) ("separate", or no datastore).
 
     Takes each step's query with a forward-pre-hook on the model's output projection (as
@@ -292,23 +293,7 @@ class MemoryProcessor(LogitsProcessor):
     def __init__(self, lm, memory: DocumentMemory, lam: float, temperature: float):
         self.memory, self.lam, self.temperature = memory, float(lam), float(temperature)
         self.seconds = 0.0
-        self._query: torch.Tensor | None = None
-        self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
-
-    def _capture(self, _module, args) -> None:
-        self._query = args[0][:, -1, :].detach()
-
-    def close(self) -> None:
-        """Remove the hook from the model."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __enter__(self) -> "MemoryProcessor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        QueryHook.__init__(self, lm)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """scores (1, V) in (logits or log-probabilities), log-probabilities (1, V) out."""

@@ -12,13 +12,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..arrays import write_json
-from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs,
+from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs, open_build,
                      _read_json, _read_progress, _stream, _Writer)
-from ..corpus import check_documents, open_corpus
-from ..datastore import Datastore, datastore_path
+from ..datastore import Datastore
 from ..errors import KNNLMError
-from ..lm import LM, load_lm
-from ..windows import check_window
+from ..lm import LM
 from .engines import Engine, index_runner, run_shards
 from .merge import merge_shards
 
@@ -123,13 +121,7 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     Returns:
         The opened datastore. Interrupted, OUT.partial/ keeps every shard's checkpoint for `resume=True`.
     """
-    out = datastore_path(out)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
-    check_documents(src)
-    lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
-    check_window(cfg.context, cfg.stride, lm.max_positions)
-    if cfg.build_index:
-        cfg.index.check_factory(lm.dim)
+    out, src, lm = open_build(corpus, out, cfg, lm)
     work, plan = _prepare_dirs(out, cfg, sharded=True)
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
                 | {"model": lm.fingerprint, "corpus": src.files, "shards": shard_cfg.shards})
