@@ -1,11 +1,20 @@
 """kNN-LM eval throughput ÷ LM-only throughput, and peak RSS, at several datastore sizes.
 
     python bench/eval.py [--sizes 100000,1000000] [--tokens 3000]
+    python bench/eval.py --real [--variants knn,skip,retomaton,skip+retomaton] [--tokens 3000]
+    python bench/eval.py --datastore DIR [--variants knn,retomaton] [--no-exact]
 
 Each size runs in its own process (so peak RSS is its own); within it the LM-only and the
 kNN-LM passes alternate twice over the same tokens, and the ratio uses the sums. Keys are
 random (the timing does not depend on what they encode); datastores are cached in
 bench/results/ between runs.
+
+--real uses the real datastore of 1M keys bench/results/real-1m: SmolLM2's keys over the Python
+sources of this environment's site-packages (shuffled files, the first 1M tokens; about an hour to
+build once on 2 cores), its gates tuned on 30 stdlib files that the eval text does not use. Each
+speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
+perplexity compared with an exact (brute-force) full search under the same λ policy.
+--datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys).
 """
 
 from __future__ import annotations
@@ -61,6 +70,124 @@ def one_size(n: int, tokens: int) -> dict:
             "peak_private_mib": round(mem.peak["RssAnon"]), "peak_mapped_file_mib": round(mem.peak["RssFile"])}
 
 
+REAL = HERE / "results" / "real-1m"
+FEATURES = ("skip", "retomaton", "no-rerank")  # a variant is "knn" (none) or some of them joined by "+"
+
+
+def parse_variant(name: str) -> set[str]:
+    """The speed features a variant name turns on."""
+    parts = set() if name == "knn" else set(name.split("+"))
+    if not parts <= set(FEATURES):
+        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)} joined by '+'.")
+    return parts
+
+
+def eval_docs(lm, tokens: int) -> list[tuple[str, str]]:
+    """Stdlib files (seed 1) until they hold `tokens` tokens."""
+    docs, total = [], 0
+    for name, text in stdlib_texts(50, seed=1):
+        docs.append((name, text))
+        total += len(lm.encode(text))
+        if total >= tokens:
+            break
+    return docs
+
+
+def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
+    """Build the real datastore (once) and tune its mixing on stdlib text that eval_docs never reads."""
+    import sysconfig
+
+    from common import BENCH_DEVICE, BENCH_MODEL
+    from knnlm.build import BuildConfig, build_datastore
+
+    if not (path / "index.faiss").exists():
+        site = sysconfig.get_paths()["purelib"]
+        build_datastore(site, path, BuildConfig(model=BENCH_MODEL, device=BENCH_DEVICE, glob="**/*.py", holdout=0,
+                                                shuffle_seed=0, max_tokens=keys, resume=(path / ".partial").exists()))
+    if not (path / "lambda.json").exists():
+        dev = HERE / "results" / "real-dev"
+        dev.mkdir(parents=True, exist_ok=True)
+        for name, text in stdlib_texts(200, seed=1)[50:80]:  # eval_docs reads at most the first 50
+            (dev / Path(name).name).write_text(text)
+        subprocess.run([sys.executable, "-m", "knnlm", "tune-lambda", "-d", str(path), "-c", str(dev), "--glob", "*.py",
+                        "--no-spalm", "--no-plot", "--device", BENCH_DEVICE], check=True)
+
+
+def with_factory(path: Path, factory: str) -> Path:
+    """A sibling of the datastore at path sharing its arrays (hard links) and tuning, indexed with a faiss factory."""
+    import shutil
+
+    from knnlm.datastore import open_datastore
+    from knnlm.index import IndexConfig, train_index
+
+    out = path.parent / f"{path.name}-{factory.replace(',', '-')}"
+    if not (out / "index.faiss").exists():
+        out.mkdir(exist_ok=True)
+        for f in ("keys.npy", "vals.npy"):
+            if not (out / f).exists():
+                (out / f).hardlink_to(path / f)
+        for f in ("meta.json", "lambda.json", "mixing.safetensors"):
+            if (path / f).exists():
+                shutil.copy2(path / f, out / f)
+        train_index(open_datastore(out), IndexConfig(factory=factory))
+    return out
+
+
+def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool) -> dict:
+    """Each variant's eval throughput against the LM alone (alternating, twice) and its perplexity
+    against an exact full search with the same λ policy (run in a child process)."""
+    from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler
+    from knnlm.combine import resolve_combiner
+    from knnlm.datastore import open_datastore
+    from knnlm.evaluate import Timer, report, score_documents
+    from knnlm.lm import load_lm
+    from knnlm.retrieval import RetrievalConfig, Retriever
+
+    lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
+    ds = open_datastore(path)
+    docs = eval_docs(lm, tokens)
+    tuned = (path / "lambda.json").exists()
+    lam = "gate" if tuned else "0.25"  # the learned gate where tuned; its skip is what "skip" turns on
+    out = {"datastore": str(path), "keys": ds.count, "lambda": lam, "variants": {}}
+    if exact:
+        combiner = resolve_combiner(lam, path)
+        s = score_documents(lm, Retriever(ds, RetrievalConfig(exact=True)), docs, 512, 256, combiner=combiner)
+        out["exact_knn_lm_ppl"] = report(s, combiner)["knn_lm_ppl"]
+        out["lm_ppl"] = report(s, combiner)["lm_ppl"]
+    score_documents(lm, None, docs[:1], 512, 256)  # warm-up
+    for name in variants:
+        on = parse_variant(name)
+        if "skip" in on and not tuned:
+            out["variants"][name] = "needs a tuned datastore (knnlm tune-lambda)"
+            continue
+        retriever = Retriever(ds, RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on))
+        combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
+        score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
+        lm_s = knn_s = 0.0
+        timer = Timer()
+        with MemorySampler() as mem:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                score_documents(lm, None, docs, 512, 256)
+                lm_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                s = score_documents(lm, retriever, docs, 512, 256, timer=timer, combiner=combiner)
+                knn_s += time.perf_counter() - t0
+        r = report(s, combiner)
+        row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3),
+               "lm_only_tokens_per_s": round(2 * r["tokens"] / lm_s, 1),
+               "knn_lm_tokens_per_s": round(2 * r["tokens"] / knn_s, 1),
+               "retrieval_ms_per_token": round(1000 * timer.retrieval / (2 * r["tokens"]), 3),
+               "searches_skipped": round(r["searches_skipped"], 4),
+               "searches_saved_by_retomaton": round(timer.searches_saved / (2 * r["tokens"]), 4),
+               "knn_lm_ppl": round(r["knn_lm_ppl"], 4), "peak_private_mib": round(mem.peak["RssAnon"])}
+        if exact:
+            row["ppl_over_exact_full_search"] = round(r["knn_lm_ppl"] / out["exact_knn_lm_ppl"] - 1, 5)
+        out["variants"][name] = row
+        print(json.dumps({name: row}), file=sys.stderr, flush=True)
+    return out
+
+
 def prepare(n: int) -> None:
     """Create the synthetic datastore of n keys and its index (run in a process of its own)."""
     from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic
@@ -77,7 +204,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3000)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--real", action="store_true", help=f"time the speed-feature variants on {REAL}")
+    ap.add_argument("--datastore", help="time the variants on this datastore")
+    ap.add_argument("--variants", default="knn,skip,retomaton,skip+retomaton,no-rerank,skip+no-rerank",
+                    help=f"comma-separated: knn, or some of {', '.join(FEATURES)} joined by '+'")
+    ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
+    ap.add_argument("--out", help="also write the report here (JSON)")
     args = ap.parse_args()
+    if args.real or args.datastore:
+        path = Path(args.datastore) if args.datastore else REAL
+        if args.real:
+            prepare_real(path)
+        if args.factory:
+            path = with_factory(path, args.factory)
+        variants = [v for v in args.variants.split(",") if v and parse_variant(v) is not None]
+        out = one_datastore(path, args.tokens, variants, not args.no_exact)
+        print(json.dumps(out, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+        return
     if args.prepare is not None:
         prepare(args.prepare)
         return

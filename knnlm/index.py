@@ -28,6 +28,9 @@ _INFO_KEYS = ("kind", "factory", "nlist", "code_size", "train_size", "reason", "
               "total_seconds")
 
 
+PRECOMPUTED_TABLE_MAX_BYTES = 256 * 2**20  # IVF-PQ's precomputed table: used up to nlist 4096 (load_index)
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """How to build the index; None fields are chosen from the number of keys."""
@@ -155,6 +158,8 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     if ds.removed:  # the index would hold their keys again
         raise KNNLMError(f"Datastore {ds.path} has removed documents whose keys are still in its arrays; run "
                          f"`knnlm compact {ds.path}` first, then train the index.")
+    from .scale.ivf import Adder, train_ivf
+
     n, d = ds.count, ds.dim
     p = choose_params(n, d, cfg)
     t0 = time.time()
@@ -180,7 +185,7 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
         if hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
             faiss.downcast_index(ivf).do_polysemous_training = False
         log.info("training %s on %d keys", p["factory"], len(xt))
-        index.train(xt)
+        train_ivf(index, xt, cfg.seed)
         del xt
     t_train = time.time() - t0
     lists = {"lists": "in RAM"}
@@ -192,8 +197,9 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     else:
         if cfg.on_disk:
             log.info("--on-disk applies to IVF indexes; this exact index stays in RAM")
+        adder = Adder(index)
         for lo, hi in _chunks(n, cfg.add_chunk):
-            index.add(np.asarray(ds.keys[lo:hi], dtype=np.float32))
+            adder.add(np.asarray(ds.keys[lo:hi], dtype=np.float32), lo)
             if progress:
                 progress(hi - lo)
     info = {**p, **lists, "metric": "L2", "count": n, "dim": d, "seed": cfg.seed, "config": asdict(cfg),
@@ -238,12 +244,19 @@ def load_index(ds: Datastore):
     if info.get("datastore") != ds.fingerprint or info.get("count") != ds.count:
         raise KNNLMError(f"The index in {ds.path} was built for other keys; rebuild it with "
                          f"`knnlm train-index {ds.path}`.")
+    # IVF-PQ's precomputed distance table (nlist·M·256 floats, made when the index is read) grows with
+    # nlist: 128 MiB at 1M keys, 512 MiB at 10M. It speeds the search; past this bound faiss computes
+    # those terms per query instead (searches about 1.5x slower at 10M keys) and memory stays flat.
+    table_max = faiss.cvar.precomputed_table_max_bytes
+    faiss.cvar.precomputed_table_max_bytes = min(table_max, PRECOMPUTED_TABLE_MAX_BYTES)
     try:
         # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
         index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except (RuntimeError, MemoryError, ValueError, OSError) as e:  # faiss: RuntimeError; a garbled size: MemoryError
         raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
                          f"`knnlm train-index {ds.path}`.") from e
+    finally:
+        faiss.cvar.precomputed_table_max_bytes = table_max
     if index.ntotal != ds.live_count or index.d != ds.dim:  # removed documents' keys have left the index
         raise KNNLMError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore "
                          f"{ds.live_count} of width {ds.dim}; rebuild it with `knnlm train-index {ds.path}`.")

@@ -22,7 +22,9 @@ from knnlm.errors import KNNLMError
 from knnlm.index import IndexConfig, load_index, read_index_info, train_index
 from knnlm.scale import Engine, ShardConfig, build_sharded, plan_shards
 from knnlm.scale import shards as shards_mod
+from knnlm.scale import ivf as scale_ivf
 from knnlm.scale.engines import RayRunner
+from knnlm.scale.ivf import Adder
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,75 @@ def test_on_disk_index_searches_like_in_ram(synthetic):
     train_index(open_datastore(root / "moved"), cfg)
     assert read_index_info(open_datastore(root / "moved"))["lists"] == "in RAM"
     assert not list((root / "moved").glob("*.ivfdata"))
+
+
+def _lists(index) -> dict:
+    """{id: (list number, code bytes)} of an IVF index's inverted lists."""
+    ivf, out = faiss.extract_index_ivf(index), {}
+    for no in range(ivf.nlist):
+        n = ivf.invlists.list_size(no)
+        ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(no), n)
+        codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(no), n * ivf.code_size).reshape(n, ivf.code_size)
+        out.update((int(i), (no, bytes(c))) for i, c in zip(ids, codes))
+    return out
+
+
+def test_fast_add_fills_the_lists_faiss_add_fills():
+    keys = clustered(12_000, 32, seed=1)
+    index = faiss.index_factory(32, "IVF32,PQ8")
+    index.train(keys[:4000])
+    ref, fast = faiss.clone_index(index), faiss.clone_index(index)
+    ref.add(keys)
+    adder = Adder(fast)
+    assert adder.fast
+    for lo in range(0, len(keys), 5000):
+        adder.add(keys[lo: lo + 5000], lo)
+    assert fast.ntotal == ref.ntotal and _lists(fast) == _lists(ref)
+    assert Adder(faiss.index_factory(32, "IVF32,PQ8x4fs")).fast is False  # left to faiss
+
+
+def test_large_nlist_shortcuts_keep_search_quality(synthetic, monkeypatch):
+    """Two-level k-means and HNSW coarse assignment (past LARGE_NLIST lists) find the true neighbours about
+    as well as flat k-means and assignment; the saved index keeps its flat quantizer."""
+    root, queries = synthetic
+    shutil.copytree(root / "ram", root / "large")
+    cfg = IndexConfig(nlist=64, code_size=8, train_size=4096, seed=0)
+    train_index(open_datastore(root / "ram"), cfg)
+    monkeypatch.setattr(scale_ivf, "LARGE_NLIST", 64)
+    called = {}
+    real_two_level = scale_ivf.two_level_clustering
+    monkeypatch.setattr(scale_ivf, "two_level_clustering",
+                        lambda *a, **kw: called.setdefault("two_level", real_two_level(*a, **kw)))
+    train_index(open_datastore(root / "large"), cfg)
+    assert "two_level" in called
+    index = load_index(open_datastore(root / "large"))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexFlat)
+    # Coarse lists: the HNSW graph's choice is the flat quantizer's for nearly every key.
+    ivf = faiss.extract_index_ivf(index)
+    keys = np.asarray(open_datastore(root / "large").keys, dtype=np.float32)
+    nearest = ivf.quantizer.search(keys, 1)[1][:, 0]
+    assert np.mean([no == nearest[i] for i, (no, _) in _lists(index).items()]) > 0.99
+    exact = np.argsort(((queries[:, None, :] - keys[None]) ** 2).sum(-1), axis=1)[:, :10]
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+
+    assert recall(_search(root / "large", queries)[1]) > recall(_search(root / "ram", queries)[1]) - 0.05 > 0.5
+
+
+def test_precomputed_table_is_bounded(synthetic, monkeypatch):
+    """IVF-PQ's precomputed table (nlist·M·256 floats) is made only up to a bound, so search memory
+    stays flat as nlist grows; faiss's own bound is left as it was."""
+    import knnlm.index as index_mod
+
+    root, _ = synthetic
+    train_index(open_datastore(root / "ram"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0))
+    before = faiss.cvar.precomputed_table_max_bytes
+    table = lambda: faiss.downcast_index(load_index(open_datastore(root / "ram"))).precomputed_table.size()
+    assert table() == 32 * 8 * 256
+    monkeypatch.setattr(index_mod, "PRECOMPUTED_TABLE_MAX_BYTES", 32 * 8 * 256 * 4 - 1)
+    assert table() == 0
+    assert faiss.cvar.precomputed_table_max_bytes == before
 
 
 def test_index_parts_on_ray_search_like_one_add(ray_local, synthetic):
