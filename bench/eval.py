@@ -11,8 +11,8 @@ bench/results/ between runs.
 
 --real uses the real datastore of 1M keys bench/results/real-1m: SmolLM2's keys over the Python
 sources of this environment's site-packages (shuffled files, the first 1M tokens; about an hour to
-build once on 2 cores), its gates tuned on 30 stdlib files that the eval text does not use. Each
-speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
+build once on 2 cores), its gates tuned on about 25k tokens of stdlib files that the eval text does
+not use. Each speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
 perplexity compared with an exact (brute-force) full search under the same λ policy.
 --datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys).
 """
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from common import stdlib_texts  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -107,8 +109,12 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
     if not (path / "lambda.json").exists():
         dev = HERE / "results" / "real-dev"
         dev.mkdir(parents=True, exist_ok=True)
-        for name, text in stdlib_texts(200, seed=1)[50:80]:  # eval_docs reads at most the first 50
+        chars = 0
+        for name, text in stdlib_texts(200, seed=1)[50:]:  # eval_docs reads at most the first 50
             (dev / Path(name).name).write_text(text)
+            chars += len(text)
+            if chars >= 80_000:  # about 25k tokens of Python
+                break
         subprocess.run([sys.executable, "-m", "knnlm", "tune-lambda", "-d", str(path), "-c", str(dev), "--glob", "*.py",
                         "--no-spalm", "--no-plot", "--device", BENCH_DEVICE], check=True)
 

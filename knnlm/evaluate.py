@@ -22,7 +22,7 @@ from .lm import DEFAULT_MODEL, LM, load_lm
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import MemoryConfig, memory_report
 from .memory.reading import forward_in_order
-from .retomaton import chain_neighbors, open_automaton
+from .retomaton import EVAL_CHAIN, chain_neighbors, open_automaton, split_chains
 from .retrieval import RetrievalConfig, Retriever
 from .scores import Scores, concat_scores, load_scores, save_scores
 from .windows import check_window, forward_owned, plan_windows
@@ -94,7 +94,8 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         batch_size: windows per forward pass.
         progress: optional callable taking the number of tokens just scored.
         timer: accumulates seconds spent in the LM and in retrieval, and searches RetoMaton saved
-            (retriever.cfg.retomaton: its pointer chains restart at each window's first position).
+            (retriever.cfg.retomaton: its pointer chains restart at each window's first position and
+            every EVAL_CHAIN positions).
         combiner: the mixing policy; its learned skip decides which tokens are searched.
         keep_features: also keep the queries and the LM statistics the learned gates read (each
             forced on when the combiner reads it).
@@ -139,8 +140,9 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         t0 = time.perf_counter()
         keep = combiner.search_mask(q, st) if (combiner is not None and retriever is not None) else None
         if retriever is not None and retriever.cfg.retomaton:
-            # Each window's owned positions are one pointer chain; the batch's windows step together.
-            starts = np.cumsum([0] + [len(targets[o.item]) for o in owned[:-1]])
+            # Each window's owned positions are pointer chains of at most EVAL_CHAIN positions, all
+            # of the batch's stepping together.
+            starts = split_chains([len(targets[o.item]) for o in owned], EVAL_CHAIN)
             dists, _ids, vals, saved = chain_neighbors(retriever, open_automaton(retriever), q, tg, starts, keep)
             timer.searches_saved += int(saved.sum())
         elif retriever is not None:

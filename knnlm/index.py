@@ -28,7 +28,7 @@ _INFO_KEYS = ("kind", "factory", "nlist", "code_size", "train_size", "reason", "
               "total_seconds")
 
 
-PRECOMPUTED_TABLE_MAX_BYTES = 256 * 2**20  # IVF-PQ's precomputed table: used up to nlist 4096 (load_index)
+ON_DISK_TABLE_MAX_BYTES = 256 * 2**20  # IVF-PQ's precomputed table with on-disk lists: up to nlist 4096 (load_index)
 
 
 @dataclass(frozen=True)
@@ -245,10 +245,12 @@ def load_index(ds: Datastore):
         raise KNNLMError(f"The index in {ds.path} was built for other keys; rebuild it with "
                          f"`knnlm train-index {ds.path}`.")
     # IVF-PQ's precomputed distance table (nlist·M·256 floats, made when the index is read) grows with
-    # nlist: 128 MiB at 1M keys, 512 MiB at 10M. It speeds the search; past this bound faiss computes
-    # those terms per query instead (searches about 1.5x slower at 10M keys) and memory stays flat.
+    # nlist: 128 MiB at 1M keys, 512 MiB at 10M. It speeds the search. An on-disk index is the choice
+    # of bounded memory, so past this bound faiss computes those terms per query instead (searches
+    # about 1.5x slower at 10M keys); in RAM faiss's own bound (2 GiB) holds.
     table_max = faiss.cvar.precomputed_table_max_bytes
-    faiss.cvar.precomputed_table_max_bytes = min(table_max, PRECOMPUTED_TABLE_MAX_BYTES)
+    if info.get("lists") == "on-disk":
+        faiss.cvar.precomputed_table_max_bytes = min(table_max, ON_DISK_TABLE_MAX_BYTES)
     try:
         # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
         index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)

@@ -158,6 +158,20 @@ def step(retriever: Retriever, auto: Automaton, queries: np.ndarray, pointers: n
     return dists, ids, vals, saved
 
 
+# Eval restarts a pointer chain every this many positions. Chains step together, one position of
+# each per step, so a batch of 4 windows of 256 positions is 32 steps of 32 rows instead of 256
+# steps of 4: a search or ranking per step costs about as much for 4 rows as for 32. A restart
+# costs one search (at most 1/32 of the savings).
+EVAL_CHAIN = 32
+
+
+def split_chains(lengths, chain: int) -> np.ndarray:
+    """First rows of chains of at most `chain` positions covering segments of the given lengths laid end to end."""
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.concatenate([np.arange(a, b, chain, dtype=np.int64) for a, b in zip(bounds[:-1], bounds[1:])]
+                          + [np.zeros(0, np.int64)])
+
+
 def chain_neighbors(retriever: Retriever, auto: Automaton, queries: np.ndarray, targets: np.ndarray,
                     chain_starts: np.ndarray, keep: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

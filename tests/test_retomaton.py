@@ -18,7 +18,7 @@ from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import generate
 from knnlm.index import IndexConfig, train_index
 from knnlm.retomaton import (Automaton, chain_neighbors, document_starts, expand_candidates, next_pointers,
-                             open_automaton, successors)
+                             open_automaton, split_chains, successors)
 from knnlm.retrieval import RetrievalConfig, Retriever, exact_distances
 
 from helpers import clustered, make_datastore
@@ -118,6 +118,19 @@ def test_searches_saved_on_a_hand_made_datastore(hand_made):
     keep[2] = False
     _, ids3, _, saved3 = chain_neighbors(r, auto, keys[rows], targets, np.array([0]), keep)
     assert (ids3[2] == -1).all() and saved3.tolist()[:5] == [False, True, False, False, True]
+
+
+def test_eval_chains_restart_every_eval_chain_positions(hand_made):
+    assert split_chains([5, 0, 70, 3], 32).tolist() == [0, 5, 37, 69, 75]
+    assert split_chains([], 32).tolist() == [] and split_chains([0, 0], 4).tolist() == []
+    # split chains of the hand-made text: each piece's first row is searched, as a fresh chain's is
+    ds = hand_made
+    r = Retriever(ds, RetrievalConfig(k=3, exact=True, retomaton=True, min_knns=1))
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    targets = np.asarray(ds.vals)[rows]
+    _, _, _, saved = chain_neighbors(r, open_automaton(r), np.asarray(ds.keys, np.float32)[rows], targets,
+                                     split_chains([10], 3))
+    assert saved.tolist() == [False, True, True, False, True, False, False, True, True, False]
 
 
 @pytest.fixture(scope="module")

@@ -217,19 +217,26 @@ def test_large_nlist_shortcuts_keep_search_quality(synthetic, monkeypatch):
     assert recall(_search(root / "large", queries)[1]) > recall(_search(root / "ram", queries)[1]) - 0.05 > 0.5
 
 
-def test_precomputed_table_is_bounded(synthetic, monkeypatch):
-    """IVF-PQ's precomputed table (nlist·M·256 floats) is made only up to a bound, so search memory
-    stays flat as nlist grows; faiss's own bound is left as it was."""
+def test_precomputed_table_is_bounded_on_disk(synthetic, monkeypatch):
+    """With its lists on disk, IVF-PQ's precomputed table (nlist·M·256 floats) is made only up to a
+    bound, so search memory stays flat as nlist grows; in RAM and in faiss's own setting nothing changes."""
     import knnlm.index as index_mod
 
-    root, _ = synthetic
-    train_index(open_datastore(root / "ram"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0))
+    root, queries = synthetic
+    shutil.copytree(root / "ram", root / "disk")
+    cfg = dict(nlist=32, code_size=8, train_size=1024, seed=0)
+    train_index(open_datastore(root / "ram"), IndexConfig(**cfg))
+    train_index(open_datastore(root / "disk"), IndexConfig(**cfg, on_disk=True))
     before = faiss.cvar.precomputed_table_max_bytes
-    table = lambda: faiss.downcast_index(load_index(open_datastore(root / "ram"))).precomputed_table.size()
-    assert table() == 32 * 8 * 256
-    monkeypatch.setattr(index_mod, "PRECOMPUTED_TABLE_MAX_BYTES", 32 * 8 * 256 * 4 - 1)
-    assert table() == 0
+    table = lambda name: faiss.downcast_index(load_index(open_datastore(root / name))).precomputed_table.size()
+    assert table("ram") == table("disk") == 32 * 8 * 256
+    monkeypatch.setattr(index_mod, "ON_DISK_TABLE_MAX_BYTES", 32 * 8 * 256 * 4 - 1)
+    assert table("disk") == 0 and table("ram") == 32 * 8 * 256
     assert faiss.cvar.precomputed_table_max_bytes == before
+    # without the table the search computes the same terms per query: the same neighbours
+    d_ram, i_ram = _search(root / "ram", queries)
+    d_disk, i_disk = _search(root / "disk", queries)
+    assert np.mean(i_ram == i_disk) > 0.99 and np.allclose(d_ram, d_disk, rtol=1e-4, atol=1e-3)
 
 
 def test_index_parts_on_ray_search_like_one_add(ray_local, synthetic):
