@@ -11,8 +11,9 @@ bench/results/ between runs.
 
 --real uses the real datastore of 1M keys bench/results/real-1m: SmolLM2's keys over the Python
 sources of this environment's site-packages (shuffled files, the first 1M tokens; about an hour to
-build once on 2 cores), its gates tuned on about 25k tokens of stdlib files that the eval text does
-not use. Each speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
+build once on 2 cores). Its eval text (and, apart, about 25k tokens to tune its gates on) are
+other files of the same directories: the same libraries, text the datastore does not hold. Each
+speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
 perplexity compared with an exact (brute-force) full search under the same λ policy.
 --datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys).
 """
@@ -84,10 +85,25 @@ def parse_variant(name: str) -> set[str]:
     return parts
 
 
-def eval_docs(lm, tokens: int) -> list[tuple[str, str]]:
-    """Stdlib files (seed 1) until they hold `tokens` tokens."""
+def sibling_texts(ds_path: Path, seed: int, skip: int = 0) -> list[tuple[str, str]]:
+    """(name, text) of Python files beside the datastore's documents that it does not hold: text of the
+    same libraries the LM never read in the datastore. Shuffled with seed; the first `skip` left out."""
+    import json
+    import random
+
+    held = {d[0] for d in json.loads((ds_path / "meta.json").read_text())["documents"]}
+    dirs = sorted({Path(name).parent for name in held})
+    files = sorted({p for d in dirs for p in d.glob("*.py")
+                    if str(p) not in held and 2_000 < p.stat().st_size < 60_000})
+    random.Random(seed).shuffle(files)
+    return [(str(p), p.read_text(errors="replace")) for p in files[skip:]]
+
+
+def eval_docs(lm, tokens: int, ds_path: Path | None = None) -> list[tuple[str, str]]:
+    """Files until they hold `tokens` tokens: for the real datastore files beside its documents (seed 1),
+    else stdlib files (seed 1)."""
     docs, total = [], 0
-    for name, text in stdlib_texts(50, seed=1):
+    for name, text in (sibling_texts(ds_path, seed=1) if ds_path == REAL else stdlib_texts(50, seed=1)):
         docs.append((name, text))
         total += len(lm.encode(text))
         if total >= tokens:
@@ -110,8 +126,8 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
         dev = HERE / "results" / "real-dev"
         dev.mkdir(parents=True, exist_ok=True)
         chars = 0
-        for name, text in stdlib_texts(200, seed=1)[50:]:  # eval_docs reads at most the first 50
-            (dev / Path(name).name).write_text(text)
+        for i, (name, text) in enumerate(sibling_texts(path, seed=1, skip=100)):  # eval_docs reads fewer than 100
+            (dev / f"{i:03d}-{Path(name).name}").write_text(text)
             chars += len(text)
             if chars >= 80_000:  # about 25k tokens of Python
                 break
@@ -151,7 +167,7 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool) -> 
 
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     ds = open_datastore(path)
-    docs = eval_docs(lm, tokens)
+    docs = eval_docs(lm, tokens, path)
     tuned = (path / "lambda.json").exists()
     lam = "gate" if tuned else "0.25"  # the learned gate where tuned; its skip is what "skip" turns on
     out = {"datastore": str(path), "keys": ds.count, "lambda": lam, "variants": {}}
