@@ -10,19 +10,28 @@ centroids (the saved index keeps its flat quantizer, so searches still rank ever
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import uuid
 
 import faiss
 import numpy as np
-from faiss.contrib.clustering import two_level_clustering
 from faiss.contrib.ondisk import merge_ondisk
 
 log = logging.getLogger(__name__)
 
 LARGE_NLIST = 4096  # from this many IVF lists on, two-level k-means and HNSW coarse assignment
 ASSIGN_HNSW_M, ASSIGN_EF = 32, 32  # the assignment graph: 99.8% of keys land in their nearest list
+
+
+def two_level_clustering(*args, **kwargs):
+    """faiss.contrib.clustering.two_level_clustering, imported on first use (without scipy that module
+    prints a note on stdout when imported, which would land in the CLI's output)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from faiss.contrib.clustering import two_level_clustering as clustering
+    return clustering(*args, **kwargs)
 
 
 def _flat_l2(index) -> bool:
