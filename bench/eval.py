@@ -99,11 +99,11 @@ def sibling_texts(ds_path: Path, seed: int, skip: int = 0) -> list[tuple[str, st
     return [(str(p), p.read_text(errors="replace")) for p in files[skip:]]
 
 
-def eval_docs(lm, tokens: int, ds_path: Path | None = None) -> list[tuple[str, str]]:
-    """Files until they hold `tokens` tokens: for the real datastore files beside its documents (seed 1),
-    else stdlib files (seed 1)."""
+def eval_docs(lm, tokens: int, real: Path | None = None) -> list[tuple[str, str]]:
+    """Files until they hold `tokens` tokens: files beside the real datastore's documents (seed 1), else
+    stdlib files (seed 1)."""
     docs, total = [], 0
-    for name, text in (sibling_texts(ds_path, seed=1) if ds_path == REAL else stdlib_texts(50, seed=1)):
+    for name, text in (sibling_texts(real, seed=1) if real is not None else stdlib_texts(50, seed=1)):
         docs.append((name, text))
         total += len(lm.encode(text))
         if total >= tokens:
@@ -112,7 +112,7 @@ def eval_docs(lm, tokens: int, ds_path: Path | None = None) -> list[tuple[str, s
 
 
 def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
-    """Build the real datastore (once) and tune its mixing on stdlib text that eval_docs never reads."""
+    """Build the real datastore (once) and tune its mixing on files beside its documents that eval_docs never reads."""
     import sysconfig
 
     from common import BENCH_DEVICE, BENCH_MODEL
@@ -155,7 +155,7 @@ def with_factory(path: Path, factory: str) -> Path:
     return out
 
 
-def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool) -> dict:
+def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False) -> dict:
     """Each variant's eval throughput against the LM alone (alternating, twice) and its perplexity
     against an exact full search with the same λ policy (run in a child process)."""
     from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler
@@ -167,7 +167,7 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool) -> 
 
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     ds = open_datastore(path)
-    docs = eval_docs(lm, tokens, path)
+    docs = eval_docs(lm, tokens, path if real else None)
     tuned = (path / "lambda.json").exists()
     lam = "gate" if tuned else "0.25"  # the learned gate where tuned; its skip is what "skip" turns on
     out = {"datastore": str(path), "keys": ds.count, "lambda": lam, "variants": {}}
@@ -241,7 +241,7 @@ def main() -> None:
         if args.factory:
             path = with_factory(path, args.factory)
         variants = [v for v in args.variants.split(",") if v and parse_variant(v) is not None]
-        out = one_datastore(path, args.tokens, variants, not args.no_exact)
+        out = one_datastore(path, args.tokens, variants, not args.no_exact, real=args.real)
         print(json.dumps(out, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=1))

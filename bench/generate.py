@@ -44,13 +44,14 @@ def main() -> None:
     ds = open_datastore(path)
     _, text = stdlib_texts(1, seed=2)[0]
     prompt = lm.decode(lm.encode(text)[: args.prompt_tokens])
+    window = (ds.meta["context"], ds.meta["stride"])
     for name in args.variants.split(","):
         retriever = Retriever(ds, RetrievalConfig(retomaton="retomaton" in name))
         lam, skip = ("gate", "tuned") if "skip" in name else (0.25, None)
         generate(lm, prompt, retriever, lam=lam, skip_below=skip, max_new_tokens=4)  # warm-up: index, pages
         lm_s = lm_n = knn_s = knn_n = retrieval_s = 0.0
         for _ in range(args.rounds):
-            plain = generate(lm, prompt, None, max_new_tokens=args.new_tokens, window=(ds.context, ds.stride))
+            plain = generate(lm, prompt, None, max_new_tokens=args.new_tokens, window=window)
             lm_s, lm_n = lm_s + plain.seconds, lm_n + len(plain.tokens)
             mixed = generate(lm, prompt, retriever, lam=lam, skip_below=skip, max_new_tokens=args.new_tokens)
             knn_s, knn_n = knn_s + mixed.seconds, knn_n + len(mixed.tokens)
