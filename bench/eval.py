@@ -11,7 +11,7 @@ bench/results/ between runs.
 
 --real uses the real datastore of 1M keys bench/results/real-1m: SmolLM2's keys over the Python
 sources of this environment's site-packages (shuffled files, the first 1M tokens; about an hour to
-build once on 2 cores). Its eval text (and, apart, about 25k tokens to tune its gates on) are
+build once on 2 cores). Its eval text (and, apart, about 33k tokens to tune its gates on) are
 other files of the same directories: the same libraries, text the datastore does not hold. Each
 speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
 perplexity compared with an exact (brute-force) full search under the same λ policy.
@@ -129,7 +129,7 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
         for i, (name, text) in enumerate(sibling_texts(path, seed=1, skip=100)):  # eval_docs reads fewer than 100
             (dev / f"{i:03d}-{Path(name).name}").write_text(text)
             chars += len(text)
-            if chars >= 80_000:  # about 25k tokens of Python
+            if chars >= 80_000:  # about 33k tokens of Python
                 break
         subprocess.run([sys.executable, "-m", "knnlm", "tune-lambda", "-d", str(path), "-c", str(dev), "--glob", "*.py",
                         "--no-spalm", "--no-plot", "--device", BENCH_DEVICE], check=True)
@@ -157,7 +157,7 @@ def with_factory(path: Path, factory: str) -> Path:
 
 def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False) -> dict:
     """Each variant's eval throughput against the LM alone (alternating, twice) and its perplexity
-    against an exact full search with the same λ policy (run in a child process)."""
+    against an exact full search with the same λ policy."""
     from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler
     from knnlm.combine import resolve_combiner
     from knnlm.datastore import open_datastore
