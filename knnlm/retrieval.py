@@ -74,11 +74,19 @@ def _rerank_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+_FORKED = False  # this process is a fork's child: torch ops fail on threads it starts (below)
+
+
 def _forget_pools() -> None:
-    """After fork, in the child: the parent's pool threads are gone (jobs would wait forever), its lock maybe held."""
-    global _POOL_LOCK
+    """After fork, in the child: the parent's pool threads are gone (jobs would wait forever), its lock maybe held.
+
+    And torch cannot start its thread state on the child's new threads once the parent set its thread
+    count ("Invalid thread pool!"), so the child re-ranks in the calling thread.
+    """
+    global _POOL_LOCK, _FORKED
     _POOL_LOCK = threading.Lock()
     _POOL.clear()
+    _FORKED = True
 
 
 if hasattr(os, "register_at_fork"):
@@ -97,7 +105,7 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     q = np.ascontiguousarray(queries, dtype=np.float32)  # (n, d)
     out = np.empty(ids.shape, dtype=np.float32)
     rows_ids = torch.from_numpy(np.maximum(ids, 0).astype(np.int64))  # missing (-1) read row 0, then inf
-    workers = max(1, min(torch.get_num_threads(), len(q) // 32))
+    workers = 1 if _FORKED else max(1, min(torch.get_num_threads(), len(q) // 32))
     if workers == 1:
         _rerank_rows(q, keys, rows_ids, out)
     else:

@@ -416,7 +416,8 @@ def test_rerank_pool_is_made_once_under_concurrency(monkeypatch):
 
 
 def _distances_in_child(queue, q, keys, ids):
-    queue.put(retrieval.exact_distances(q, keys, ids))
+    got = retrieval.exact_distances(q, keys, ids)
+    queue.put((got, len(retrieval._POOL)))
 
 
 def test_rerank_works_in_a_forked_child(monkeypatch):
@@ -432,13 +433,15 @@ def test_rerank_works_in_a_forked_child(monkeypatch):
     child = ctx.Process(target=_distances_in_child, args=(queue, q, keys, ids))
     child.start()
     try:
-        got = queue.get(timeout=60)  # with the parent's pool the child's jobs would wait forever
+        # With the parent's pool the child's jobs would wait forever; on threads of its own, torch fails
+        # once the parent set its thread count ("Invalid thread pool!"): the child re-ranks in its own thread.
+        got, child_pools = queue.get(timeout=60)
     finally:
         child.join(timeout=10)
         if child.is_alive():
             child.kill()
     np.testing.assert_array_equal(got, expected)
-    assert np.isinf(got[ids < 0]).all()
+    assert np.isinf(got[ids < 0]).all() and child_pools == 0
 
 
 # 5. info ---------------------------------------------------------------------------------------------------------
