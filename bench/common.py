@@ -100,6 +100,38 @@ class MemorySampler:
         self.sample()
 
 
+def code_bench_inputs(datastore: str, split: str, threads: int):
+    """(datastore, cached exact scores of a split, its tuned fixed λ as a Combiner) for benchmarks that
+    replay the code benchmark's queries (bench/quality.py makes the cache) on `threads` threads."""
+    import json
+
+    import faiss
+    import torch
+
+    from knnlm.combine import FixedLambda
+    from knnlm.datastore import open_datastore
+    from knnlm.scores import load_scores
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    lam = json.loads((Path(datastore) / "lambda.json").read_text())
+    return (open_datastore(datastore), load_scores(f"{datastore}-{split}-exact.h5"),
+            FixedLambda(float(lam["lambda"]), float(lam["temperature"]), "tuned"))
+
+
+FEATURES = ("skip", "retomaton", "no-rerank")  # a speed variant is "knn" (none) or some of them joined by "+"
+
+
+def parse_variant(name: str) -> set[str]:
+    """The speed features a variant name turns on; an unknown one ends the benchmark with one sentence."""
+    import sys
+
+    parts = set() if name == "knn" else set(name.split("+"))
+    if not parts <= set(FEATURES):
+        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)} joined by '+'.")
+    return parts
+
+
 def threads() -> int:
     """CPU threads torch and faiss may use."""
     return os.cpu_count() or 1

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import stdlib_texts  # noqa: E402
+from common import FEATURES, parse_variant, stdlib_texts  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -74,17 +74,6 @@ def one_size(n: int, tokens: int) -> dict:
 
 
 REAL = HERE / "results" / "real-1m"
-FEATURES = ("skip", "retomaton", "no-rerank")  # a variant is "knn" (none) or some of them joined by "+"
-
-
-def parse_variant(name: str) -> set[str]:
-    """The speed features a variant name turns on."""
-    parts = set() if name == "knn" else set(name.split("+"))
-    if not parts <= set(FEATURES):
-        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)} joined by '+'.")
-    return parts
-
-
 def sibling_texts(ds_path: Path, seed: int, skip: int = 0) -> list[tuple[str, str]]:
     """(name, text) of Python files beside the datastore's documents that it does not hold: text of the
     same libraries the LM never read in the datastore. Shuffled with seed; the first `skip` left out."""
@@ -174,8 +163,8 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
     if exact:
         combiner = resolve_combiner(lam, path)
         s = score_documents(lm, Retriever(ds, RetrievalConfig(exact=True)), docs, 512, 256, combiner=combiner)
-        out["exact_knn_lm_ppl"] = report(s, combiner)["knn_lm_ppl"]
-        out["lm_ppl"] = report(s, combiner)["lm_ppl"]
+        r = report(s, combiner)
+        out["exact_knn_lm_ppl"], out["lm_ppl"] = r["knn_lm_ppl"], r["lm_ppl"]
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
     for name in variants:
         on = parse_variant(name)
@@ -240,7 +229,9 @@ def main() -> None:
             prepare_real(path)
         if args.factory:
             path = with_factory(path, args.factory)
-        variants = [v for v in args.variants.split(",") if v and parse_variant(v) is not None]
+        variants = [v for v in args.variants.split(",") if v]
+        for v in variants:
+            parse_variant(v)  # an unknown one stops here, before any work
         out = one_datastore(path, args.tokens, variants, not args.no_exact, real=args.real)
         print(json.dumps(out, indent=1))
         if args.out:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic, stdlib_texts  # noqa: E402
+from common import BENCH_DEVICE, BENCH_MODEL, FEATURES, cached_synthetic, parse_variant, stdlib_texts  # noqa: E402
 from knnlm.datastore import open_datastore  # noqa: E402
 from knnlm.generate import generate  # noqa: E402
 from knnlm.lm import load_lm  # noqa: E402
@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--datastore", help="a real datastore to time [default: synthetic keys]")
-    ap.add_argument("--variants", default="knn", help="of knn, retomaton, skip, skip+retomaton (skip: tuned ones)")
+    ap.add_argument("--variants", default="knn",
+                    help=f"comma-separated: knn, or some of {', '.join(FEATURES)} joined by '+' (skip: tuned datastores)")
     args = ap.parse_args()
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     path = Path(args.datastore) if args.datastore else \
@@ -45,9 +46,10 @@ def main() -> None:
     _, text = stdlib_texts(1, seed=2)[0]
     prompt = lm.decode(lm.encode(text)[: args.prompt_tokens])
     window = (ds.meta["context"], ds.meta["stride"])
-    for name in args.variants.split(","):
-        retriever = Retriever(ds, RetrievalConfig(retomaton="retomaton" in name))
-        lam, skip = ("gate", "tuned") if "skip" in name else (0.25, None)
+    variants = {name: parse_variant(name) for name in args.variants.split(",") if name}
+    for name, on in variants.items():
+        retriever = Retriever(ds, RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on))
+        lam, skip = ("gate", "tuned") if "skip" in on else (0.25, None)
         generate(lm, prompt, retriever, lam=lam, skip_below=skip, max_new_tokens=4)  # warm-up: index, pages
         lm_s = lm_n = knn_s = knn_n = retrieval_s = 0.0
         for _ in range(args.rounds):

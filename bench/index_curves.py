@@ -21,14 +21,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
-from knnlm.combine import FixedLambda
-from knnlm.datastore import open_datastore
+from common import code_bench_inputs
 from knnlm.evaluate import report
 from knnlm.index import PQ_CENTROIDS, load_index, make_factory_index, read_index_info
 from knnlm.retrieval import exact_distances
-from knnlm.scores import load_scores
 
 FACTORIES = "IVF512,PQ64;IVF512,PQ64x4fs;OPQ64,IVF512,PQ64x4fs;PCAR288,IVF512,PQ32x4fs;IVF512_HNSW32,PQ64x4fs"
 
@@ -71,14 +68,9 @@ def main() -> None:
     ap.add_argument("--factories", default=FACTORIES)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    ds = open_datastore(args.datastore)
-    scores = load_scores(f"{args.datastore}-test-exact.h5")
+    ds, scores, mix = code_bench_inputs(args.datastore, "test", args.threads)
     scores = scores.subset(np.arange(min(args.queries, len(scores))))
     q = scores.queries.astype(np.float32)
-    lam = json.loads((Path(args.datastore) / "lambda.json").read_text())
-    mix = FixedLambda(float(lam["lambda"]), float(lam["temperature"]), "tuned")
 
     def ppl(dists, ids) -> float:
         s = scores.subset(np.arange(len(scores)))

@@ -14,20 +14,14 @@ length) and, for comparison, run across a document's windows in order.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
-import faiss
 import numpy as np
-import torch
 
-from knnlm.combine import FixedLambda
-from knnlm.datastore import open_datastore
+from common import code_bench_inputs
 from knnlm.evaluate import report
 from knnlm.retomaton import chain_neighbors, open_automaton
 from knnlm.retrieval import RetrievalConfig, Retriever
-from knnlm.scores import load_scores
 from knnlm.windows import plan_windows
 
 
@@ -56,16 +50,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="only the first N tokens (whole documents)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    ds = open_datastore(args.datastore)
-    scores = load_scores(f"{args.datastore}-{args.split}-exact.h5")
+    ds, scores, mix = code_bench_inputs(args.datastore, args.split, args.threads)
     if args.tokens:
         last_doc = scores.doc[min(args.tokens, len(scores)) - 1]
         scores = scores.subset(np.nonzero(scores.doc <= last_doc)[0])
     q = scores.queries.astype(np.float32)
-    lam = json.loads((Path(args.datastore) / "lambda.json").read_text())
-    mix = FixedLambda(float(lam["lambda"]), float(lam["temperature"]), "tuned")
     context, stride = int(scores.attrs["context"]), int(scores.attrs["stride"])
     print(f"{ds.count} keys; {args.split}: {len(scores)} tokens in {len(np.unique(scores.doc))} documents; "
           f"λ {mix.lam:.3f}, T {mix.temperature:.3g}; k {args.k}, nprobe {args.nprobe}; {args.threads} thread(s)\n")

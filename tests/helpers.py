@@ -13,6 +13,17 @@ from knnlm.arrays import write_json
 from knnlm.datastore import FORMAT_VERSION, KEY_SOURCE
 
 
+def build_corpus_store(root: Path, corpus_texts: dict, model_dir: Path, lm, context: int = 64, stride: int = 32):
+    """The corpus files (root/corpus/NAME.txt) built with the tiny model into root/ds, a fifth held out for each of dev and test."""
+    from knnlm.build import BuildConfig, build_datastore
+
+    (root / "corpus").mkdir()
+    for name, text in corpus_texts.items():
+        (root / "corpus" / f"{name}.txt").write_text(text)
+    cfg = BuildConfig(model=str(model_dir), context=context, stride=stride, holdout=0.2, glob="*.txt")
+    return build_datastore(str(root / "corpus"), root / "ds", cfg, lm=lm)
+
+
 def make_datastore(path: Path, keys: np.ndarray, vals: np.ndarray, model_fp: str = "m", tok_fp: str = "t") -> Path:
     """A datastore directory holding the given keys and values, with a meta.json that describes them."""
     path.mkdir(parents=True)

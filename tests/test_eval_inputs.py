@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.index import train_index
 from knnlm.retrieval import RetrievalConfig
 
+from helpers import build_corpus_store
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_lm, tiny_model_dir, corpus_texts):
-    root = tmp_path_factory.mktemp("inputs")
-    (root / "corpus").mkdir()
-    for name, text in corpus_texts.items():
-        (root / "corpus" / f"{name}.txt").write_text(text)
-    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, glob="*.txt")
-    return build_datastore(str(root / "corpus"), root / "ds", cfg, lm=tiny_lm)
+    return build_corpus_store(tmp_path_factory.mktemp("inputs"), corpus_texts, tiny_model_dir, tiny_lm)
 
 
 def refused(result, *words):

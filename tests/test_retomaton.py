@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 import knnlm.cli.evaluate as cli_eval
+import knnlm.evaluate as evaluate_mod
 from knnlm.api import KNNLM
-from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.datastore import open_datastore
 from knnlm.errors import KNNLMError
@@ -21,7 +21,7 @@ from knnlm.retomaton import (Automaton, chain_neighbors, document_starts, expand
                              open_automaton, split_chains, successors)
 from knnlm.retrieval import RetrievalConfig, Retriever, exact_distances
 
-from helpers import clustered, make_datastore
+from helpers import build_corpus_store, clustered, make_datastore
 
 CTX, STRIDE = 64, 32
 
@@ -186,15 +186,10 @@ def test_bad_min_knns_is_one_sentence():
 @pytest.fixture(scope="module")
 def store(tiny_lm, tiny_model_dir, corpus_texts, tmp_path_factory):
     """A datastore of the corpus files, built once for the module (exact index: too few keys for IVF)."""
-    root = tmp_path_factory.mktemp("reto-store")
-    (root / "corpus").mkdir()
-    for name, text in corpus_texts.items():
-        (root / "corpus" / f"{name}.txt").write_text(text)
-    cfg = BuildConfig(model=str(tiny_model_dir), context=CTX, stride=STRIDE, holdout=0.2, glob="*.txt")
-    return build_datastore(str(root / "corpus"), root / "ds", cfg, lm=tiny_lm)
+    return build_corpus_store(tmp_path_factory.mktemp("reto-store"), corpus_texts, tiny_model_dir, tiny_lm, CTX, STRIDE)
 
 
-def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm):
+def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm, monkeypatch):
     name, text = store.heldout("test")[0]
     docs = [(name, text[:1500]), ("again", text[:800])]  # short: two documents of a few windows each
     base = EvalConfig(lam="0.5", temperature=2.0, retrieval=RetrievalConfig(k=16, exact=True), batch_size=16)
@@ -211,6 +206,9 @@ def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm):
     knn = KNNLM(store, tiny_lm, Retriever(store, RetrievalConfig(k=16, exact=True)))
     api = knn.with_retrieval(retomaton=True, min_knns=1).evaluate(text[:1200], lam=0.5, temperature=2.0)
     assert api["searches_saved"] > 0 and knn.evaluate(text[:1200], lam=0.5, temperature=2.0)["searches_saved"] == 0
+    # eval cuts its chains every EVAL_CHAIN positions: chains of one position never save a search
+    monkeypatch.setattr(evaluate_mod, "EVAL_CHAIN", 1)
+    assert run_eval(store, cfg=low, lm=tiny_lm, documents=docs)[0]["searches_saved"] == 0
 
 
 def test_generation_with_retomaton_continues_stored_text_verbatim(store, tiny_lm):

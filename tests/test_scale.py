@@ -204,6 +204,7 @@ def test_large_nlist_shortcuts_keep_search_quality(synthetic, monkeypatch):
     assert "two_level" in called
     index = load_index(open_datastore(root / "large"))
     assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexFlat)
+    assert isinstance(Adder(index).coarse, faiss.IndexHNSWFlat)  # keys found their lists through the graph
     # Coarse lists: the HNSW graph's choice is the flat quantizer's for nearly every key.
     ivf = faiss.extract_index_ivf(index)
     keys = np.asarray(open_datastore(root / "large").keys, dtype=np.float32)

@@ -64,13 +64,11 @@ class Adder:
     """
 
     def __init__(self, index):
-        self.index = index
-        ivf = faiss.try_extract_index_ivf(index)
-        top = faiss.downcast_index(index)
+        self.index, self.top = index, faiss.downcast_index(index)
+        top = self.top
         self.fast = (type(top) is faiss.IndexIVFPQ and top.by_residual and top.pq.nbits == 8
-                     and top.metric_type == faiss.METRIC_L2
-                     and _flat_l2(top.quantizer))
-        self.ivf = ivf
+                     and top.metric_type == faiss.METRIC_L2 and _flat_l2(top.quantizer))
+        self.ivf = faiss.try_extract_index_ivf(index)
         if not self.fast:
             return
         self.coarse = top.quantizer
@@ -91,7 +89,7 @@ class Adder:
                 self.index.add(x)
             return
         x = np.ascontiguousarray(x, dtype=np.float32)
-        n, top = len(x), faiss.downcast_index(self.index)
+        n, top = len(x), self.top
         _, lists = self.coarse.search(x, 1)
         lists = np.ascontiguousarray(lists[:, 0])
         if (lists < 0).any():  # the graph found nothing (never seen; the flat quantizer always does)
