@@ -104,3 +104,37 @@ def knn_log_distribution(dists: np.ndarray, vals: np.ndarray, vocab_size: int, t
     p = torch.zeros(vals.shape[0], vocab_size, dtype=torch.float64)
     p.scatter_add_(1, torch.from_numpy(np.maximum(vals, 0).astype(np.int64)), torch.from_numpy(weights))
     return torch.log(p)  # log 0 = -inf
+
+
+def mix_log_distribution(lm_logp: np.ndarray, dists: np.ndarray, vals: np.ndarray, lam, temperature: float
+                         ) -> np.ndarray:
+    """log(λ·p_kNN + (1−λ)·p_LM) over the whole vocabulary: interpolate(lm_logp, knn_log_distribution(...), λ).
+
+    The same numbers without a dense p_kNN: every token gets log(1−λ) + log p_LM, and only the (at
+    most k per row) tokens the neighbours carry are mixed, so a decoding step costs one pass over V
+    instead of five.
+
+    Args:
+        lm_logp: (B, V) float64 log p_LM.
+        dists: (B, k) squared L2 distances; inf where a neighbour is missing.
+        vals: (B, k) stored next tokens; -1 where a neighbour is missing.
+        lam: (B,) or a number: λ per row (0 for a row without neighbours keeps p_LM).
+        temperature: T of softmax(−d/T).
+
+    Returns:
+        (B, V) float64 log-probabilities.
+    """
+    lm_logp = np.asarray(lm_logp, dtype=np.float64)
+    b, v = lm_logp.shape
+    vals = np.asarray(vals)
+    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64).reshape(-1), (b,))
+    with np.errstate(divide="ignore"):
+        out = lm_logp + np.log1p(-lam)[:, None]  # tokens no neighbour carries: (1−λ)·p_LM
+        weights = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (B, k)
+        hit = vals >= 0
+        rows = np.broadcast_to(np.arange(b)[:, None], vals.shape)[hit]
+        flat, inverse = np.unique(rows.astype(np.int64) * v + vals[hit], return_inverse=True)
+        p_knn = np.bincount(inverse, weights=weights[hit], minlength=len(flat))  # Σ weights per (row, token)
+        r, t = flat // v, flat % v
+        out[r, t] = np.logaddexp(np.log(lam[r]) + np.log(p_knn), out[r, t])
+    return out

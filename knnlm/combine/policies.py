@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import KNNLMError
-from ..interpolate import adaptive_lambdas, interpolate, knn_log_distribution, knn_log_prob
+from ..interpolate import adaptive_lambdas, interpolate, knn_log_prob, mix_log_distribution
 from ..scores import Scores
 from .features import post_features, pre_features
 from .gate import LambdaGate
@@ -98,10 +98,9 @@ class LambdaMix(Combiner):
         return interpolate(s.lm_logp, knn, self.lambdas(s) if lambdas is None else lambdas)
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head=None) -> np.ndarray:
-        knn = knn_log_distribution(s.dists, s.vals, lm_logp.shape[-1], self.temperature).numpy()
         # A row with no neighbour keeps p_LM: p_kNN would be all zeros and the mix would not sum to 1.
         lam = np.where(np.isfinite(s.nn_dist), self.lambdas(s), 0.0)
-        return interpolate(lm_logp, knn, lam[:, None])
+        return mix_log_distribution(lm_logp, s.dists, s.vals, lam, self.temperature)
 
 
 class FixedLambda(LambdaMix):

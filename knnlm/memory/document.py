@@ -28,7 +28,7 @@ from transformers import LogitsProcessor
 
 from ..combine import load_lambda
 from ..errors import KNNLMError
-from ..interpolate import interpolate, knn_log_distribution, knn_log_prob
+from ..interpolate import interpolate, knn_log_prob, mix_log_distribution
 from ..lm import QueryHook
 from ..retrieval import exact_distances
 from ..scores import Scores
@@ -303,9 +303,8 @@ class MemoryProcessor(QueryHook, LogitsProcessor):
         dists, vals = self.memory.step(self._query, int(input_ids[0, -1]))
         self._query = None
         logp = torch.log_softmax(scores.double().cpu(), dim=-1)  # (1, V)
-        mem = knn_log_distribution(dists, vals, logp.shape[-1], self.temperature)  # (1, V)
-        lam = memory_lambdas(vals, self.lam)[:, None]  # (1, 1)
-        out = torch.from_numpy(interpolate(logp.numpy(), mem.numpy(), lam))
+        out = torch.from_numpy(mix_log_distribution(logp.numpy(), dists, vals, memory_lambdas(vals, self.lam),
+                                                    self.temperature))
         self.seconds += time.perf_counter() - t0
         return out.to(scores.device, scores.dtype).masked_fill(scores == -float("inf"), -float("inf"))
 
