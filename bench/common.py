@@ -119,7 +119,18 @@ def code_bench_inputs(datastore: str, split: str, threads: int):
             FixedLambda(float(lam["lambda"]), float(lam["temperature"]), "tuned"))
 
 
-FEATURES = ("skip", "retomaton", "no-rerank")  # a speed variant is "knn" (none) or some of them joined by "+"
+# A speed variant is "knn" (none) or some of these joined by "+"; "torch" is exact search in torch on
+# KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device), --search-device.
+FEATURES = ("skip", "retomaton", "no-rerank", "torch")
+BENCH_SEARCH_DEVICE = os.environ.get("KNNLM_BENCH_SEARCH_DEVICE", BENCH_DEVICE)
+
+
+def variant_retrieval(on: set[str]):
+    """The RetrievalConfig of a speed variant's features (defaults otherwise: k 1000, nprobe 8)."""
+    from knnlm.retrieval import RetrievalConfig
+
+    return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on,
+                           search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
 
 
 def parse_variant(name: str) -> set[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import FEATURES, parse_variant, stdlib_texts  # noqa: E402
+from common import FEATURES, parse_variant, stdlib_texts, variant_retrieval  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -171,7 +171,7 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
         if "skip" in on and not tuned:
             out["variants"][name] = "needs a tuned datastore (knnlm tune-lambda)"
             continue
-        retriever = Retriever(ds, RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on))
+        retriever = Retriever(ds, variant_retrieval(on))
         combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
         lm_s = knn_s = 0.0

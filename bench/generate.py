@@ -20,11 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DEVICE, BENCH_MODEL, FEATURES, cached_synthetic, parse_variant, stdlib_texts  # noqa: E402
+from common import (BENCH_DEVICE, BENCH_MODEL, FEATURES, cached_synthetic, parse_variant, stdlib_texts,  # noqa: E402
+                    variant_retrieval)
 from knnlm.datastore import open_datastore  # noqa: E402
 from knnlm.generate import generate  # noqa: E402
 from knnlm.lm import load_lm  # noqa: E402
-from knnlm.retrieval import RetrievalConfig, Retriever  # noqa: E402
+from knnlm.retrieval import Retriever  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -48,7 +49,7 @@ def main() -> None:
     window = (ds.meta["context"], ds.meta["stride"])
     variants = {name: parse_variant(name) for name in args.variants.split(",") if name}
     for name, on in variants.items():
-        retriever = Retriever(ds, RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on))
+        retriever = Retriever(ds, variant_retrieval(on))
         lam, skip = ("gate", "tuned") if "skip" in on else (0.25, None)
         generate(lm, prompt, retriever, lam=lam, skip_below=skip, max_new_tokens=4)  # warm-up: index, pages
         lm_s = lm_n = knn_s = knn_n = retrieval_s = 0.0

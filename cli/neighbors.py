@@ -9,10 +9,9 @@ import click
 
 from knnlm.api import KNNLM
 from knnlm.report import write_neighbors_html
-from knnlm.retrieval import RetrievalConfig
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
-from .evaluate import retrieval_options
+from .evaluate import retrieval_config, retrieval_options
 
 
 def _one_line(text: str, width: int) -> str:
@@ -57,15 +56,15 @@ def format_neighbors(r: dict, width: int = 72) -> str:
 @device_option
 @trust_option
 @json_option
-def neighbors_cmd(datastore, text, position, top, temperature, html_file, k, nprobe, rerank, exact, model, device,
-                  trust_remote_code, as_json):
+def neighbors_cmd(datastore, text, position, top, temperature, html_file, k, nprobe, rerank, exact, search_device,
+                  model, device, trust_remote_code, as_json):
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
     if text == "-":
         text = sys.stdin.read()
     if top < 1:
         raise click.BadParameter(f"{top} is not a positive number of neighbours; pass e.g. --top 10.",
                                  param_hint="--top")
-    knn = KNNLM.open(datastore, model, device, RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact),
+    knn = KNNLM.open(datastore, model, device, retrieval_config(k, nprobe, rerank, exact, search_device),
                      trust_remote_code)
     r = knn.neighbors(text, position, top, temperature)
     if html_file:

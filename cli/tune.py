@@ -13,15 +13,14 @@ from knnlm.datastore import open_datastore
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.lm import load_lm
 from knnlm.memory.document import MemoryConfig, tune_memory
-from knnlm.retrieval import RetrievalConfig
 from knnlm.scores import load_scores
 from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, tune
 
 from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
-from .evaluate import corpus_format_options, retrieval_options, window_options
+from .evaluate import corpus_format_options, retrieval_config, retrieval_options, window_options
 
 # Flags that say how to score; with --scores the scoring is already done, so they would do nothing.
-_SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank", "exact", "context", "stride",
+_SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank", "exact", "search_device", "context", "stride",
                   "batch_size")
 
 
@@ -59,7 +58,7 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @click.pass_context
 def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptive, bins, min_bin_tokens, gate,
              gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, memory, memory_neighbors, k,
-             nprobe, rerank, exact, context, stride, batch_size, model, device, trust_remote_code, as_json):
+             nprobe, rerank, exact, search_device, context, stride, batch_size, model, device, trust_remote_code, as_json):
     """Fit every way of mixing the memory in (fixed λ and T, adaptive λ, the learned gates and their
     retrieval skip, SPALM) on the dev part; store them in DATASTORE/lambda.json and mixing.safetensors."""
     if scores_path:
@@ -73,8 +72,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,
                      skip_tolerance=skip_tolerance, spalm=spalm)
-    ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank,
-                                                                          exact=exact),
+    ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=retrieval_config(k, nprobe, rerank, exact, search_device),
                       context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                       trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, keep_features=True)
     lm = None

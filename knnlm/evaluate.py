@@ -206,8 +206,8 @@ def index_identity(ds: Datastore) -> str:
 
 def search_settings(ds: Datastore, retriever: Retriever) -> dict:
     """The search's description (kind, k, nprobe, re-rank) with the index's identity."""
-    return {**retriever.describe, "index": "exact" if retriever.kind == "exact" and retriever.cfg.exact
-            else index_identity(ds)}
+    exact = retriever.cfg.exact or retriever.cfg.search_device is not None
+    return {**retriever.describe, "index": "exact" if retriever.kind == "exact" and exact else index_identity(ds)}
 
 
 def run_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalConfig(), lm: LM | None = None,

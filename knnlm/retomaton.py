@@ -44,7 +44,7 @@ def invlist_members(index, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
     Keys in no list (removed from the index) get list -1.
     """
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.try_extract_index_ivf(index) if isinstance(index, faiss.Index) else None
     if ivf is None:
         return None
     ids = [get_invlist(ivf.invlists, lst)[0] for lst in range(ivf.nlist)]

@@ -16,6 +16,7 @@ import torch
 from .datastore import Datastore
 from .errors import KNNLMError
 from .index import load_index, read_index_info
+from .torch_search import TorchExactIndex, parse_search_device
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class RetrievalConfig:
     nprobe: int = 8  # IVF lists visited per query
     rerank: bool = True  # recompute exact distances of the retrieved keys from keys.npy
     exact: bool = False  # brute-force search over keys.npy instead of the index (RAM: N·d·4 bytes)
+    # exact search in torch on this device (a GPU) instead of the faiss index: keys.npy is copied there
+    # (N·d·2 bytes); None: faiss on the CPU (knnlm/torch_search.py)
+    search_device: str | None = None
     # RetoMaton (knnlm/retomaton.py): follow the neighbours that predicted the actual next token to
     # their successors, and skip the search where at least min_knns of them remain.
     retomaton: bool = False
@@ -42,6 +46,8 @@ class RetrievalConfig:
         # Refused here: faiss takes nprobe 0 silently and visits no list, so every search finds nothing.
         if self.nprobe < 1:
             raise KNNLMError(f"--nprobe {self.nprobe} must be at least 1 (IVF lists visited per query).")
+        if self.search_device is not None:
+            parse_search_device(self.search_device)  # a bad name is refused before the model loads
 
 
 def as_tensor(keys: np.ndarray) -> torch.Tensor:
@@ -146,7 +152,11 @@ class Retriever:
         self.ds, self.cfg = ds, cfg
         if cfg.k < 1:
             raise KNNLMError(f"--k {cfg.k} must be at least 1.")
-        if cfg.exact:
+        if cfg.search_device is not None:
+            self.index = TorchExactIndex(ds.keys, parse_search_device(cfg.search_device),
+                                         ds.live_ids() if ds.removed else None)
+            self.kind = "exact"
+        elif cfg.exact:
             self.index = exact_index(ds)
             self.kind = "exact"
         else:
@@ -156,7 +166,8 @@ class Retriever:
             if ivf is not None:
                 ivf.nprobe = cfg.nprobe
         # Also for exact search: faiss's float32 ‖q‖²+‖k‖²−2q·k loses digits that re-ranking restores.
-        self.rerank = cfg.rerank
+        # The torch search's distances are already the keys' own (it ranks its candidates by them).
+        self.rerank = cfg.rerank and cfg.search_device is None
         self._keys = as_tensor(ds.keys) if self.rerank else None
         self.k = cfg.k
 
@@ -164,6 +175,8 @@ class Retriever:
     def describe(self) -> dict:
         """What this search is, for reports and the scores cache."""
         out = {"search": self.kind, "k": self.k, "nprobe": self.cfg.nprobe, "rerank": bool(self.rerank)}
+        if self.cfg.search_device is not None:  # only when set: the faiss searches' descriptions stay as they were
+            out["search_device"] = str(self.index.device)
         if self.cfg.retomaton:  # only when on: caches made before RetoMaton existed still match a full search
             out["retomaton"] = f"min_knns {self.cfg.min_knns}, candidates {self.cfg.max_candidates}"
         return out

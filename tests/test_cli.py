@@ -45,6 +45,11 @@ def test_build_eval_info_with_defaults(built, tiny_model_dir):
     assert out["lm_ppl"] > 1 and out["knn_lm_ppl"] > 1 and out["k"] == 32
     r = run("eval", "--lambda", "0", "--k", 8)
     assert r.exit_code == 0 and "kNN-LM perplexity" in r.output
+    exact = json.loads(run("eval", "--lambda", "0.25", "--k", 32, "--exact", "--json").stdout)
+    on_device = json.loads(run("eval", "--lambda", "0.25", "--k", 32, "--search-device", "cpu", "--json").stdout)
+    assert on_device["knn_lm_ppl"] == pytest.approx(exact["knn_lm_ppl"], rel=1e-6)
+    assert on_device["search_device"] == "cpu"
+    _one_sentence_error(run("eval", "--search-device", "gpu0"), "--search-device", "not a torch device")
     r = run("info", "--json")
     info = json.loads(r.stdout)
     assert info["meta"]["count"] > 0 and info["index"]["kind"] in ("exact", "ivfpq")

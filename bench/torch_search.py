@@ -1,0 +1,114 @@
+"""Exact search in torch (--search-device) against faiss: recall of the true k nearest, and queries/s.
+
+    python bench/torch_search.py [--datastore DIR | --keys 1000000] [--queries 4096] [--device cuda]
+                                 [--oversample 1,2] [--threads N]
+
+Keys are a datastore's (default: the synthetic one bench/eval.py caches, random keys; --datastore
+for real ones). Queries are stored keys plus noise (their neighbours are close: the precise end)
+and, as many, fresh random vectors of the keys' scale (every distance alike: the hard end for fp16
+scores). Recall is against faiss's exact flat search on the CPU over the first 512 queries of each
+kind; time is the median of 3 runs over all queries, for the torch search on --device and for the
+datastore's own faiss index (k 1000, nprobe 8, re-ranked, on --threads CPU threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic, threads  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def median_seconds(fn, runs: int = 3) -> float:
+    """Median wall time of fn() over runs (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datastore")
+    ap.add_argument("--keys", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--device", default=BENCH_DEVICE)
+    ap.add_argument("--oversample", default="1,2")
+    ap.add_argument("--threads", type=int, default=threads())
+    args = ap.parse_args()
+
+    import faiss
+    import torch
+
+    from knnlm.datastore import open_datastore
+    from knnlm.lm import load_lm
+    from knnlm.retrieval import RetrievalConfig, Retriever
+    from knnlm.torch_search import TorchExactIndex, parse_search_device
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    path = Path(args.datastore) if args.datastore else \
+        cached_synthetic(HERE / "results" / f"synthetic-{args.keys}", load_lm(BENCH_MODEL, "cpu"), args.keys)
+    ds = open_datastore(path)
+    rng = np.random.default_rng(0)
+    half = args.queries // 2
+    rows = np.sort(rng.choice(ds.count, half, replace=False))
+    stored = np.asarray(ds.keys[rows], np.float32)
+    scale = float(stored.std())
+    near = stored + rng.normal(0, 0.1 * scale, stored.shape).astype(np.float32)
+    far = (rng.normal(0, scale, (args.queries - half, ds.dim)) + stored.mean(0)).astype(np.float32)
+    queries = {"stored+noise": near, "random": far}
+
+    flat = faiss.IndexFlatL2(ds.dim)
+    for lo in range(0, ds.count, 65_536):
+        flat.add(np.asarray(ds.keys[lo: lo + 65_536], np.float32))
+    truth = {name: flat.search(q[:512], args.k)[1] for name, q in queries.items()}
+    del flat
+    device = parse_search_device(args.device)
+    out = {"datastore": str(path), "keys": ds.count, "k": args.k, "queries": args.queries, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "cpu_threads": args.threads, "torch": {}}
+    t0 = time.perf_counter()
+    index = TorchExactIndex(ds.keys, device)
+    out["torch_load_seconds"] = round(time.perf_counter() - t0, 2)
+    both = np.concatenate(list(queries.values()))
+    for over in map(float, args.oversample.split(",")):
+        index.oversample = over
+        row = {}
+        for name, q in queries.items():
+            ids = index.search(q[:512], args.k)[1]
+            row[f"recall_{name}"] = round(float(np.mean([len(np.intersect1d(a, b)) / args.k
+                                                         for a, b in zip(ids, truth[name])])), 5)
+        sec = median_seconds(lambda: index.search(both, args.k))
+        row["us_per_query"] = round(1e6 * sec / len(both), 2)
+        out["torch"][f"oversample {over:g}"] = row
+        print(json.dumps({f"torch, oversample {over:g}": row}), file=sys.stderr, flush=True)
+    del index
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    retriever = Retriever(ds, RetrievalConfig(k=args.k))
+    sample = both[:: max(1, len(both) // 1024)]
+    sec = median_seconds(lambda: retriever.search(sample))
+    ids = retriever.search(queries["stored+noise"][:512])[1]
+    out["faiss_index"] = {"kind": retriever.kind, "us_per_query": round(1e6 * sec / len(sample), 2),
+                          "recall_stored+noise": round(float(np.mean([len(np.intersect1d(a, b)) / args.k
+                                                                      for a, b in zip(ids, truth["stored+noise"])])), 5)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
