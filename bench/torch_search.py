@@ -1,7 +1,7 @@
 """Exact search in torch (--search-device) against faiss: recall of the true k nearest, and queries/s.
 
     python bench/torch_search.py [--datastore DIR | --keys 1000000] [--queries 4096] [--device cuda]
-                                 [--oversample 1,2] [--threads N]
+                                 [--oversample 1,1.25,1.5,2] [--threads N] [--fp16]
 
 Keys are a datastore's (default: the synthetic one bench/eval.py caches, random keys; --datastore
 for real ones). Queries are stored keys plus noise (their neighbours are close: the precise end)
@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=4096)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--device", default=BENCH_DEVICE)
-    ap.add_argument("--oversample", default="1,2")
+    ap.add_argument("--oversample", default="1,1.25,1.5,2")
+    ap.add_argument("--fp16", action="store_true", help="fp16 scores on a CPU device too (a GPU's path; slow there)")
     ap.add_argument("--threads", type=int, default=threads())
     args = ap.parse_args()
 
@@ -81,9 +82,9 @@ def main() -> None:
     device = parse_search_device(args.device)
     out = {"datastore": str(path), "keys": ds.count, "k": args.k, "queries": args.queries, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "cpu_threads": args.threads, "torch": {}}
+           "cpu_threads": args.threads, "fp16_scores": device.type == "cuda" or args.fp16, "torch": {}}
     t0 = time.perf_counter()
-    index = TorchExactIndex(ds.keys, device)
+    index = TorchExactIndex(ds.keys, device, half=True if args.fp16 else None)
     out["torch_load_seconds"] = round(time.perf_counter() - t0, 2)
     both = np.concatenate(list(queries.values()))
     for over in map(float, args.oversample.split(",")):
