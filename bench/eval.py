@@ -15,7 +15,9 @@ build once on 2 cores). Its eval text (and, apart, about 33k tokens to tune its 
 other files of the same directories: the same libraries, text the datastore does not hold. Each
 speed-feature variant (the learned skip, RetoMaton, both) is timed against the LM alone, and its
 perplexity compared with an exact (brute-force) full search under the same λ policy.
---datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys).
+--datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys). The variant
+"torch" searches exactly in torch (--search-device) on $KNNLM_BENCH_SEARCH_DEVICE (default: the LM's,
+$KNNLM_BENCH_DEVICE, e.g. cuda).
 """
 
 from __future__ import annotations

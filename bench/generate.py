@@ -8,7 +8,8 @@ k 1000, nprobe 8, re-ranking on), alternating, in one process; the ratio uses su
 seconds per generated token. Keys are random (the cost does not depend on what they
 encode); the datastore is shared with bench/eval.py in bench/results/. --datastore times a
 real one (bench/eval.py --real builds bench/results/real-1m) with each speed-feature variant:
-RetoMaton (its pointers follow the chosen tokens) and the learned skip (where tuned).
+RetoMaton (its pointers follow the chosen tokens), the learned skip (where tuned) and "torch", exact
+search in torch on $KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device).
 """
 
 from __future__ import annotations
