@@ -15,17 +15,21 @@ from .evaluate import corpus_format_options
 
 
 def index_options(f):
-    """--nlist, --code-size, --train-size, --exact, --seed, --on-disk, --factory."""
+    """--nlist, --code-size, --fast-scan, --train-size, --exact, --seed, --on-disk, --factory."""
     f = click.option("--factory", default=None,
                      help="Any faiss index factory string, e.g. IVF1024,PQ64x4fs (L2; re-ranking stays on the "
                           "fp16 keys) [default: IVF{nlist},PQ{code-size} chosen from N].")(f)
+    f = click.option("--fast-scan", is_flag=True,
+                     help="4-bit fast-scan PQ codes in the default index (IVF{nlist},PQ{code-size}x4fs): faster "
+                          "searches, coarser candidates (keep re-ranking and k 1000); in RAM only.")(f)
     f = click.option("--on-disk", is_flag=True,
                      help="Keep the IVF inverted lists in a file, memory-mapped at search time.")(f)
     f = click.option("--seed", default=0, help="Seed of the training sample and k-means.")(f)
     f = click.option("--exact", is_flag=True, help="Exact (flat) index instead of IVF-PQ.")(f)
     f = click.option("--train-size", type=int, default=None,
                      help="Keys sampled to train, at least 256 and nlist [default: 64·nlist, at least 256].")(f)
-    f = click.option("--code-size", default=64, help="PQ bytes per key (lowered to divide the key width).")(f)
+    f = click.option("--code-size", default=64,
+                     help="PQ bytes per key, half that with --fast-scan (lowered to divide the key width).")(f)
     f = click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two near 2·sqrt(N)].")(f)
     return f
 
@@ -58,15 +62,15 @@ strict_option = click.option("--strict", is_flag=True,
 @device_option
 @trust_option
 def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout, glob, fmt, text_field, strict,
-                        shuffle_seed, max_tokens, build_index, nlist, code_size, train_size, exact, seed, on_disk, factory,
-                        overwrite, resume, shards, engine, ray_address, device, trust_remote_code):
+                        shuffle_seed, max_tokens, build_index, nlist, code_size, fast_scan, train_size, exact, seed,
+                        on_disk, factory, overwrite, resume, shards, engine, ray_address, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
     cfg = BuildConfig(
         model=model, device=device, trust_remote_code=trust_remote_code, context=context, stride=stride,
         batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field, strict=strict,
         shuffle_seed=shuffle_seed, max_tokens=max_tokens, build_index=build_index,
         index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
-                          on_disk=on_disk, factory=factory),
+                          on_disk=on_disk, factory=factory, fast_scan=fast_scan),
         overwrite=overwrite, resume=resume)
     shard_cfg = ShardConfig(shards=shards, engine=engine, ray_address=ray_address)
     with progress_bar(max_tokens, "building") as bar:
@@ -99,11 +103,11 @@ def unreadable_note(meta: dict) -> str:
 @click.command("train-index")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
-def train_index_cmd(datastore, nlist, code_size, train_size, exact, seed, on_disk, factory):
+def train_index_cmd(datastore, nlist, code_size, fast_scan, train_size, exact, seed, on_disk, factory):
     """(Re)build the FAISS index of DATASTORE."""
     ds = open_datastore(datastore)
     cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
-                      on_disk=on_disk, factory=factory)
+                      on_disk=on_disk, factory=factory, fast_scan=fast_scan)
     with progress_bar(ds.count, "adding keys", unit="key") as bar:
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")

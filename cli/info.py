@@ -51,7 +51,9 @@ def info_cmd(datastore, as_json):
                                 f"({u['remove']['keys']} keys); {u['awaiting_compact']['keys']} removed keys "
                                 f"await `knnlm compact`"))
     if index:
-        detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {index['code_size']} bytes/key, "
+        codes = f"{index['code_size']} 4-bit fast-scan codes" if index["factory"].endswith("x4fs") \
+            else f"{index['code_size']} bytes/key"
+        detail = (f"ivfpq ({index['factory']}): nlist {index['nlist']}, PQ {codes}, "
                   f"trained on {index['train_size']} keys ({index['reason']})"
                   if index["kind"] == "ivfpq" else f"{index['factory']} (--factory): nlist {index['nlist']}, "
                   f"{index['code_size']} bytes/key, trained on {index['train_size']} keys"

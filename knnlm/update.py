@@ -89,7 +89,8 @@ def _index_or_none(ds: Datastore):
         raise KNNLMError(f"The index of {ds.path} ({type(faiss.downcast_index(index)).__name__}) is neither IVF nor "
                          f"flat, which add, remove and compact cannot change; delete index.faiss and index.json, make "
                          f"the change, then run `knnlm train-index {ds.path}` again.")
-    if ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+    in_ram = (faiss.ArrayInvertedLists, faiss.BlockInvertedLists)  # 8-bit PQ's lists, fast-scan's blocks
+    if ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), in_ram):
         # Lists kept in a file of their own would change in place, not through the journal.
         raise KNNLMError(f"The index of {ds.path} keeps its lists on disk, which add, remove and compact cannot "
                          f"change crash-safely; delete index.faiss and index.json, make the change, then run "

@@ -146,22 +146,23 @@ def test_compact_drops_the_rows_and_keeps_every_search(ds3):
     assert "removed 1 (" in r.output and "0 removed keys await" in r.output
 
 
-def ivf_datastore(path: Path, docs: int = 4, per: int = 3000, d: int = 32) -> Path:
-    """A synthetic datastore of `docs` documents with an IVF-PQ index."""
+def ivf_datastore(path: Path, docs: int = 4, per: int = 3000, d: int = 32, fast_scan: bool = False) -> Path:
+    """A synthetic datastore of `docs` documents with an IVF-PQ index (8-bit or fast-scan codes)."""
     keys = clustered(docs * per, d, seed=1)
     make_datastore(path, keys, np.random.default_rng(0).integers(0, 100, docs * per))
     meta = read_json(path / "meta.json")
     meta["documents"] = [[f"doc{i}", i * per, per, 0] for i in range(docs)]
     write_json(path / "meta.json", meta)
     with without_polysemous_training():
-        train_index(open_datastore(path), IndexConfig(nlist=16, code_size=8))
+        train_index(open_datastore(path), IndexConfig(nlist=16, code_size=8, fast_scan=fast_scan))
     return path
 
 
-def test_ivf_remove_add_compact_keep_the_pq_ranking(tmp_path):
-    path = ivf_datastore(tmp_path / "ivf")
+@pytest.mark.parametrize("fast_scan", [True, False])
+def test_ivf_remove_add_compact_keep_the_pq_ranking(tmp_path, fast_scan):
+    path = ivf_datastore(tmp_path / "ivf", fast_scan=fast_scan)
     ds = open_datastore(path)
-    assert "IVF" in read_json(path / "index.json")["factory"]
+    assert read_json(path / "index.json")["factory"] == "IVF16,PQ8" + ("x4fs" if fast_scan else "")
     q = clustered(20, ds.dim, seed=5)
     full = RetrievalConfig(k=60, nprobe=16, rerank=False)
     _, before = Retriever(ds, full).search(q)
@@ -170,14 +171,20 @@ def test_ivf_remove_add_compact_keep_the_pq_ranking(tmp_path):
     gone = (before // 3000 == 1) | (before // 3000 == 3)
     _, after = Retriever(ds, RetrievalConfig(k=10, nprobe=16, rerank=False)).search(q)
     # Removing entries leaves the others' codes: the ranking is the old one with the removed ids dropped.
+    # (Fast-scan's quantized lookup tables tie many distances, and removal reorders its blocks, so there
+    # the order of ties may change: its rows must hold no removed id, and their kept neighbours.)
     kept = [row[~g][:10] for row, g in zip(before, gone)]
     assert all((~g).sum() >= 10 for g in gone)
-    assert np.array_equal(after, np.array(kept))
+    if fast_scan:
+        assert not np.isin(after // 3000, [1, 3]).any()
+        assert np.mean([len(set(a) & set(row[~g])) / 10 for a, row, g in zip(after, before, gone)]) >= 0.9
+    else:
+        assert np.array_equal(after, np.array(kept))
     # Add a document: it gets the next row numbers, found under their ids, no retraining.
     extra = make_datastore(tmp_path / "extra", clustered(500, ds.dim, seed=9), np.ones(500))
     apply_add(ds, open_datastore(extra))
     ds = open_datastore(path)
-    dists, ids = Retriever(ds, RetrievalConfig(k=5, nprobe=16)).search(np.asarray(ds.keys[12000:12500:50], np.float32))
+    dists, ids = Retriever(ds, RetrievalConfig(k=1000, nprobe=16)).search(np.asarray(ds.keys[12000:12500:50], np.float32))
     assert (ids[:, 0] == np.arange(12000, 12500, 50)).mean() >= 0.9 and np.all(dists[:, 0] >= 0)
     live = ds.live_ids()
     _, i0 = Retriever(ds, full).search(q)
