@@ -18,7 +18,7 @@ def retrieval_options(f):
     """--k, --nprobe, --rerank/--no-rerank, --exact, --search-device."""
     f = click.option("--search-device", default=None, metavar="DEVICE",
                      help="Exact search in torch on this device (e.g. cuda) instead of the faiss index; keys.npy "
-                          "is copied there (N·d·2 bytes) [default: the faiss index, on the CPU].")(f)
+                          "is copied there (N·d·2 bytes on a GPU) [default: the faiss index, on the CPU].")(f)
     f = click.option("--exact", is_flag=True, help="Brute-force search over keys.npy instead of the index.")(f)
     f = click.option("--rerank/--no-rerank", default=True,
                      help="Recompute exact distances of the retrieved keys from keys.npy.")(f)
@@ -194,6 +194,8 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
         raise click.ClickException(f"{save_scores} already exists; pass --overwrite to replace it.")
     if report_file and os.path.exists(report_file) and not overwrite:
         raise click.ClickException(f"{report_file} already exists; pass --overwrite to replace it.")
+    if no_datastore:
+        refuse_datastore_flags()
     cfg = EvalConfig(lam=lam, temperature=temperature,
                      retrieval=retrieval_config(k, nprobe, rerank, exact, search_device, retomaton, min_knns,
                                                 max_candidates),
@@ -202,8 +204,6 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      save_scores=save_scores, combine=combine, skip_below=skip_below,
                      memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors),
                      use_datastore=not no_datastore, attention=attention)
-    if no_datastore:
-        refuse_datastore_flags()
     if no_datastore and report_file:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
     if report_tokens < 0:

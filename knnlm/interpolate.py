@@ -127,6 +127,8 @@ def mix_log_distribution(lm_logp: np.ndarray, dists: np.ndarray, vals: np.ndarra
     lm_logp = np.asarray(lm_logp, dtype=np.float64)
     b, v = lm_logp.shape
     vals = np.asarray(vals)
+    if vals.size and int(vals.max()) >= v:  # its weight would land on the next row's tokens
+        raise ValueError(f"a neighbour's token {int(vals.max())} is past the vocabulary ({v} tokens)")
     lam = np.broadcast_to(np.asarray(lam, dtype=np.float64).reshape(-1), (b,))
     with np.errstate(divide="ignore"):
         out = lm_logp + np.log1p(-lam)[:, None]  # tokens no neighbour carries: (1−λ)·p_LM

@@ -30,7 +30,7 @@ class RetrievalConfig:
     rerank: bool = True  # recompute exact distances of the retrieved keys from keys.npy
     exact: bool = False  # brute-force search over keys.npy instead of the index (RAM: N·d·4 bytes)
     # exact search in torch on this device (a GPU) instead of the faiss index: keys.npy is copied there
-    # (N·d·2 bytes); None: faiss on the CPU (knnlm/torch_search.py)
+    # (N·d·2 bytes on a GPU, N·d·4 on a CPU); None: faiss on the CPU (knnlm/torch_search.py)
     search_device: str | None = None
     # RetoMaton (knnlm/retomaton.py): follow the neighbours that predicted the actual next token to
     # their successors, and skip the search where at least min_knns of them remain.
@@ -174,7 +174,9 @@ class Retriever:
     @property
     def describe(self) -> dict:
         """What this search is, for reports and the scores cache."""
-        out = {"search": self.kind, "k": self.k, "nprobe": self.cfg.nprobe, "rerank": bool(self.rerank)}
+        # The torch search's distances are the keys' own, as re-ranked ones are (nothing left to re-rank).
+        out = {"search": self.kind, "k": self.k, "nprobe": self.cfg.nprobe,
+               "rerank": bool(self.rerank) or self.cfg.search_device is not None}
         if self.cfg.search_device is not None:  # only when set: the faiss searches' descriptions stay as they were
             out["search_device"] = str(self.index.device)
         if self.cfg.retomaton:  # only when on: caches made before RetoMaton existed still match a full search

@@ -9,13 +9,14 @@ here for the LM, searches on the LM's GPU with its matrix units instead, exactly
    ‖q − k‖² does (‖q‖² is the same for all); on a GPU in fp16, the queries scaled by a power of two
    so that no score overflows;
 3. the `oversample`·k (1.5·k) best scores of each chunk (torch.topk), then of all chunks, are candidates;
-4. their float32 distances ‖q − k‖² are computed from the keys themselves, and the k nearest kept
-   in order: the distances are exact (re-ranking would recompute the same numbers).
+4. their float32 distances ‖q − k‖² are computed from the keys themselves (differences, as re-ranking
+   computes them, to float32 rounding), and the k nearest kept in order.
 
-fp16 scores round to about 1e-3 of their scale, so a key of the true k nearest could in principle
-rank below the candidates; bench/torch_search.py measures the recall against faiss's exact search
-(1.0 from oversample 1.25 on). On a CPU device every step is float32 and the result is exact search
-(the tests' reference path; faiss's flat index is faster there, `--exact`).
+The distances are exact; the candidates are chosen by fp16 scores, which round to about 1e-3 of their
+scale, so a key of the true k nearest could rank below them: bench/torch_search.py measured recall
+of the true 1000 nearest ≥ 0.99997 from 1.25·k candidates on (1.0 for queries near stored keys).
+On a CPU device every step is float32 and the result is exact search (the tests' reference path;
+faiss's flat index is faster there, `--exact`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ CPU_SCORE_BYTES = 64 << 20  # the same on a CPU
 QUERY_BATCH = 1024  # queries scored together on a GPU
 CPU_QUERY_BATCH = 128  # the same on a CPU
 RERANK_BYTES = 256 << 20  # gathered candidate keys (float32) at once
-# Candidates per query as a multiple of k. bench/torch_search.py: from 1.25 on, the k found were the true k
-# nearest (recall 1.0; 0.99997 for random queries over real keys) for 1M random keys on an H100 and 1M real
-# SmolLM2 keys (fp16 scores on a CPU); at 1, 99.2-99.6% of them.
+# Candidates per query as a multiple of k. bench/torch_search.py, recall of the true k nearest: from 1.25 on
+# 1.0 for 1M random keys on an H100, and 1.0 (queries near stored keys) or 0.99997 (random queries) for 1M
+# real SmolLM2 keys (fp16 scores on a CPU); at 1, 0.992-0.996.
 OVERSAMPLE = 1.5
 FP16_SCORE_MAX = 2.0 ** 14  # each term of a score is scaled below this: |s| < 2^15 < fp16's 65,504
 
@@ -46,12 +47,16 @@ def parse_search_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise KNNLMError(f"--search-device {name!r} is not a torch device; use cuda, cuda:N or cpu.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise KNNLMError(f"--search-device {name}: the search runs on cuda, cuda:N or cpu, not {device.type}.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KNNLMError(f"--search-device {name}: torch sees no CUDA device here; leave --search-device out to "
                          "search the faiss index on the CPU.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KNNLMError(f"--search-device {name}: there are only {torch.cuda.device_count()} CUDA devices; "
-                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise KNNLMError(f"--search-device {name}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     return device
 
 
@@ -82,9 +87,12 @@ class TorchExactIndex:
                 block = torch.from_numpy(np.array(keys[lo: lo + COPY_ROWS], dtype=np.float16)).to(self.device)
                 self.keys[lo: lo + len(block)] = block.to(self.dtype)
                 self.half_norms[lo: lo + len(block)] = block.float().pow(2).sum(1) / 2
-        except torch.OutOfMemoryError:
-            raise KNNLMError(f"The {self.ntotal:,} keys ({self.ntotal * self.d * 2 / 2**30:.1f} GiB in fp16) do not "
-                             f"fit on {self.device}; leave --search-device out to search the faiss index.") from None
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # a CPU's failed allocation is a RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            size = self.ntotal * self.d * (2 if self.half else 4) / 2**30
+            raise KNNLMError(f"The {self.ntotal:,} keys ({size:.1f} GiB as {str(self.dtype)[6:]}) do not fit on "
+                             f"{self.device}; leave --search-device out to search the faiss index.") from None
         self.live = int(self.ntotal)
         if live is not None:
             dead = torch.ones(self.ntotal, dtype=torch.bool, device=self.device)
@@ -95,8 +103,9 @@ class TorchExactIndex:
         self.max_half_norm = float(finite.max()) if len(finite) else 0.0
 
     def _scale(self, q: torch.Tensor) -> float:
-        """A power of two that keeps both terms of the fp16 scores of q below FP16_SCORE_MAX."""
-        top = max(self.max_half_norm, float(q.norm(dim=1).max()) * math.sqrt(2 * self.max_half_norm), 1e-30)
+        """A power of two that keeps the fp16 scaled queries and both terms of their scores below FP16_SCORE_MAX."""
+        top = max(self.max_half_norm, float(q.norm(dim=1).max()) * math.sqrt(2 * self.max_half_norm),
+                  float(q.abs().max()), 1e-30)
         return 2.0 ** math.floor(math.log2(FP16_SCORE_MAX / top))
 
     def _candidates(self, q: torch.Tensor, n_cand: int) -> torch.Tensor:
@@ -129,13 +138,16 @@ class TorchExactIndex:
             d = torch.where(torch.isfinite(self.half_norms[c]), d, math.inf)
             top = torch.topk(d, k, dim=1, largest=False, sorted=True)
             dists.append(top.values)
-            ids.append(c.gather(1, top.indices))
+            ids.append(torch.where(torch.isfinite(top.values), c.gather(1, top.indices), -1))
         return torch.cat(dists), torch.cat(ids)
 
     @torch.inference_mode()
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(dists (n, k) float32 ascending, ids (n, k) int64) like faiss: -1 and inf past the live keys."""
         q_all = np.ascontiguousarray(queries, dtype=np.float32)
+        if not np.isfinite(q_all).all():
+            raise KNNLMError("A query vector holds inf or NaN (the model's hidden state overflowed); search "
+                             "finite queries.")
         n = len(q_all)
         dists = np.full((n, k), np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
@@ -146,7 +158,11 @@ class TorchExactIndex:
         batch = min(n, QUERY_BATCH if self.device.type == "cuda" else CPU_QUERY_BATCH)
         for lo in range(0, n, batch):
             q = torch.from_numpy(q_all[lo: lo + batch]).to(self.device)
-            d, i = self._exact(q, self._candidates(q, n_cand), kk)
+            try:
+                d, i = self._exact(q, self._candidates(q, n_cand), kk)
+            except torch.OutOfMemoryError:
+                raise KNNLMError(f"{self.device} ran out of memory searching {len(q)} queries (beside the model and "
+                                 "the keys); pass a smaller --batch-size, or leave --search-device out.") from None
             dists[lo: lo + len(q), :kk] = d.cpu().numpy()
             ids[lo: lo + len(q), :kk] = i.cpu().numpy()
         return dists, ids

@@ -50,6 +50,8 @@ def test_build_eval_info_with_defaults(built, tiny_model_dir):
     assert on_device["knn_lm_ppl"] == pytest.approx(exact["knn_lm_ppl"], rel=1e-6)
     assert on_device["search_device"] == "cpu"
     _one_sentence_error(run("eval", "--search-device", "gpu0"), "--search-device", "not a torch device")
+    refused = run("eval", "--no-datastore", "--search-device", "cuda", "--model", tiny_model_dir)
+    assert refused.exit_code == 2 and "--search-device" in refused.output
     r = run("info", "--json")
     info = json.loads(r.stdout)
     assert info["meta"]["count"] > 0 and info["index"]["kind"] in ("exact", "ivfpq")

@@ -48,12 +48,32 @@ def test_equals_numpy_brute_force_over_chunks_and_batches(half, device):
     assert ids.dtype == np.int64 and dists.dtype == np.float32
 
 
+def test_short_keys_and_long_queries_do_not_overflow_fp16():
+    """The scale bounds the scaled queries too: keys of norm ~0.01 against queries of norm ~1 would scale
+    the queries past fp16's range if only the scores' terms were bounded."""
+    keys = (clustered(2000, 24, seed=7) * 0.0003).astype(np.float16)
+    q = clustered(50, 24, seed=8)
+    dists, ids = TorchExactIndex(keys, "cpu", half=True).search(q, 20)
+    ref_d, _ = _brute_force(q, keys, 20)
+    # Every key is about ‖q‖² away, so wrong neighbours would have nearly right distances: check that the
+    # keys returned are among the 20 nearest (up to float32 rounding of that distance), by their true distance.
+    true = ((q[:, None, :].astype(np.float64) - keys.astype(np.float64)[ids]) ** 2).sum(-1)
+    assert np.mean(true <= ref_d[:, -1:] * (1 + 1e-6)) > 0.99
+
+
+def test_non_finite_queries_are_refused():
+    index = TorchExactIndex(clustered(100, 8).astype(np.float16), "cpu", half=True)
+    with pytest.raises(KNNLMError, match="inf or NaN"):
+        index.search(np.full((2, 8), np.inf, np.float32), 5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_removed_keys_never_returned_and_missing_past_the_live_ones(device):
+@pytest.mark.parametrize("half", [False, True])
+def test_removed_keys_never_returned_and_missing_past_the_live_ones(device, half):
     keys = clustered(500, 16, seed=3).astype(np.float16)
     live = np.arange(0, 500, 4)  # 125 keys may be returned
     q = clustered(20, 16, seed=4)
-    dists, ids = TorchExactIndex(keys, device, live=live).search(q, 200)
+    dists, ids = TorchExactIndex(keys, device, live=live, half=half).search(q, 200)
     ref_d, ref_i = _brute_force(q, keys, 125, live)
     assert np.array_equal(ids[:, :125], ref_i)
     assert np.allclose(dists[:, :125], ref_d, rtol=1e-5)
@@ -105,6 +125,8 @@ def test_eval_on_search_device_equals_exact_eval_and_skips_removed_documents(tmp
 def test_bad_search_device_is_one_sentence():
     with pytest.raises(KNNLMError, match="is not a torch device"):
         RetrievalConfig(search_device="gpu0")
+    with pytest.raises(KNNLMError, match="cuda, cuda:N or cpu, not meta"):
+        RetrievalConfig(search_device="meta")
     if not torch.cuda.is_available():
         with pytest.raises(KNNLMError, match="no CUDA device"):
             RetrievalConfig(search_device="cuda")
