@@ -120,8 +120,9 @@ def code_bench_inputs(datastore: str, split: str, threads: int):
 
 
 # A speed variant is "knn" (none) or some of these joined by "+"; "torch" is exact search in torch on
-# KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device), --search-device.
-FEATURES = ("skip", "retomaton", "no-rerank", "torch")
+# KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device), --search-device; "rerank-R" re-ranks the first R
+# candidates only (--rerank-depth R).
+FEATURES = ("skip", "retomaton", "no-rerank", "torch", "rerank-R")
 BENCH_SEARCH_DEVICE = os.environ.get("KNNLM_BENCH_SEARCH_DEVICE", BENCH_DEVICE)
 
 
@@ -129,7 +130,9 @@ def variant_retrieval(on: set[str]):
     """The RetrievalConfig of a speed variant's features (defaults otherwise: k 1000, nprobe 8)."""
     from knnlm.retrieval import RetrievalConfig
 
+    depth = [int(x.split("-")[1]) for x in on if x.startswith("rerank-") and x != "no-rerank"]
     return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on,
+                           rerank_depth=depth[0] if depth else None,
                            search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
 
 
@@ -138,7 +141,7 @@ def parse_variant(name: str) -> set[str]:
     import sys
 
     parts = set() if name == "knn" else set(name.split("+"))
-    if not parts <= set(FEATURES):
+    if not all(p in FEATURES or (p.startswith("rerank-") and p[7:].isdigit()) for p in parts):
         sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)} joined by '+'.")
     return parts
 

@@ -15,11 +15,14 @@ from .common import datastore_option, device_option, json_option, model_option, 
 
 
 def retrieval_options(f):
-    """--k, --nprobe, --rerank/--no-rerank, --exact, --search-device."""
+    """--k, --nprobe, --rerank/--no-rerank, --rerank-depth, --exact, --search-device."""
     f = click.option("--search-device", default=None, metavar="DEVICE",
                      help="Exact search in torch on this device (e.g. cuda) instead of the faiss index; keys.npy "
                           "is copied there (N·d·2 bytes on a GPU) [default: the faiss index, on the CPU].")(f)
     f = click.option("--exact", is_flag=True, help="Brute-force search over keys.npy instead of the index.")(f)
+    f = click.option("--rerank-depth", type=int, default=None, metavar="R",
+                     help="Re-rank only the first R candidates; the rest keep the index's distances "
+                          "[default: all k].")(f)
     f = click.option("--rerank/--no-rerank", default=True,
                      help="Recompute exact distances of the retrieved keys from keys.npy.")(f)
     f = click.option("--nprobe", default=8, help="IVF lists visited per query.")(f)
@@ -40,11 +43,12 @@ def retomaton_options(f):
     return f
 
 
-def retrieval_config(k, nprobe, rerank, exact, search_device, retomaton=RetrievalConfig.retomaton,
+def retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton=RetrievalConfig.retomaton,
                      min_knns=RetrievalConfig.min_knns, max_candidates=RetrievalConfig.max_candidates) -> RetrievalConfig:
     """The RetrievalConfig of the search flags (and of eval's and generate's RetoMaton flags)."""
-    return RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, exact=exact, search_device=search_device,
-                           retomaton=retomaton, min_knns=min_knns, max_candidates=max_candidates)
+    return RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, rerank_depth=rerank_depth, exact=exact,
+                           search_device=search_device, retomaton=retomaton, min_knns=min_knns,
+                           max_candidates=max_candidates)
 
 
 def window_options(f):
@@ -89,8 +93,8 @@ def memory_options(f):
 
 
 # Flags only a datastore's search or mix reads: given with --no-datastore they would do nothing.
-DATASTORE_ONLY = ("datastore", "lam", "combine", "skip_below", "temperature", "k", "nprobe", "rerank", "exact",
-                  "search_device", "retomaton", "min_knns", "max_candidates")
+DATASTORE_ONLY = ("datastore", "lam", "combine", "skip_below", "temperature", "k", "nprobe", "rerank", "rerank_depth",
+                  "exact", "search_device", "retomaton", "min_knns", "max_candidates")
 
 
 def refuse_datastore_flags() -> None:
@@ -124,7 +128,8 @@ def format_report(r: dict) -> str:
     if r.get("combine") == "spalm":
         lam = f"SPALM ({r['lambda_source']}, mean memory weight 1 − g {r['mean_lambda']:.3f})"
     search = f"{r['search']}, k {r['k']}" + (f", nprobe {r['nprobe']}" if r["search"] in ("ivfpq", "factory") else "") + \
-        (", re-ranked" if r["rerank"] else "") + (f", torch on {r['search_device']}" if r.get("search_device") else "")
+        ("" if not r["rerank"] else ", re-ranked" if r["rerank"] is True else f", re-ranked ({r['rerank']})") + \
+        (f", torch on {r['search_device']}" if r.get("search_device") else "")
     rows = [
         ("text", f"{r['corpus']} ({r['documents']} documents)"),
         ("tokens", f"{r['tokens']}"),
@@ -184,7 +189,7 @@ def format_report(r: dict) -> str:
 @trust_option
 @json_option
 def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
-             exact, search_device, retomaton, min_knns, max_candidates, context, stride, batch_size, save_scores, overwrite, report_file,
+             rerank_depth, exact, search_device, retomaton, min_knns, max_candidates, context, stride, batch_size, save_scores, overwrite, report_file,
              report_tokens, memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore, model,
              device, trust_remote_code, as_json, attention):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
@@ -197,8 +202,8 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
     if no_datastore:
         refuse_datastore_flags()
     cfg = EvalConfig(lam=lam, temperature=temperature,
-                     retrieval=retrieval_config(k, nprobe, rerank, exact, search_device, retomaton, min_knns,
-                                                max_candidates),
+                     retrieval=retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton,
+                                                min_knns, max_candidates),
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
                      save_scores=save_scores, combine=combine, skip_below=skip_below,

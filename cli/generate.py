@@ -32,7 +32,7 @@ from .evaluate import (memory_config, memory_options, mixing_options, refuse_dat
 @trust_option
 @json_option
 def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, temperature, sample, seed, compare, k,
-                 nprobe, rerank, exact, search_device, retomaton, min_knns, max_candidates, memory, memory_mix, memory_lambda,
+                 nprobe, rerank, rerank_depth, exact, search_device, retomaton, min_knns, max_candidates, memory, memory_mix, memory_lambda,
                  memory_temperature, memory_neighbors, no_datastore, model, device, trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
@@ -43,7 +43,8 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
         knn = KNNLM.without_datastore(model, device, trust_remote_code)
     else:
         knn = KNNLM.open(datastore, model, device,
-                         retrieval_config(k, nprobe, rerank, exact, search_device, retomaton, min_knns, max_candidates),
+                         retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton, min_knns,
+                                          max_candidates),
                          trust_remote_code)
     out = generate(knn.lm, prompt, knn.retriever, lam, temperature, max_new_tokens, sample, seed, combine=combine,
                    skip_below=skip_below, memory=mem, attention=attention)

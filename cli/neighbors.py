@@ -56,15 +56,15 @@ def format_neighbors(r: dict, width: int = 72) -> str:
 @device_option
 @trust_option
 @json_option
-def neighbors_cmd(datastore, text, position, top, temperature, html_file, k, nprobe, rerank, exact, search_device,
-                  model, device, trust_remote_code, as_json):
+def neighbors_cmd(datastore, text, position, top, temperature, html_file, k, nprobe, rerank, rerank_depth, exact,
+                  search_device, model, device, trust_remote_code, as_json):
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
     if text == "-":
         text = sys.stdin.read()
     if top < 1:
         raise click.BadParameter(f"{top} is not a positive number of neighbours; pass e.g. --top 10.",
                                  param_hint="--top")
-    knn = KNNLM.open(datastore, model, device, retrieval_config(k, nprobe, rerank, exact, search_device),
+    knn = KNNLM.open(datastore, model, device, retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device),
                      trust_remote_code)
     r = knn.neighbors(text, position, top, temperature)
     if html_file:

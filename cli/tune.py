@@ -20,8 +20,8 @@ from .common import datastore_option, device_option, json_option, model_option, 
 from .evaluate import corpus_format_options, retrieval_config, retrieval_options, window_options
 
 # Flags that say how to score; with --scores the scoring is already done, so they would do nothing.
-_SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank", "exact", "search_device", "context", "stride",
-                  "batch_size")
+_SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank", "rerank_depth", "exact",
+                  "search_device", "context", "stride", "batch_size")
 
 
 @click.command("tune-lambda")
@@ -58,7 +58,7 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @click.pass_context
 def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptive, bins, min_bin_tokens, gate,
              gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, memory, memory_neighbors, k,
-             nprobe, rerank, exact, search_device, context, stride, batch_size, model, device, trust_remote_code, as_json):
+             nprobe, rerank, rerank_depth, exact, search_device, context, stride, batch_size, model, device, trust_remote_code, as_json):
     """Fit every way of mixing the memory in (fixed λ and T, adaptive λ, the learned gates and their
     retrieval skip, SPALM) on the dev part; store them in DATASTORE/lambda.json and mixing.safetensors."""
     if scores_path:
@@ -72,7 +72,8 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,
                      skip_tolerance=skip_tolerance, spalm=spalm)
-    ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=retrieval_config(k, nprobe, rerank, exact, search_device),
+    ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=retrieval_config(k, nprobe, rerank, rerank_depth, exact,
+                                                                          search_device),
                       context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                       trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, keep_features=True)
     lm = None

@@ -151,6 +151,29 @@ def test_ivfpq_recall_against_exact_search(tmp_path, fast_scan):
     assert recall(reranked) >= 0.95
 
 
+def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):
+    keys = clustered(20_000, 32, seed=1)
+    ds = open_datastore(make_datastore(tmp_path / "syn", keys, np.arange(len(keys)) % 100))
+    train_index(ds, IndexConfig(code_size=8))
+    q = clustered(40, 32, seed=2)
+    raw = Retriever(ds, RetrievalConfig(k=200, nprobe=16, rerank=False))
+    pq_d, ids = raw.index.search(q, 200)  # the index's order
+    k16 = np.asarray(ds.keys, dtype=np.float64)
+    true = ((q[:, None, :] - k16[ids]) ** 2).sum(-1)
+    part = Retriever(ds, RetrievalConfig(k=200, nprobe=16, rerank_depth=50))
+    d, i = part.search(q)
+    for row in range(len(q)):  # the first 50 at their exact distances, the other 150 at the index's
+        want = np.concatenate([true[row, :50], pq_d[row, 50:]])
+        got = dict(zip(i[row], d[row]))
+        assert np.allclose([got[x] for x in ids[row]], want, rtol=1e-4)
+    assert np.all(np.diff(d, axis=1) >= 0) and part.describe["rerank"] == "first 50"
+    full_d, full_i = Retriever(ds, RetrievalConfig(k=200, nprobe=16, rerank_depth=500)).search(q)
+    ref_d, ref_i = Retriever(ds, RetrievalConfig(k=200, nprobe=16)).search(q)
+    assert np.array_equal(full_i, ref_i) and np.array_equal(full_d, ref_d)
+    with pytest.raises(KNNLMError, match="--rerank-depth 0"):
+        RetrievalConfig(rerank_depth=0)
+
+
 def test_small_datastores_get_an_exact_index(tmp_path, caplog):
     ds = open_datastore(make_datastore(tmp_path / "syn", clustered(500, 16), np.zeros(500)))
     with caplog.at_level("INFO", logger="knnlm"):

@@ -50,6 +50,8 @@ def test_build_eval_info_with_defaults(built, tiny_model_dir):
     assert on_device["knn_lm_ppl"] == pytest.approx(exact["knn_lm_ppl"], rel=1e-6)
     assert on_device["search_device"] == "cpu"
     _one_sentence_error(run("eval", "--search-device", "gpu0"), "--search-device", "not a torch device")
+    partial = json.loads(run("eval", "--lambda", "0.25", "--k", 32, "--rerank-depth", 8, "--json").stdout)
+    assert partial["rerank"] == "first 8"
     refused = run("eval", "--no-datastore", "--search-device", "cuda", "--model", tiny_model_dir)
     assert refused.exit_code == 2 and "--search-device" in refused.output
     r = run("info", "--json")
