@@ -44,7 +44,8 @@ def retomaton_options(f):
 
 
 def retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton=RetrievalConfig.retomaton,
-                     min_knns=RetrievalConfig.min_knns, max_candidates=RetrievalConfig.max_candidates) -> RetrievalConfig:
+                     min_knns=RetrievalConfig.min_knns,
+                     max_candidates=RetrievalConfig.max_candidates) -> RetrievalConfig:
     """The RetrievalConfig of the search flags (and of eval's and generate's RetoMaton flags)."""
     return RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, rerank_depth=rerank_depth, exact=exact,
                            search_device=search_device, retomaton=retomaton, min_knns=min_knns,
@@ -189,9 +190,9 @@ def format_report(r: dict) -> str:
 @trust_option
 @json_option
 def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below, temperature, k, nprobe, rerank,
-             rerank_depth, exact, search_device, retomaton, min_knns, max_candidates, context, stride, batch_size, save_scores, overwrite, report_file,
-             report_tokens, memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore, model,
-             device, trust_remote_code, as_json, attention):
+             rerank_depth, exact, search_device, retomaton, min_knns, max_candidates, context, stride, batch_size,
+             save_scores, overwrite, report_file, report_tokens, memory, memory_mix, memory_lambda, memory_temperature,
+             memory_neighbors, no_datastore, model, device, trust_remote_code, as_json, attention):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
     import os
 

@@ -32,8 +32,9 @@ from .evaluate import (memory_config, memory_options, mixing_options, refuse_dat
 @trust_option
 @json_option
 def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, temperature, sample, seed, compare, k,
-                 nprobe, rerank, rerank_depth, exact, search_device, retomaton, min_knns, max_candidates, memory, memory_mix, memory_lambda,
-                 memory_temperature, memory_neighbors, no_datastore, model, device, trust_remote_code, as_json, attention):
+                 nprobe, rerank, rerank_depth, exact, search_device, retomaton, min_knns, max_candidates, memory,
+                 memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore, model, device,
+                 trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     if prompt == "-":
         prompt = sys.stdin.read()

@@ -58,7 +58,8 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @click.pass_context
 def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptive, bins, min_bin_tokens, gate,
              gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, memory, memory_neighbors, k,
-             nprobe, rerank, rerank_depth, exact, search_device, context, stride, batch_size, model, device, trust_remote_code, as_json):
+             nprobe, rerank, rerank_depth, exact, search_device, context, stride, batch_size, model, device,
+             trust_remote_code, as_json):
     """Fit every way of mixing the memory in (fixed λ and T, adaptive λ, the learned gates and their
     retrieval skip, SPALM) on the dev part; store them in DATASTORE/lambda.json and mixing.safetensors."""
     if scores_path:

@@ -132,7 +132,7 @@ class TorchExactIndex:
         dists, ids = [], []
         for lo in range(0, len(q), rows):
             c = cand[lo: lo + rows]
-            # Differences, not ‖q‖² + ‖k‖² − 2q·k: no cancellation, and no TF32 matmul should someone allow it.
+            # Differences, not ‖q‖² + ‖k‖² − 2q·k: no cancellation, and no TF32 matmul if someone allows it.
             d = torch.cdist(q[lo: lo + rows, None, :], self.keys[c].float(),
                             compute_mode="donot_use_mm_for_euclid_dist")[:, 0].square()  # (b, C)
             d = torch.where(torch.isfinite(self.half_norms[c]), d, math.inf)
