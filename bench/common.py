@@ -122,7 +122,7 @@ def code_bench_inputs(datastore: str, split: str, threads: int):
 # A speed variant is "knn" (none) or some of these joined by "+"; "torch" is exact search in torch on
 # KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device), --search-device; "rerank-R" re-ranks the first R
 # candidates only (--rerank-depth R).
-FEATURES = ("skip", "retomaton", "no-rerank", "torch", "rerank-R")
+FEATURES = ("skip", "retomaton", "no-rerank", "torch")
 BENCH_SEARCH_DEVICE = os.environ.get("KNNLM_BENCH_SEARCH_DEVICE", BENCH_DEVICE)
 
 
@@ -141,8 +141,11 @@ def parse_variant(name: str) -> set[str]:
     import sys
 
     parts = set() if name == "knn" else set(name.split("+"))
-    if not all(p in FEATURES or (p.startswith("rerank-") and p[7:].isdigit()) for p in parts):
-        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)} joined by '+'.")
+    depths = [p for p in parts if p.startswith("rerank-") and p[7:].isdigit()]
+    if not all(p in FEATURES or p in depths for p in parts):
+        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)}, rerank-R joined by '+'.")
+    if depths and (len(depths) > 1 or {"no-rerank", "torch"} & parts):
+        sys.exit(f"Variant {name!r}: one rerank-R, and not with no-rerank or torch.")
     return parts
 
 

@@ -3,8 +3,9 @@
     python bench/rerank_depth.py [--datastore bench/results/real-1m] [--tokens 6000] [--depths 0,64,...,1000]
 
 The datastore's index returns k = 1000 candidates ordered by their PQ distances. Re-ranking recomputes
-all k distances from keys.npy; depth R recomputes the first R and keeps the PQ distances of the rest
-(R = 0: no re-ranking, R = k: eval's default). Text: the real datastore's eval files (bench/eval.py's
+all k distances from keys.npy; depth R recomputes the first R and keeps the PQ distances of the rest,
+raised to the farthest re-ranked one (knnlm.retrieval.partial_rerank; R = 0: no re-ranking, R = k:
+eval's default). Text: the real datastore's eval files (bench/eval.py's
 eval_docs) scored once by the LM; λ and T: the datastore's tuned fixed ones (lambda.json). Time: the
 re-ranking of the first R candidates per query (median of 3 over 2,048 queries, the pages warm).
 """
@@ -39,14 +40,16 @@ def main() -> None:
     from knnlm.evaluate import score_documents
     from knnlm.interpolate import interpolate, knn_log_prob, perplexity
     from knnlm.lm import load_lm
-    from knnlm.retrieval import RetrievalConfig, Retriever, as_tensor, exact_distances
+    from knnlm.retrieval import RetrievalConfig, Retriever, as_tensor, exact_distances, partial_rerank
 
     path = Path(args.datastore)
+    if not (path / "lambda.json").exists():
+        sys.exit(f"{path} has no lambda.json; tune it first (knnlm tune-lambda -d {path} ...).")
     ds = open_datastore(path)
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     tuned = json.loads((path / "lambda.json").read_text())
     lam, temp = float(tuned["lambda"]), float(tuned["temperature"])
-    docs = eval_docs(lm, args.tokens, path if (path / "lambda.json").exists() and "real" in path.name else None)
+    docs = eval_docs(lm, args.tokens, path if "real" in path.name else None)
     s = score_documents(lm, None, docs, ds.meta["context"], ds.meta["stride"], keep_queries=True)
     retriever = Retriever(ds, RetrievalConfig(rerank=False))
     q = np.asarray(s.queries, np.float32)
@@ -59,8 +62,7 @@ def main() -> None:
     full = None
     sample = slice(0, min(len(q), 2048))
     for depth in map(int, args.depths.split(",")):
-        d = pq_d.copy()
-        d[:, :depth] = exact[:, :depth]
+        d = partial_rerank(pq_d, exact[:, :depth]) if depth else pq_d
         ppl = perplexity(interpolate(s.lm_logp, knn_log_prob(d, vals, s.targets, temp), lam))
         full = ppl if depth >= retriever.k else full
         times = []

@@ -58,7 +58,7 @@ class IndexConfig:
         if self.factory is not None and self.fast_scan and not self.exact:
             raise KNNLMError(f"--fast-scan chooses the default index's codes; the --factory string {self.factory!r} "
                              "names its own (fast-scan ends in x4fs); leave out one of the two.")
-        if self.fast_scan and self.on_disk:
+        if self.fast_scan and self.on_disk and not self.exact:
             raise KNNLMError("--fast-scan codes cannot live in faiss's on-disk inverted lists; leave out --fast-scan "
                              "or --on-disk.")
         if self.code_size < 1:

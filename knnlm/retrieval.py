@@ -28,8 +28,8 @@ class RetrievalConfig:
     k: int = 1000  # neighbours per query
     nprobe: int = 8  # IVF lists visited per query
     rerank: bool = True  # recompute exact distances of the retrieved keys from keys.npy
-    # re-rank only the first R candidates (by the index's distances; the rest keep those); None: all k.
-    # bench/rerank_depth.py: at 1M real keys R 512 is +0.014% perplexity for half the re-ranking cost
+    # re-rank only the first R candidates (by the index's distances; the rest keep those, raised to the
+    # farthest re-ranked one: partial_rerank); None: all k. bench/rerank_depth.py gives the curve
     rerank_depth: int | None = None
     exact: bool = False  # brute-force search over keys.npy instead of the index (RAM: N·d·4 bytes)
     # exact search in torch on this device (a GPU) instead of the faiss index: keys.npy is copied there
@@ -51,6 +51,9 @@ class RetrievalConfig:
             raise KNNLMError(f"--nprobe {self.nprobe} must be at least 1 (IVF lists visited per query).")
         if self.rerank_depth is not None and self.rerank_depth < 1:
             raise KNNLMError(f"--rerank-depth {self.rerank_depth} must be at least 1 (--no-rerank re-ranks none).")
+        if self.rerank_depth is not None and (not self.rerank or self.search_device is not None):
+            raise KNNLMError("--rerank-depth re-ranks part of the index's candidates; leave it out with "
+                             f"{'--no-rerank' if not self.rerank else '--search-device'}.")
         if self.search_device is not None:
             parse_search_device(self.search_device)  # a bad name is refused before the model loads
 
@@ -129,6 +132,18 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     return out
 
 
+def partial_rerank(index_dists: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """(n, k) distances: the first R columns (head, exact) re-ranked, the rest the index's own, raised to each
+    row's farthest re-ranked distance: the index's distances run low (coarse codes much more so), and its
+    tail must not outrank the candidates the index itself put first."""
+    out = np.array(index_dists, dtype=np.float32)
+    r = head.shape[1]
+    out[:, :r] = head
+    floor = np.max(np.where(np.isfinite(head), head, -np.inf), axis=1, keepdims=True)
+    out[:, r:] = np.maximum(out[:, r:], floor)
+    return out
+
+
 def exact_index(ds: Datastore) -> faiss.Index:
     """A flat index over the datastore's keys, less removed documents' (their rows keep their numbers)."""
     flat = faiss.IndexFlatL2(ds.dim)
@@ -197,9 +212,8 @@ class Retriever:
         dists, ids = self.index.search(q, self.k)
         check_ids(self.ds, ids)
         if self.rerank:
-            if self.depth < ids.shape[1]:  # the first `depth` by the index's order; the rest keep its distances
-                dists = np.array(dists, dtype=np.float32)
-                dists[:, :self.depth] = exact_distances(q, self._keys, ids[:, :self.depth])
+            if self.depth < ids.shape[1]:  # the first `depth` by the index's order
+                dists = partial_rerank(dists, exact_distances(q, self._keys, ids[:, :self.depth]))
             else:
                 dists = exact_distances(q, self._keys, ids)
             order = np.argsort(dists, axis=1, kind="stable")

@@ -162,16 +162,20 @@ def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):
     true = ((q[:, None, :] - k16[ids]) ** 2).sum(-1)
     part = Retriever(ds, RetrievalConfig(k=200, nprobe=16, rerank_depth=50))
     d, i = part.search(q)
-    for row in range(len(q)):  # the first 50 at their exact distances, the other 150 at the index's
-        want = np.concatenate([true[row, :50], pq_d[row, 50:]])
+    for row in range(len(q)):  # the first 50 at their exact distances, the other 150 at the index's, never
+        # below the farthest of the 50 (so none outranks them)
+        want = np.concatenate([true[row, :50], np.maximum(pq_d[row, 50:], true[row, :50].max())])
         got = dict(zip(i[row], d[row]))
         assert np.allclose([got[x] for x in ids[row]], want, rtol=1e-4)
+        assert set(i[row, :50]) == set(ids[row, :50])
     assert np.all(np.diff(d, axis=1) >= 0) and part.describe["rerank"] == "first 50"
     full_d, full_i = Retriever(ds, RetrievalConfig(k=200, nprobe=16, rerank_depth=500)).search(q)
     ref_d, ref_i = Retriever(ds, RetrievalConfig(k=200, nprobe=16)).search(q)
     assert np.array_equal(full_i, ref_i) and np.array_equal(full_d, ref_d)
     with pytest.raises(KNNLMError, match="--rerank-depth 0"):
         RetrievalConfig(rerank_depth=0)
+    with pytest.raises(KNNLMError, match="leave it out with --no-rerank"):
+        RetrievalConfig(rerank_depth=10, rerank=False)
 
 
 def test_small_datastores_get_an_exact_index(tmp_path, caplog):

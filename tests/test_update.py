@@ -184,9 +184,11 @@ def test_ivf_remove_add_compact_keep_the_pq_ranking(tmp_path, fast_scan):
     extra = make_datastore(tmp_path / "extra", clustered(500, ds.dim, seed=9), np.ones(500))
     apply_add(ds, open_datastore(extra))
     ds = open_datastore(path)
-    added = np.asarray(ds.keys[12000:12500:50], np.float32)
-    dists, ids = Retriever(ds, RetrievalConfig(k=1000, nprobe=16)).search(added)
-    assert (ids[:, 0] == np.arange(12000, 12500, 50)).mean() >= 0.9 and np.all(dists[:, 0] >= 0)
+    # Found by their codes alone (no re-ranking): fast-scan's add after a removal once ORed new codes into the
+    # stale bits a removal leaves in a list's last block.
+    added = np.asarray(ds.keys[12000:12500:10], np.float32)
+    dists, ids = Retriever(ds, RetrievalConfig(k=5, nprobe=16, rerank=False)).search(added)
+    assert (ids == np.arange(12000, 12500, 10)[:, None]).any(1).mean() >= 0.95 and np.all(dists[:, 0] >= 0)
     live = ds.live_ids()
     _, i0 = Retriever(ds, full).search(q)
     compact(path)
