@@ -21,8 +21,8 @@ def retrieval_options(f):
                           "is copied there (N·d·2 bytes on a GPU) [default: the faiss index, on the CPU].")(f)
     f = click.option("--exact", is_flag=True, help="Brute-force search over keys.npy instead of the index.")(f)
     f = click.option("--rerank-depth", type=int, default=None, metavar="R",
-                     help="Re-rank only the first R candidates; the rest keep the index's distances "
-                          "[default: all k].")(f)
+                     help="Re-rank only the first R candidates; the rest keep the index's distances, "
+                          "raised to the farthest re-ranked one [default: all k].")(f)
     f = click.option("--rerank/--no-rerank", default=True,
                      help="Recompute exact distances of the retrieved keys from keys.npy.")(f)
     f = click.option("--nprobe", default=8, help="IVF lists visited per query.")(f)
