@@ -130,9 +130,8 @@ def variant_retrieval(on: set[str]):
     """The RetrievalConfig of a speed variant's features (defaults otherwise: k 1000, nprobe 8)."""
     from knnlm.retrieval import RetrievalConfig
 
-    depth = [int(x.split("-")[1]) for x in on if x.startswith("rerank-") and x != "no-rerank"]
-    return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on,
-                           rerank_depth=depth[0] if depth else None,
+    depth = next((int(x[len("rerank-"):]) for x in on if x.startswith("rerank-")), None)
+    return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on, rerank_depth=depth,
                            search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
 
 
@@ -147,6 +146,20 @@ def parse_variant(name: str) -> set[str]:
     if depths and (len(depths) > 1 or {"no-rerank", "torch"} & parts):
         sys.exit(f"Variant {name!r}: one rerank-R, and not with no-rerank or torch.")
     return parts
+
+
+def median_seconds(fn, runs: int = 3) -> float:
+    """Median wall time of fn() over runs, after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def threads() -> int:

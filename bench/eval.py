@@ -38,34 +38,20 @@ HERE = Path(__file__).parent
 
 def one_size(n: int, tokens: int) -> dict:
     """Measure at one datastore size (run in a child process)."""
-    from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler, peak_rss_mib, stdlib_texts
+    from common import BENCH_DEVICE, BENCH_MODEL, peak_rss_mib
     from knnlm.datastore import open_datastore
-    from knnlm.evaluate import Timer, score_documents
+    from knnlm.evaluate import score_documents
     from knnlm.lm import load_lm
     from knnlm.retrieval import RetrievalConfig, Retriever
 
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     path = HERE / "results" / f"synthetic-{n}"
     ds = open_datastore(path)
-    docs, total = [], 0
-    for name, text in stdlib_texts(50, seed=1):
-        docs.append((name, text))
-        total += len(lm.encode(text))
-        if total >= tokens:
-            break
+    docs = eval_docs(lm, tokens)
     retriever = Retriever(ds, RetrievalConfig())  # the defaults: k 1000, nprobe 8, re-rank on
     rss_before = peak_rss_mib()
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
-    lm_s = knn_s = 0.0
-    timer = Timer()
-    with MemorySampler() as mem:
-        for _ in range(2):
-            t0 = time.perf_counter()
-            s = score_documents(lm, None, docs, 512, 256)
-            lm_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            score_documents(lm, retriever, docs, 512, 256, timer=timer)
-            knn_s += time.perf_counter() - t0
+    lm_s, knn_s, s, timer, mem = alternate(lm, retriever, docs)
     keys_mib = (path / "keys.npy").stat().st_size / 2**20
     return {"keys": n, "tokens": len(s), "lm_only_tokens_per_s": 2 * len(s) / lm_s,
             "knn_lm_tokens_per_s": 2 * len(s) / knn_s, "ratio": lm_s / knn_s,
@@ -73,6 +59,25 @@ def one_size(n: int, tokens: int) -> dict:
             "index_mib": round((path / "index.faiss").stat().st_size / 2**20),
             "peak_rss_mib_after_load": round(rss_before), "peak_rss_mib": round(peak_rss_mib()),
             "peak_private_mib": round(mem.peak["RssAnon"]), "peak_mapped_file_mib": round(mem.peak["RssFile"])}
+
+
+def alternate(lm, retriever, docs, combiner=None, rounds: int = 2):
+    """The LM alone and the kNN-LM over the same documents, alternating `rounds` times: (LM seconds, kNN-LM
+    seconds, the kNN-LM's last Scores, its Timer, the peak-memory sampler)."""
+    from common import MemorySampler
+    from knnlm.evaluate import Timer, score_documents
+
+    lm_s = knn_s = 0.0
+    timer = Timer()
+    with MemorySampler() as mem:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            score_documents(lm, None, docs, 512, 256)
+            lm_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            s = score_documents(lm, retriever, docs, 512, 256, timer=timer, combiner=combiner)
+            knn_s += time.perf_counter() - t0
+    return lm_s, knn_s, s, timer, mem
 
 
 REAL = HERE / "results" / "real-1m"
@@ -149,10 +154,10 @@ def with_factory(path: Path, factory: str) -> Path:
 def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False) -> dict:
     """Each variant's eval throughput against the LM alone (alternating, twice) and its perplexity
     against an exact full search with the same λ policy."""
-    from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler
+    from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.combine import resolve_combiner
     from knnlm.datastore import open_datastore
-    from knnlm.evaluate import Timer, report, score_documents
+    from knnlm.evaluate import report, score_documents
     from knnlm.lm import load_lm
     from knnlm.retrieval import RetrievalConfig, Retriever
 
@@ -176,16 +181,7 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
         retriever = Retriever(ds, variant_retrieval(on))
         combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
-        lm_s = knn_s = 0.0
-        timer = Timer()
-        with MemorySampler() as mem:
-            for _ in range(2):
-                t0 = time.perf_counter()
-                score_documents(lm, None, docs, 512, 256)
-                lm_s += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                s = score_documents(lm, retriever, docs, 512, 256, timer=timer, combiner=combiner)
-                knn_s += time.perf_counter() - t0
+        lm_s, knn_s, s, timer, mem = alternate(lm, retriever, docs, combiner)
         r = report(s, combiner)
         row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3),
                "lm_only_tokens_per_s": round(2 * r["tokens"] / lm_s, 1),

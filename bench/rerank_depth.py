@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DEVICE, BENCH_MODEL  # noqa: E402
+from common import BENCH_DEVICE, BENCH_MODEL, median_seconds  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -65,14 +63,8 @@ def main() -> None:
         d = partial_rerank(pq_d, exact[:, :depth]) if depth else pq_d
         ppl = perplexity(interpolate(s.lm_logp, knn_log_prob(d, vals, s.targets, temp), lam))
         full = ppl if depth >= retriever.k else full
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            if depth:
-                exact_distances(q[sample], keys, ids[sample, :depth])
-            times.append(time.perf_counter() - t0)
-        out["depths"][depth] = {"knn_lm_ppl": ppl,
-                                "rerank_ms_per_query": round(1000 * statistics.median(times) / len(q[sample]), 4)}
+        sec = median_seconds(lambda: exact_distances(q[sample], keys, ids[sample, :depth])) if depth else 0.0
+        out["depths"][depth] = {"knn_lm_ppl": ppl, "rerank_ms_per_query": round(1000 * sec / len(q[sample]), 4)}
         print(json.dumps({depth: {**out["depths"][depth], "knn_lm_ppl": round(ppl, 4)}}), file=sys.stderr, flush=True)
     for row in out["depths"].values():
         if full is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,20 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic, threads  # noqa: E402
+from common import BENCH_DEVICE, BENCH_MODEL, cached_synthetic, median_seconds, threads  # noqa: E402
 
 HERE = Path(__file__).parent
 
 
-def median_seconds(fn, runs: int = 3) -> float:
-    """Median wall time of fn() over runs (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's true neighbours (truth) among the ids found."""
+    return round(float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(ids, truth)])), 5)
 
 
 def main() -> None:
@@ -91,9 +84,7 @@ def main() -> None:
         index.oversample = over
         row = {}
         for name, q in queries.items():
-            ids = index.search(q[:512], args.k)[1]
-            row[f"recall_{name}"] = round(float(np.mean([len(np.intersect1d(a, b)) / args.k
-                                                         for a, b in zip(ids, truth[name])])), 5)
+            row[f"recall_{name}"] = recall(index.search(q[:512], args.k)[1], truth[name])
         sec = median_seconds(lambda: index.search(both, args.k))
         row["us_per_query"] = round(1e6 * sec / len(both), 2)
         out["torch"][f"oversample {over:g}"] = row
@@ -104,10 +95,9 @@ def main() -> None:
     retriever = Retriever(ds, RetrievalConfig(k=args.k))
     sample = both[:: max(1, len(both) // 1024)]
     sec = median_seconds(lambda: retriever.search(sample))
-    ids = retriever.search(queries["stored+noise"][:512])[1]
     out["faiss_index"] = {"kind": retriever.kind, "us_per_query": round(1e6 * sec / len(sample), 2),
-                          "recall_stored+noise": round(float(np.mean([len(np.intersect1d(a, b)) / args.k
-                                                                      for a, b in zip(ids, truth["stored+noise"])])), 5)}
+                          "recall_stored+noise": recall(retriever.search(queries["stored+noise"][:512])[1],
+                                                        truth["stored+noise"])}
     print(json.dumps(out, indent=1))
 
 

@@ -159,48 +159,16 @@ def apply_add(ds: Datastore, added: Datastore) -> dict:
     new = Datastore(ds.path, meta)
     staged = []
     if index is not None:
-        _clear_stale_slots(index)
-        ids = np.arange(n0, n0 + n, dtype=np.int64)
-        for lo in range(0, n, _CHUNK):
-            # Explicit ids: after a removal, ntotal is no longer the next row number.
-            _add(index, np.asarray(added.keys[lo: lo + _CHUNK], dtype=np.float32), ids[lo: lo + _CHUNK])
+        from .scale.ivf import Adder
+
+        adder = Adder(index)
+        for lo in range(0, n, _CHUNK):  # ids are the new row numbers (after a removal, ntotal is not)
+            adder.add(np.asarray(added.keys[lo: lo + _CHUNK], dtype=np.float32), n0 + lo)
         staged = _stage_index(ds, index, new, pending)
     write_json(pending / "meta.json", meta)
     commit(ds.path, ["meta.json", *staged], {"keys.npy": n0 + n, "vals.npy": n0 + n})
     log.info("added %d documents, %d keys to %s", len(docs), n, ds.path)
     return record
-
-
-def _clear_stale_slots(index) -> None:
-    """Zero the unused code slots of fast-scan's last block in each list (no-op for other indexes).
-
-    faiss removes an entry by moving the list's last code into its slot and shrinking the list, but
-    leaves the moved code's old 4-bit nibbles in the block; its fast-scan add then ORs the new codes
-    into those bits, corrupting them. Cleared slots make an add after a removal exact.
-    """
-    ivf = faiss.try_extract_index_ivf(index)
-    inv = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
-    if not isinstance(inv, faiss.BlockInvertedLists):
-        return
-    packer = inv.packer
-    zero = np.zeros(packer.code_size, np.uint8)
-    for lst in range(ivf.nlist):
-        n = inv.list_size(lst)
-        if n % packer.nvec == 0:
-            continue
-        blocks = (n + packer.nvec - 1) // packer.nvec
-        buf = faiss.rev_swig_ptr(inv.get_codes(lst), blocks * packer.block_size).reshape(blocks, packer.block_size)
-        for slot in range(n, blocks * packer.nvec):
-            packer.pack_1(zero, slot, buf)
-
-
-def _add(index, x: np.ndarray, ids: np.ndarray) -> None:
-    """Add vectors under the given ids; a plain flat index numbers them itself (and has no gaps)."""
-    if isinstance(index, faiss.IndexFlat):
-        assert index.ntotal == ids[0], "a flat index without removals numbers rows itself"
-        index.add(x)
-    else:
-        index.add_with_ids(x, ids)
 
 
 def _resolve(ds: Datastore, names: list[str]) -> list[list]:
@@ -246,7 +214,6 @@ def remove_documents(datastore: str | os.PathLike, names: list[str]) -> dict:
     if index is not None:
         index = _removable(index)
         removed = index.remove_ids(faiss.IDSelectorBatch(ids))
-        _clear_stale_slots(index)
         if removed != ids.size:
             raise KNNLMError(f"The index of {ds.path} held {removed} of the {ids.size} keys removed; rebuild it "
                              f"with `knnlm compact {ds.path}` and `knnlm train-index {ds.path}`.")

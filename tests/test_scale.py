@@ -284,6 +284,12 @@ def test_cli_shard_and_on_disk_flags_reach_their_configs(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         CliRunner().invoke(cli, ["train-index", str(tmp_path / "ds"), "--on-disk"], catch_exceptions=False)
     assert seen["index"].on_disk
+    build = ["build-datastore", str(tmp_path / "c.txt"), "--shards", "2"]
+    for command in (["train-index", str(tmp_path / "ds")], build):
+        seen.clear()
+        with pytest.raises(Stop):
+            CliRunner().invoke(cli, [*command, "--fast-scan"], catch_exceptions=False)
+        assert (seen.get("index") or seen["cfg"].index).fast_scan
     out = CliRunner().invoke(cli, ["build-datastore", str(tmp_path / "c.txt"), "--shards", "0"])
     assert out.exit_code == 1 and "--shards 0 must be at least 1" in out.output
 

@@ -102,6 +102,7 @@ def test_eval_on_search_device_equals_exact_eval_and_skips_removed_documents(tmp
     exact, _ = run_eval(store, cfg=EvalConfig(**base, retrieval=RetrievalConfig(k=32, exact=True)), lm=tiny_lm)
     torch_r, _ = run_eval(store, cfg=EvalConfig(**base, retrieval=RetrievalConfig(k=32, search_device="cpu")),
                           lm=tiny_lm)
+    assert torch_r["search_device"] == "cpu"  # the torch search ran (the store's own index is exact too)
     assert torch_r["knn_lm_ppl"] == pytest.approx(exact["knn_lm_ppl"], rel=1e-6)
     assert torch_r["knn_only_ppl"] == pytest.approx(exact["knn_only_ppl"], rel=1e-6)
     assert torch_r["lm_ppl"] == exact["lm_ppl"]

@@ -53,6 +53,29 @@ def train_ivf(index, xt: np.ndarray, seed: int) -> None:
     index.train(xt)
 
 
+def clear_stale_slots(index) -> None:
+    """Zero the unused code slots of fast-scan's last block in each list (no-op for other indexes).
+
+    faiss removes an entry by moving the list's last code into its slot and shrinking the list, but
+    leaves the moved code's old 4-bit nibbles in the block; its fast-scan add then ORs the new codes
+    into those bits, corrupting them. Cleared slots make an add after a removal exact.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    inv = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(inv, faiss.BlockInvertedLists):
+        return
+    packer = inv.packer
+    zero = np.zeros(packer.code_size, np.uint8)
+    for lst in range(ivf.nlist):
+        n = inv.list_size(lst)
+        if n % packer.nvec == 0:
+            continue
+        blocks = (n + packer.nvec - 1) // packer.nvec
+        buf = faiss.rev_swig_ptr(inv.get_codes(lst), blocks * packer.block_size).reshape(blocks, packer.block_size)
+        for slot in range(n, blocks * packer.nvec):
+            packer.pack_1(zero, slot, buf)
+
+
 class Adder:
     """Adds keys to a trained index, with faiss's faster paths for its default IVF-PQ (8-bit codes of residuals).
 
@@ -60,15 +83,18 @@ class Adder:
       instead of faiss's per-key loop (about 12x faster at 9-dim sub-vectors); the codes are the same but for
       ties in rounding.
     - Coarse lists: past LARGE_NLIST lists an HNSW graph over the centroids, else the flat quantizer.
-    The codes go in with add_sa_codes. Any other index is added to by faiss as it is.
+    The codes go in with add_sa_codes. Any other index is added to by faiss as it is. A fast-scan index's
+    stale code slots (left by removals) are cleared first.
     """
 
     def __init__(self, index):
+        clear_stale_slots(index)
         self.index, self.top = index, faiss.downcast_index(index)
         top = self.top
         self.fast = (type(top) is faiss.IndexIVFPQ and top.by_residual and top.pq.nbits == 8
                      and top.metric_type == faiss.METRIC_L2 and _flat_l2(top.quantizer))
         self.ivf = faiss.try_extract_index_ivf(index)
+        self.with_ids = self.ivf is not None or isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2))
         if not self.fast:
             return
         self.coarse = top.quantizer
@@ -82,10 +108,10 @@ class Adder:
         """Add the float32 keys x as rows lo, lo+1, ... (their ids)."""
         ids = np.arange(lo, lo + len(x), dtype=np.int64)
         if not self.fast:
-            if self.ivf is not None:
+            if self.with_ids:
                 self.index.add_with_ids(x, ids)
-            else:  # flat and graph indexes number rows themselves
-                assert self.index.ntotal == lo
+            else:  # flat (never removed from) and graph indexes number rows themselves
+                assert self.index.ntotal == lo, "an index without ids numbers rows itself"
                 self.index.add(x)
             return
         x = np.ascontiguousarray(x, dtype=np.float32)
