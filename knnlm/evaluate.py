@@ -30,6 +30,7 @@ from .windows import check_window, forward_owned, plan_windows
 log = logging.getLogger(__name__)
 
 
+LOGP_ROWS = 32  # rows of logits per log_softmax on a CPU: 32 × V 49,152 floats (6 MiB) stay in cache
 NO_DATASTORE_WINDOW = (512, 256)  # (context, stride) of --no-datastore without --context: build's defaults
 
 
@@ -127,11 +128,14 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         lm_logp, stats = [], []
         for o in owned:
             tgt = torch.as_tensor(targets[o.item])
-            # log_softmax over owned rows only: the full (B, T, V) would double the logits' memory.
-            logp = torch.log_softmax(o.logits, dim=-1)  # (n, V)
-            lm_logp.append(logp.gather(1, tgt[:, None].to(logp.device))[:, 0])
-            if keep_lm_stats:
-                stats.append(lm_stats(logp))
+            # log_softmax over owned rows only, and on a CPU a few rows at a time: the full (B, T, V)
+            # would double the logits' memory, and rows that stay in cache take a third of the time.
+            step = LOGP_ROWS if o.logits.device.type == "cpu" else len(tgt)
+            for lo in range(0, len(tgt), step):
+                logp = torch.log_softmax(o.logits[lo:lo + step], dim=-1)  # (rows, V)
+                lm_logp.append(logp.gather(1, tgt[lo:lo + step, None].to(logp.device))[:, 0])
+                if keep_lm_stats:
+                    stats.append(lm_stats(logp))
         q = torch.cat([o.keys for o in owned]).cpu().numpy()  # (n, d)
         lp = torch.cat(lm_logp).double().cpu().numpy()
         st = {key: np.concatenate([x[key] for x in stats]) for key in stats[0]} if stats else {}

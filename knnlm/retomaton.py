@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 from faiss.contrib.inspect_tools import get_invlist
 
+from .arrays import row_order
 from .retrieval import Retriever, exact_distances
 
 
@@ -131,7 +132,7 @@ def rank_candidates(queries: np.ndarray, keys, cand: np.ndarray, k: int) -> tupl
         pad = k - dists.shape[1]
         dists = np.pad(dists, ((0, 0), (0, pad)), constant_values=np.inf)
         cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
-    order = np.argsort(dists, axis=1, kind="stable")[:, :k]
+    order = row_order(dists)[:, :k]
     ids = np.take_along_axis(cand, order, axis=1)
     return np.take_along_axis(dists, order, axis=1).astype(np.float32), np.where(ids >= 0, ids, -1)
 

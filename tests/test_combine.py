@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.combine import FixedLambda, GateLambda, SpalmMix, resolve_combiner, save_lambda
-from knnlm.combine.features import POST_FEATURES, knn_value_stats, post_features, pre_features
+from knnlm.combine.features import POST_FEATURES, knn_value_stats, lm_stats, post_features, pre_features
 from knnlm.combine.gate import GateConfig, LambdaGate, fit_gate, mix_nll
 from knnlm.combine.spalm import SpalmGate, memory_vectors, spalm_log_probs
 from knnlm.errors import KNNLMError
@@ -80,6 +80,24 @@ def test_scores_carry_the_features_and_round_trip(dev, tmp_path):
     assert np.array_equal(back.queries, dev.queries.astype(np.float16).astype(np.float32))
     for name in ("targets", "lm_logp", "dists", "vals", "lm_entropy", "lm_max", "lm_second", "lm_argmax", "searched"):
         assert np.array_equal(getattr(back, name), getattr(dev, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lm_stats_match_torch_references_and_leave_logp_alone(dtype):
+    """The CPU path (numpy's argmax and max) against torch.topk and the entropy's definition; a row with a
+    zero-probability token (0·log 0 counts as 0)."""
+    logp = torch.log_softmax(torch.randn(37, 1000, dtype=torch.float64) * 4, dim=-1).to(dtype)
+    logp[3, 17] = float("-inf")
+    before = logp.clone()
+    got = lm_stats(logp)
+    assert torch.equal(logp, before)
+    top = torch.topk(logp, 2, dim=-1)
+    p = logp.double().exp()
+    entropy = -(torch.where(p > 0, p * logp.double(), torch.zeros_like(p))).sum(-1)
+    assert np.array_equal(got["lm_argmax"], top.indices[:, 0].numpy()) and got["lm_argmax"].dtype == np.int32
+    assert np.array_equal(got["lm_max"], top.values[:, 0].float().numpy())
+    assert np.array_equal(got["lm_second"], top.values[:, 1].float().numpy())
+    assert np.allclose(got["lm_entropy"], entropy.numpy(), rtol=1e-5) and np.isfinite(got["lm_entropy"]).all()
 
 
 def test_old_or_incomplete_scores_files_are_refused(dev, tmp_path):
