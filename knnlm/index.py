@@ -245,6 +245,11 @@ def read_index_info(ds: Datastore) -> dict | None:
     return info
 
 
+def flat_l2(index) -> bool:
+    """Whether index (an IVF's quantizer, say) is a flat L2 index: every centroid ranked exactly."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_L2
+
+
 def load_index(ds: Datastore):
     """The datastore's faiss index, checked against its keys."""
     info = read_index_info(ds)

@@ -16,7 +16,7 @@ import torch
 from .arrays import row_order
 from .datastore import Datastore
 from .errors import KNNLMError
-from .index import load_index, read_index_info
+from .index import flat_l2, load_index, read_index_info
 from .torch_search import TorchExactIndex, parse_search_device
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,7 @@ class CoarseAssigner:
     @staticmethod
     def applies(index) -> bool:
         """Whether index is an IVF index searched as it is (no transform or id map in front) over a flat L2 quantizer."""
-        if not isinstance(index, faiss.IndexIVF) or index.metric_type != faiss.METRIC_L2:
-            return False
-        flat = faiss.downcast_index(index.quantizer)
-        return isinstance(flat, faiss.IndexFlat) and flat.metric_type == faiss.METRIC_L2
+        return isinstance(index, faiss.IndexIVF) and index.metric_type == faiss.METRIC_L2 and flat_l2(index.quantizer)
 
     def __call__(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """(squared L2 distances (n, nprobe) float32 ascending, list numbers (n, nprobe) int64) of queries (n, d)."""

@@ -20,6 +20,8 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from ..index import flat_l2
+
 log = logging.getLogger(__name__)
 
 LARGE_NLIST = 4096  # from this many IVF lists on, two-level k-means and HNSW coarse assignment
@@ -34,10 +36,6 @@ def two_level_clustering(*args, **kwargs):
     return clustering(*args, **kwargs)
 
 
-def _flat_l2(index) -> bool:
-    return isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_L2
-
-
 def train_ivf(index, xt: np.ndarray, seed: int) -> None:
     """Train an index whose IVF is L2 over a flat quantizer; past LARGE_NLIST lists with two-level k-means.
 
@@ -46,7 +44,7 @@ def train_ivf(index, xt: np.ndarray, seed: int) -> None:
     """
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and ivf.nlist >= LARGE_NLIST and ivf.quantizer.ntotal == 0 \
-            and _flat_l2(ivf.quantizer) and index.d == ivf.d:
+            and flat_l2(ivf.quantizer) and index.d == ivf.d:
         centroids, _ = two_level_clustering(xt, int(np.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=ivf.cp.niter,
                                             seed=seed)
         ivf.quantizer.add(centroids)  # a filled quantizer: faiss's training goes on to the codes only
@@ -92,7 +90,7 @@ class Adder:
         self.index, self.top = index, faiss.downcast_index(index)
         top = self.top
         self.fast = (type(top) is faiss.IndexIVFPQ and top.by_residual and top.pq.nbits == 8
-                     and top.metric_type == faiss.METRIC_L2 and _flat_l2(top.quantizer))
+                     and top.metric_type == faiss.METRIC_L2 and flat_l2(top.quantizer))
         self.ivf = faiss.try_extract_index_ivf(index)
         self.with_ids = self.ivf is not None or isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2))
         if not self.fast:
