@@ -216,7 +216,7 @@ class Retriever:
             self.kind = read_index_info(ds)["kind"]
             ivf = faiss.try_extract_index_ivf(self.index)
             if ivf is not None:
-                ivf.nprobe = cfg.nprobe
+                ivf.nprobe = min(cfg.nprobe, ivf.nlist)  # faiss's search takes no more; search_preassigned wants it so
             if CoarseAssigner.applies(self.index):
                 self._coarse = CoarseAssigner(self.index)
                 # search_preassigned runs on one thread in faiss's default mode 0; mode 3 splits the queries
@@ -246,7 +246,7 @@ class Retriever:
         """(dists (n, k) ascending, ids (n, k), -1 where missing) for queries (n, d)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self._coarse is not None and len(q) >= COARSE_MIN_QUERIES:
-            coarse_dists, lists = self._coarse(q, self.cfg.nprobe)
+            coarse_dists, lists = self._coarse(q, self.index.nprobe)
             dists, ids = self.index.search_preassigned(q, self.k, lists, coarse_dists)
         else:
             dists, ids = self.index.search(q, self.k)

@@ -182,6 +182,8 @@ def test_coarse_assignment_in_torch_matches_faiss(tmp_path, fast_scan):
     d, lists = r._coarse(q, 16)
     assert np.array_equal(lists, ref_lists) and np.allclose(d, ref_d, rtol=1e-5)
     assert r._coarse(q, 10_000)[1].shape == (len(q), 256)  # nprobe past nlist: every list
+    every = Retriever(ds, RetrievalConfig(k=100, nprobe=10_000, rerank=False))
+    assert np.mean(every.search(q)[1] == every.index.search(q, 100)[1]) > 0.99  # faiss takes nprobe ≤ nlist too
     batched = r.search(q)
     single = [np.concatenate(x) for x in zip(*(r.search(q[i:i + 8]) for i in range(0, len(q), 8)))]
     assert np.mean(batched[1] == single[1]) > 0.99  # ties at the last places may order apart
