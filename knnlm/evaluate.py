@@ -130,12 +130,12 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
             tgt = torch.as_tensor(targets[o.item])
             # log_softmax over owned rows only, and on a CPU a few rows at a time: the full (B, T, V)
             # would double the logits' memory, and rows that stay in cache take a third of the time.
-            step = LOGP_ROWS if o.logits.device.type == "cpu" else len(tgt)
+            step = LOGP_ROWS if o.logits.device.type == "cpu" else max(1, len(tgt))
             for lo in range(0, len(tgt), step):
                 logp = torch.log_softmax(o.logits[lo:lo + step], dim=-1)  # (rows, V)
                 lm_logp.append(logp.gather(1, tgt[lo:lo + step, None].to(logp.device))[:, 0])
                 if keep_lm_stats:
-                    stats.append(lm_stats(logp))
+                    stats.append(lm_stats(logp, owned=True))
         q = torch.cat([o.keys for o in owned]).cpu().numpy()  # (n, d)
         lp = torch.cat(lm_logp).double().cpu().numpy()
         st = {key: np.concatenate([x[key] for x in stats]) for key in stats[0]} if stats else {}

@@ -160,6 +160,7 @@ def exact_index(ds: Datastore) -> faiss.Index:
 
 
 COARSE_MIN_QUERIES = 32  # batches from this size find their IVF lists in torch (CoarseAssigner); fewer, in faiss
+COARSE_BLOCK = 4 * 2**20  # query-to-centroid scores held at once (16 MiB), as faiss's flat search blocks them
 
 
 class CoarseAssigner:
@@ -181,12 +182,19 @@ class CoarseAssigner:
         return isinstance(index, faiss.IndexIVF) and index.metric_type == faiss.METRIC_L2 and flat_l2(index.quantizer)
 
     def __call__(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        """(squared L2 distances (n, nprobe) float32 ascending, list numbers (n, nprobe) int64) of queries (n, d)."""
-        qt = torch.from_numpy(q)
-        # ‖q‖² + ‖c‖² − 2 q·c in faiss's own order of operations, so that its distances round the same way
-        dists = torch.addmm((qt * qt).sum(dim=1, keepdim=True) + self.sq_norms, qt, self.centroids.T, alpha=-2)
-        near, lists = torch.topk(dists, min(nprobe, len(self.centroids)), dim=1, largest=False, sorted=True)
-        return near.numpy(), lists.numpy().astype(np.int64)
+        """(squared L2 distances (n, nprobe) float32 ascending, list numbers (n, nprobe) int64) of queries (n, d);
+        list -1 (none) for a query that is not finite, as faiss's quantizer gives it."""
+        nprobe = min(nprobe, len(self.centroids))
+        near, lists = np.empty((len(q), nprobe), np.float32), np.empty((len(q), nprobe), np.int64)
+        step = max(1, COARSE_BLOCK // len(self.centroids))  # queries per block: (step, nlist) scores at a time
+        for lo in range(0, len(q), step):
+            qt = as_tensor(q[lo:lo + step])
+            # ‖q‖² + ‖c‖² − 2 q·c in faiss's own order of operations, so that its distances round the same way
+            dists = torch.addmm((qt * qt).sum(dim=1, keepdim=True) + self.sq_norms, qt, self.centroids.T, alpha=-2)
+            d, i = torch.topk(dists, nprobe, dim=1, largest=False, sorted=True)
+            near[lo:lo + step], lists[lo:lo + step] = d.numpy(), i.numpy()
+        lists[~np.isfinite(near)] = -1
+        return near, lists
 
 
 def check_ids(ds: Datastore, ids: np.ndarray) -> None:
@@ -245,8 +253,9 @@ class Retriever:
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dists (n, k) ascending, ids (n, k), -1 where missing) for queries (n, d)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if self._coarse is not None and len(q) >= COARSE_MIN_QUERIES:
+        if self._coarse is not None and len(q) >= COARSE_MIN_QUERIES and self.index.nprobe <= self.index.nlist:
             coarse_dists, lists = self._coarse(q, self.index.nprobe)
+            self.index.invlists.prefetch_lists(faiss.swig_ptr(lists), lists.size)  # on-disk lists: read ahead
             dists, ids = self.index.search_preassigned(q, self.k, lists, coarse_dists)
         else:
             dists, ids = self.index.search(q, self.k)

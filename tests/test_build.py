@@ -158,40 +158,54 @@ def test_row_order_is_numpys_stable_argsort(dtype):
 
     a = np.random.default_rng(0).integers(-4, 4, size=(300, 257)).astype(dtype)
     if dtype != np.int32:
-        a[0, :6] = [np.inf, -np.inf, -0.0, 0.0, 1e-42, -1e-42]
+        a[0, :6] = [np.inf, -np.inf, 0.0, -0.0, 1e-42, -1e-42]  # 0.0 first: -0.0 must not pass it
+        with np.errstate(invalid="ignore"):
+            made = (np.inf * np.zeros(1, dtype))[0]  # the NaN an invalid operation makes (negative on x86)
+        a[1, :4] = [np.nan, -np.nan, np.inf, made]  # NaNs of both signs: last, in column order
     else:
         a[0, :3] = [np.iinfo(np.int32).min, np.iinfo(np.int32).max, -1]
     got = row_order(a)
     assert got.dtype == np.intp and np.array_equal(got, np.argsort(a, axis=1, kind="stable"))
 
 
-@pytest.mark.parametrize("fast_scan", [False, True])
-def test_coarse_assignment_in_torch_matches_faiss(tmp_path, fast_scan):
-    """Batches of COARSE_MIN_QUERIES or more find their IVF lists in torch, smaller ones in faiss: the same lists and
-    neighbours either way. An index with a transform in front keeps faiss's own search."""
+@pytest.mark.parametrize("kind", ["8-bit", "fast-scan", "on-disk"])
+def test_coarse_assignment_in_torch_matches_faiss(tmp_path, kind, monkeypatch):
+    """Batches of COARSE_MIN_QUERIES or more find their IVF lists in torch (in blocks), smaller ones in faiss: the
+    same lists and neighbours either way. A query that is not finite gets no list, as in faiss. An index with a
+    transform in front keeps faiss's own search."""
+    import knnlm.retrieval as retrieval
     from knnlm.retrieval import COARSE_MIN_QUERIES, CoarseAssigner
 
     keys = clustered(20_000, 32, seed=1)
     ds = open_datastore(make_datastore(tmp_path / "syn", keys, np.arange(len(keys)) % 100))
-    train_index(ds, IndexConfig(code_size=8, fast_scan=fast_scan))
+    train_index(ds, IndexConfig(code_size=8, fast_scan=kind == "fast-scan", on_disk=kind == "on-disk"))
     q = clustered(4 * COARSE_MIN_QUERIES, 32, seed=2)
     r = Retriever(ds, RetrievalConfig(k=100, nprobe=16, rerank=False))
     assert r._coarse is not None
     quantizer = faiss.extract_index_ivf(r.index).quantizer
     ref_d, ref_lists = quantizer.search(q, 16)
+    monkeypatch.setattr(retrieval, "COARSE_BLOCK", 256 * 5)  # 5 queries a block: several blocks and a short last
     d, lists = r._coarse(q, 16)
     assert np.array_equal(lists, ref_lists) and np.allclose(d, ref_d, rtol=1e-5)
     assert r._coarse(q, 10_000)[1].shape == (len(q), 256)  # nprobe past nlist: every list
-    every = Retriever(ds, RetrievalConfig(k=100, nprobe=10_000, rerank=False))
-    assert np.mean(every.search(q)[1] == every.index.search(q, 100)[1]) > 0.99  # faiss takes nprobe ≤ nlist too
+    bad = q[:3].copy()
+    bad[1, 4] = np.nan
+    assert (r._coarse(bad, 16)[1][1] == -1).all() and (quantizer.search(bad, 16)[1][1] == -1).all()
+    calls = []
+    preassigned = r.index.search_preassigned
+    monkeypatch.setattr(r.index, "search_preassigned", lambda *a: calls.append(len(a[0])) or preassigned(*a))
     batched = r.search(q)
     single = [np.concatenate(x) for x in zip(*(r.search(q[i:i + 8]) for i in range(0, len(q), 8)))]
+    assert calls == [len(q)]  # the torch lists for the whole batch, faiss's own for the batches of 8
     assert np.mean(batched[1] == single[1]) > 0.99  # ties at the last places may order apart
     assert np.allclose(batched[0], single[0], rtol=1e-4)
-    train_index(ds, IndexConfig(factory="PCA16,IVF64,Flat"))
-    r = Retriever(ds, RetrievalConfig(k=100, nprobe=16, rerank=False))
-    assert r._coarse is None and not CoarseAssigner.applies(r.index)
-    assert r.search(q)[1].shape == (len(q), 100)
+    every = Retriever(ds, RetrievalConfig(k=100, nprobe=10_000, rerank=False))
+    assert np.mean(every.search(q)[1] == every.index.search(q, 100)[1]) > 0.99  # faiss takes nprobe ≤ nlist too
+    if kind == "8-bit":
+        train_index(ds, IndexConfig(factory="PCA16,IVF64,Flat"))
+        r = Retriever(ds, RetrievalConfig(k=100, nprobe=16, rerank=False))
+        assert r._coarse is None and not CoarseAssigner.applies(r.index)
+        assert r.search(q)[1].shape == (len(q), 100)
 
 
 def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):

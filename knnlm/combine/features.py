@@ -19,22 +19,28 @@ PRE_FEATURES = ("lm_entropy", "lm_max_logp", "lm_margin", "key_norm")
 POST_FEATURES = PRE_FEATURES + ("log_nn_dist", "log_kth_dist", "knn_entropy", "log_distinct", "argmax_agree")
 
 
-def lm_stats(logp: torch.Tensor) -> dict[str, np.ndarray]:
+def lm_stats(logp: torch.Tensor, owned: bool = False) -> dict[str, np.ndarray]:
     """Entropy, top-two log-probabilities and argmax of each row of LM log-probabilities (n, V).
 
-    On a CPU the top two come from numpy's argmax and max (the second with the first masked for a moment,
-    then restored): a third of torch.topk's time at V 49,152. Elsewhere torch.topk.
+    Args:
+        logp: (n, V) log-probabilities.
+        owned: the caller owns logp and nothing else reads it meanwhile. Then, for a float32 or float64
+            tensor on a CPU, the top two come from numpy's argmax and max, the second with the first
+            masked in logp for a moment and then restored: a third of torch.topk's time at V 49,152.
+            Otherwise torch.topk (ties may then name another argmax).
     """
-    if logp.device.type == "cpu":
+    if owned and logp.device.type == "cpu" and logp.dtype in (torch.float32, torch.float64):
         a = logp.detach().numpy()  # shares logp's memory
         rows, argmax = np.arange(len(a)), a.argmax(axis=1)
         first = a[rows, argmax]  # a copy (fancy indexing)
-        a[rows, argmax] = -np.inf
-        second = a.max(axis=1)
-        a[rows, argmax] = first  # logp as it was
+        try:
+            a[rows, argmax] = -np.inf
+            second = a.max(axis=1)
+        finally:
+            a[rows, argmax] = first  # logp as it was
     else:
         top = torch.topk(logp, 2, dim=-1)  # values and indices (n, 2)
-        first, second = top.values[:, 0].cpu().numpy(), top.values[:, 1].cpu().numpy()
+        first, second = top.values[:, 0].float().cpu().numpy(), top.values[:, 1].float().cpu().numpy()
         argmax = top.indices[:, 0].cpu().numpy()
     entropy = -logp.exp().mul_(logp).nansum(dim=-1)  # 0·log 0 is nan: it counts as 0
     return {"lm_entropy": entropy.float().cpu().numpy(), "lm_max": np.asarray(first, np.float32),
