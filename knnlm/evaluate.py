@@ -30,7 +30,7 @@ from .windows import check_window, forward_owned, plan_windows
 log = logging.getLogger(__name__)
 
 
-LOGP_ROWS = 32  # rows of logits per log_softmax on a CPU: 32 × V 49,152 floats (6 MiB) stay in cache
+LOGP_ROWS = 32  # rows of logits per log_softmax on a CPU: 32 × V 49,152 floats (6 MiB) stay in the caches
 NO_DATASTORE_WINDOW = (512, 256)  # (context, stride) of --no-datastore without --context: build's defaults
 
 

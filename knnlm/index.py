@@ -29,8 +29,8 @@ _INFO_KEYS = ("kind", "factory", "nlist", "code_size", "train_size", "reason", "
 
 
 # IVF-PQ's precomputed table with on-disk lists: up to nlist 8192 at PQ64 (about 16M keys). At 10M keys it
-# makes eval 1.2x as fast (bench/eval.py: 0.715 -> 0.847 of the LM's speed) for 512 MiB, and search memory
-# stays within 1 GB of the model's (797 MiB); larger indexes go without it, so memory stays bounded (load_index)
+# takes eval's retrieval from 0.71 to 0.48-0.59 ms per token (bench/eval.py) for 512 MiB, and search memory
+# stays within 1 GB of the model's (800 MiB); larger indexes go without it, so memory stays bounded (load_index)
 ON_DISK_TABLE_MAX_BYTES = 512 * 2**20
 
 
