@@ -131,8 +131,9 @@ def variant_retrieval(on: set[str]):
     from knnlm.retrieval import RetrievalConfig
 
     depth = next((int(x[len("rerank-"):]) for x in on if x.startswith("rerank-")), None)
+    nprobe = next((int(x[len("nprobe-"):]) for x in on if x.startswith("nprobe-")), 8)
     return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on, rerank_depth=depth,
-                           search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
+                           nprobe=nprobe, search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
 
 
 def parse_variant(name: str) -> set[str]:
@@ -141,10 +142,14 @@ def parse_variant(name: str) -> set[str]:
 
     parts = set() if name == "knn" else set(name.split("+"))
     depths = [p for p in parts if p.startswith("rerank-") and p[7:].isdigit()]
-    if not all(p in FEATURES or p in depths for p in parts):
-        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)}, rerank-R joined by '+'.")
+    probes = [p for p in parts if p.startswith("nprobe-") and p[7:].isdigit() and int(p[7:]) > 0]
+    if not all(p in FEATURES or p in depths or p in probes for p in parts):
+        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)}, rerank-R, nprobe-N "
+                 "joined by '+'.")
     if depths and (len(depths) > 1 or {"no-rerank", "torch"} & parts):
         sys.exit(f"Variant {name!r}: one rerank-R, and not with no-rerank or torch.")
+    if len(probes) > 1:
+        sys.exit(f"Variant {name!r}: one nprobe-N.")
     return parts
 
 

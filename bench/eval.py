@@ -17,7 +17,8 @@ speed-feature variant (the learned skip, RetoMaton, both) is timed against the L
 perplexity compared with an exact (brute-force) full search under the same λ policy.
 --datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys). The variant
 "torch" searches exactly in torch (--search-device) on $KNNLM_BENCH_SEARCH_DEVICE (default: the LM's,
-$KNNLM_BENCH_DEVICE, e.g. cuda).
+$KNNLM_BENCH_DEVICE, e.g. cuda); "rerank-R" re-ranks the first R candidates (--rerank-depth), "nprobe-N"
+visits N lists (default 8), e.g. --variants nprobe-4+rerank-128.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help=f"time the speed-feature variants on {REAL}")
     ap.add_argument("--datastore", help="time the variants on this datastore")
     ap.add_argument("--variants", default="knn,skip,retomaton,skip+retomaton,no-rerank,skip+no-rerank",
-                    help=f"comma-separated: knn, or some of {', '.join(FEATURES)} joined by '+'")
+                    help=f"comma-separated: knn, or some of {', '.join(FEATURES)}, rerank-R, nprobe-N joined by '+'")
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
     ap.add_argument("--out", help="also write the report here (JSON)")
