@@ -88,19 +88,22 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
         if not self._mixing:
             super()._capture(module, args)
 
-    def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor, pointers: np.ndarray | None = None
-                     ) -> torch.Tensor:
+    def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor, pointers: np.ndarray | None = None,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Next-token log-probabilities of the kNN-LM for given queries and LM scores.
 
         Args:
             queries: (B, d) keys of the positions being predicted (the lm_head's inputs).
             lm_logits: (B, V) the model's scores for those positions.
             pointers: (B, P) RetoMaton's pointers into the datastore (-1 padded), or None to search.
+            dtype: float64, or float32 for a decoding step whose scores are float32 anyway: p_LM is then
+                normalised in float32 (a third of the time over V) and the λ-mix keeps float32 for the
+                tokens no neighbour carries (mixing those it carries in float64).
 
         Returns:
-            (B, V) float64 log-probabilities.
+            (B, V) log-probabilities (SPALM's always float64).
         """
-        lm_logp_t = torch.log_softmax(lm_logits.cpu().double(), dim=-1)  # (B, V)
+        lm_logp_t = torch.log_softmax(lm_logits.detach().cpu().to(dtype), dim=-1)  # (B, V)
         q = queries.float().cpu().numpy()  # (B, d)
         # Only the learned gate and the skip read the LM's statistics: spare the others the cost per step.
         stats = lm_stats(lm_logp_t) if self.combiner.reads_lm_stats else {}
@@ -144,7 +147,8 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
                 pointers = next_pointers(last["ids"], last["vals"], input_ids[:, -1].cpu().numpy(), self._automaton)
             else:
                 pointers = np.full((q.shape[0], 1), -1, np.int64)
-        out = self.distribution(q, scores, pointers).to(scores.device, scores.dtype)
+        work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # what the scores can hold
+        out = self.distribution(q, scores, pointers, work).to(scores.device, scores.dtype)
         # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out.
         return out.masked_fill(scores == -math.inf, -math.inf)
 

@@ -115,28 +115,32 @@ def mix_log_distribution(lm_logp: np.ndarray, dists: np.ndarray, vals: np.ndarra
     instead of five.
 
     Args:
-        lm_logp: (B, V) float64 log p_LM.
+        lm_logp: (B, V) log p_LM, float64 (or float32: a decoding step's scores, which end in float32;
+            then the untouched tokens stay float32 and those the neighbours carry are mixed in float64).
         dists: (B, k) squared L2 distances; inf where a neighbour is missing.
         vals: (B, k) stored next tokens; -1 where a neighbour is missing.
         lam: (B,) or a number: λ per row (0 for a row without neighbours keeps p_LM).
         temperature: T of softmax(−d/T).
 
     Returns:
-        (B, V) float64 log-probabilities.
+        (B, V) log-probabilities in lm_logp's dtype.
     """
-    lm_logp = np.asarray(lm_logp, dtype=np.float64)
+    lm_logp = np.asarray(lm_logp)
+    if lm_logp.dtype != np.float32:
+        lm_logp = lm_logp.astype(np.float64, copy=False)
     b, v = lm_logp.shape
     vals = np.asarray(vals)
     if vals.size and int(vals.max()) >= v:  # its weight would land on the next row's tokens
         raise ValueError(f"a neighbour's token {int(vals.max())} is past the vocabulary ({v} tokens)")
     lam = np.broadcast_to(np.asarray(lam, dtype=np.float64).reshape(-1), (b,))
     with np.errstate(divide="ignore"):
-        out = lm_logp + np.log1p(-lam)[:, None]  # tokens no neighbour carries: (1−λ)·p_LM
+        keep_lm = np.log1p(-lam)  # log(1−λ) per row
+        out = lm_logp + keep_lm[:, None].astype(lm_logp.dtype)  # tokens no neighbour carries: (1−λ)·p_LM
         weights = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (B, k)
         hit = vals >= 0
         rows = np.broadcast_to(np.arange(b)[:, None], vals.shape)[hit]
         flat, inverse = np.unique(rows.astype(np.int64) * v + vals[hit], return_inverse=True)
         p_knn = np.bincount(inverse, weights=weights[hit], minlength=len(flat))  # Σ weights per (row, token)
         r, t = flat // v, flat % v
-        out[r, t] = np.logaddexp(np.log(lam[r]) + np.log(p_knn), out[r, t])
+        out[r, t] = np.logaddexp(np.log(lam[r]) + np.log(p_knn), lm_logp[r, t].astype(np.float64) + keep_lm[r])
     return out

@@ -69,6 +69,12 @@ def test_sparse_mix_equals_dense_interpolation():
     assert np.allclose(got[fin], ref[fin], rtol=0, atol=1e-12)
     assert np.array_equal(got[[2, 4]], lm[[2, 4]])  # λ = 0: the LM's numbers exactly
     assert np.allclose(np.exp(got).sum(1), 1.0)
+    # float32 p_LM (a decoding step's): float32 out, the same numbers to float32's precision
+    lm32 = lm.astype(np.float32)
+    got32 = mix_log_distribution(lm32, dists, vals, lam, 2.5)
+    assert got32.dtype == np.float32 and np.array_equal(np.isneginf(got32), np.isneginf(ref))
+    assert np.allclose(got32[fin], ref[fin], rtol=1e-6, atol=1e-6)
+    assert np.array_equal(got32[[2, 4]], lm32[[2, 4]])
 
 
 def test_processor_equals_eval_interpolation(store, tiny_lm):
@@ -83,8 +89,12 @@ def test_processor_equals_eval_interpolation(store, tiny_lm):
             x = torch.tensor([ids[: p + 1]])
             with torch.inference_mode():
                 logits = tiny_lm.model(input_ids=x).logits[:, -1]  # the hook takes the query
+            query = proc._query
             out = proc(x, logits)
             assert out.dtype == logits.dtype
+            # the call works in float32 (its scores' dtype): the float64 distribution to float32's precision
+            full = proc.distribution(query, logits)
+            assert full.dtype == torch.float64 and torch.allclose(out.double(), full, rtol=1e-6, atol=1e-6)
             assert torch.exp(out.double()).sum().item() == pytest.approx(1.0, abs=1e-5)
             j = int(np.flatnonzero(scores.pos == p + 1)[0])
             assert scores.targets[j] == ids[p + 1]

@@ -79,7 +79,8 @@ class Combiner:
         raise NotImplementedError
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head: torch.nn.Module | None = None) -> np.ndarray:
-        """(B, V) float64 next-token log-probabilities of one decoding step (s holds its B rows)."""
+        """(B, V) next-token log-probabilities of one decoding step (s holds its B rows), in lm_logp's dtype
+        (float64 or float32) for the λ policies, float64 for SPALM."""
         raise NotImplementedError
 
 
