@@ -121,19 +121,26 @@ def code_bench_inputs(datastore: str, split: str, threads: int):
 
 # A speed variant is "knn" (none) or some of these joined by "+"; "torch" is exact search in torch on
 # KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device), --search-device; "rerank-R" re-ranks the first R
-# candidates only (--rerank-depth R).
+# candidates only (--rerank-depth R); "nprobe-N" visits N lists (default 8).
 FEATURES = ("skip", "retomaton", "no-rerank", "torch")
+NUMBERED = ("rerank-", "nprobe-")  # FEATURES with a positive number after them
+VARIANTS_HELP = f"comma-separated: knn, or some of {', '.join(FEATURES)}, rerank-R, nprobe-N joined by '+'"
 BENCH_SEARCH_DEVICE = os.environ.get("KNNLM_BENCH_SEARCH_DEVICE", BENCH_DEVICE)
+
+
+def _number(on: set[str], prefix: str) -> list[int]:
+    """The numbers of the variant parts that start with prefix (e.g. 128 of "rerank-128")."""
+    return [int(p[len(prefix):]) for p in on if p.startswith(prefix) and p[len(prefix):].isdigit()]
 
 
 def variant_retrieval(on: set[str]):
     """The RetrievalConfig of a speed variant's features (defaults otherwise: k 1000, nprobe 8)."""
     from knnlm.retrieval import RetrievalConfig
 
-    depth = next((int(x[len("rerank-"):]) for x in on if x.startswith("rerank-")), None)
-    nprobe = next((int(x[len("nprobe-"):]) for x in on if x.startswith("nprobe-")), 8)
-    return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on, rerank_depth=depth,
-                           nprobe=nprobe, search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
+    depth, nprobe = _number(on, "rerank-"), _number(on, "nprobe-")
+    return RetrievalConfig(retomaton="retomaton" in on, rerank="no-rerank" not in on,
+                           rerank_depth=depth[0] if depth else None, nprobe=nprobe[0] if nprobe else 8,
+                           search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
 
 
 def parse_variant(name: str) -> set[str]:
@@ -141,15 +148,12 @@ def parse_variant(name: str) -> set[str]:
     import sys
 
     parts = set() if name == "knn" else set(name.split("+"))
-    depths = [p for p in parts if p.startswith("rerank-") and p[7:].isdigit()]
-    probes = [p for p in parts if p.startswith("nprobe-") and p[7:].isdigit() and int(p[7:]) > 0]
-    if not all(p in FEATURES or p in depths or p in probes for p in parts):
-        sys.exit(f"Unknown variant {name!r}: 'knn' or some of {', '.join(FEATURES)}, rerank-R, nprobe-N "
-                 "joined by '+'.")
-    if depths and (len(depths) > 1 or {"no-rerank", "torch"} & parts):
-        sys.exit(f"Variant {name!r}: one rerank-R, and not with no-rerank or torch.")
-    if len(probes) > 1:
-        sys.exit(f"Variant {name!r}: one nprobe-N.")
+    if not all(p in FEATURES or any(n > 0 for prefix in NUMBERED for n in _number({p}, prefix)) for p in parts):
+        sys.exit(f"Unknown variant {name!r}: {VARIANTS_HELP}.")
+    if any(len(_number(parts, prefix)) > 1 for prefix in NUMBERED):
+        sys.exit(f"Variant {name!r}: one rerank-R and one nprobe-N at most.")
+    if _number(parts, "rerank-") and {"no-rerank", "torch"} & parts:
+        sys.exit(f"Variant {name!r}: rerank-R not with no-rerank or torch.")
     return parts
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import FEATURES, parse_variant, stdlib_texts, variant_retrieval  # noqa: E402
+from common import VARIANTS_HELP, parse_variant, stdlib_texts, variant_retrieval  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -82,6 +82,8 @@ def alternate(lm, retriever, docs, combiner=None, rounds: int = 2):
 
 
 REAL = HERE / "results" / "real-1m"
+
+
 def sibling_texts(ds_path: Path, seed: int, skip: int = 0) -> list[tuple[str, str]]:
     """(name, text) of Python files beside the datastore's documents that it does not hold: text of the
     same libraries the LM never read in the datastore. Shuffled with seed; the first `skip` left out."""
@@ -217,7 +219,7 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help=f"time the speed-feature variants on {REAL}")
     ap.add_argument("--datastore", help="time the variants on this datastore")
     ap.add_argument("--variants", default="knn,skip,retomaton,skip+retomaton,no-rerank,skip+no-rerank",
-                    help=f"comma-separated: knn, or some of {', '.join(FEATURES)}, rerank-R, nprobe-N joined by '+'")
+                    help=VARIANTS_HELP)
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
     ap.add_argument("--out", help="also write the report here (JSON)")

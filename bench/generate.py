@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import (BENCH_DEVICE, BENCH_MODEL, FEATURES, cached_synthetic, parse_variant, stdlib_texts,  # noqa: E402
-                    variant_retrieval)
+from common import (BENCH_DEVICE, BENCH_MODEL, VARIANTS_HELP, cached_synthetic, parse_variant,  # noqa: E402
+                    stdlib_texts, variant_retrieval)
 from knnlm.datastore import open_datastore  # noqa: E402
 from knnlm.generate import generate  # noqa: E402
 from knnlm.lm import load_lm  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--datastore", help="a real datastore to time [default: synthetic keys]")
     ap.add_argument("--variants", default="knn",
-                    help=f"comma-separated: knn, or some of {', '.join(FEATURES)} joined by '+' (skip: tuned datastores)")
+                    help=VARIANTS_HELP + " (skip: tuned datastores)")
     args = ap.parse_args()
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     path = Path(args.datastore) if args.datastore else \

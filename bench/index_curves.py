@@ -75,7 +75,7 @@ def main() -> None:
     def ppl(dists, ids) -> float:
         s = scores.subset(np.arange(len(scores)))
         s.dists = dists
-        s.vals = np.where(ids >= 0, np.asarray(ds.vals)[np.maximum(ids, 0)], -1).astype(np.int32)
+        s.vals = ds.values_of(ids)
         s.searched = None
         return report(s, mix)["knn_lm_ppl"]
 

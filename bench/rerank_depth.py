@@ -54,7 +54,7 @@ def main() -> None:
     pq_d, ids = retriever.index.search(q, retriever.k)  # ordered by PQ distance
     keys = as_tensor(ds.keys)
     exact = exact_distances(q, keys, ids)
-    vals = np.where(ids >= 0, np.asarray(ds.vals)[np.maximum(ids, 0)], -1)
+    vals = ds.values_of(ids)
     out = {"datastore": str(path), "tokens": len(s), "k": retriever.k, "lambda": lam, "temperature": temp,
            "lm_ppl": perplexity(s.lm_logp), "depths": {}}
     full = None

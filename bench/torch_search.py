@@ -50,7 +50,7 @@ def main() -> None:
 
     from knnlm.datastore import open_datastore
     from knnlm.lm import load_lm
-    from knnlm.retrieval import RetrievalConfig, Retriever
+    from knnlm.retrieval import RetrievalConfig, Retriever, exact_index
     from knnlm.torch_search import TorchExactIndex, parse_search_device
 
     torch.set_num_threads(args.threads)
@@ -67,9 +67,7 @@ def main() -> None:
     far = (rng.normal(0, scale, (args.queries - half, ds.dim)) + stored.mean(0)).astype(np.float32)
     queries = {"stored+noise": near, "random": far}
 
-    flat = faiss.IndexFlatL2(ds.dim)
-    for lo in range(0, ds.count, 65_536):
-        flat.add(np.asarray(ds.keys[lo: lo + 65_536], np.float32))
+    flat = exact_index(ds)
     truth = {name: flat.search(q[:512], args.k)[1] for name, q in queries.items()}
     del flat
     device = parse_search_device(args.device)

@@ -42,6 +42,13 @@ def row_order(a: np.ndarray) -> np.ndarray:
     return (packed & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
+def sort_rows(key: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """key and each of others (arrays of key's shape) with every row put in key's ascending order, ties in
+    column order (row_order): e.g. dists, ids = sort_rows(dists, ids)."""
+    order = row_order(key)
+    return tuple(np.take_along_axis(a, order, axis=1) for a in (key, *others))
+
+
 def npy_header(dtype, shape: tuple) -> bytes:
     """A version-1.0 .npy header of exactly _HEADER_BYTES bytes."""
     d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}

@@ -77,6 +77,11 @@ class Datastore:
         """(N,) int32 next tokens, memory-mapped."""
         return _open_array(self.path / "vals.npy", np.int32, (self.count,))
 
+    def values_of(self, ids: np.ndarray) -> np.ndarray:
+        """int32 next tokens of key rows ids (any shape), -1 where an id is -1 (a missing neighbour)."""
+        ids = np.asarray(ids)
+        return np.where(ids >= 0, np.asarray(self.vals)[np.maximum(ids, 0)], -1).astype(np.int32)
+
     @property
     def documents(self) -> list:
         """[name, first key row, key count, first token] per stored document."""

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 from faiss.contrib.inspect_tools import get_invlist
 
-from .arrays import row_order
+from .arrays import sort_rows
 from .retrieval import Retriever, exact_distances
 
 
@@ -132,9 +132,8 @@ def rank_candidates(queries: np.ndarray, keys, cand: np.ndarray, k: int) -> tupl
         pad = k - dists.shape[1]
         dists = np.pad(dists, ((0, 0), (0, pad)), constant_values=np.inf)
         cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
-    order = row_order(dists)[:, :k]
-    ids = np.take_along_axis(cand, order, axis=1)
-    return np.take_along_axis(dists, order, axis=1).astype(np.float32), np.where(ids >= 0, ids, -1)
+    dists, ids = sort_rows(dists, cand)
+    return dists[:, :k].astype(np.float32), np.where(ids[:, :k] >= 0, ids[:, :k], -1)
 
 
 def step(retriever: Retriever, auto: Automaton, queries: np.ndarray, pointers: np.ndarray,
@@ -155,8 +154,7 @@ def step(retriever: Retriever, auto: Automaton, queries: np.ndarray, pointers: n
     if saved.any():
         cand = expand_candidates(pointers[saved], auto, max(cfg.max_candidates, k))
         dists[saved], ids[saved] = rank_candidates(q[saved], retriever.ds.keys, cand, k)
-    vals = np.where(ids >= 0, np.asarray(retriever.ds.vals)[np.maximum(ids, 0)], -1).astype(np.int32)
-    return dists, ids, vals, saved
+    return dists, ids, retriever.ds.values_of(ids), saved
 
 
 # Eval restarts a pointer chain every this many positions. Chains step together, one position of

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import torch
 
-from .arrays import row_order
+from .arrays import sort_rows
 from .datastore import Datastore
 from .errors import KNNLMError
 from .index import flat_l2, load_index, read_index_info
@@ -265,9 +265,7 @@ class Retriever:
                 dists = partial_rerank(dists, exact_distances(q, self._keys, ids[:, :self.depth]))
             else:
                 dists = exact_distances(q, self._keys, ids)
-            order = row_order(dists)
-            dists = np.take_along_axis(dists, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
+            dists, ids = sort_rows(dists, ids)
         dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
         return dists, ids
 
@@ -286,5 +284,4 @@ class Retriever:
                 dists[keep], ids[keep], vals[keep] = self.neighbors(np.asarray(queries)[keep])
             return dists, ids, vals
         dists, ids = self.search(queries)
-        vals = np.where(ids >= 0, np.asarray(self.ds.vals)[np.maximum(ids, 0)], -1).astype(np.int32)
-        return dists, ids, vals
+        return dists, ids, self.ds.values_of(ids)

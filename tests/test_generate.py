@@ -85,13 +85,17 @@ def test_processor_equals_eval_interpolation(store, tiny_lm):
     lam, temp = 0.3, 2.0
     ref = interpolate(scores.lm_logp, knn_log_prob(scores.dists, scores.vals, scores.targets, temp), lam)
     with KNNLogitsProcessor(tiny_lm, retriever, lam, temp) as proc:
+        mixed = []  # the dtype of the p_LM each mix is given
+        mix = proc.combiner.distribution
+        proc.combiner.distribution = lambda s, lm_logp, head=None: mixed.append(lm_logp.dtype) or mix(s, lm_logp, head)
         for p in (0, 7, 30, CTX - 2):  # positions the first window owns: the same context as eval
             x = torch.tensor([ids[: p + 1]])
             with torch.inference_mode():
                 logits = tiny_lm.model(input_ids=x).logits[:, -1]  # the hook takes the query
             query = proc._query
+            mixed.clear()
             out = proc(x, logits)
-            assert out.dtype == logits.dtype
+            assert out.dtype == logits.dtype and mixed == [np.float32]
             # the call works in float32 (its scores' dtype): the float64 distribution to float32's precision
             full = proc.distribution(query, logits)
             assert full.dtype == torch.float64 and torch.allclose(out.double(), full, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..arrays import row_order
+from ..arrays import sort_rows
 from ..interpolate import masked_distances, neighbor_log_weights
 
 PRE_FEATURES = ("lm_entropy", "lm_max_logp", "lm_margin", "key_norm")
@@ -64,8 +64,7 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
     vals = np.asarray(vals)
     n, k = vals.shape
     w = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (n, k)
-    order = row_order(vals)
-    sv, sw = np.take_along_axis(vals, order, 1), np.take_along_axis(w, order, 1)
+    sv, sw = sort_rows(vals, w)
     valid = sv >= 0
     start = valid.copy()
     start[:, 1:] &= sv[:, 1:] != sv[:, :-1]

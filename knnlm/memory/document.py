@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from ..arrays import row_order
+from ..arrays import sort_rows
 from ..combine import load_lambda
 from ..errors import KNNLMError
 from ..interpolate import interpolate, knn_log_prob, mix_log_distribution
@@ -137,8 +137,7 @@ def causal_neighbors(keys: np.ndarray, vals: np.ndarray, k: int, chunk: int = 51
         ids[ids >= np.arange(a, b)[:, None]] = -1  # rows with fewer than kk earlier positions
         # ‖q‖² + ‖k‖² − 2q·k loses digits in float32: the chosen rows' distances are computed again exactly.
         exact = exact_distances(keys[a:b], kt, ids)  # (b - a, kk), inf where ids < 0
-        order = row_order(exact)
-        ids, exact = np.take_along_axis(ids, order, 1), np.take_along_axis(exact, order, 1)
+        exact, ids = sort_rows(exact, ids)
         out_d[a:b, :kk] = exact
         out_v[a:b, :kk] = np.where(ids >= 0, vals[np.maximum(ids, 0)], -1)
     return out_d, out_v
@@ -170,8 +169,7 @@ def join_neighbors(dists: np.ndarray, vals: np.ndarray, mem_dists: np.ndarray, m
     d = np.concatenate([np.asarray(dists, np.float32), np.asarray(mem_dists, np.float32)], axis=1)
     v = np.concatenate([np.asarray(vals, np.int32), np.asarray(mem_vals, np.int32)], axis=1)
     d = np.where(v < 0, np.inf, d)
-    order = row_order(d)
-    return np.take_along_axis(d, order, 1), np.take_along_axis(v, order, 1)
+    return sort_rows(d, v)
 
 
 def with_memory(scores: Scores, mem_dists: np.ndarray, mem_vals: np.ndarray) -> Scores:
@@ -249,9 +247,8 @@ class DocumentMemory:
             d = torch.cdist(torch.from_numpy(q), self.keys)[0] ** 2  # (m,)
             ids = torch.topk(d, kk, largest=False).indices.numpy()[None, :].astype(np.int64)  # (1, kk)
             exact = exact_distances(q, self.keys, ids)
-            order = row_order(exact)
-            dists[:, :kk] = np.take_along_axis(exact, order, 1)
-            vals[:, :kk] = self.vals[np.take_along_axis(ids, order, 1)]
+            exact, ids = sort_rows(exact, ids)
+            dists[:, :kk], vals[:, :kk] = exact, self.vals[ids]
         return dists, vals
 
     def step(self, query: torch.Tensor, last_token: int) -> tuple[np.ndarray, np.ndarray]:
