@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import warnings
@@ -159,8 +160,11 @@ def exact_index(ds: Datastore) -> faiss.Index:
     return index
 
 
-COARSE_MIN_QUERIES = 32  # batches from this size find their IVF lists in torch (CoarseAssigner); fewer, in faiss
+COARSE_MIN_QUERIES = 32  # batches from this size find their IVF lists in torch (CoarseAssigner); fewer, by few()
 COARSE_BLOCK = 4 * 2**20  # query-to-centroid scores held at once (16 MiB), as faiss's flat search blocks them
+COARSE_AXES = 64  # principal axes of the centroids whose projections bound a few queries' distances (few())
+COARSE_FIRST = 32  # centroids of lowest bound measured first, for a k-th distance to prune the rest with
+COARSE_BOUND_SLACK = 1e-5  # of ‖q‖² + max ‖c‖²: taken off the bound, for its float32 rounding
 
 
 class CoarseAssigner:
@@ -168,13 +172,16 @@ class CoarseAssigner:
 
     faiss's flat quantizer keeps a heap per query over all nlist distances: at nlist 2048 and d 576 that costs
     three times the product itself. In batches (eval) this takes 20 µs a query (a fifth to a quarter) off the
-    search of SmolLM2's 1M real keys; for single queries (decoding) torch's overhead makes it slower.
+    search of SmolLM2's 1M real keys. For a few queries (decoding) torch's overhead made it slower; few() finds
+    their lists by a bound instead, reading a tenth of the centroids.
     """
 
     def __init__(self, ivf):
         flat = faiss.downcast_index(ivf.quantizer)
         self.centroids = torch.from_numpy(flat.reconstruct_n(0, flat.ntotal))  # (nlist, d) float32
         self.sq_norms = (self.centroids * self.centroids).sum(dim=1)  # (nlist,)
+        self._max_sq_norm = float(self.sq_norms.max()) if len(self.sq_norms) else 0.0
+        self._bounds: tuple[np.ndarray, np.ndarray] | None = None  # few()'s, made on first use
 
     @staticmethod
     def applies(index) -> bool:
@@ -195,6 +202,63 @@ class CoarseAssigner:
             near[lo:lo + step], lists[lo:lo + step] = d.numpy(), i.numpy()
         lists[~np.isfinite(near)] = -1
         return near, lists
+
+    def _bound_parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(P (m, d): the centroids' first m principal axes, orthonormal; (nlist, m + 1): each centroid's
+        projection Pc and the norm ‖Rc‖ of the part P leaves out), float32, computed in float64."""
+        if self._bounds is None:
+            c = self.centroids.double()
+            centred = c - c.mean(dim=0)
+            m = min(COARSE_AXES, c.shape[1])
+            axes = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -m:].T.contiguous()  # (m, d)
+            proj = c @ axes.T  # (nlist, m)
+            rest = (c - proj @ axes).norm(dim=1, keepdim=True)  # ‖c − PᵀPc‖
+            self._bounds = tuple(np.ascontiguousarray(x.float().numpy()) for x in (axes, torch.cat([proj, rest], 1)))
+        return self._bounds
+
+    def few(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same lists as __call__ for a few queries (decoding), reading a fraction of the centroids.
+
+        One query's scan of every centroid is memory-bound (4.7 MB at nlist 2048, d 576, cold after the LM's
+        forward pass). A lower bound first: with P the centroids' first m principal axes (orthonormal),
+        ‖q − c‖² = ‖P(q − c)‖² + ‖R(q − c)‖² ≥ ‖Pq − Pc‖² + (‖Rq‖ − ‖Rc‖)², R = I − PᵀP, from (nlist, m)
+        numbers. The exact distances of the `first` lowest bounds give a k-th distance; every centroid
+        whose bound is under it is then measured exactly, so the lists are exactly those of a full scan
+        (distances by faiss's fvec_L2sqr, as its flat search of a single query computes them).
+        """
+        axes, proj = self._bound_parts()
+        (nlist, d), m = self.centroids.shape, len(axes)
+        nprobe = min(nprobe, nlist)
+        cents = self.centroids.numpy()
+        near, lists = np.full((len(q), nprobe), np.inf, np.float32), np.full((len(q), nprobe), -1, np.int64)
+        qp, bound = np.empty(m + 1, np.float32), np.empty(nlist, np.float32)
+        for i, x in enumerate(np.ascontiguousarray(q, dtype=np.float32)):
+            if not np.isfinite(x).all():
+                continue  # faiss's quantizer gives such a query no list
+            faiss.fvec_inner_products_ny(faiss.swig_ptr(qp), faiss.swig_ptr(x), faiss.swig_ptr(axes), d, m)
+            # faiss's own norms: numpy's dot would wake OpenBLAS's threads, which then spin against torch's
+            qq, pq = faiss.fvec_norm_L2sqr(faiss.swig_ptr(x), d), faiss.fvec_norm_L2sqr(faiss.swig_ptr(qp), m)
+            qp[m] = math.sqrt(max(qq - pq, 0.0))  # ‖Rq‖
+            # ‖(Pq, ‖Rq‖) − (Pc, ‖Rc‖)‖² is the bound; less float32 rounding in its parts, far below the gaps
+            faiss.fvec_L2sqr_ny(faiss.swig_ptr(bound), faiss.swig_ptr(qp), faiss.swig_ptr(proj), m + 1, nlist)
+            bound -= COARSE_BOUND_SLACK * (qq + self._max_sq_norm)
+            first = min(nlist, max(COARSE_FIRST, nprobe))
+            ids = np.argpartition(bound, first - 1)[:first] if first < nlist else np.arange(nlist)
+            kth = np.partition(self._exact(x, cents, ids), nprobe - 1)[nprobe - 1]
+            ids = np.flatnonzero(bound <= kth)  # every centroid that can be nearer than the k-th found
+            dist = self._exact(x, cents, ids)
+            order = np.lexsort((ids, dist))[:nprobe]  # ascending distance, ties by list number as faiss's heap
+            near[i, :len(order)], lists[i, :len(order)] = dist[order], ids[order]
+        return near, lists
+
+    @staticmethod
+    def _exact(x: np.ndarray, cents: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """fvec_L2sqr from x to the centroids ids (gathered first: faiss's fvec_L2sqr_by_idx opens an OpenMP
+        region, whose threads then spin against torch's)."""
+        rows = np.take(cents, ids, axis=0)
+        out = np.empty(len(ids), np.float32)
+        faiss.fvec_L2sqr_ny(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows), x.shape[0], len(ids))
+        return out
 
 
 def check_ids(ds: Datastore, ids: np.ndarray) -> None:
@@ -253,8 +317,9 @@ class Retriever:
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dists (n, k) ascending, ids (n, k), -1 where missing) for queries (n, d)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if self._coarse is not None and len(q) >= COARSE_MIN_QUERIES and self.index.nprobe <= self.index.nlist:
-            coarse_dists, lists = self._coarse(q, self.index.nprobe)
+        if self._coarse is not None and self.index.nprobe <= self.index.nlist:
+            many = len(q) >= COARSE_MIN_QUERIES
+            coarse_dists, lists = (self._coarse if many else self._coarse.few)(q, self.index.nprobe)
             self.index.invlists.prefetch_lists(faiss.swig_ptr(lists), lists.size)  # on-disk lists: read ahead
             dists, ids = self.index.search_preassigned(q, self.k, lists, coarse_dists)
         else:

@@ -170,7 +170,7 @@ def test_row_order_is_numpys_stable_argsort(dtype):
 
 @pytest.mark.parametrize("kind", ["8-bit", "fast-scan", "on-disk"])
 def test_coarse_assignment_in_torch_matches_faiss(tmp_path, kind, monkeypatch):
-    """Batches of COARSE_MIN_QUERIES or more find their IVF lists in torch (in blocks), smaller ones in faiss: the
+    """Batches of COARSE_MIN_QUERIES or more find their IVF lists in torch (in blocks), smaller ones by few(): the
     same lists and neighbours either way. A query that is not finite gets no list, as in faiss. An index with a
     transform in front keeps faiss's own search."""
     import knnlm.retrieval as retrieval
@@ -196,7 +196,7 @@ def test_coarse_assignment_in_torch_matches_faiss(tmp_path, kind, monkeypatch):
     monkeypatch.setattr(r.index, "search_preassigned", lambda *a: calls.append(len(a[0])) or preassigned(*a))
     batched = r.search(q)
     single = [np.concatenate(x) for x in zip(*(r.search(q[i:i + 8]) for i in range(0, len(q), 8)))]
-    assert calls == [len(q)]  # the torch lists for the whole batch, faiss's own for the batches of 8
+    assert calls == [len(q)] + [8] * (len(q) // 8)  # torch's lists for the whole batch, few()'s for batches of 8
     assert np.mean(batched[1] == single[1]) > 0.99  # ties at the last places may order apart
     assert np.allclose(batched[0], single[0], rtol=1e-4)
     every = Retriever(ds, RetrievalConfig(k=100, nprobe=10_000, rerank=False))
@@ -206,6 +206,56 @@ def test_coarse_assignment_in_torch_matches_faiss(tmp_path, kind, monkeypatch):
         r = Retriever(ds, RetrievalConfig(k=100, nprobe=16, rerank=False))
         assert r._coarse is None and not CoarseAssigner.applies(r.index)
         assert r.search(q)[1].shape == (len(q), 100)
+
+
+@pytest.mark.parametrize("nprobe", [8, 100, 10_000])
+def test_few_queries_find_exactly_faiss_lists(tmp_path, nprobe, monkeypatch):
+    """A decoding step's lists come from a bound over the centroids' principal axes (CoarseAssigner.few), then
+    exact distances where the bound allows: the lists and distances of faiss's own flat search of one query, bit
+    for bit, and so the same neighbours. Checked where the bound prunes (keys wider than its axes, most of
+    their spread in a few directions, as hidden states have it), on queries at a centroid, at 0, far away and
+    not finite."""
+    import knnlm.retrieval as retrieval
+
+    d = 2 * retrieval.COARSE_AXES
+    rng = np.random.default_rng(3)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0][:, :d // 4]  # the centres span d/4 directions
+    keys = (clustered(30_000, d // 4, seed=3, centers=400) @ basis.T + rng.normal(0, 0.3, (30_000, d)))
+    ds = open_datastore(make_datastore(tmp_path / "syn", keys.astype(np.float32), np.arange(len(keys)) % 100))
+    train_index(ds, IndexConfig(code_size=16, factory="IVF256,PQ16"))
+    q = np.concatenate([keys[:40] + rng.normal(0, 0.5, (40, d)), np.zeros((1, d)), 1e3 * keys[40:42]])
+    measured = []
+    exact = retrieval.CoarseAssigner._exact
+    monkeypatch.setattr(retrieval.CoarseAssigner, "_exact",
+                        staticmethod(lambda x, c, ids: measured.append(len(ids)) or exact(x, c, ids)))
+    # the defaults, then a loose bound (4 axes) whose first measured centroids are only nprobe: the second
+    # round must find what they miss
+    for axes, first in ((retrieval.COARSE_AXES, retrieval.COARSE_FIRST), (4, 1)):
+        monkeypatch.setattr(retrieval, "COARSE_AXES", axes)
+        monkeypatch.setattr(retrieval, "COARSE_FIRST", first)
+        r = Retriever(ds, RetrievalConfig(k=50, nprobe=nprobe, rerank=False))
+        ivf = faiss.extract_index_ivf(r.index)
+        probes = min(nprobe, ivf.nlist)
+        measured.clear()
+        for x in np.concatenate([q, r._coarse.centroids.numpy()[:2]]).astype(np.float32):
+            ref = ivf.quantizer.search(x[None], probes)
+            got = r._coarse.few(x[None], nprobe)
+            assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0])
+        if nprobe == 8 and axes > 4:  # the bound leaves most centroids unmeasured
+            assert np.median(measured[1::2]) < ivf.nlist / 4
+    q = q.astype(np.float32)
+    many = r._coarse.few(q[:5], nprobe)  # several rows at once: each as alone
+    assert np.array_equal(many[1], np.concatenate([r._coarse.few(x[None], nprobe)[1] for x in q[:5]]))
+    bad = q[:3].copy()
+    bad[1, 0] = np.inf
+    assert (r._coarse.few(bad, nprobe)[1][1] == -1).all() and (ivf.quantizer.search(bad[1:2], probes)[1] == -1).all()
+    calls = []
+    preassigned = r.index.search_preassigned
+    monkeypatch.setattr(r.index, "search_preassigned", lambda *a: calls.append(len(a[0])) or preassigned(*a))
+    for x in q[:10]:
+        got, ref = r.search(x[None]), r.index.search(x[None], 50)
+        assert np.array_equal(got[1], ref[1]) and np.allclose(got[0], ref[0], rtol=1e-6)
+    assert calls == [1] * 10
 
 
 def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):
