@@ -149,8 +149,9 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
                 pointers = np.full((q.shape[0], 1), -1, np.int64)
         work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # what the scores can hold
         out = self.distribution(q, scores, pointers, work).to(scores.device, scores.dtype)
-        # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out.
-        return out.masked_fill(scores == -math.inf, -math.inf)
+        # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out (out is our own).
+        ruled_out = scores == -math.inf
+        return out.masked_fill_(ruled_out, -math.inf) if ruled_out.any() else out
 
 
 @dataclass
