@@ -164,7 +164,8 @@ COARSE_MIN_QUERIES = 32  # batches from this size find their IVF lists in torch 
 COARSE_BLOCK = 4 * 2**20  # query-to-centroid scores held at once (16 MiB), as faiss's flat search blocks them
 COARSE_AXES = 64  # principal axes of the centroids whose projections bound a few queries' distances (few())
 COARSE_FIRST = 32  # centroids of lowest bound measured first, for a k-th distance to prune the rest with
-COARSE_BOUND_SLACK = 1e-5  # of ‖q‖² + max ‖c‖²: taken off the bound, for its float32 rounding
+COARSE_BOUND_SLACK = 1e-4  # of ‖q‖² + max ‖c‖²: taken off the bound, for float32 rounding (d·2⁻²⁴ at d 576: 3.4e-5)
+COARSE_MIN_REST = 1e-2  # a query with less of ‖q‖² outside the axes is measured against every centroid
 
 
 class CoarseAssigner:
@@ -217,38 +218,50 @@ class CoarseAssigner:
         return self._bounds
 
     def few(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        """The same lists as __call__ for a few queries (decoding), reading a fraction of the centroids.
+        """(squared L2 distances (n, nprobe) ascending, list numbers (n, nprobe)) of a few queries (decoding), found
+        by reading a fraction of the centroids.
 
         One query's scan of every centroid is memory-bound (4.7 MB at nlist 2048, d 576, cold after the LM's
         forward pass). A lower bound first: with P the centroids' first m principal axes (orthonormal),
-        ‖q − c‖² = ‖P(q − c)‖² + ‖R(q − c)‖² ≥ ‖Pq − Pc‖² + (‖Rq‖ − ‖Rc‖)², R = I − PᵀP, from (nlist, m)
+        ‖q − c‖² = ‖P(q − c)‖² + ‖R(q − c)‖² ≥ ‖Pq − Pc‖² + (‖Rq‖ − ‖Rc‖)², R = I − PᵀP, from (nlist, m + 1)
         numbers. The exact distances of the `first` lowest bounds give a k-th distance; every centroid
-        whose bound is under it is then measured exactly, so the lists are exactly those of a full scan
-        (distances by faiss's fvec_L2sqr, as its flat search of a single query computes them).
+        whose bound is under it is then measured exactly, so the lists are those of a full scan, with
+        faiss's fvec_L2sqr distances: bit for bit what faiss's flat search of one query gives, below the
+        10,000 centroids from which faiss 1.15 scans one query's centroids by BLAS (other rounding, so
+        near-ties may part). A query almost inside P's span, where ‖Rq‖ is lost to rounding, is measured
+        against every centroid.
         """
         axes, proj = self._bound_parts()
         (nlist, d), m = self.centroids.shape, len(axes)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != d:
+            raise ValueError(f"queries of shape {q.shape} for an index of width {d}")
         nprobe = min(nprobe, nlist)
         cents = self.centroids.numpy()
         near, lists = np.full((len(q), nprobe), np.inf, np.float32), np.full((len(q), nprobe), -1, np.int64)
         qp, bound = np.empty(m + 1, np.float32), np.empty(nlist, np.float32)
-        for i, x in enumerate(np.ascontiguousarray(q, dtype=np.float32)):
+        every = np.arange(nlist)
+        for i, x in enumerate(q):
             if not np.isfinite(x).all():
                 continue  # faiss's quantizer gives such a query no list
             faiss.fvec_inner_products_ny(faiss.swig_ptr(qp), faiss.swig_ptr(x), faiss.swig_ptr(axes), d, m)
             # faiss's own norms: numpy's dot would wake OpenBLAS's threads, which then spin against torch's
             qq, pq = faiss.fvec_norm_L2sqr(faiss.swig_ptr(x), d), faiss.fvec_norm_L2sqr(faiss.swig_ptr(qp), m)
-            qp[m] = math.sqrt(max(qq - pq, 0.0))  # ‖Rq‖
-            # ‖(Pq, ‖Rq‖) − (Pc, ‖Rc‖)‖² is the bound; less float32 rounding in its parts, far below the gaps
-            faiss.fvec_L2sqr_ny(faiss.swig_ptr(bound), faiss.swig_ptr(qp), faiss.swig_ptr(proj), m + 1, nlist)
-            bound -= COARSE_BOUND_SLACK * (qq + self._max_sq_norm)
             first = min(nlist, max(COARSE_FIRST, nprobe))
-            ids = np.argpartition(bound, first - 1)[:first] if first < nlist else np.arange(nlist)
-            kth = np.partition(self._exact(x, cents, ids), nprobe - 1)[nprobe - 1]
-            ids = np.flatnonzero(bound <= kth)  # every centroid that can be nearer than the k-th found
+            if first < nlist and qq - pq >= COARSE_MIN_REST * qq:  # else ‖Rq‖² would be mostly rounding
+                qp[m] = math.sqrt(qq - pq)  # ‖Rq‖
+                # ‖(Pq, ‖Rq‖) − (Pc, ‖Rc‖)‖² is the bound; less the float32 rounding of its parts and distances
+                faiss.fvec_L2sqr_ny(faiss.swig_ptr(bound), faiss.swig_ptr(qp), faiss.swig_ptr(proj), m + 1, nlist)
+                bound -= COARSE_BOUND_SLACK * (qq + self._max_sq_norm)
+                ids = np.argpartition(bound, first - 1)[:first]
+                kth = np.partition(self._exact(x, cents, ids), nprobe - 1)[nprobe - 1]
+                ids = np.flatnonzero(bound <= kth)  # every centroid that can be nearer than the k-th found
+            else:
+                ids = every
             dist = self._exact(x, cents, ids)
             order = np.lexsort((ids, dist))[:nprobe]  # ascending distance, ties by list number as faiss's heap
             near[i, :len(order)], lists[i, :len(order)] = dist[order], ids[order]
+        lists[~np.isfinite(near)] = -1
         return near, lists
 
     @staticmethod

@@ -213,8 +213,8 @@ def test_few_queries_find_exactly_faiss_lists(tmp_path, nprobe, monkeypatch):
     """A decoding step's lists come from a bound over the centroids' principal axes (CoarseAssigner.few), then
     exact distances where the bound allows: the lists and distances of faiss's own flat search of one query, bit
     for bit, and so the same neighbours. Checked where the bound prunes (keys wider than its axes, most of
-    their spread in a few directions, as hidden states have it), on queries at a centroid, at 0, far away and
-    not finite."""
+    their spread in a few directions, as hidden states have it), on queries at a centroid, at 0, far away,
+    inside the axes' span and not finite."""
     import knnlm.retrieval as retrieval
 
     d = 2 * retrieval.COARSE_AXES
@@ -228,9 +228,9 @@ def test_few_queries_find_exactly_faiss_lists(tmp_path, nprobe, monkeypatch):
     exact = retrieval.CoarseAssigner._exact
     monkeypatch.setattr(retrieval.CoarseAssigner, "_exact",
                         staticmethod(lambda x, c, ids: measured.append(len(ids)) or exact(x, c, ids)))
-    # the defaults, then a loose bound (4 axes) whose first measured centroids are only nprobe: the second
-    # round must find what they miss
-    for axes, first in ((retrieval.COARSE_AXES, retrieval.COARSE_FIRST), (4, 1)):
+    # a loose bound (4 axes) whose first measured centroids are only nprobe: the second round must find what
+    # they miss; then the defaults
+    for axes, first in ((4, 1), (retrieval.COARSE_AXES, retrieval.COARSE_FIRST)):
         monkeypatch.setattr(retrieval, "COARSE_AXES", axes)
         monkeypatch.setattr(retrieval, "COARSE_FIRST", first)
         r = Retriever(ds, RetrievalConfig(k=50, nprobe=nprobe, rerank=False))
@@ -243,6 +243,12 @@ def test_few_queries_find_exactly_faiss_lists(tmp_path, nprobe, monkeypatch):
             assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0])
         if nprobe == 8 and axes > 4:  # the bound leaves most centroids unmeasured
             assert np.median(measured[1::2]) < ivf.nlist / 4
+    # a query inside the axes' span (its ‖Rq‖ would be rounding) is measured against every centroid
+    axes_rows = r._coarse._bound_parts()[0]
+    inside = (r._coarse.centroids.numpy()[3] @ axes_rows.T @ axes_rows)[None].astype(np.float32)
+    measured.clear()
+    got, ref = r._coarse.few(inside, nprobe), ivf.quantizer.search(inside, probes)
+    assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0]) and measured == [ivf.nlist]
     q = q.astype(np.float32)
     many = r._coarse.few(q[:5], nprobe)  # several rows at once: each as alone
     assert np.array_equal(many[1], np.concatenate([r._coarse.few(x[None], nprobe)[1] for x in q[:5]]))
@@ -254,8 +260,10 @@ def test_few_queries_find_exactly_faiss_lists(tmp_path, nprobe, monkeypatch):
     monkeypatch.setattr(r.index, "search_preassigned", lambda *a: calls.append(len(a[0])) or preassigned(*a))
     for x in q[:10]:
         got, ref = r.search(x[None]), r.index.search(x[None], 50)
-        assert np.array_equal(got[1], ref[1]) and np.allclose(got[0], ref[0], rtol=1e-6)
+        assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0])
     assert calls == [1] * 10
+    with pytest.raises(ValueError, match="width"):
+        r._coarse.few(q[:1, :-1], nprobe)
 
 
 def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):
