@@ -188,6 +188,37 @@ def test_fast_add_fills_the_lists_faiss_add_fills():
     assert Adder(faiss.index_factory(32, "IVF32,PQ8x4fs")).fast is False  # left to faiss
 
 
+def test_fast_scan_add_through_the_graph_fills_faiss_lists(monkeypatch):
+    """Past LARGE_NLIST lists a fast-scan index's keys find their lists through the HNSW graph (standing in for
+    the quantizer during faiss's add): the same lists and packed codes as faiss's own add wherever the graph
+    finds the nearest centroid (here every key: 64 centroids), and the index keeps its flat quantizer."""
+    keys = clustered(12_000, 32, seed=1)
+    index = faiss.index_factory(32, "IVF64,PQ16x4fs")
+    index.train(keys[:4000])
+    ref, ours = faiss.clone_index(index), faiss.clone_index(index)
+    ref.add_with_ids(keys, np.arange(len(keys)))
+    monkeypatch.setattr(scale_ivf, "LARGE_NLIST", 64)
+    adder = Adder(ours)
+    assert adder.graph_only and not adder.fast and isinstance(adder.coarse, faiss.IndexHNSWFlat)
+    for lo in range(0, len(keys), 5000):
+        adder.add(keys[lo: lo + 5000], lo)
+    assert isinstance(faiss.downcast_index(ours.quantizer), faiss.IndexFlat)
+    assert ours.ntotal == ref.ntotal and _lists(ours) == _lists(ref)
+    q = clustered(20, 32, seed=2)
+    assert np.array_equal(ours.search(q, 50)[1], ref.search(q, 50)[1])
+    # a sparse graph searched greedily misses some nearest centroids: the lists are then the graph's
+    monkeypatch.setattr(scale_ivf, "ASSIGN_HNSW_M", 2)
+    monkeypatch.setattr(scale_ivf, "ASSIGN_EF", 1)
+    weak = Adder(faiss.clone_index(index))
+    weak.add(keys, 0)
+    graph = weak.coarse.search(keys, 1)[1][:, 0]
+    listed = _lists(weak.index)
+    assert all(listed[i][0] == graph[i] for i in range(len(keys)))
+    assert (graph != index.quantizer.search(keys, 1)[1][:, 0]).any()
+    monkeypatch.setattr(scale_ivf, "LARGE_NLIST", 4096)
+    assert not Adder(faiss.clone_index(index)).graph_only  # fewer lists: faiss's flat assignment
+
+
 def test_large_nlist_shortcuts_keep_search_quality(synthetic, monkeypatch):
     """Two-level k-means and HNSW coarse assignment (past LARGE_NLIST lists) find the true neighbours about
     as well as flat k-means and assignment; the saved index keeps its flat quantizer."""
