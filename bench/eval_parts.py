@@ -13,11 +13,7 @@ cost does not depend on their values.
 - an IVF index's lists: the Retriever's search with retrieval.CoarseAssigner against faiss's own
   (parallel mode 0, its default), k 1000 without re-ranking, on --datastore (skipped if absent);
 - a decoding step: log-softmax of (1, V) in float32 against float64, and mix_log_distribution of
-  1000 neighbours with a float32 against a float64 p_LM;
-- a decoding step's search pieces, each query after 64 MB of other memory is touched (as the LM's forward
-  pass leaves the caches; only the calls are timed): its IVF lists by CoarseAssigner.few against faiss's
-  quantizer, on --datastore, for stored keys (and whether the lists are the same); sorting one row of 1000 with arrays.row_order, which now takes np.argsort
-  below ROW_ORDER_MIN_ROWS rows, against the packed sort it took before.
+  1000 neighbours with a float32 against a float64 p_LM.
 """
 
 from __future__ import annotations
@@ -47,34 +43,6 @@ def pair(name: str, new, old, n: int, unit: str) -> dict:
     """Both sides' µs per unit and old ÷ new."""
     a, b = median_seconds(new), median_seconds(old)
     row = {f"new_us_per_{unit}": per(a, n), f"old_us_per_{unit}": per(b, n), "speed-up": round(b / a, 2)}
-    print(json.dumps({name: row}), file=sys.stderr, flush=True)
-    return row
-
-
-def cold_calls(call, items, runs: int = 3) -> float:
-    """Median over runs of the summed seconds of call(item) for each item, each after 64 MB of other memory
-    is touched (a decoding step follows the LM's forward pass, which leaves little of its data in cache)."""
-    import statistics
-    import time
-
-    other = np.ones(64 << 20, np.uint8)
-    totals = []
-    for _ in range(runs + 1):  # the first is a warm-up
-        total = 0.0
-        for item in items:
-            other[::64] += 1
-            t0 = time.perf_counter()
-            call(item)
-            total += time.perf_counter() - t0
-        totals.append(total)
-    return statistics.median(totals[1:])
-
-
-def cold_pair(name: str, new, old, items, unit: str) -> dict:
-    """pair() for cold_calls: both sides' µs per item and old ÷ new."""
-    a, b = cold_calls(new, items), cold_calls(old, items)
-    row = {f"new_us_per_{unit}": per(a, len(items)), f"old_us_per_{unit}": per(b, len(items)),
-           "speed-up": round(b / a, 2)}
     print(json.dumps({name: row}), file=sys.stderr, flush=True)
     return row
 
@@ -131,11 +99,6 @@ def main() -> None:
         out["coarse"] = {"datastore": str(path),
                          **pair("coarse", lambda: torch_lists.search(q), lambda: faiss_lists.search(q), args.rows,
                                 "query")}
-        quantizer, nprobe = torch_lists.index.quantizer, torch_lists.index.nprobe
-        steps = [x[None] for x in stored[:256]]  # hidden states as a decoding step's queries are
-        same = all(np.array_equal(torch_lists._coarse.few(x, nprobe)[1], quantizer.search(x, nprobe)[1]) for x in steps)
-        out["step_coarse"] = {"same_lists": same, **cold_pair("step_coarse", lambda x: torch_lists._coarse.few(x, nprobe),
-                                                              lambda x: quantizer.search(x, nprobe), steps, "step")}
     else:
         print(f"{path} is absent: no coarse timing (bench/eval.py --real builds it)", file=sys.stderr)
 
@@ -148,17 +111,6 @@ def main() -> None:
     v = rng.integers(0, VOCAB, (1, 1000)).astype(np.int32)
     out["step_mix"] = pair("step_mix", lambda: mix_log_distribution(lp32, d, v, 0.25, 30.0),
                            lambda: mix_log_distribution(lp64, d, v, 0.25, 30.0), 1, "step")
-    import knnlm.arrays as arrays
-
-    def packed_sort(row):  # row_order as it was: the packed sort whatever the number of rows
-        arrays.ROW_ORDER_MIN_ROWS = 0
-        try:
-            row_order(row)
-        finally:
-            arrays.ROW_ORDER_MIN_ROWS = min_rows
-
-    min_rows = arrays.ROW_ORDER_MIN_ROWS
-    out["step_sort"] = cold_pair("step_sort", row_order, packed_sort, [dists[i:i + 1] for i in range(256)], "step")
     print(json.dumps(out, indent=1))
 
 
