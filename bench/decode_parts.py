@@ -10,7 +10,9 @@ Greedy decoding of bench/generate.py's prompt, 64 tokens a round, the two sides 
   quantizer scans every centroid). "coarse" is few() alone (new side only);
 - sort: arrays.sort_rows of the re-ranked row. New: np.argsort below ROW_ORDER_MIN_ROWS rows; old: the
   packed uint64 sort for any number of rows;
-- call: the whole processor step (KNNLogitsProcessor.__call__), which also holds the mixing.
+- mix: interpolate.mix_log_distribution of the step's row. New: each token's weights summed into a zeroed
+  vocabulary-wide accumulator (_token_sums); old: np.unique's inverse and np.bincount, as before;
+- call: the whole processor step (KNNLogitsProcessor.__call__).
 The caches a step meets are the LM's leftovers; sweeping 64 MB between calls did not reproduce them on the
 development machine (its L3 is 300 MB): there both sides of each piece timed the same.
 """
@@ -53,7 +55,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="rounds a side (64 tokens each)")
     args = ap.parse_args()
 
+    import numpy as np
+
     import knnlm.arrays as arrays
+    import knnlm.combine.policies as policies
+    import knnlm.interpolate as interpolate
     import knnlm.retrieval as retrieval
     from knnlm.datastore import open_datastore
     from knnlm.generate import KNNLogitsProcessor, generate
@@ -66,7 +72,12 @@ def main() -> None:
     r = retrieval.Retriever(ds, variant_retrieval(parse_variant(args.variant)))
     if r._coarse is None:
         sys.exit(f"{args.datastore}'s index is not an IVF index over a flat quantizer: nothing to compare.")
-    coarse, min_rows = r._coarse, arrays.ROW_ORDER_MIN_ROWS
+    coarse, min_rows, token_sums = r._coarse, arrays.ROW_ORDER_MIN_ROWS, interpolate._token_sums
+
+    def unique_sums(tokens, weights, vocab_size):  # the old way: np.unique's inverse, np.bincount
+        _, inverse = np.unique(tokens, return_inverse=True)
+        return np.bincount(inverse, weights=weights)[inverse]
+
     totals = {side: collections.Counter() for side in ("new", "old")}
     steps = {"new": 0, "old": 0}
     generate(lm, prompt, r, lam=0.25, max_new_tokens=4)  # warm-up: index, pages, few()'s axes
@@ -75,9 +86,11 @@ def main() -> None:
         t = totals[side]
         r._coarse = coarse if side == "new" else None  # None: faiss's own search, as before
         arrays.ROW_ORDER_MIN_ROWS = min_rows if side == "new" else 0
+        interpolate._token_sums = token_sums if side == "new" else unique_sums
         undo = [(retrieval.Retriever, "search", timed(retrieval.Retriever, "search", t, "search")),
                 (retrieval, "sort_rows", timed(retrieval, "sort_rows", t, "sort")),
                 (KNNLogitsProcessor, "__call__", timed(KNNLogitsProcessor, "__call__", t, "call")),
+                (policies, "mix_log_distribution", timed(policies, "mix_log_distribution", t, "mix")),
                 (coarse, "few", timed(coarse, "few", t, "coarse"))]
         try:
             steps[side] += len(generate(lm, prompt, r, lam=0.25, max_new_tokens=64).tokens)
@@ -87,9 +100,9 @@ def main() -> None:
                     del coarse.few  # the instance attribute: back to the class's method
                 else:
                     setattr(owner, name, original)
-            r._coarse, arrays.ROW_ORDER_MIN_ROWS = coarse, min_rows
+            r._coarse, arrays.ROW_ORDER_MIN_ROWS, interpolate._token_sums = coarse, min_rows, token_sums
     out = {"datastore": args.datastore, "variant": args.variant, "steps_a_side": steps["new"]}
-    for piece in ("call", "search", "coarse", "sort"):
+    for piece in ("call", "search", "coarse", "sort", "mix"):
         new, old = (1e6 * totals[s][piece] / steps[s] for s in ("new", "old"))
         out[piece] = {"new_us_per_step": round(new, 1), "old_us_per_step": round(old, 1)}
         if old:

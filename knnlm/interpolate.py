@@ -5,6 +5,8 @@ Pure functions over numpy arrays, all in log space. Shapes: n tokens, k neighbou
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -138,9 +140,33 @@ def mix_log_distribution(lm_logp: np.ndarray, dists: np.ndarray, vals: np.ndarra
         out = lm_logp + keep_lm[:, None].astype(lm_logp.dtype)  # tokens no neighbour carries: (1−λ)·p_LM
         weights = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (B, k)
         hit = vals >= 0
-        rows = np.broadcast_to(np.arange(b)[:, None], vals.shape)[hit]
-        flat, inverse = np.unique(rows.astype(np.int64) * v + vals[hit], return_inverse=True)
-        p_knn = np.bincount(inverse, weights=weights[hit], minlength=len(flat))  # Σ weights per (row, token)
-        r, t = flat // v, flat % v
+        if b == 1:  # a decoding step: _token_sums, without the sort
+            t = vals[hit].astype(np.intp)
+            r, p_knn = np.zeros(len(t), np.intp), _token_sums(t, weights[hit], v)
+        else:
+            rows = np.broadcast_to(np.arange(b)[:, None], vals.shape)[hit]
+            flat, inverse = np.unique(rows.astype(np.int64) * v + vals[hit], return_inverse=True)
+            p_knn = np.bincount(inverse, weights=weights[hit], minlength=len(flat))  # Σ weights per (row, token)
+            r, t = flat // v, flat % v
         out[r, t] = np.logaddexp(np.log(lam[r]) + np.log(p_knn), lm_logp[r, t].astype(np.float64) + keep_lm[r])
     return out
+
+
+_SUMS = threading.local()  # each thread's zeroed (V,) float64 accumulator for _token_sums
+
+
+def _token_sums(tokens: np.ndarray, weights: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Σ weights over the entries of each token, given at every entry of tokens (a token's entries all get its sum).
+
+    Sums into this thread's zeroed accumulator of the vocabulary in entry order, as np.bincount over np.unique's
+    inverse does (the same bits), reads the sums back and zeroes what it touched. In place after the LM's forward
+    pass, a decoding step's np.unique (a sort) cost more than this.
+    """
+    acc = getattr(_SUMS, "acc", None)
+    if acc is None or len(acc) != vocab_size:
+        acc = _SUMS.acc = np.zeros(vocab_size)
+    try:
+        np.add.at(acc, tokens, weights)
+        return acc[tokens]
+    finally:
+        acc[tokens] = 0.0

@@ -75,6 +75,15 @@ def test_sparse_mix_equals_dense_interpolation():
     assert got32.dtype == np.float32 and np.array_equal(np.isneginf(got32), np.isneginf(ref))
     assert np.allclose(got32[fin], ref[fin], rtol=1e-6, atol=1e-6)
     assert np.array_equal(got32[[2, 4]], lm32[[2, 4]])
+    # one row at a time (a decoding step: summed per token without np.unique): the same bits as in the batch,
+    # and the accumulator it sums into is left zeroed
+    import knnlm.interpolate as interpolate_mod
+
+    for p_lm, batch in ((lm, got), (lm32, got32)):
+        for i in range(b):
+            alone = mix_log_distribution(p_lm[i:i + 1], dists[i:i + 1], vals[i:i + 1], lam[i:i + 1], 2.5)
+            assert np.array_equal(alone, batch[i:i + 1])
+    assert not interpolate_mod._SUMS.acc.any()
 
 
 def test_processor_equals_eval_interpolation(store, tiny_lm):
