@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from .errors import KNNLMError
 from .combine import Combiner, resolve_combiner
@@ -242,7 +242,7 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
     mem_processor = MemoryProcessor(lm, doc_memory, *resolve_memory(memory, retriever.ds.path if retriever else None)[:2]) \
         if doc_memory is not None and not joint else None
     try:
-        new = _decode(lm, ids, LogitsProcessorList([p for p in (processor, mem_processor) if p]), max_new_tokens,
+        new = _decode(lm, ids, [p for p in (processor, mem_processor) if p], max_new_tokens,
                       context, stride, torch.Generator(device=lm.device).manual_seed(seed) if sample else None,
                       attention)
     finally:
@@ -271,7 +271,7 @@ def _eos_ids(lm: LM) -> set[int]:
     return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _decode(lm: LM, ids: list[int], processors: LogitsProcessorList, max_new_tokens: int, context: int,
+def _decode(lm: LM, ids: list[int], processors: list[LogitsProcessor], max_new_tokens: int, context: int,
             stride: int, generator: torch.Generator | None,
             attention: AttentionMemoryConfig | None = None) -> list[int]:
     """New tokens after ids (extended in place), greedy or drawn with generator, in windows of (context, stride)
@@ -301,7 +301,11 @@ def _decode(lm: LM, ids: list[int], processors: LogitsProcessorList, max_new_tok
                 cache = out.get("cache", out.get("past_key_values"))
                 scores = out.logits[:, -1, :].float()  # (1, V)
             if processors:
-                scores = processors(torch.tensor([ids], device=lm.device), scores)
+                # each called as it is: LogitsProcessorList's call inspects every processor's signature every
+                # step (65 µs a step in place); ours take (input_ids, scores) and nothing else
+                input_ids = torch.tensor([ids], device=lm.device)
+                for processor in processors:
+                    scores = processor(input_ids, scores)
             if generator is not None:
                 token = int(torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=generator))
             else:
