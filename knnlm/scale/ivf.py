@@ -105,7 +105,8 @@ class Adder:
             self.coarse = faiss.IndexHNSWFlat(top.d, ASSIGN_HNSW_M)
             self.coarse.hnsw.efSearch = ASSIGN_EF
             self.coarse.add(top.quantizer.reconstruct_n(0, top.nlist))
-        self.sub = faiss.IndexFlatL2(top.pq.dsub)  # kept alive while the PQ points at it
+        if self.fast:
+            self.sub = faiss.IndexFlatL2(top.pq.dsub)  # kept alive while the PQ points at it
 
     def add(self, x: np.ndarray, lo: int) -> None:
         """Add the float32 keys x as rows lo, lo+1, ... (their ids)."""
