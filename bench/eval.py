@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--prepare", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--real", action="store_true", help=f"time the speed-feature variants on {REAL}")
     ap.add_argument("--datastore", help="time the variants on this datastore")
+    ap.add_argument("--real-keys", type=int, default=1_000_000,
+                    help="keys of the real datastore --real builds when it is missing (with --datastore: at that path)")
     ap.add_argument("--variants", default="knn,skip,retomaton,skip+retomaton,no-rerank,skip+no-rerank",
                     help=VARIANTS_HELP)
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
@@ -227,7 +229,7 @@ def main() -> None:
     if args.real or args.datastore:
         path = Path(args.datastore) if args.datastore else REAL
         if args.real:
-            prepare_real(path)
+            prepare_real(path, args.real_keys)
         if args.factory:
             path = with_factory(path, args.factory)
         variants = [v for v in args.variants.split(",") if v]

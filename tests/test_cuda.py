@@ -1,0 +1,80 @@
+"""The pipeline with the LM on a GPU agrees with the CPU: keys, eval, RetoMaton, decoding (skipped without CUDA).
+
+CI has no GPU; a GPU machine runs these beside the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import build_corpus_store
+from knnlm.datastore import open_datastore
+from knnlm.evaluate import EvalConfig, run_eval
+from knnlm.generate import generate
+from knnlm.index import IndexConfig, train_index
+from knnlm.lm import load_lm
+from knnlm.retrieval import RetrievalConfig, Retriever
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_lm(tiny_model_dir):
+    """The tiny model on the GPU, full float32 matrix products (no TF32), so that it can match the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return load_lm(str(tiny_model_dir), device="cuda")
+
+
+@pytest.fixture
+def stores(tmp_path, corpus_texts, tiny_model_dir, tiny_lm, cuda_lm):
+    """The same corpus built on the CPU and on the GPU, each with an exact index."""
+    out = {}
+    for name, lm in (("host", tiny_lm), ("gpu", cuda_lm)):
+        (tmp_path / name).mkdir()
+        ds = build_corpus_store(tmp_path / name, corpus_texts, tiny_model_dir, lm)
+        train_index(ds, IndexConfig(factory="Flat"))
+        out[name] = open_datastore(ds.path)
+    return out
+
+
+def test_keys_built_on_the_gpu_equal_the_cpus(stores):
+    cpu, gpu = stores["host"], stores["gpu"]
+    assert np.array_equal(np.asarray(cpu.vals), np.asarray(gpu.vals))
+    a, b = np.asarray(cpu.keys, np.float32), np.asarray(gpu.keys, np.float32)
+    assert a.shape == b.shape
+    # fp16 keys: a float32 difference in the last digits may round one half-step apart, no more
+    assert np.abs(a - b).max() <= 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32).max()
+
+
+@pytest.mark.parametrize("retrieval", [RetrievalConfig(), RetrievalConfig(search_device="cuda"),
+                                       RetrievalConfig(retomaton=True, min_knns=8)],
+                         ids=["faiss", "torch-cuda", "retomaton"])
+def test_eval_on_the_gpu_equals_the_cpu(stores, tiny_lm, cuda_lm, retrieval):
+    """Same datastore, LM on either device: the same perplexities to 1e-5, the same searches saved."""
+    ds = stores["host"]
+    reference = retrieval if retrieval.search_device is None else RetrievalConfig(exact=True)
+    cpu, _ = run_eval(ds, None, EvalConfig(lam="0.3", retrieval=reference), lm=tiny_lm)
+    gpu, _ = run_eval(ds, None, EvalConfig(lam="0.3", retrieval=retrieval), lm=cuda_lm)
+    for key in ("lm_ppl", "knn_lm_ppl"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-5)
+    assert gpu["tokens"] == cpu["tokens"]
+    if retrieval.retomaton:
+        assert gpu["searches_saved"] == pytest.approx(cpu["searches_saved"], abs=0.02)
+        assert gpu["searches_saved"] > 0
+
+
+def test_lambda_zero_on_the_gpu_is_the_lm(stores, cuda_lm):
+    r, _ = run_eval(stores["gpu"], None, EvalConfig(lam="0"), lm=cuda_lm)
+    assert r["knn_lm_ppl"] == pytest.approx(r["lm_ppl"], rel=1e-9)
+
+
+def test_decoding_on_the_gpu_equals_the_cpu(stores, tiny_lm, cuda_lm, corpus_texts):
+    prompt = corpus_texts["textwrap.py"][:300]
+    ds = stores["host"]
+    for lm_args in ({}, {"lam": 0.5}):
+        a = generate(tiny_lm, prompt, Retriever(ds) if lm_args else None, max_new_tokens=24, **lm_args)
+        b = generate(cuda_lm, prompt, Retriever(ds) if lm_args else None, max_new_tokens=24, **lm_args)
+        assert a.tokens == b.tokens
