@@ -12,6 +12,8 @@ Greedy decoding of bench/generate.py's prompt, 64 tokens a round, the two sides 
   packed uint64 sort for any number of rows;
 - mix: interpolate.mix_log_distribution of the step's row. New: each token's weights summed into a zeroed
   vocabulary-wide accumulator (_token_sums); old: np.unique's inverse and np.bincount, as before;
+- rerank: retrieval.exact_distances of the step's candidates. New: the rows gathered and widened to
+  float32 in this thread's kept buffers; old: a fresh float32 block per query (torch's .float());
 - call: the whole processor step (KNNLogitsProcessor.__call__).
 The caches a step meets are the LM's leftovers; sweeping 64 MB between calls did not reproduce them on the
 development machine (its L3 is 300 MB): there both sides of each piece timed the same.
@@ -73,10 +75,22 @@ def main() -> None:
     if r._coarse is None:
         sys.exit(f"{args.datastore}'s index is not an IVF index over a flat quantizer: nothing to compare.")
     coarse, min_rows, token_sums = r._coarse, arrays.ROW_ORDER_MIN_ROWS, interpolate._token_sums
+    rerank_rows = retrieval._rerank_rows
 
     def unique_sums(tokens, weights, vocab_size):  # the old way: np.unique's inverse, np.bincount
         _, inverse = np.unique(tokens, return_inverse=True)
         return np.bincount(inverse, weights=weights)[inverse]
+
+    def fresh_rows(q, keys, rows_ids, out):  # the old way: a new float32 block for each query's rows
+        import faiss
+        import torch
+
+        k, d = rows_ids.shape[1], keys.shape[1]
+        gathered = torch.empty((k, d), dtype=keys.dtype)
+        for i in range(len(q)):
+            torch.index_select(keys, 0, rows_ids[i], out=gathered)
+            rows = gathered.float().numpy()
+            faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
 
     totals = {side: collections.Counter() for side in ("new", "old")}
     steps = {"new": 0, "old": 0}
@@ -87,8 +101,10 @@ def main() -> None:
         r._coarse = coarse if side == "new" else None  # None: faiss's own search, as before
         arrays.ROW_ORDER_MIN_ROWS = min_rows if side == "new" else 0
         interpolate._token_sums = token_sums if side == "new" else unique_sums
+        retrieval._rerank_rows = rerank_rows if side == "new" else fresh_rows
         undo = [(retrieval.Retriever, "search", timed(retrieval.Retriever, "search", t, "search")),
                 (retrieval, "sort_rows", timed(retrieval, "sort_rows", t, "sort")),
+                (retrieval, "exact_distances", timed(retrieval, "exact_distances", t, "rerank")),
                 (KNNLogitsProcessor, "__call__", timed(KNNLogitsProcessor, "__call__", t, "call")),
                 (policies, "mix_log_distribution", timed(policies, "mix_log_distribution", t, "mix")),
                 (coarse, "few", timed(coarse, "few", t, "coarse"))]
@@ -101,8 +117,9 @@ def main() -> None:
                 else:
                     setattr(owner, name, original)
             r._coarse, arrays.ROW_ORDER_MIN_ROWS, interpolate._token_sums = coarse, min_rows, token_sums
+            retrieval._rerank_rows = rerank_rows
     out = {"datastore": args.datastore, "variant": args.variant, "steps_a_side": steps["new"]}
-    for piece in ("call", "search", "coarse", "sort", "mix"):
+    for piece in ("call", "search", "coarse", "rerank", "sort", "mix"):
         new, old = (1e6 * totals[s][piece] / steps[s] for s in ("new", "old"))
         out[piece] = {"new_us_per_step": round(new, 1), "old_us_per_step": round(old, 1)}
         if old:

@@ -67,13 +67,29 @@ def as_tensor(keys: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(keys))
 
 
+_RERANK_BUFFERS = threading.local()  # each thread's gather and float32 widening buffers, kept between calls
+
+
+def _rerank_buffers(k: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's (k, d) buffers: the gathered rows in the keys' dtype, and their float32 widening.
+
+    Kept from call to call (grown when needed): a fresh 2.3 MB float32 block per query (k 1000, d 576)
+    cost about 40 µs of a 270 µs re-ranking, the allocator handing back new pages each time.
+    """
+    held = getattr(_RERANK_BUFFERS, "held", None)
+    if held is None or held[0].dtype != dtype or held[0].shape[1] != d or held[0].shape[0] < k:
+        held = _RERANK_BUFFERS.held = (torch.empty((k, d), dtype=dtype), torch.empty((k, d), dtype=torch.float32))
+    return held[0][:k], held[1][:k]
+
+
 def _rerank_rows(q: np.ndarray, keys: torch.Tensor, rows_ids: torch.Tensor, out: np.ndarray) -> None:
     """Fill out (n, k) with squared L2 from each query to its own k rows (ids >= 0), one query at a time."""
     k, d = rows_ids.shape[1], keys.shape[1]
-    gathered = torch.empty((k, d), dtype=keys.dtype)
+    gathered, widened = _rerank_buffers(k, d, keys.dtype)
+    rows = widened.numpy()  # (k, d), shares widened's memory
     for i in range(len(q)):
         torch.index_select(keys, 0, rows_ids[i], out=gathered)
-        rows = gathered.float().numpy()  # (k, d)
+        widened.copy_(gathered)
         faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
 
 

@@ -218,3 +218,26 @@ def test_threaded_exact_distances_match_numpy():
     ref = ((keys.astype(np.float64)[np.maximum(ids, 0)] - q[:, None, :]) ** 2).sum(-1)
     ref[ids < 0] = np.inf
     assert np.allclose(got, ref, rtol=1e-5) and np.array_equal(np.isinf(got), ids < 0)
+
+
+def test_exact_distances_reuse_their_buffers_across_shapes_and_dtypes():
+    """Each thread keeps its gather and widening buffers between calls: calls with more, fewer and as many
+    candidates, another width and float32 keys each match numpy, and a call like the first reuses its memory."""
+    import knnlm.retrieval as retrieval
+
+    rng = np.random.default_rng(4)
+    cases = [(24, 40, np.float16), (24, 90, np.float16), (24, 7, np.float16), (40, 30, np.float16),
+             (24, 40, np.float32), (24, 40, np.float16)]
+    for d, k, dtype in cases:
+        keys = rng.normal(0, 3, size=(2000, d)).astype(dtype)
+        q = rng.normal(0, 3, size=(5, d)).astype(np.float32)
+        ids = rng.integers(0, 2000, size=(5, k))
+        ids[2, -3:] = -1
+        got = retrieval.exact_distances(q, keys, ids)
+        ref = ((keys.astype(np.float64)[np.maximum(ids, 0)] - q[:, None, :]) ** 2).sum(-1)
+        ref[ids < 0] = np.inf
+        assert np.allclose(got, ref, rtol=1e-5) and np.array_equal(np.isinf(got), ids < 0), (d, k, dtype)
+    gathered, widened = retrieval._rerank_buffers(40, 24, torch.float16)
+    again = retrieval._rerank_buffers(12, 24, torch.float16)
+    assert again[0].data_ptr() == gathered.data_ptr() and again[1].data_ptr() == widened.data_ptr()
+    assert again[0].shape == (12, 24) and again[1].dtype == torch.float32
