@@ -49,12 +49,12 @@ def test_keys_built_on_the_gpu_equal_the_cpus(stores):
     assert np.abs(a - b).max() <= 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32).max()
 
 
-@pytest.mark.parametrize("retrieval", [RetrievalConfig(), RetrievalConfig(search_device="cuda"),
-                                       RetrievalConfig(retomaton=True, min_knns=8)],
-                         ids=["faiss", "torch-cuda", "retomaton"])
-def test_eval_on_the_gpu_equals_the_cpu(stores, tiny_lm, cuda_lm, retrieval):
+@pytest.mark.parametrize("search", [{}, {"search_device": "cuda"}, {"retomaton": True, "min_knns": 8}],
+                         ids=["faiss", "torch-cuda", "retomaton"])  # settings, not configs: these check CUDA when made
+def test_eval_on_the_gpu_equals_the_cpu(stores, tiny_lm, cuda_lm, search):
     """Same datastore, LM on either device: the same perplexities to 1e-5, the same searches saved."""
     ds = stores["host"]
+    retrieval = RetrievalConfig(**search)
     reference = retrieval if retrieval.search_device is None else RetrievalConfig(exact=True)
     cpu, _ = run_eval(ds, None, EvalConfig(lam="0.3", retrieval=reference), lm=tiny_lm)
     gpu, _ = run_eval(ds, None, EvalConfig(lam="0.3", retrieval=retrieval), lm=cuda_lm)
