@@ -74,11 +74,13 @@ def _rerank_buffers(k: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, t
     """This thread's (k, d) buffers: the gathered rows in the keys' dtype, and their float32 widening.
 
     Kept from call to call (grown when needed): a fresh 2.3 MB float32 block per query (k 1000, d 576)
-    cost about 40 µs of a 270 µs re-ranking, the allocator handing back new pages each time.
+    cost about 40 µs of a 270 µs re-ranking, the allocator handing back new pages each time. They are
+    made outside inference mode: a tensor made under torch.inference_mode cannot be written outside it.
     """
     held = getattr(_RERANK_BUFFERS, "held", None)
     if held is None or held[0].dtype != dtype or held[0].shape[1] != d or held[0].shape[0] < k:
-        held = _RERANK_BUFFERS.held = (torch.empty((k, d), dtype=dtype), torch.empty((k, d), dtype=torch.float32))
+        with torch.inference_mode(False):  # ordinary tensors: writable in and out of inference mode
+            held = _RERANK_BUFFERS.held = (torch.empty((k, d), dtype=dtype), torch.empty((k, d), dtype=torch.float32))
     return held[0][:k], held[1][:k]
 
 

@@ -241,3 +241,27 @@ def test_exact_distances_reuse_their_buffers_across_shapes_and_dtypes():
     again = retrieval._rerank_buffers(12, 24, torch.float16)
     assert again[0].data_ptr() == gathered.data_ptr() and again[1].data_ptr() == widened.data_ptr()
     assert again[0].shape == (12, 24) and again[1].dtype == torch.float32
+
+
+def test_rerank_buffers_made_in_inference_mode_work_outside_it():
+    """The buffers a first call makes under torch.inference_mode (as eval runs) serve later calls outside it."""
+    import threading
+
+    import knnlm.retrieval as retrieval
+
+    rng = np.random.default_rng(5)
+    keys = rng.normal(0, 3, size=(500, 16)).astype(np.float16)
+    q = rng.normal(0, 3, size=(3, 16)).astype(np.float32)
+    ids = rng.integers(0, 500, size=(3, 64))
+    ref = ((keys.astype(np.float64)[ids] - q[:, None, :]) ** 2).sum(-1)
+    got = {}
+
+    def run():  # a new thread: its buffers are made by the first call below
+        with torch.inference_mode():
+            got["inside"] = retrieval.exact_distances(q, keys, ids)
+        got["outside"] = retrieval.exact_distances(q, keys, ids)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert np.allclose(got["inside"], ref, rtol=1e-5) and np.allclose(got["outside"], ref, rtol=1e-5)
