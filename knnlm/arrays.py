@@ -45,6 +45,18 @@ def row_order(a: np.ndarray) -> np.ndarray:
     return (packed & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
+def unique_sorted(a: np.ndarray) -> np.ndarray:
+    """np.unique(a) of an integer array (flattened), by a sort and a mask of the changes: NumPy 2.4's
+    np.unique of integers hashes, about 20 times as slow for 65k int64 values (7.8 against 0.4 ms)."""
+    s = np.sort(np.asarray(a).reshape(-1))
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def sort_rows(key: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     """key and each of others (arrays of key's shape) with every row put in key's ascending order, ties in
     column order (row_order): e.g. dists, ids = sort_rows(dists, ids)."""

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 from faiss.contrib.inspect_tools import get_invlist
 
-from .arrays import sort_rows
+from .arrays import sort_rows, unique_sorted
 from .retrieval import Retriever, exact_distances
 
 
@@ -121,7 +121,7 @@ def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int) -> np.nda
     member = auto.members[start + np.arange(int(take.sum()))]
     rows = np.concatenate([b, np.repeat(row, take)])
     ids = np.concatenate([ptr, member])
-    uniq = np.unique(rows * auto.count + ids)  # sorted by row: pack_rows' grouping
+    uniq = unique_sorted(rows * auto.count + ids)  # sorted by row: pack_rows' grouping
     return pack_rows(uniq // auto.count, uniq % auto.count, len(pointers))
 
 

@@ -67,6 +67,9 @@ def as_tensor(keys: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(keys))
 
 
+# Candidate rows (queries × candidates) per re-ranking thread: a batch splits over torch's threads once each
+# gets this many (about 1.6 ms of work, against ~50 µs to hand it over); one query is never split.
+RERANK_ROWS_PER_WORKER = 8192
 _RERANK_BUFFERS = threading.local()  # each thread's gather and float32 widening buffers, kept between calls
 
 
@@ -132,14 +135,15 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
 
     One query at a time: torch gathers its k rows (a memmap read in place, five times faster than
     numpy's fancy indexing), widened to float32 they stay in cache (k·d·4 bytes), and faiss computes
-    the distances with SIMD; batching queries was slower, their rows no longer fit in cache. Large
-    batches are split over torch's threads (the gather and faiss release the GIL).
+    the distances with SIMD; batching queries was slower, their rows no longer fit in cache. Batches
+    of at least 2·RERANK_ROWS_PER_WORKER candidate rows are split over torch's threads (the gather
+    and faiss release the GIL).
     """
     keys = keys if isinstance(keys, torch.Tensor) else as_tensor(keys)
     q = np.ascontiguousarray(queries, dtype=np.float32)  # (n, d)
     out = np.empty(ids.shape, dtype=np.float32)
     rows_ids = torch.from_numpy(np.maximum(ids, 0).astype(np.int64))  # missing (-1) read row 0, then inf
-    workers = 1 if _FORKED else max(1, min(torch.get_num_threads(), len(q) // 32))
+    workers = 1 if _FORKED else max(1, min(torch.get_num_threads(), len(q), ids.size // RERANK_ROWS_PER_WORKER))
     if workers == 1:
         _rerank_rows(q, keys, rows_ids, out)
     else:

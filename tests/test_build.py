@@ -168,6 +168,17 @@ def test_row_order_is_numpys_stable_argsort(dtype):
     assert got.dtype == np.intp and np.array_equal(got, np.argsort(a, axis=1, kind="stable"))
 
 
+@pytest.mark.parametrize("a", [np.array([], np.int64), np.array([7]), np.array([3, 3, 3]), np.array([[5, -2], [5, 9]]),
+                               np.random.default_rng(2).integers(-50, 50, 5000),
+                               np.random.default_rng(3).integers(0, 2**62, 3000, dtype=np.int64)],
+                         ids=["empty", "one", "all-equal", "2-D", "many-repeats", "wide"])
+def test_unique_sorted_is_numpys_unique(a):
+    from knnlm.arrays import unique_sorted
+
+    got = unique_sorted(a)
+    assert got.dtype == a.dtype and np.array_equal(got, np.unique(a))
+
+
 @pytest.mark.parametrize("kind", ["8-bit", "fast-scan", "on-disk"])
 def test_coarse_assignment_in_torch_matches_faiss(tmp_path, kind, monkeypatch):
     """Batches of COARSE_MIN_QUERIES or more find their IVF lists in torch (in blocks), smaller ones by few(): the

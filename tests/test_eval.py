@@ -202,19 +202,26 @@ def test_scores_cache_round_trip(store, tiny_lm, tmp_path):
 
 
 def test_threaded_exact_distances_match_numpy():
+    from unittest.mock import patch
+
+    import knnlm.retrieval as retrieval
     from knnlm.retrieval import exact_distances
 
     rng = np.random.default_rng(1)
     keys = rng.normal(0, 3, size=(5000, 24)).astype(np.float16)
     q = rng.normal(0, 3, size=(300, 24)).astype(np.float32)
-    ids = rng.integers(0, 5000, size=(300, 40))
+    ids = rng.integers(0, 5000, size=(300, 120))  # 36,000 candidate rows: over 4·RERANK_ROWS_PER_WORKER
     ids[::7, -5:] = -1  # missing neighbours
     threads = torch.get_num_threads()
     torch.set_num_threads(4)  # splits the 300 queries over 4 workers
+    calls = []
+    rows = retrieval._rerank_rows
     try:
-        got = exact_distances(q, keys, ids)
+        with patch.object(retrieval, "_rerank_rows", lambda q, *a: calls.append(len(q)) or rows(q, *a)):
+            got = exact_distances(q, keys, ids)
     finally:
         torch.set_num_threads(threads)
+    assert sorted(calls) == [75, 75, 75, 75]
     ref = ((keys.astype(np.float64)[np.maximum(ids, 0)] - q[:, None, :]) ** 2).sum(-1)
     ref[ids < 0] = np.inf
     assert np.allclose(got, ref, rtol=1e-5) and np.array_equal(np.isinf(got), ids < 0)
@@ -265,3 +272,28 @@ def test_rerank_buffers_made_in_inference_mode_work_outside_it():
     worker.start()
     worker.join()
     assert np.allclose(got["inside"], ref, rtol=1e-5) and np.allclose(got["outside"], ref, rtol=1e-5)
+
+
+def test_rerank_splits_by_candidate_rows_not_queries():
+    """A few queries with many candidates each (RetoMaton's steps) split over the threads; one query never does."""
+    from unittest.mock import patch
+
+    import knnlm.retrieval as retrieval
+
+    rng = np.random.default_rng(6)
+    keys = rng.normal(0, 3, size=(3000, 16)).astype(np.float16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    rows = retrieval._rerank_rows
+    try:
+        for n, k, expected in ((4, 4096, [2, 2]), (1, 50_000, [1]), (40, 100, [40])):
+            q = rng.normal(0, 3, size=(n, 16)).astype(np.float32)
+            ids = rng.integers(0, 3000, size=(n, k))
+            calls = []
+            with patch.object(retrieval, "_rerank_rows", lambda q, *a: calls.append(len(q)) or rows(q, *a)):
+                got = retrieval.exact_distances(q, keys, ids)
+            assert sorted(calls) == expected, (n, k)
+            ref = ((keys.astype(np.float64)[ids] - q[:, None, :]) ** 2).sum(-1)
+            assert np.allclose(got, ref, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

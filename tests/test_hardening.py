@@ -425,7 +425,8 @@ def test_rerank_works_in_a_forked_child(monkeypatch):
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(2000, 16)).astype(np.float16)
     q = rng.normal(size=(256, 16)).astype(np.float32)
-    ids = rng.integers(-1, 2000, size=(256, 40))
+    ids = rng.integers(-1, 2000, size=(256, 120))  # 30,720 candidate rows: 3 workers' worth (RERANK_ROWS_PER_WORKER)
+    monkeypatch.setattr(retrieval, "_POOL", {})
     expected = retrieval.exact_distances(q, keys, ids)  # the parent now holds a pool of 3 threads
     assert retrieval._POOL
     ctx = multiprocessing.get_context("fork")
