@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -88,6 +89,7 @@ class LM:
     device: str
     _fingerprint: str | None = field(default=None, repr=False)
     _tokenizer_fingerprint: str | None = field(default=None, repr=False)
+    _projects_a_tail: bool | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -132,19 +134,35 @@ class LM:
         """Text of token ids."""
         return self.tokenizer.decode(list(map(int, ids)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: bool = True):
+    @property
+    def projects_a_tail(self) -> bool:
+        """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs since 4.50): the
+        output projection can then run over the last positions only."""
+        if self._projects_a_tail is None:
+            self._projects_a_tail = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._projects_a_tail
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: bool = True, first: int = 0):
         """Keys (the lm_head's input) and optionally logits for a right-padded batch.
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: (B, T) 1 for real tokens, 0 for padding on the right.
             logits: also run the output projection; False skips it (building needs only keys).
+            first: the first position whose keys and logits are wanted. Where the model takes
+                `logits_to_keep` (projects_a_tail), the output projection then runs over positions
+                [first, T) only, through the model's own code (any scaling or soft-capping after it
+                included); elsewhere every position is computed and the rest cut off here.
 
         Returns:
-            (keys (B, T, d) float32, logits (B, T, V) float32 or None).
+            (keys (B, T − first, d) float32, logits (B, T − first, V) float32 or None).
         """
         captured = {}
         head = self.model.get_output_embeddings()
+        width = input_ids.shape[1]
+        if not 0 <= first < width:
+            raise ValueError(f"first position {first} is outside a batch of {width} positions")
+        tail = {"logits_to_keep": width - first} if first and logits and self.projects_a_tail else {}
 
         def hook(_module, args):
             captured["keys"] = args[0]
@@ -158,13 +176,17 @@ class LM:
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
                     use_cache=False,
+                    **tail,
                 )
         except _KeysCaptured:
             out = None
         finally:
             handle.remove()
-        keys = captured["keys"].float()  # (B, T, d)
-        return keys, (out.logits.float() if out is not None else None)
+        keys = captured["keys"].float()  # (B, T, d), or (B, T − first, d) when the model cut it
+        logit_rows = out.logits.float() if out is not None else None
+        if keys.shape[1] != width - first:  # the model projected every position: cut here
+            keys, logit_rows = keys[:, first:], (logit_rows[:, first:] if logit_rows is not None else None)
+        return keys, logit_rows
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

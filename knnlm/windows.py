@@ -68,9 +68,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, tor
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first, to waste little on padding."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def length_batches(lengths: list[int], batch_size: int, offsets: list[int] | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first, to waste little on padding; with
+    offsets (each window's first owned position within it), windows of one length that own the same
+    tail batch together."""
+    if offsets is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    else:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], -offsets[i], i))
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -100,12 +105,17 @@ def forward_owned(lm: LM, work: list[tuple[Window, list[int]]], batch_size: int,
     """
     if batch_size < 1:
         raise KNNLMError(f"--batch-size {batch_size} must be at least 1 window per forward pass.")
-    for batch in length_batches([len(ids) for _w, ids in work], batch_size):
+    # With logits, the output projection runs from the batch's first owned position on (a later window
+    # owns only its last `stride` positions), and windows owning the same tail are batched together.
+    # Keys alone (building) keep the batches they always had.
+    offsets = [w.own_from - w.begin for w, _ids in work] if logits else None
+    for batch in length_batches([len(ids) for _w, ids in work], batch_size, offsets):
         ids, mask = pad_batch([work[i][1] for i in batch])
-        keys, out = lm.forward(ids, mask, logits=logits)  # (B, T, d), (B, T, V) or None
+        first = min(offsets[i] for i in batch) if logits else 0
+        keys, out = lm.forward(ids, mask, logits=logits, first=first)  # (B, T − first, d), (B, T − first, V) or None
         owned = []
         for j, i in enumerate(batch):
             w = work[i][0]
-            lo, hi = w.own_from - w.begin, w.own_to - w.begin
+            lo, hi = w.own_from - w.begin - first, w.own_to - w.begin - first
             owned.append(Owned(i, w, keys[j, lo:hi], None if out is None else out[j, lo:hi]))
         yield owned

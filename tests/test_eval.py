@@ -16,6 +16,7 @@ from knnlm.evaluate import EvalConfig, run_eval, score_documents
 from knnlm.interpolate import interpolate, knn_log_prob, perplexity
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import load_scores
+from knnlm.windows import plan_windows
 
 CTX, STRIDE = 64, 32
 
@@ -297,3 +298,44 @@ def test_rerank_splits_by_candidate_rows_not_queries():
             assert np.allclose(got, ref, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_output_projection_runs_over_owned_tails_only_with_the_same_scores(store, tiny_lm, corpus_texts, monkeypatch):
+    """Later windows own only their last `stride` positions: the output projection (through the model's own
+    logits_to_keep) sees only those rows, and every score equals the full projection's, bit for bit; a model
+    without logits_to_keep computes every row and has them cut, with the same scores."""
+    docs = [(name, corpus_texts[name]) for name in ("textwrap.py", "shlex.py")]  # many windows of CTX each
+    head = tiny_lm.model.get_output_embeddings()
+    rows = []
+    handle = head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0] * args[0].shape[1]))
+    results = {}
+    try:
+        for tail in (True, False):
+            monkeypatch.setattr(tiny_lm, "_projects_a_tail", tail)
+            rows.clear()
+            s = score_documents(tiny_lm, Retriever(store), docs, CTX, STRIDE, batch_size=3)
+            results[tail] = (s, sum(rows))
+    finally:
+        handle.remove()
+    (a, projected_tail), (b, projected_all) = results[True], results[False]
+    windows = [w for d, (_n, text) in enumerate(docs) for w in plan_windows(d, len(tiny_lm.encode(text)), CTX, STRIDE)]
+    assert projected_all >= sum(w.end - w.begin for w in windows)  # every position (and the batches' padding)
+    assert projected_tail < 0.6 * projected_all  # later windows project STRIDE of their CTX rows
+    for field in ("targets", "lm_logp", "dists", "vals", "pos", "doc"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_lm_forward_from_a_first_position_equals_the_full_forward_cut(tiny_lm):
+    ids = torch.tensor([[5, 9, 13, 2, 7, 7, 1, 30], [4, 8, 15, 16, 23, 42, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0, 0]])
+    keys, logits = tiny_lm.forward(ids, mask)
+    for tail in (True, False):
+        tiny_lm._projects_a_tail = tail
+        try:
+            k3, l3 = tiny_lm.forward(ids, mask, first=3)
+        finally:
+            tiny_lm._projects_a_tail = None
+        assert k3.shape == (2, 5, keys.shape[2]) and l3.shape == (2, 5, logits.shape[2])
+        assert torch.allclose(k3, keys[:, 3:], atol=1e-6) and torch.allclose(l3, logits[:, 3:], atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        tiny_lm.forward(ids, mask, first=8)
