@@ -12,8 +12,9 @@ Greedy decoding of bench/generate.py's prompt, 64 tokens a round, the two sides 
   packed uint64 sort for any number of rows;
 - mix: interpolate.mix_log_distribution of the step's row. New: each token's weights summed into a zeroed
   vocabulary-wide accumulator (_token_sums); old: np.unique's inverse and np.bincount, as before;
-- rerank: retrieval.exact_distances of the step's candidates. New: the rows gathered and widened to
-  float32 in this thread's kept buffers; old: a fresh float32 block per query (torch's .float());
+- rerank: retrieval.exact_distances of the step's candidates, as Retriever.search calls it (RetoMaton's and
+  the document memory's own calls are not counted). New: the rows gathered and widened to float32 in this
+  thread's kept buffers; old: a fresh float32 block per query (torch's .float());
 - call: the whole processor step (KNNLogitsProcessor.__call__).
 The caches a step meets are the LM's leftovers; sweeping 64 MB between calls did not reproduce them on the
 development machine (its L3 is 300 MB): there both sides of each piece timed the same.

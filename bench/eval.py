@@ -117,6 +117,9 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
     from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.build import BuildConfig, build_datastore
 
+    if (path / "meta.json").exists() and json.loads((path / "meta.json").read_text())["count"] != keys:
+        print(f"{path} holds {json.loads((path / 'meta.json').read_text())['count']} keys, not {keys}: "
+              "timing it as it is (delete it to build another size).", file=sys.stderr)
     if not (path / "index.faiss").exists():
         site = sysconfig.get_paths()["purelib"]
         build_datastore(site, path, BuildConfig(model=BENCH_MODEL, device=BENCH_DEVICE, glob="**/*.py", holdout=0,
@@ -226,6 +229,8 @@ def main() -> None:
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
     ap.add_argument("--out", help="also write the report here (JSON)")
     args = ap.parse_args()
+    if args.real_keys != 1_000_000 and not args.real:
+        sys.exit("--real-keys sets the size of the datastore --real builds; pass --real too.")
     if args.real or args.datastore:
         path = Path(args.datastore) if args.datastore else REAL
         if args.real:

@@ -182,10 +182,16 @@ class LM:
             out = None
         finally:
             handle.remove()
-        keys = captured["keys"].float()  # (B, T, d), or (B, T − first, d) when the model cut it
+        # (B, T, ·), or (B, T − first, ·) where the model cut them: each is cut here only if it was not
+        keys = captured["keys"].float()
+        keys = keys[:, first:] if keys.shape[1] == width else keys
         logit_rows = out.logits.float() if out is not None else None
-        if keys.shape[1] != width - first:  # the model projected every position: cut here
-            keys, logit_rows = keys[:, first:], (logit_rows[:, first:] if logit_rows is not None else None)
+        if logit_rows is not None:
+            logit_rows = logit_rows[:, first:] if logit_rows.shape[1] == width else logit_rows
+            if logit_rows.shape[1] != width - first or keys.shape[1] != width - first:
+                raise KNNLMError(f"Model {self.name} returned {logit_rows.shape[1]} logit rows and "
+                                 f"{keys.shape[1]} hidden-state rows for logits_to_keep={width - first} of "
+                                 f"{width} positions; it cannot be evaluated here.")
         return keys, logit_rows
 
 

@@ -71,20 +71,30 @@ def as_tensor(keys: np.ndarray) -> torch.Tensor:
 # gets this many (about 1.6 ms of work, against ~50 µs to hand it over); one query is never split.
 RERANK_ROWS_PER_WORKER = 8192
 _RERANK_BUFFERS = threading.local()  # each thread's gather and float32 widening buffers, kept between calls
+KEEP_BUFFER_BYTES = 32 * 2**20  # a thread keeps buffers up to this size (k 2048 at d 576: 7 MB); larger are made per call
 
 
 def _rerank_buffers(k: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's (k, d) buffers: the gathered rows in the keys' dtype, and their float32 widening.
+    """This thread's (k, d) buffers: the gathered rows in the keys' dtype, and their float32 widening (the same
+    tensor for float32 keys).
 
-    Kept from call to call (grown when needed): a fresh 2.3 MB float32 block per query (k 1000, d 576)
-    cost about 40 µs of a 270 µs re-ranking, the allocator handing back new pages each time. They are
+    Kept from call to call, one pair per (dtype, d) (the document memory's float32 keys beside a datastore's
+    float16 ones), grown when needed up to KEEP_BUFFER_BYTES: a fresh 2.3 MB float32 block per query (k 1000,
+    d 576) cost about 40 µs of a 270 µs re-ranking, the allocator handing back new pages each time. They are
     made outside inference mode: a tensor made under torch.inference_mode cannot be written outside it.
     """
     held = getattr(_RERANK_BUFFERS, "held", None)
-    if held is None or held[0].dtype != dtype or held[0].shape[1] != d or held[0].shape[0] < k:
+    if held is None:
+        held = _RERANK_BUFFERS.held = {}
+    pair = held.get((dtype, d))
+    if pair is None or pair[0].shape[0] < k:
         with torch.inference_mode(False):  # ordinary tensors: writable in and out of inference mode
-            held = _RERANK_BUFFERS.held = (torch.empty((k, d), dtype=dtype), torch.empty((k, d), dtype=torch.float32))
-    return held[0][:k], held[1][:k]
+            widened = torch.empty((k, d), dtype=torch.float32)
+            pair = (widened if dtype == torch.float32 else torch.empty((k, d), dtype=dtype), widened)
+        if k * d * (4 + (0 if dtype == torch.float32 else pair[0].element_size())) <= KEEP_BUFFER_BYTES:
+            held[(dtype, d)] = pair
+    widened = pair[1][:k]
+    return (widened if pair[0] is pair[1] else pair[0][:k]), widened
 
 
 def _rerank_rows(q: np.ndarray, keys: torch.Tensor, rows_ids: torch.Tensor, out: np.ndarray) -> None:
@@ -94,7 +104,8 @@ def _rerank_rows(q: np.ndarray, keys: torch.Tensor, rows_ids: torch.Tensor, out:
     rows = widened.numpy()  # (k, d), shares widened's memory
     for i in range(len(q)):
         torch.index_select(keys, 0, rows_ids[i], out=gathered)
-        widened.copy_(gathered)
+        if gathered is not widened:
+            widened.copy_(gathered)
         faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
 
 
@@ -103,7 +114,8 @@ _POOL_LOCK = threading.Lock()  # two threads re-ranking at once must not both ma
 
 
 def _rerank_pool(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of `workers` threads, made once."""
+    """The shared pool of `workers` threads, made once. exact_distances asks for torch's thread count, whatever
+    share of it a batch uses, so that one pool (and its threads' buffers) serves every batch size."""
     with _POOL_LOCK:
         pool = _POOL.get(workers)
         if pool is None:
@@ -147,7 +159,7 @@ def exact_distances(queries: np.ndarray, keys: np.ndarray | torch.Tensor, ids: n
     if workers == 1:
         _rerank_rows(q, keys, rows_ids, out)
     else:
-        pool = _rerank_pool(workers)
+        pool = _rerank_pool(torch.get_num_threads())
         bounds = np.linspace(0, len(q), workers + 1).astype(int)
         parts = zip(bounds, bounds[1:])
         for job in [pool.submit(_rerank_rows, q[a:b], keys, rows_ids[a:b], out[a:b]) for a, b in parts]:

@@ -23,18 +23,19 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def cuda_lm(tiny_model_dir):
     """The tiny model on the GPU, full float32 matrix products (no TF32), so that it can match the CPU."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return load_lm(str(tiny_model_dir), device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield load_lm(str(tiny_model_dir), device="cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.fixture
-def stores(tmp_path, corpus_texts, tiny_model_dir, tiny_lm, cuda_lm):
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, corpus_texts, tiny_model_dir, tiny_lm, cuda_lm):
     """The same corpus built on the CPU and on the GPU, each with an exact index."""
     out = {}
     for name, lm in (("host", tiny_lm), ("gpu", cuda_lm)):
-        (tmp_path / name).mkdir()
-        ds = build_corpus_store(tmp_path / name, corpus_texts, tiny_model_dir, lm)
+        root = tmp_path_factory.mktemp(name)
+        ds = build_corpus_store(root, corpus_texts, tiny_model_dir, lm)
         train_index(ds, IndexConfig(factory="Flat"))
         out[name] = open_datastore(ds.path)
     return out
@@ -45,8 +46,9 @@ def test_keys_built_on_the_gpu_equal_the_cpus(stores):
     assert np.array_equal(np.asarray(cpu.vals), np.asarray(gpu.vals))
     a, b = np.asarray(cpu.keys, np.float32), np.asarray(gpu.keys, np.float32)
     assert a.shape == b.shape
-    # fp16 keys: a float32 difference in the last digits may round one half-step apart, no more
-    assert np.abs(a - b).max() <= 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32).max()
+    # fp16 keys: a float32 difference in the last digits may round one fp16 step apart; two at most, key by key
+    step = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float32)
+    assert np.all(np.abs(a - b) <= 2 * step)
 
 
 @pytest.mark.parametrize("search", [{}, {"search_device": "cuda"}, {"retomaton": True, "min_knns": 8}],
@@ -64,11 +66,6 @@ def test_eval_on_the_gpu_equals_the_cpu(stores, tiny_lm, cuda_lm, search):
     if retrieval.retomaton:
         assert gpu["searches_saved"] == pytest.approx(cpu["searches_saved"], abs=0.02)
         assert gpu["searches_saved"] > 0
-
-
-def test_lambda_zero_on_the_gpu_is_the_lm(stores, cuda_lm):
-    r, _ = run_eval(stores["gpu"], None, EvalConfig(lam="0"), lm=cuda_lm)
-    assert r["knn_lm_ppl"] == pytest.approx(r["lm_ppl"], rel=1e-9)
 
 
 def test_decoding_on_the_gpu_equals_the_cpu(stores, tiny_lm, cuda_lm, corpus_texts):

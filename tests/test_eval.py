@@ -16,6 +16,7 @@ from knnlm.evaluate import EvalConfig, run_eval, score_documents
 from knnlm.interpolate import interpolate, knn_log_prob, perplexity
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import load_scores
+import knnlm.windows as windows_module
 from knnlm.windows import plan_windows
 
 CTX, STRIDE = 64, 32
@@ -231,6 +232,8 @@ def test_threaded_exact_distances_match_numpy():
 def test_exact_distances_reuse_their_buffers_across_shapes_and_dtypes():
     """Each thread keeps its gather and widening buffers between calls: calls with more, fewer and as many
     candidates, another width and float32 keys each match numpy, and a call like the first reuses its memory."""
+    from unittest.mock import patch
+
     import knnlm.retrieval as retrieval
 
     rng = np.random.default_rng(4)
@@ -245,10 +248,22 @@ def test_exact_distances_reuse_their_buffers_across_shapes_and_dtypes():
         ref = ((keys.astype(np.float64)[np.maximum(ids, 0)] - q[:, None, :]) ** 2).sum(-1)
         ref[ids < 0] = np.inf
         assert np.allclose(got, ref, rtol=1e-5) and np.array_equal(np.isinf(got), ids < 0), (d, k, dtype)
-    gathered, widened = retrieval._rerank_buffers(40, 24, torch.float16)
-    again = retrieval._rerank_buffers(12, 24, torch.float16)
-    assert again[0].data_ptr() == gathered.data_ptr() and again[1].data_ptr() == widened.data_ptr()
-    assert again[0].shape == (12, 24) and again[1].dtype == torch.float32
+    # exact_distances itself keeps them: a call with fewer candidates reuses the first call's memory
+    keys = rng.normal(0, 3, size=(2000, 24)).astype(np.float16)
+    q = rng.normal(0, 3, size=(2, 24)).astype(np.float32)
+    retrieval.exact_distances(q, keys, rng.integers(0, 2000, size=(2, 40)))
+    kept = retrieval._RERANK_BUFFERS.held[(torch.float16, 24)]
+    original, spy = retrieval._rerank_buffers, []
+    with patch.object(retrieval, "_rerank_buffers", lambda *a: spy.append(original(*a)) or spy[-1]):
+        retrieval.exact_distances(q, keys, rng.integers(0, 2000, size=(2, 12)))
+    assert spy[0][0].data_ptr() == kept[0].data_ptr() and spy[0][1].data_ptr() == kept[1].data_ptr()
+    assert spy[0][0].shape == (12, 24) and spy[0][1].dtype == torch.float32
+    # float32 keys gather straight into the float32 buffer; a pair past KEEP_BUFFER_BYTES is not kept
+    g32, w32 = retrieval._rerank_buffers(10, 24, torch.float32)
+    assert g32 is w32
+    big = retrieval.KEEP_BUFFER_BYTES // (24 * 6) + 1
+    retrieval._rerank_buffers(big, 24, torch.float16)
+    assert retrieval._RERANK_BUFFERS.held[(torch.float16, 24)][0].shape[0] < big
 
 
 def test_rerank_buffers_made_in_inference_mode_work_outside_it():
@@ -309,9 +324,12 @@ def test_output_projection_runs_over_owned_tails_only_with_the_same_scores(store
     rows = []
     handle = head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0] * args[0].shape[1]))
     results = {}
+    batches = windows_module.length_batches
     try:
-        for tail in (True, False):
-            monkeypatch.setattr(tiny_lm, "_projects_a_tail", tail)
+        for tail in (True, False, "before"):  # "before": every row projected, batches by length alone, as before
+            monkeypatch.setattr(tiny_lm, "_projects_a_tail", tail is True)
+            if tail == "before":
+                monkeypatch.setattr(windows_module, "length_batches", lambda lengths, size, _offsets=None: batches(lengths, size))
             rows.clear()
             s = score_documents(tiny_lm, Retriever(store), docs, CTX, STRIDE, batch_size=3)
             results[tail] = (s, sum(rows))
@@ -321,8 +339,9 @@ def test_output_projection_runs_over_owned_tails_only_with_the_same_scores(store
     windows = [w for d, (_n, text) in enumerate(docs) for w in plan_windows(d, len(tiny_lm.encode(text)), CTX, STRIDE)]
     assert projected_all >= sum(w.end - w.begin for w in windows)  # every position (and the batches' padding)
     assert projected_tail < 0.6 * projected_all  # later windows project STRIDE of their CTX rows
-    for field in ("targets", "lm_logp", "dists", "vals", "pos", "doc"):
-        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    for other in (b, results["before"][0]):
+        for field in ("targets", "lm_logp", "dists", "vals", "pos", "doc"):
+            assert np.array_equal(getattr(a, field), getattr(other, field)), field
 
 
 def test_lm_forward_from_a_first_position_equals_the_full_forward_cut(tiny_lm):
