@@ -117,9 +117,10 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
     from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.build import BuildConfig, build_datastore
 
-    if (path / "meta.json").exists() and json.loads((path / "meta.json").read_text())["count"] != keys:
-        print(f"{path} holds {json.loads((path / 'meta.json').read_text())['count']} keys, not {keys}: "
-              "timing it as it is (delete it to build another size).", file=sys.stderr)
+    held = json.loads((path / "meta.json").read_text())["count"] if (path / "meta.json").exists() else keys
+    if held != keys:
+        print(f"{path} holds {held} keys, not {keys}: timing it as it is (delete it to build another size).",
+              file=sys.stderr)
     if not (path / "index.faiss").exists():
         site = sysconfig.get_paths()["purelib"]
         build_datastore(site, path, BuildConfig(model=BENCH_MODEL, device=BENCH_DEVICE, glob="**/*.py", holdout=0,
@@ -221,20 +222,21 @@ def main() -> None:
     ap.add_argument("--prepare", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--real", action="store_true", help=f"time the speed-feature variants on {REAL}")
     ap.add_argument("--datastore", help="time the variants on this datastore")
-    ap.add_argument("--real-keys", type=int, default=1_000_000,
-                    help="keys of the real datastore --real builds when it is missing (with --datastore: at that path)")
+    ap.add_argument("--real-keys", type=int, default=None,
+                    help="keys of the real datastore --real builds when it is missing (with --datastore: at that path) "
+                         "[default: 1,000,000]")
     ap.add_argument("--variants", default="knn,skip,retomaton,skip+retomaton,no-rerank,skip+no-rerank",
                     help=VARIANTS_HELP)
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
     ap.add_argument("--out", help="also write the report here (JSON)")
     args = ap.parse_args()
-    if args.real_keys != 1_000_000 and not args.real:
+    if args.real_keys is not None and not args.real:
         sys.exit("--real-keys sets the size of the datastore --real builds; pass --real too.")
     if args.real or args.datastore:
         path = Path(args.datastore) if args.datastore else REAL
         if args.real:
-            prepare_real(path, args.real_keys)
+            prepare_real(path, args.real_keys or 1_000_000)
         if args.factory:
             path = with_factory(path, args.factory)
         variants = [v for v in args.variants.split(",") if v]

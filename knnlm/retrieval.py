@@ -113,13 +113,13 @@ _POOL: dict[int, ThreadPoolExecutor] = {}  # by size, made on first use
 _POOL_LOCK = threading.Lock()  # two threads re-ranking at once must not both make (and leak) a pool
 
 
-def _rerank_pool(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of `workers` threads, made once. exact_distances asks for torch's thread count, whatever
+def _rerank_pool(size: int) -> ThreadPoolExecutor:
+    """The shared pool of `size` threads, made once. exact_distances asks for torch's thread count, whatever
     share of it a batch uses, so that one pool (and its threads' buffers) serves every batch size."""
     with _POOL_LOCK:
-        pool = _POOL.get(workers)
+        pool = _POOL.get(size)
         if pool is None:
-            pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-rerank")
+            pool = _POOL[size] = ThreadPoolExecutor(size, thread_name_prefix="knnlm-rerank")
         return pool
 
 
@@ -275,7 +275,6 @@ class CoarseAssigner:
         cents = self.centroids.numpy()
         near, lists = np.full((len(q), nprobe), np.inf, np.float32), np.full((len(q), nprobe), -1, np.int64)
         qp, bound = np.empty(m + 1, np.float32), np.empty(nlist, np.float32)
-        every = np.arange(nlist)
         for i, x in enumerate(q):
             if not np.isfinite(x).all():
                 continue  # faiss's quantizer gives such a query no list
@@ -291,7 +290,7 @@ class CoarseAssigner:
                 kth = np.partition(self._exact(x, cents, ids), nprobe - 1)[nprobe - 1]
                 ids = np.flatnonzero(bound <= kth)  # every centroid that can be nearer than the k-th found
             else:
-                ids = every
+                ids = np.arange(nlist)
             dist = self._exact(x, cents, ids)
             order = np.lexsort((ids, dist))[:nprobe]  # ascending distance, ties by list number as faiss's heap
             near[i, :len(order)], lists[i, :len(order)] = dist[order], ids[order]
