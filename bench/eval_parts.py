@@ -2,8 +2,8 @@
 
     python bench/eval_parts.py [--datastore bench/results/real-1m-IVF2048-PQ64x4fs] [--rows 1024]
 
-One process, the same inputs for both sides, the median of 3 runs each (2 threads on the development
-machine); ratios are the steadier figures. Logits are random at SmolLM2's vocabulary (49,152): the
+One process, the same inputs for both sides, the median of 6 runs each, the sides alternating (2 threads
+on the development machine); ratios are the steadier figures. Logits are random at SmolLM2's vocabulary (49,152): the
 cost does not depend on their values.
 
 - eval's log-softmax and LM statistics per row: LOGP_ROWS rows at a time with lm_stats(owned=True)
@@ -14,21 +14,32 @@ cost does not depend on their values.
   (parallel mode 0, its default), k 1000 without re-ranking, on --datastore (skipped if absent);
 - a decoding step: log-softmax of (1, V) in float32 against float64, and mix_log_distribution of
   1000 neighbours with a float32 against a float64 p_LM.
+
+The latest stop's pieces:
+- RetoMaton's candidate ids deduplicated (a chain step: 32 rows of ~2,100 ids): arrays.unique_sorted
+  against np.unique (NumPy 2.4 hashes integers);
+- re-ranking a RetoMaton step's candidates (32 queries × 2048 rows of --datastore's keys):
+  split over the threads by candidate rows (RERANK_ROWS_PER_WORKER) against the old rule (one thread
+  under 64 queries);
+- re-ranking one query's 1000 rows: the thread's kept buffers against a fresh float32 block per query;
+- the LM side of eval over --lm-tokens of the real eval files (bench/eval.py's, beside --datastore's
+  documents): the output projection over owned positions (logits_to_keep, windows of one tail batched
+  together) against every position with batches by length alone (0 skips it: it loads the model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-from common import median_seconds  # noqa: E402
 
 HERE = Path(__file__).parent
 VOCAB = 49_152
@@ -39,9 +50,17 @@ def per(seconds: float, n: int) -> float:
     return round(1e6 * seconds / n, 2)
 
 
-def pair(name: str, new, old, n: int, unit: str) -> dict:
-    """Both sides' µs per unit and old ÷ new."""
-    a, b = median_seconds(new), median_seconds(old)
+def pair(name: str, new, old, n: int, unit: str, rounds: int = 6) -> dict:
+    """Both sides' µs per unit (the median of `rounds` timings each, after a warm-up of each, the sides
+    alternating new, old, old, new, ... so that a drift in the machine's state falls on both) and old ÷ new."""
+    new(), old()
+    times = {new: [], old: []}
+    for i in range(rounds):
+        for fn in ((new, old) if i % 2 == 0 else (old, new)):
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    a, b = statistics.median(times[new]), statistics.median(times[old])
     row = {f"new_us_per_{unit}": per(a, n), f"old_us_per_{unit}": per(b, n), "speed-up": round(b / a, 2)}
     print(json.dumps({name: row}), file=sys.stderr, flush=True)
     return row
@@ -51,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datastore", default=str(HERE / "results" / "real-1m-IVF2048-PQ64x4fs"))
     ap.add_argument("--rows", type=int, default=1024, help="logit rows, neighbour rows and queries")
+    ap.add_argument("--lm-tokens", type=int, default=6000, help="eval tokens for the LM-side piece (0: skip it)")
     args = ap.parse_args()
 
     from knnlm.arrays import row_order
@@ -99,8 +119,15 @@ def main() -> None:
         out["coarse"] = {"datastore": str(path),
                          **pair("coarse", lambda: torch_lists.search(q), lambda: faiss_lists.search(q), args.rows,
                                 "query")}
+        out.update(latest_stop_datastore_pieces(ds, rng, args.lm_tokens))
     else:
-        print(f"{path} is absent: no coarse timing (bench/eval.py --real builds it)", file=sys.stderr)
+        print(f"{path} is absent: no coarse, re-ranking or LM timing (bench/eval.py --real builds it)", file=sys.stderr)
+
+    from knnlm.arrays import unique_sorted
+
+    step_ids = (np.repeat(np.arange(32), 2100) * 1_000_000 + rng.integers(0, 1_000_000, 32 * 2100)).astype(np.int64)
+    out["retomaton_dedup"] = pair("retomaton_dedup", lambda: unique_sorted(step_ids), lambda: np.unique(step_ids),
+                                  1, "step")
 
     one = logits[:1]
     out["step_log_softmax"] = pair("step_log_softmax", lambda: torch.log_softmax(one, -1),
@@ -112,6 +139,75 @@ def main() -> None:
     out["step_mix"] = pair("step_mix", lambda: mix_log_distribution(lp32, d, v, 0.25, 30.0),
                            lambda: mix_log_distribution(lp64, d, v, 0.25, 30.0), 1, "step")
     print(json.dumps(out, indent=1))
+
+
+def latest_stop_datastore_pieces(ds, rng, lm_tokens: int) -> dict:
+    """The re-ranking pieces on ds's keys, and the LM side of eval on the files beside its documents."""
+    import faiss
+
+    import knnlm.retrieval as retrieval
+    import knnlm.windows as windows
+
+    out = {}
+    keys = retrieval.as_tensor(ds.keys)
+    cand = np.sort(rng.integers(0, ds.count, (32, 2048)), axis=1)
+    q = np.asarray(ds.keys[cand[:, 0]], np.float32)
+    split = retrieval.RERANK_ROWS_PER_WORKER
+
+    def one_thread():  # the old rule: 32 queries (< 2 x 32) stayed on the calling thread
+        retrieval.RERANK_ROWS_PER_WORKER = 1 << 62
+        try:
+            retrieval.exact_distances(q, keys, cand)
+        finally:
+            retrieval.RERANK_ROWS_PER_WORKER = split
+
+    out["rerank_retomaton_step"] = pair("rerank_retomaton_step", lambda: retrieval.exact_distances(q, keys, cand),
+                                        one_thread, 1, "step")
+    kept = retrieval._rerank_rows
+
+    def fresh_rows(q, keys, rows_ids, out):  # the old way: a new float32 block for each query's rows
+        k, d = rows_ids.shape[1], keys.shape[1]
+        gathered = torch.empty((k, d), dtype=keys.dtype)
+        for i in range(len(q)):
+            torch.index_select(keys, 0, rows_ids[i], out=gathered)
+            rows = gathered.float().numpy()
+            faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
+
+    singles = [(q[i:i + 1], cand[i:i + 1, :1000]) for i in range(len(q))]
+
+    def rerank_singles(rows_fn):
+        retrieval._rerank_rows = rows_fn
+        try:
+            for x, ids in singles:
+                retrieval.exact_distances(x, keys, ids)
+        finally:
+            retrieval._rerank_rows = kept
+
+    out["rerank_one_query"] = pair("rerank_one_query", lambda: rerank_singles(kept), lambda: rerank_singles(fresh_rows),
+                                   len(singles), "query")
+    if lm_tokens <= 0:
+        return out
+    from common import BENCH_DEVICE, BENCH_MODEL
+    from eval import eval_docs
+    from knnlm.evaluate import score_documents
+    from knnlm.lm import load_lm
+
+    lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
+    docs = eval_docs(lm, lm_tokens, ds.path)
+    n = sum(len(lm.encode(text)) - 1 for _name, text in docs)
+    batches = windows.length_batches
+
+    def lm_side(tail: bool):
+        lm._projects_a_tail = tail
+        if not tail:  # as before: batches by length alone
+            windows.length_batches = lambda lengths, size, _offsets=None: batches(lengths, size)
+        try:
+            score_documents(lm, None, docs, ds.meta["context"], ds.meta["stride"])
+        finally:
+            lm._projects_a_tail, windows.length_batches = None, batches
+
+    out["lm_side_of_eval"] = pair("lm_side_of_eval", lambda: lm_side(True), lambda: lm_side(False), n, "token")
+    return out
 
 
 if __name__ == "__main__":
