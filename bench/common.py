@@ -190,3 +190,17 @@ def long_documents(lm, max_tokens: int = 8192, packages=LONG_DOC_PACKAGES) -> li
         ids = lm.encode("\n".join(parts))[:max_tokens]
         docs.append((pkg, list(map(int, ids))))
     return docs
+
+
+def fresh_rerank_rows(q, keys, rows_ids, out) -> None:
+    """retrieval._rerank_rows as it was before its buffers were kept per thread (a new float32 block for each
+    query's rows): the "old" side of bench/decode_parts.py's and bench/eval_parts.py's re-ranking pieces."""
+    import faiss
+    import torch
+
+    k, d = rows_ids.shape[1], keys.shape[1]
+    gathered = torch.empty((k, d), dtype=keys.dtype)
+    for i in range(len(q)):
+        torch.index_select(keys, 0, rows_ids[i], out=gathered)
+        rows = gathered.float().numpy()
+        faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)

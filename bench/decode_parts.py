@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DEVICE, BENCH_MODEL, parse_variant, stdlib_texts, variant_retrieval  # noqa: E402
+from common import (BENCH_DEVICE, BENCH_MODEL, fresh_rerank_rows, parse_variant, stdlib_texts,  # noqa: E402
+                    variant_retrieval)
 
 HERE = Path(__file__).parent
 
@@ -82,17 +83,6 @@ def main() -> None:
         _, inverse = np.unique(tokens, return_inverse=True)
         return np.bincount(inverse, weights=weights)[inverse]
 
-    def fresh_rows(q, keys, rows_ids, out):  # the old way: a new float32 block for each query's rows
-        import faiss
-        import torch
-
-        k, d = rows_ids.shape[1], keys.shape[1]
-        gathered = torch.empty((k, d), dtype=keys.dtype)
-        for i in range(len(q)):
-            torch.index_select(keys, 0, rows_ids[i], out=gathered)
-            rows = gathered.float().numpy()
-            faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
-
     totals = {side: collections.Counter() for side in ("new", "old")}
     steps = {"new": 0, "old": 0}
     generate(lm, prompt, r, lam=0.25, max_new_tokens=4)  # warm-up: index, pages, few()'s axes
@@ -102,7 +92,7 @@ def main() -> None:
         r._coarse = coarse if side == "new" else None  # None: faiss's own search, as before
         arrays.ROW_ORDER_MIN_ROWS = min_rows if side == "new" else 0
         interpolate._token_sums = token_sums if side == "new" else unique_sums
-        retrieval._rerank_rows = rerank_rows if side == "new" else fresh_rows
+        retrieval._rerank_rows = rerank_rows if side == "new" else fresh_rerank_rows
         undo = [(retrieval.Retriever, "search", timed(retrieval.Retriever, "search", t, "search")),
                 (retrieval, "sort_rows", timed(retrieval, "sort_rows", t, "sort")),
                 (retrieval, "exact_distances", timed(retrieval, "exact_distances", t, "rerank")),

@@ -143,10 +143,9 @@ def main() -> None:
 
 def latest_stop_datastore_pieces(ds, rng, lm_tokens: int) -> dict:
     """The re-ranking pieces on ds's keys, and the LM side of eval on the files beside its documents."""
-    import faiss
-
     import knnlm.retrieval as retrieval
     import knnlm.windows as windows
+    from common import fresh_rerank_rows
 
     out = {}
     keys = retrieval.as_tensor(ds.keys)
@@ -165,14 +164,6 @@ def latest_stop_datastore_pieces(ds, rng, lm_tokens: int) -> dict:
                                         one_thread, 1, "step")
     kept = retrieval._rerank_rows
 
-    def fresh_rows(q, keys, rows_ids, out):  # the old way: a new float32 block for each query's rows
-        k, d = rows_ids.shape[1], keys.shape[1]
-        gathered = torch.empty((k, d), dtype=keys.dtype)
-        for i in range(len(q)):
-            torch.index_select(keys, 0, rows_ids[i], out=gathered)
-            rows = gathered.float().numpy()
-            faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
-
     singles = [(q[i:i + 1], cand[i:i + 1, :1000]) for i in range(len(q))]
 
     def rerank_singles(rows_fn):
@@ -183,8 +174,8 @@ def latest_stop_datastore_pieces(ds, rng, lm_tokens: int) -> dict:
         finally:
             retrieval._rerank_rows = kept
 
-    out["rerank_one_query"] = pair("rerank_one_query", lambda: rerank_singles(kept), lambda: rerank_singles(fresh_rows),
-                                   len(singles), "query")
+    out["rerank_one_query"] = pair("rerank_one_query", lambda: rerank_singles(kept),
+                                   lambda: rerank_singles(fresh_rerank_rows), len(singles), "query")
     if lm_tokens <= 0:
         return out
     from common import BENCH_DEVICE, BENCH_MODEL
