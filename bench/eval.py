@@ -5,7 +5,9 @@
     python bench/eval.py --datastore DIR [--variants knn,retomaton] [--no-exact]
 
 Each size runs in its own process (so peak RSS is its own); within it the LM-only and the
-kNN-LM passes alternate twice over the same tokens, and the ratio uses the sums. Keys are
+kNN-LM passes alternate twice over the same tokens, and the ratio uses the sums. Each pass ends
+with its report, as `knnlm eval`'s tokens/s do: the LM's perplexity; the kNN-LM's mixing, whose
+share is reported apart (report_ms_per_token). Keys are
 random (the timing does not depend on what they encode); datastores are cached in
 bench/results/ between runs.
 
@@ -52,7 +54,7 @@ def one_size(n: int, tokens: int) -> dict:
     retriever = Retriever(ds, RetrievalConfig())  # the defaults: k 1000, nprobe 8, re-rank on
     rss_before = peak_rss_mib()
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
-    lm_s, knn_s, s, timer, mem = alternate(lm, retriever, docs)
+    lm_s, knn_s, s, timer, mem, _mix_s = alternate(lm, retriever, docs)
     keys_mib = (path / "keys.npy").stat().st_size / 2**20
     return {"keys": n, "tokens": len(s), "lm_only_tokens_per_s": 2 * len(s) / lm_s,
             "knn_lm_tokens_per_s": 2 * len(s) / knn_s, "ratio": lm_s / knn_s,
@@ -64,21 +66,30 @@ def one_size(n: int, tokens: int) -> dict:
 
 def alternate(lm, retriever, docs, combiner=None, rounds: int = 2):
     """The LM alone and the kNN-LM over the same documents, alternating `rounds` times: (LM seconds, kNN-LM
-    seconds, the kNN-LM's last Scores, its Timer, the peak-memory sampler)."""
-    from common import MemorySampler
-    from knnlm.evaluate import Timer, score_documents
+    seconds, the kNN-LM's last Scores, its Timer, the peak-memory sampler, the kNN-LM's report seconds).
 
-    lm_s = knn_s = 0.0
+    Each side's seconds end with its report, as `knnlm eval`'s tokens/s do: the LM's perplexity, and the
+    kNN-LM's mixing (a learned gate's features sort every token's neighbours by token)."""
+    from common import MemorySampler
+    from knnlm.combine import resolve_combiner
+    from knnlm.evaluate import Timer, report, score_documents
+    from knnlm.interpolate import perplexity
+
+    combiner = combiner if combiner is not None else resolve_combiner("0.25")
+    lm_s = knn_s = mix_s = 0.0
     timer = Timer()
     with MemorySampler() as mem:
         for _ in range(rounds):
             t0 = time.perf_counter()
-            score_documents(lm, None, docs, 512, 256)
+            perplexity(score_documents(lm, None, docs, 512, 256).lm_logp)
             lm_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             s = score_documents(lm, retriever, docs, 512, 256, timer=timer, combiner=combiner)
+            t1 = time.perf_counter()
+            report(s, combiner)
+            mix_s += time.perf_counter() - t1
             knn_s += time.perf_counter() - t0
-    return lm_s, knn_s, s, timer, mem
+    return lm_s, knn_s, s, timer, mem, mix_s
 
 
 REAL = HERE / "results" / "real-1m"
@@ -188,12 +199,13 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
         retriever = Retriever(ds, variant_retrieval(on))
         combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
-        lm_s, knn_s, s, timer, mem = alternate(lm, retriever, docs, combiner)
+        lm_s, knn_s, s, timer, mem, mix_s = alternate(lm, retriever, docs, combiner)
         r = report(s, combiner)
         row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3),
                "lm_only_tokens_per_s": round(2 * r["tokens"] / lm_s, 1),
                "knn_lm_tokens_per_s": round(2 * r["tokens"] / knn_s, 1),
                "retrieval_ms_per_token": round(1000 * timer.retrieval / (2 * r["tokens"]), 3),
+               "report_ms_per_token": round(1000 * mix_s / (2 * r["tokens"]), 3),
                "searches_skipped": round(r["searches_skipped"], 4),
                "searches_saved_by_retomaton": round(timer.searches_saved / (2 * r["tokens"]), 4),
                "knn_lm_ppl": round(r["knn_lm_ppl"], 4), "peak_private_mib": round(mem.peak["RssAnon"])}

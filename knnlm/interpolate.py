@@ -28,10 +28,34 @@ def neighbor_log_weights(dists: np.ndarray, temperature: float) -> np.ndarray:
     return np.where(np.isfinite(logits), out, -np.inf)
 
 
+UNDERFLOW = 1e-290  # far above float64's subnormals (2.2e-308): 1000 of them add at most 5e-321 of error
+
+
+def relative_weights(dists: np.ndarray, vals: np.ndarray, temperature: float) -> np.ndarray:
+    """exp(−d/T − max(−d/T)) per neighbour: softmax(−d/T) before each row's normalisation.
+
+    float64 (n, k); 1 at each row's nearest neighbour and 0 where a neighbour is missing (value -1), so
+    a row with no neighbour is all 0. The same logits and shift as neighbor_log_weights.
+    """
+    x = masked_distances(dists, vals)  # a new float64 array: changed in place below
+    if x.shape[1] == 0:
+        return x
+    np.divide(x, -float(temperature), out=x)
+    top = np.max(x, axis=1, keepdims=True)  # (n, 1)
+    top[~np.isfinite(top)] = 0.0  # a row with no neighbour: exp(-inf) = 0 everywhere
+    np.subtract(x, top, out=x)
+    return np.exp(x, out=x)
+
+
 def knn_log_prob(
     dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float = 1.0
 ) -> np.ndarray:
     """log p_kNN(target) per token: log Σ_i 1[v_i = y] softmax_i(-d_i / T).
+
+    The weights relative to each row's nearest neighbour (relative_weights) are summed over the
+    target's neighbours and over all. A row where that sum is under UNDERFLOW (the target's neighbours
+    about 668·T farther than the nearest, or more) takes the log-sum-exp instead: subnormal weights
+    lose digits, and past 745·T they are 0.
 
     Args:
         dists: (n, k) squared L2 distances; inf where faiss returned no neighbour.
@@ -42,11 +66,24 @@ def knn_log_prob(
     Returns:
         (n,) float64 log-probabilities; -inf where no neighbour carries the target.
     """
-    vals = np.asarray(vals)
-    dists = masked_distances(dists, vals)
-    logw = neighbor_log_weights(dists, temperature)  # (n, k)
-    hit = vals == np.asarray(targets)[:, None]  # (n, k)
-    masked = np.where(hit, logw, -np.inf)
+    vals, targets = np.asarray(vals), np.asarray(targets)
+    w = relative_weights(dists, vals, temperature)  # (n, k)
+    hit = vals == targets[:, None]  # (n, k)
+    mass = np.einsum("ij,ij->i", w, hit)  # Σ of the target's relative weights
+    total = w.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log(mass) - np.log(total)
+    out[total == 0] = -np.inf  # no neighbour at all
+    under = (mass < UNDERFLOW) & hit.any(axis=1)
+    if under.any():
+        out[under] = _knn_log_prob_lse(np.asarray(dists)[under], vals[under], targets[under], temperature)
+    return out
+
+
+def _knn_log_prob_lse(dists: np.ndarray, vals: np.ndarray, targets: np.ndarray, temperature: float) -> np.ndarray:
+    """knn_log_prob by a log-sum-exp over the target's log-weights: finite where its weights underflow."""
+    logw = neighbor_log_weights(masked_distances(dists, vals), temperature)  # (n, k)
+    masked = np.where(vals == targets[:, None], logw, -np.inf)
     top = np.max(masked, axis=1, keepdims=True)
     safe = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):

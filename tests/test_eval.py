@@ -146,6 +146,28 @@ def test_missing_neighbours_never_count():
     assert knn_log_prob(np.full((1, 2), np.inf), np.full((1, 2), -1), np.array([3]), 1.0)[0] == -np.inf
 
 
+def test_knn_log_prob_stays_finite_where_the_targets_weights_underflow():
+    # The target's only neighbour is 2000·T beyond the nearest: exp underflows, the log-sum-exp does not.
+    got = knn_log_prob(np.array([[0.0, 2000.0, 1.0]]), np.array([[1, 7, 2]]), np.array([7]), 1.0)[0]
+    assert got == pytest.approx(-2000.0 - np.log(1 + np.exp(-1.0)), rel=1e-12)
+    rng = np.random.default_rng(3)
+    dists = np.sort(rng.uniform(0, 3000, (300, 20)), axis=1)
+    vals = rng.integers(0, 5, (300, 20))
+    vals[rng.random((300, 20)) < 0.2] = -1
+    vals[:7] = -1  # rows without any neighbour
+    dists[vals < 0] = np.inf
+    targets = rng.integers(0, 5, 300)
+    got = knn_log_prob(dists, vals, targets, 2.0)
+    logw = -dists / 2.0  # a dense reference: log Σ over the target's neighbours of softmax(-d/T), all in logs
+    with np.errstate(invalid="ignore"):
+        lse = np.logaddexp.reduce(np.where(vals >= 0, logw, -np.inf), axis=1)
+        want = np.logaddexp.reduce(np.where(vals == targets[:, None], logw, -np.inf), axis=1) - lse
+    want[:7] = -np.inf
+    assert np.array_equal(np.isfinite(got), np.isfinite(want)) and np.isfinite(got).sum() > 100
+    assert (got[np.isfinite(got)] < -50).sum() > 10  # some rows really take the log-sum-exp
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-12, atol=1e-12)
+
+
 def test_more_neighbours_than_keys(tmp_path, tiny_lm):
     keys = np.random.default_rng(0).normal(size=(30, tiny_lm.dim))
     ds = open_datastore(make_datastore(tmp_path / "s", keys, np.arange(30), tiny_lm.fingerprint,

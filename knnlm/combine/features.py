@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..arrays import sort_rows
-from ..interpolate import masked_distances, neighbor_log_weights
+from ..arrays import row_order
+from ..interpolate import masked_distances, relative_weights
 
 PRE_FEATURES = ("lm_entropy", "lm_max_logp", "lm_margin", "key_norm")
 POST_FEATURES = PRE_FEATURES + ("log_nn_dist", "log_kth_dist", "knn_entropy", "log_distinct", "argmax_agree")
@@ -51,7 +51,8 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
     """p_kNN's entropy, argmax token and number of distinct tokens per row, without a (n, V) array.
 
     Each row's neighbours are sorted by stored token; equal tokens form a segment whose weights
-    sum to that token's probability.
+    sum to that token's probability. Every row begins a segment, so np.add.reduceat sums the
+    segments and then each row's segments.
 
     Args:
         dists: (n, k) squared L2 distances; inf where missing.
@@ -60,26 +61,38 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
 
     Returns:
         {"knn_entropy": (n,) (inf with no neighbour), "knn_argmax": (n,) int32 (-1 with no neighbour), "distinct": (n,) int32}.
+        Ties for the argmax go to the smallest token.
     """
     vals = np.asarray(vals)
     n, k = vals.shape
-    w = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))  # (n, k)
-    sv, sw = sort_rows(vals, w)
-    valid = sv >= 0
-    start = valid.copy()
-    start[:, 1:] &= sv[:, 1:] != sv[:, :-1]
-    seg = np.cumsum(start, axis=1) - 1  # (n, k) segment number within the row; -1 before the first
-    flat = (np.arange(n)[:, None] * k + seg)[valid]
-    mass = np.bincount(flat, weights=sw[valid], minlength=n * k).reshape(n, k)  # (n, k) p per segment
-    seg_val = np.full((n, k), -1, dtype=np.int64)
-    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
-    seg_val[rows[start], seg[start]] = sv[start]
+    if n == 0 or k == 0:
+        return {"knn_entropy": np.full(n, np.inf), "knn_argmax": np.full(n, -1, np.int32),
+                "distinct": np.zeros(n, np.int32)}
+    order = row_order(vals)  # missing neighbours (-1) first in each row, with weight 0
+    sv = np.take_along_axis(vals, order, axis=1).reshape(-1)
+    sw = np.take_along_axis(relative_weights(dists, vals, temperature), order, axis=1).reshape(-1)
+    start = np.empty(n * k, dtype=bool)
+    start[0] = True
+    np.not_equal(sv[1:], sv[:-1], out=start[1:])
+    start[::k] = True
+    first = np.flatnonzero(start)  # (S,) each segment's first entry
+    row = first // k  # (S,) its row
+    row_first = np.searchsorted(first, np.arange(n) * k)  # (n,) each row's first segment
+    mass = np.add.reduceat(sw, first)  # (S,) the segment's weight
+    token = sv[first]
+    valid = token >= 0
+    distinct = np.add.reduceat(valid.astype(np.int32), row_first)
     with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.sum(np.where(mass > 0, mass * np.log(mass), 0.0), axis=1)
-    entropy = np.where(valid.any(axis=1), entropy, np.inf)  # no neighbour: unknown, not a confident p_kNN
-    best = np.argmax(mass, axis=1)
-    return {"knn_entropy": entropy, "knn_argmax": seg_val[np.arange(n), best].astype(np.int32),
-            "distinct": start.sum(axis=1).astype(np.int32)}
+        mass /= np.add.reduceat(mass, row_first)[row]  # p_kNN of the segment's token (nan in a row of none)
+        entropy = -np.add.reduceat(np.where(mass > 0, mass * np.log(mass), 0.0), row_first)
+    p = np.where(valid, mass, -1.0)
+    best = np.flatnonzero(p == np.maximum.reduceat(p, row_first)[row])  # each row's top segments, in order
+    best = best[np.r_[True, row[best[1:]] != row[best[:-1]]]]  # the first of each row's
+    argmax = np.full(n, -1, dtype=np.int32)
+    argmax[row[best]] = token[best]
+    none = distinct == 0
+    argmax[none] = -1
+    return {"knn_entropy": np.where(none, np.inf, entropy), "knn_argmax": argmax, "distinct": distinct}
 
 
 def pre_features(queries: np.ndarray, lm: dict[str, np.ndarray]) -> np.ndarray:
