@@ -28,7 +28,8 @@ def row_order(a: np.ndarray) -> np.ndarray:
     Each value becomes an unsigned key in the same order (floats: the sign bit flipped, or every bit for
     negatives; -0.0 counts as 0.0, and every NaN as one NaN past +inf, as numpy sorts them) with its
     column number in the low 32 bits, and numpy's SIMD sort of uint64 sorts the rows: equal values stay
-    in column order. Other dtypes, and fewer than ROW_ORDER_MIN_ROWS rows, take np.argsort.
+    in column order. int32 values whose range and column number fit 32 bits together (token ids) sort as
+    uint32 keys, twice as fast. Other dtypes, and fewer than ROW_ORDER_MIN_ROWS rows, take np.argsort.
     """
     a = np.asarray(a)
     if a.ndim != 2 or a.dtype not in (np.float32, np.int32) or len(a) < ROW_ORDER_MIN_ROWS:
@@ -39,6 +40,13 @@ def row_order(a: np.ndarray) -> np.ndarray:
         bits = x.view(np.uint32)
         key = bits ^ np.where(bits >> np.uint32(31), np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
     else:
+        lo, span = (int(a.min()), int(a.max()) - int(a.min()) + 1) if a.size else (0, 1)
+        bits = max(1, (a.shape[1] - 1).bit_length())  # of a column number
+        if span <= 1 << (32 - bits):  # e.g. token ids beside 1000 columns: half-width keys sort twice as fast
+            small = (a - np.int32(lo)).view(np.uint32) << np.uint32(bits)
+            small |= np.arange(a.shape[1], dtype=np.uint32)
+            small.sort(axis=1)
+            return (small & np.uint32((1 << bits) - 1)).astype(np.intp)
         key = a.view(np.uint32) ^ np.uint32(0x80000000)
     packed = (key.astype(np.uint64) << np.uint64(32)) | np.arange(a.shape[1], dtype=np.uint64)
     packed.sort(axis=1)

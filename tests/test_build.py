@@ -168,6 +168,21 @@ def test_row_order_is_numpys_stable_argsort(dtype):
     assert got.dtype == np.intp and np.array_equal(got, np.argsort(a, axis=1, kind="stable"))
 
 
+@pytest.mark.parametrize("span", [2, 49_153, 1 << 22, (1 << 22) + 1], ids=["few", "tokens", "widest-narrow", "wide"])
+def test_row_order_of_token_ids_sorts_narrow_keys_the_same(span):
+    """int32 values whose range fits beside the column number in 32 bits (1000 columns: 2^22 values) take
+    uint32 keys; one more value takes the 64-bit keys. Either way numpy's stable argsort, also at the range's ends."""
+    from knnlm.arrays import row_order
+
+    rng = np.random.default_rng(span)
+    a = (rng.integers(0, span, size=(64, 1000)) - 1).astype(np.int32)  # -1 (a missing neighbour) and up
+    a[0, :2] = [-1, span - 2]  # both ends of the range
+    a[1] = 7  # one row all ties
+    got = row_order(a)
+    assert got.dtype == np.intp and np.array_equal(got, np.argsort(a, axis=1, kind="stable"))
+    assert row_order(np.zeros((5, 0), np.int32)).shape == (5, 0)
+
+
 @pytest.mark.parametrize("a", [np.array([], np.int64), np.array([7]), np.array([3, 3, 3]), np.array([[5, -2], [5, 9]]),
                                np.random.default_rng(2).integers(-50, 50, 5000),
                                np.random.default_rng(3).integers(0, 2**62, 3000, dtype=np.int64)],
