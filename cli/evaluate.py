@@ -142,7 +142,7 @@ def format_report(r: dict) -> str:
         ("temperature", f"{r['temperature']:g}"),
         ("search", search),
         ("speed", f"{r['tokens_per_s']:.0f} tokens/s; LM {r['lm_seconds']:.1f} s, "
-                  f"retrieval {r['retrieval_seconds']:.1f} s"),
+                  f"retrieval {r['retrieval_seconds']:.1f} s, mixing {r['mixing_seconds']:.1f} s"),
     ]
     if r["search"] == "none":  # --no-datastore: no kNN rows, no λ
         rows = [row for row in rows if row[0] in ("text", "tokens", "LM perplexity", "speed")]

@@ -326,12 +326,13 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
     if cfg.memory.on:
         out["memory"] = memory_report(scores, run.combiner, cfg.memory, run.ds.path if run.ds else None,
                                       run.lm.model.get_output_embeddings(), out["knn_lm_ppl"])
-    seconds += time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
+    mixing = time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
+    seconds += mixing
     out.update(corpus=run.what, documents=len(run.docs), lam=cfg.lam, lambda_kind=run.combiner.kind,
                lambda_source=run.combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,
                temperature=run.combiner.temperature, **run.search,
                seconds=seconds, tokens_per_s=len(scores) / seconds, lm_seconds=timer.lm,
-               retrieval_seconds=timer.retrieval, tuned_settings_differ=run.combiner.mismatch,
+               retrieval_seconds=timer.retrieval, mixing_seconds=mixing, tuned_settings_differ=run.combiner.mismatch,
                attention_memory=cfg.attention.describe if cfg.attention is not None else None,
                searches_saved=timer.searches_saved / len(scores))
     if cfg.save_scores:

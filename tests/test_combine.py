@@ -19,6 +19,7 @@ from knnlm.combine.spalm import SpalmGate, memory_vectors, spalm_log_probs
 from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import KNNLogitsProcessor
+from knnlm.interpolate import knn_log_prob
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import load_scores, save_scores
 from knnlm.tune import TuneConfig, _KnnCache, _Mixing, split_tokens, tune
@@ -142,6 +143,29 @@ def test_knn_value_stats_match_a_dense_reference():
         want = -(nz * np.log(nz)).sum() if ok.any() else np.inf
         assert got["knn_entropy"][i] == pytest.approx(want, abs=1e-12)
         assert got["knn_argmax"][i] == (np.argmax(p) if ok.any() else -1)
+
+
+def test_features_and_knn_log_probs_in_blocks_equal_one_row_at_a_time():
+    """post_features and knn_log_prob work MIX_BLOCK_ROWS rows at a time: the same numbers as row by row."""
+    from knnlm.interpolate import MIX_BLOCK_ROWS
+
+    rng = np.random.default_rng(5)
+    n = 2 * MIX_BLOCK_ROWS + 3
+    dists = np.sort(rng.uniform(0, 50, (n, 30)), axis=1).astype(np.float32)
+    vals = rng.integers(0, 9, (n, 30)).astype(np.int32)
+    vals[MIX_BLOCK_ROWS - 1] = -1  # a row without neighbours at a block's end
+    dists[vals < 0] = np.inf
+    q = rng.normal(size=(n, 8)).astype(np.float32)
+    lm = {"lm_entropy": rng.uniform(0, 5, n), "lm_max": -rng.uniform(0, 1, n), "lm_second": -rng.uniform(1, 2, n),
+          "lm_argmax": rng.integers(0, 9, n).astype(np.int32)}
+    got = post_features(q, lm, dists, vals, 3.0)
+    one = np.concatenate([post_features(q[i:i + 1], {k: v[i:i + 1] for k, v in lm.items()}, dists[i:i + 1],
+                                        vals[i:i + 1], 3.0) for i in range(n)])
+    assert got.shape == (n, len(POST_FEATURES)) and np.array_equal(got, one)
+    targets = rng.integers(0, 9, n)
+    row_by_row = np.concatenate([knn_log_prob(dists[i:i + 1], vals[i:i + 1], targets[i:i + 1], 3.0) for i in range(n)])
+    assert np.array_equal(knn_log_prob(dists, vals, targets, 3.0), row_by_row)
+    assert post_features(q[:0], {k: v[:0] for k, v in lm.items()}, dists[:0], vals[:0], 3.0).shape == (0, len(POST_FEATURES))
 
 
 def test_a_constant_gate_is_exactly_a_fixed_lambda(dev):

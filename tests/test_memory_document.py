@@ -27,7 +27,7 @@ from knnlm.tune import TuneConfig
 
 CTX, STRIDE = 64, 32
 PLAIN_TUNE = TuneConfig(adaptive=False, gate=False, skip=False, spalm=False)
-TIMING = ("seconds", "tokens_per_s", "lm_seconds", "retrieval_seconds")
+TIMING = ("seconds", "tokens_per_s", "lm_seconds", "retrieval_seconds", "mixing_seconds")
 
 
 def run(*args):

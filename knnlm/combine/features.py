@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..arrays import row_order
-from ..interpolate import masked_distances, relative_weights
+from ..interpolate import MIX_BLOCK_ROWS, masked_distances, relative_weights
 
 PRE_FEATURES = ("lm_entropy", "lm_max_logp", "lm_margin", "key_norm")
 POST_FEATURES = PRE_FEATURES + ("log_nn_dist", "log_kth_dist", "knn_entropy", "log_distinct", "argmax_agree")
@@ -105,8 +105,19 @@ def pre_features(queries: np.ndarray, lm: dict[str, np.ndarray]) -> np.ndarray:
 
 def post_features(queries: np.ndarray, lm: dict[str, np.ndarray], dists: np.ndarray, vals: np.ndarray,
                   temperature: float) -> np.ndarray:
-    """(n, len(POST_FEATURES)) float64 features known after the search; inf where a row has no neighbour."""
-    vals = np.asarray(vals)
+    """(n, len(POST_FEATURES)) float64 features known after the search; inf where a row has no neighbour.
+
+    MIX_BLOCK_ROWS rows at a time, so that their float64 (rows, k) arrays stay in cache."""
+    queries, vals, dists = np.asarray(queries), np.asarray(vals), np.asarray(dists)
+    blocks = range(0, len(vals), MIX_BLOCK_ROWS) if len(vals) else [0]
+    return np.concatenate([_post_block(queries[lo:lo + MIX_BLOCK_ROWS], {key: v[lo:lo + MIX_BLOCK_ROWS] for key, v in lm.items()},
+                                       dists[lo:lo + MIX_BLOCK_ROWS], vals[lo:lo + MIX_BLOCK_ROWS], temperature)
+                           for lo in blocks])
+
+
+def _post_block(queries: np.ndarray, lm: dict[str, np.ndarray], dists: np.ndarray, vals: np.ndarray,
+                temperature: float) -> np.ndarray:
+    """post_features of a block of rows."""
     d = masked_distances(dists, vals)  # (n, k)
     kth = np.max(np.where(np.isfinite(d), d, -np.inf), axis=1)  # last neighbour found; -inf if none
     kth = np.where(np.isfinite(kth), kth, np.inf)
