@@ -173,7 +173,7 @@ def report(scores: Scores, combiner: Combiner, head=None) -> dict:
     """Perplexities of the LM, the kNN-LM (as the combiner mixes them) and the kNN alone over the same tokens."""
     knn = knn_log_prob(scores.dists, scores.vals, scores.targets, combiner.temperature)
     lambdas = combiner.lambdas(scores)  # once: a gate's features sort every token's neighbours
-    mixed = combiner.target_log_probs(scores, head, lambdas)
+    mixed = combiner.target_log_probs(scores, head, lambdas, knn)
     lm_ppl, knn_lm_ppl = perplexity(scores.lm_logp), perplexity(mixed)
     searched = scores.searched if scores.searched is not None else np.ones(len(scores), bool)
     return {
@@ -323,11 +323,11 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
         scores.attrs["attention_memory"] = json.dumps(cfg.attention.describe)
     t0 = time.perf_counter()
     out = report(scores, run.combiner, run.lm.model.get_output_embeddings())
-    if cfg.memory.on:
+    mixing = time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
+    if cfg.memory.on:  # its own search and mixing: its search_seconds says how much searched
         out["memory"] = memory_report(scores, run.combiner, cfg.memory, run.ds.path if run.ds else None,
                                       run.lm.model.get_output_embeddings(), out["knn_lm_ppl"])
-    mixing = time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
-    seconds += mixing
+    seconds += time.perf_counter() - t0
     out.update(corpus=run.what, documents=len(run.docs), lam=cfg.lam, lambda_kind=run.combiner.kind,
                lambda_source=run.combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,
                temperature=run.combiner.temperature, **run.search,

@@ -125,14 +125,19 @@ def test_old_or_incomplete_scores_files_are_refused(dev, tmp_path):
         load_scores(str(path))
 
 
-def test_knn_value_stats_match_a_dense_reference():
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])  # int32: token ids sort as narrow keys (row_order)
+def test_knn_value_stats_match_a_dense_reference(dtype):
     rng = np.random.default_rng(0)
     dists = np.sort(rng.uniform(0, 5, (40, 12)), axis=1)
     vals = rng.integers(0, 6, (40, 12))
-    vals[3] = -1  # no neighbour at all
+    vals[3] = vals[4] = -1  # no neighbour at all, twice in a row: segments must not run across rows
     vals[5, 7:] = -1
+    vals[10], vals[11] = [4] * 12, [4] + [5] * 11  # a token ending one row and starting the next
+    vals[12], dists[12] = [2, 1, 2, 1] + [-1] * 8, [1.0] * 4 + [np.inf] * 8  # a tie: tokens 1 and 2 weigh the same
     dists[vals < 0] = np.inf
-    got = knn_value_stats(dists, vals, 2.0)
+    got = knn_value_stats(dists, vals.astype(dtype), 2.0)
+    assert got["distinct"].dtype == np.int32 and got["knn_argmax"].dtype == np.int32
+    assert got["knn_argmax"][12] == 1  # ties go to the smallest token
     for i in range(40):
         p = np.zeros(6)
         ok = vals[i] >= 0
@@ -143,6 +148,18 @@ def test_knn_value_stats_match_a_dense_reference():
         want = -(nz * np.log(nz)).sum() if ok.any() else np.inf
         assert got["knn_entropy"][i] == pytest.approx(want, abs=1e-12)
         assert got["knn_argmax"][i] == (np.argmax(p) if ok.any() else -1)
+
+
+@pytest.mark.parametrize("d", [np.inf, np.nan], ids=["inf", "nan"])
+def test_knn_value_stats_of_neighbours_that_weigh_nothing(d):
+    """Neighbours present but every distance inf or nan (a query that overflowed): no crash, even on one row."""
+    for rows in (1, 5):
+        got = knn_value_stats(np.full((rows, 3), d), np.tile([7, 3, 7], (rows, 1)), 1.0)
+        assert list(got["distinct"]) == [2] * rows and list(got["knn_argmax"]) == [3] * rows
+        assert list(got["knn_entropy"]) == [0.0] * rows
+    q = np.zeros((1, 4), np.float32)
+    lm = {"lm_entropy": np.ones(1), "lm_max": np.zeros(1), "lm_second": -np.ones(1), "lm_argmax": np.array([3])}
+    assert post_features(q, lm, np.array([[d, 1.0]]), np.array([[5, 6]]), 1.0).shape == (1, len(POST_FEATURES))
 
 
 def test_features_and_knn_log_probs_in_blocks_equal_one_row_at_a_time():

@@ -61,7 +61,8 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
 
     Returns:
         {"knn_entropy": (n,) (inf with no neighbour), "knn_argmax": (n,) int32 (-1 with no neighbour), "distinct": (n,) int32}.
-        Ties for the argmax go to the smallest token.
+        Ties for the argmax go to the smallest token. A row whose neighbours all weigh nothing (every
+        distance inf or nan) has entropy 0 and the smallest token as its argmax.
     """
     vals = np.asarray(vals)
     n, k = vals.shape
@@ -81,13 +82,15 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
     mass = np.add.reduceat(sw, first)  # (S,) the segment's weight
     token = sv[first]
     valid = token >= 0
-    distinct = np.add.reduceat(valid.astype(np.int32), row_first)
+    distinct = np.add.reduceat(valid.astype(np.int32), row_first).astype(np.int32)
     with np.errstate(divide="ignore", invalid="ignore"):
         mass /= np.add.reduceat(mass, row_first)[row]  # p_kNN of the segment's token (nan in a row of none)
         entropy = -np.add.reduceat(np.where(mass > 0, mass * np.log(mass), 0.0), row_first)
-    p = np.where(valid, mass, -1.0)
+    p = np.where(valid, np.nan_to_num(mass, nan=0.0), -1.0)  # finite: every row attains its maximum
     best = np.flatnonzero(p == np.maximum.reduceat(p, row_first)[row])  # each row's top segments, in order
-    best = best[np.r_[True, row[best[1:]] != row[best[:-1]]]]  # the first of each row's
+    first_of_row = np.ones(len(best), dtype=bool)
+    first_of_row[1:] = row[best[1:]] != row[best[:-1]]
+    best = best[first_of_row]
     argmax = np.full(n, -1, dtype=np.int32)
     argmax[row[best]] = token[best]
     none = distinct == 0

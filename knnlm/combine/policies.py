@@ -74,8 +74,9 @@ class Combiner:
         raise NotImplementedError
 
     def target_log_probs(self, s: Scores, head: torch.nn.Module | None = None,
-                         lambdas: np.ndarray | None = None) -> np.ndarray:
-        """(n,) log p(target) of every scored token; lambdas: self.lambdas(s) if already computed."""
+                         lambdas: np.ndarray | None = None, knn_logp: np.ndarray | None = None) -> np.ndarray:
+        """(n,) log p(target) of every scored token; lambdas: self.lambdas(s), knn_logp: knn_log_prob of s at
+        self.temperature, if already computed."""
         raise NotImplementedError
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head: torch.nn.Module | None = None) -> np.ndarray:
@@ -94,8 +95,8 @@ class LambdaMix(Combiner):
         lam = self.raw_lambdas(s)
         return lam if s.searched is None else np.where(s.searched, lam, 0.0)
 
-    def target_log_probs(self, s: Scores, head=None, lambdas=None) -> np.ndarray:
-        knn = knn_log_prob(s.dists, s.vals, s.targets, self.temperature)
+    def target_log_probs(self, s: Scores, head=None, lambdas=None, knn_logp=None) -> np.ndarray:
+        knn = knn_log_prob(s.dists, s.vals, s.targets, self.temperature) if knn_logp is None else knn_logp
         return interpolate(s.lm_logp, knn, self.lambdas(s) if lambdas is None else lambdas)
 
     def distribution(self, s: Scores, lm_logp: np.ndarray, head=None) -> np.ndarray:
@@ -166,7 +167,7 @@ class SpalmMix(Combiner):
         with torch.no_grad():
             return 1.0 - self.gate(torch.as_tensor(np.asarray(s.queries, np.float32))).numpy()
 
-    def target_log_probs(self, s: Scores, head=None, lambdas=None) -> np.ndarray:
+    def target_log_probs(self, s: Scores, head=None, lambdas=None, knn_logp=None) -> np.ndarray:
         _queries(s)
         return spalm_target_log_probs(s.queries, s.vals, s.targets, self._head(head), self.gate)[0]
 
