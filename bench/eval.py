@@ -5,9 +5,9 @@
     python bench/eval.py --datastore DIR [--variants knn,retomaton] [--no-exact]
 
 Each size runs in its own process (so peak RSS is its own); within it the LM-only and the
-kNN-LM passes alternate twice over the same tokens, and the ratio uses the sums. Each pass ends
-with its report, as `knnlm eval`'s tokens/s do: the LM's perplexity; the kNN-LM's mixing, whose
-share is reported apart (report_ms_per_token). Keys are
+kNN-LM passes alternate twice over the same tokens (--rounds, with --real or --datastore), and
+the ratio uses the sums. Each pass ends with its report, as `knnlm eval`'s tokens/s do: the LM's
+perplexity; the kNN-LM's mixing, whose share is reported apart (report_ms_per_token). Keys are
 random (the timing does not depend on what they encode); datastores are cached in
 bench/results/ between runs.
 
@@ -169,8 +169,9 @@ def with_factory(path: Path, factory: str) -> Path:
     return out
 
 
-def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False) -> dict:
-    """Each variant's eval throughput against the LM alone (alternating, twice) and its perplexity
+def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False,
+                  rounds: int = 2) -> dict:
+    """Each variant's eval throughput against the LM alone (alternating, `rounds` times) and its perplexity
     against an exact full search with the same λ policy."""
     from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.combine import resolve_combiner
@@ -199,15 +200,15 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
         retriever = Retriever(ds, variant_retrieval(on))
         combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
-        lm_s, knn_s, s, timer, mem, mix_s = alternate(lm, retriever, docs, combiner)
+        lm_s, knn_s, s, timer, mem, mix_s = alternate(lm, retriever, docs, combiner, rounds)
         r = report(s, combiner)
         row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3),
-               "lm_only_tokens_per_s": round(2 * r["tokens"] / lm_s, 1),
-               "knn_lm_tokens_per_s": round(2 * r["tokens"] / knn_s, 1),
-               "retrieval_ms_per_token": round(1000 * timer.retrieval / (2 * r["tokens"]), 3),
-               "report_ms_per_token": round(1000 * mix_s / (2 * r["tokens"]), 3),
+               "lm_only_tokens_per_s": round(rounds * r["tokens"] / lm_s, 1),
+               "knn_lm_tokens_per_s": round(rounds * r["tokens"] / knn_s, 1),
+               "retrieval_ms_per_token": round(1000 * timer.retrieval / (rounds * r["tokens"]), 3),
+               "report_ms_per_token": round(1000 * mix_s / (rounds * r["tokens"]), 3),
                "searches_skipped": round(r["searches_skipped"], 4),
-               "searches_saved_by_retomaton": round(timer.searches_saved / (2 * r["tokens"]), 4),
+               "searches_saved_by_retomaton": round(timer.searches_saved / (rounds * r["tokens"]), 4),
                "knn_lm_ppl": round(r["knn_lm_ppl"], 4), "peak_private_mib": round(mem.peak["RssAnon"])}
         if exact:
             row["ppl_over_exact_full_search"] = round(r["knn_lm_ppl"] / out["exact_knn_lm_ppl"] - 1, 5)
@@ -241,8 +242,12 @@ def main() -> None:
                     help=VARIANTS_HELP)
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
+    ap.add_argument("--rounds", type=int, default=2, help="times each variant alternates with the LM alone "
+                    "(with --real or --datastore) [default: 2]")
     ap.add_argument("--out", help="also write the report here (JSON)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        sys.exit("--rounds must be 1 or more.")
     if args.real_keys is not None and not args.real:
         sys.exit("--real-keys sets the size of the datastore --real builds; pass --real too.")
     if args.real or args.datastore:
@@ -254,7 +259,7 @@ def main() -> None:
         variants = [v for v in args.variants.split(",") if v]
         for v in variants:
             parse_variant(v)  # an unknown one stops here, before any work
-        out = one_datastore(path, args.tokens, variants, not args.no_exact, real=args.real)
+        out = one_datastore(path, args.tokens, variants, not args.no_exact, real=args.real, rounds=args.rounds)
         print(json.dumps(out, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=1))
