@@ -54,7 +54,7 @@ def one_size(n: int, tokens: int) -> dict:
     retriever = Retriever(ds, RetrievalConfig())  # the defaults: k 1000, nprobe 8, re-rank on
     rss_before = peak_rss_mib()
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
-    lm_s, knn_s, s, timer, mem, _mix_s = alternate(lm, retriever, docs)
+    lm_s, knn_s, s, timer, mem, _mix_s, _rounds = alternate(lm, retriever, docs)
     keys_mib = (path / "keys.npy").stat().st_size / 2**20
     return {"keys": n, "tokens": len(s), "lm_only_tokens_per_s": 2 * len(s) / lm_s,
             "knn_lm_tokens_per_s": 2 * len(s) / knn_s, "ratio": lm_s / knn_s,
@@ -66,7 +66,9 @@ def one_size(n: int, tokens: int) -> dict:
 
 def alternate(lm, retriever, docs, combiner=None, rounds: int = 2):
     """The LM alone and the kNN-LM over the same documents, alternating `rounds` times: (LM seconds, kNN-LM
-    seconds, the kNN-LM's last Scores, its Timer, the peak-memory sampler, the kNN-LM's report seconds).
+    seconds, the kNN-LM's last Scores, its Timer, the peak-memory sampler, the kNN-LM's report seconds, each
+    round's ratio). The order turns every round (LM first, then the kNN-LM first, ...), so that a drift of the
+    machine's speed weighs on both sides alike.
 
     Each side's seconds end with its report, as `knnlm eval`'s tokens/s do: the LM's perplexity, and the
     kNN-LM's mixing (a learned gate's features sort every token's neighbours by token)."""
@@ -76,20 +78,26 @@ def alternate(lm, retriever, docs, combiner=None, rounds: int = 2):
     from knnlm.interpolate import perplexity
 
     combiner = combiner if combiner is not None else resolve_combiner("0.25")
-    lm_s = knn_s = mix_s = 0.0
-    timer = Timer()
+    timer, lm_s, knn_s, mix_s, scores = Timer(), [], [], [0.0], [None]
+
+    def lm_side():
+        t0 = time.perf_counter()
+        perplexity(score_documents(lm, None, docs, 512, 256).lm_logp)
+        lm_s.append(time.perf_counter() - t0)
+
+    def knn_side():
+        t0 = time.perf_counter()
+        scores[0] = score_documents(lm, retriever, docs, 512, 256, timer=timer, combiner=combiner)
+        t1 = time.perf_counter()
+        report(scores[0], combiner)
+        mix_s[0] += time.perf_counter() - t1
+        knn_s.append(time.perf_counter() - t0)
+
     with MemorySampler() as mem:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            perplexity(score_documents(lm, None, docs, 512, 256).lm_logp)
-            lm_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            s = score_documents(lm, retriever, docs, 512, 256, timer=timer, combiner=combiner)
-            t1 = time.perf_counter()
-            report(s, combiner)
-            mix_s += time.perf_counter() - t1
-            knn_s += time.perf_counter() - t0
-    return lm_s, knn_s, s, timer, mem, mix_s
+        for i in range(rounds):
+            for side in ((lm_side, knn_side) if i % 2 == 0 else (knn_side, lm_side)):
+                side()
+    return sum(lm_s), sum(knn_s), scores[0], timer, mem, mix_s[0], [a / b for a, b in zip(lm_s, knn_s)]
 
 
 REAL = HERE / "results" / "real-1m"
@@ -200,9 +208,9 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
         retriever = Retriever(ds, variant_retrieval(on))
         combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
-        lm_s, knn_s, s, timer, mem, mix_s = alternate(lm, retriever, docs, combiner, rounds)
+        lm_s, knn_s, s, timer, mem, mix_s, per_round = alternate(lm, retriever, docs, combiner, rounds)
         r = report(s, combiner)
-        row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3),
+        row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3), "ratio_per_round": [round(x, 3) for x in per_round],
                "lm_only_tokens_per_s": round(rounds * r["tokens"] / lm_s, 1),
                "knn_lm_tokens_per_s": round(rounds * r["tokens"] / knn_s, 1),
                "retrieval_ms_per_token": round(1000 * timer.retrieval / (rounds * r["tokens"]), 3),
