@@ -210,7 +210,8 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
         lm_s, knn_s, s, timer, mem, mix_s, per_round = alternate(lm, retriever, docs, combiner, rounds)
         r = report(s, combiner)
-        row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3), "ratio_per_round": [round(x, 3) for x in per_round],
+        row = {"tokens": r["tokens"], "ratio": round(lm_s / knn_s, 3),
+               "ratio_per_round": [round(x, 3) for x in per_round],
                "lm_only_tokens_per_s": round(rounds * r["tokens"] / lm_s, 1),
                "knn_lm_tokens_per_s": round(rounds * r["tokens"] / knn_s, 1),
                "retrieval_ms_per_token": round(1000 * timer.retrieval / (rounds * r["tokens"]), 3),

@@ -182,7 +182,8 @@ def test_features_and_knn_log_probs_in_blocks_equal_one_row_at_a_time():
     targets = rng.integers(0, 9, n)
     row_by_row = np.concatenate([knn_log_prob(dists[i:i + 1], vals[i:i + 1], targets[i:i + 1], 3.0) for i in range(n)])
     assert np.array_equal(knn_log_prob(dists, vals, targets, 3.0), row_by_row)
-    assert post_features(q[:0], {k: v[:0] for k, v in lm.items()}, dists[:0], vals[:0], 3.0).shape == (0, len(POST_FEATURES))
+    empty = post_features(q[:0], {k: v[:0] for k, v in lm.items()}, dists[:0], vals[:0], 3.0)
+    assert empty.shape == (0, len(POST_FEATURES))
 
 
 def test_a_constant_gate_is_exactly_a_fixed_lambda(dev):

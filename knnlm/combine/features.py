@@ -112,10 +112,11 @@ def post_features(queries: np.ndarray, lm: dict[str, np.ndarray], dists: np.ndar
 
     MIX_BLOCK_ROWS rows at a time, so that their float64 (rows, k) arrays stay in cache."""
     queries, vals, dists = np.asarray(queries), np.asarray(vals), np.asarray(dists)
-    blocks = range(0, len(vals), MIX_BLOCK_ROWS) if len(vals) else [0]
-    return np.concatenate([_post_block(queries[lo:lo + MIX_BLOCK_ROWS], {key: v[lo:lo + MIX_BLOCK_ROWS] for key, v in lm.items()},
-                                       dists[lo:lo + MIX_BLOCK_ROWS], vals[lo:lo + MIX_BLOCK_ROWS], temperature)
-                           for lo in blocks])
+    parts = []
+    for lo in range(0, len(vals), MIX_BLOCK_ROWS) if len(vals) else [0]:
+        b = slice(lo, lo + MIX_BLOCK_ROWS)
+        parts.append(_post_block(queries[b], {key: v[b] for key, v in lm.items()}, dists[b], vals[b], temperature))
+    return np.concatenate(parts)
 
 
 def _post_block(queries: np.ndarray, lm: dict[str, np.ndarray], dists: np.ndarray, vals: np.ndarray,
