@@ -204,3 +204,54 @@ def fresh_rerank_rows(q, keys, rows_ids, out) -> None:
         torch.index_select(keys, 0, rows_ids[i], out=gathered)
         rows = gathered.float().numpy()
         faiss.fvec_L2sqr_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(rows), d, k)
+
+
+def old_mixing(scores, combiner) -> tuple[float, float]:
+    """(LM, kNN-LM) perplexities by evaluate.report's mixing as it was before the mixing's rewrite, for a learned
+    gate: p_kNN(target) by a log-sum-exp over full-size float64 arrays, computed twice; the gate's token
+    statistics by a bincount over (n·k) slots after a 64-bit row sort; all rows at once. The "old" side of
+    bench/eval_parts.py's mixing piece."""
+    import knnlm.combine.features as features
+    from knnlm.interpolate import _knn_log_prob_lse, interpolate, perplexity
+
+    s, t = scores, combiner.temperature
+    _knn_log_prob_lse(s.dists, s.vals, s.targets, t)  # the kNN-only perplexity's
+    kept = features.knn_value_stats
+    features.knn_value_stats = _old_knn_value_stats
+    try:
+        feats = features._post_block(s.queries, s.lm_stats(), s.dists, s.vals, t)
+    finally:
+        features.knn_value_stats = kept
+    lam = combiner.gate.lambdas(feats, s.queries)
+    lam = lam if s.searched is None else np.where(s.searched, lam, 0.0)
+    mixed = interpolate(s.lm_logp, _knn_log_prob_lse(s.dists, s.vals, s.targets, t), lam)
+    return perplexity(s.lm_logp), perplexity(mixed)
+
+
+def _old_knn_value_stats(dists, vals, temperature):
+    """features.knn_value_stats before the rewrite (the same numbers, by a dense (n, k) mass matrix)."""
+    from knnlm.interpolate import masked_distances, neighbor_log_weights
+
+    vals = np.asarray(vals)
+    n, k = vals.shape
+    w = np.exp(neighbor_log_weights(masked_distances(dists, vals), temperature))
+    key = (vals.view(np.uint32) ^ np.uint32(0x80000000)).astype(np.uint64) << np.uint64(32)
+    packed = key | np.arange(k, dtype=np.uint64)  # the old row_order: 64-bit keys for int32 too
+    packed.sort(axis=1)
+    order = (packed & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    sv, sw = np.take_along_axis(vals, order, axis=1), np.take_along_axis(w, order, axis=1)
+    valid = sv >= 0
+    start = valid.copy()
+    start[:, 1:] &= sv[:, 1:] != sv[:, :-1]
+    seg = np.cumsum(start, axis=1) - 1
+    flat = (np.arange(n)[:, None] * k + seg)[valid]
+    mass = np.bincount(flat, weights=sw[valid], minlength=n * k).reshape(n, k)
+    seg_val = np.full((n, k), -1, dtype=np.int64)
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
+    seg_val[rows[start], seg[start]] = sv[start]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.sum(np.where(mass > 0, mass * np.log(mass), 0.0), axis=1)
+    entropy = np.where(valid.any(axis=1), entropy, np.inf)
+    best = np.argmax(mass, axis=1)
+    return {"knn_entropy": entropy, "knn_argmax": seg_val[np.arange(n), best].astype(np.int32),
+            "distinct": start.sum(axis=1).astype(np.int32)}

@@ -25,6 +25,12 @@ The latest stop's pieces:
 - the LM side of eval over --lm-tokens of the real eval files (bench/eval.py's, beside --datastore's
   documents): the output projection over owned positions (logits_to_keep, windows of one tail batched
   together) against every position with batches by length alone (0 skips it: it loads the model).
+
+This stop's piece:
+- eval's mixing with the learned gate (--datastore's tuned one), on those tokens' scores (fast-scan, the
+  first 128 re-ranked): evaluate.report against the mixing it replaced (common.old_mixing: p_kNN(target)
+  twice by a log-sum-exp over full-size arrays, the gate's token statistics by a bincount after a 64-bit
+  sort, all rows at once). The two sides' perplexities must agree to 1e-9 first.
 """
 
 from __future__ import annotations
@@ -198,6 +204,21 @@ def latest_stop_datastore_pieces(ds, rng, lm_tokens: int) -> dict:
             lm._projects_a_tail, windows.length_batches = None, batches
 
     out["lm_side_of_eval"] = pair("lm_side_of_eval", lambda: lm_side(True), lambda: lm_side(False), n, "token")
+    if not (ds.path / "lambda.json").exists():
+        print(f"{ds.path} has no tuned gate: no mixing piece (bench/eval.py --real tunes one)", file=sys.stderr)
+        return out
+    from common import old_mixing
+    from knnlm.combine import resolve_combiner
+    from knnlm.evaluate import report
+    from knnlm.retrieval import RetrievalConfig, Retriever
+
+    gate = resolve_combiner("gate", ds.path)
+    scores = score_documents(lm, Retriever(ds, RetrievalConfig(rerank_depth=128)), docs, ds.meta["context"],
+                             ds.meta["stride"], combiner=gate)
+    r, before = report(scores, gate), old_mixing(scores, gate)
+    if abs(r["knn_lm_ppl"] / before[1] - 1) > 1e-9 or r["lm_ppl"] != before[0]:
+        sys.exit(f"the mixing's perplexities differ: {r['lm_ppl']}, {r['knn_lm_ppl']} against {before}")
+    out["mixing"] = pair("mixing", lambda: report(scores, gate), lambda: old_mixing(scores, gate), len(scores), "token")
     return out
 
 
