@@ -5,9 +5,9 @@
     python bench/eval.py --datastore DIR [--variants knn,retomaton] [--no-exact]
 
 Each size runs in its own process (so peak RSS is its own); within it the LM-only and the
-kNN-LM passes alternate twice over the same tokens (--rounds, with --real or --datastore), and
-the ratio uses the sums. Each pass ends with its report, as `knnlm eval`'s tokens/s do: the LM's
-perplexity; the kNN-LM's mixing, whose share is reported apart (report_ms_per_token). Keys are
+kNN-LM passes alternate twice (--rounds) over the same tokens, and the ratio uses the sums. Each
+pass ends with its report, as `knnlm eval`'s tokens/s do: the LM's perplexity; the kNN-LM's
+mixing, whose share is reported apart (report_ms_per_token). Keys are
 random (the timing does not depend on what they encode); datastores are cached in
 bench/results/ between runs.
 
@@ -39,7 +39,7 @@ from common import VARIANTS_HELP, parse_variant, stdlib_texts, variant_retrieval
 HERE = Path(__file__).parent
 
 
-def one_size(n: int, tokens: int) -> dict:
+def one_size(n: int, tokens: int, rounds: int = 2) -> dict:
     """Measure at one datastore size (run in a child process)."""
     from common import BENCH_DEVICE, BENCH_MODEL, peak_rss_mib
     from knnlm.datastore import open_datastore
@@ -54,10 +54,11 @@ def one_size(n: int, tokens: int) -> dict:
     retriever = Retriever(ds, RetrievalConfig())  # the defaults: k 1000, nprobe 8, re-rank on
     rss_before = peak_rss_mib()
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
-    lm_s, knn_s, s, timer, mem, _mix_s, _rounds = alternate(lm, retriever, docs)
+    lm_s, knn_s, s, timer, mem, _mix_s, per_round = alternate(lm, retriever, docs, rounds=rounds)
     keys_mib = (path / "keys.npy").stat().st_size / 2**20
-    return {"keys": n, "tokens": len(s), "lm_only_tokens_per_s": 2 * len(s) / lm_s,
-            "knn_lm_tokens_per_s": 2 * len(s) / knn_s, "ratio": lm_s / knn_s,
+    return {"keys": n, "tokens": len(s), "lm_only_tokens_per_s": rounds * len(s) / lm_s,
+            "knn_lm_tokens_per_s": rounds * len(s) / knn_s, "ratio": lm_s / knn_s,
+            "ratio_per_round": [round(x, 3) for x in per_round],
             "retrieval_share_of_knn_time": timer.retrieval / knn_s, "keys_npy_mib": round(keys_mib),
             "index_mib": round((path / "index.faiss").stat().st_size / 2**20),
             "peak_rss_mib_after_load": round(rss_before), "peak_rss_mib": round(peak_rss_mib()),
@@ -251,8 +252,7 @@ def main() -> None:
                     help=VARIANTS_HELP)
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
-    ap.add_argument("--rounds", type=int, default=2, help="times each variant alternates with the LM alone "
-                    "(with --real or --datastore) [default: 2]")
+    ap.add_argument("--rounds", type=int, default=2, help="times the kNN-LM alternates with the LM alone [default: 2]")
     ap.add_argument("--out", help="also write the report here (JSON)")
     args = ap.parse_args()
     if args.rounds < 1:
@@ -277,12 +277,13 @@ def main() -> None:
         prepare(args.prepare)
         return
     if args.child is not None:
-        print(json.dumps(one_size(args.child, args.tokens)))
+        print(json.dumps(one_size(args.child, args.tokens, args.rounds)))
         return
     rows = []
     for n in map(int, args.sizes.split(",")):
         subprocess.run([sys.executable, __file__, "--prepare", str(n)], check=True)
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--tokens", str(args.tokens)],
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--tokens", str(args.tokens),
+                              "--rounds", str(args.rounds)],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

@@ -72,10 +72,8 @@ def length_batches(lengths: list[int], batch_size: int, offsets: list[int] | Non
     """Indices grouped into batches of similar length, longest first, to waste little on padding; with
     offsets (each window's first owned position within it), windows of one length that own the same
     tail batch together."""
-    if offsets is None:
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    else:
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], -offsets[i], i))
+    later = offsets if offsets is not None else [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], -later[i], i))
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
