@@ -13,7 +13,8 @@ from knnlm.build import BuildConfig, build_datastore
 from knnlm.datastore import open_datastore
 from knnlm.errors import KNNLMError
 from knnlm.index import IndexConfig, choose_params, train_index
-from knnlm.retrieval import RetrievalConfig, Retriever
+from knnlm.arrays import sort_rows
+from knnlm.retrieval import RetrievalConfig, Retriever, partial_rerank, sort_partial_rerank
 from knnlm.windows import plan_windows
 
 
@@ -310,6 +311,10 @@ def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):
         assert np.allclose([got[x] for x in ids[row]], want, rtol=1e-4)
         assert set(i[row, :50]) == set(ids[row, :50])
     assert np.all(np.diff(d, axis=1) >= 0) and part.describe["rerank"] == "first 50"
+    from knnlm.retrieval import exact_distances
+    own_d, own_i = raw.search(q)  # the Retriever's own index distances (its coarse step rounds otherwise)
+    want_d, want_i = sort_rows(partial_rerank(own_d, exact_distances(q, part._keys, own_i[:, :50])), own_i)
+    assert np.array_equal(np.where(want_i < 0, np.inf, want_d), d) and np.array_equal(want_i, i)
     full_d, full_i = Retriever(ds, RetrievalConfig(k=200, nprobe=16, rerank_depth=500)).search(q)
     ref_d, ref_i = Retriever(ds, RetrievalConfig(k=200, nprobe=16)).search(q)
     assert np.array_equal(full_i, ref_i) and np.array_equal(full_d, ref_d)
@@ -317,6 +322,29 @@ def test_rerank_depth_recomputes_the_first_candidates_only(tmp_path):
         RetrievalConfig(rerank_depth=0)
     with pytest.raises(KNNLMError, match="leave it out with --no-rerank"):
         RetrievalConfig(rerank_depth=10, rerank=False)
+
+
+def test_sorting_a_partial_rerank_equals_sorting_whole_rows():
+    """sort_partial_rerank sorts only the re-ranked head where the tail follows it in order; every row, those
+    where it does not included, must come out as sort_rows gives it, bit for bit."""
+    rng = np.random.default_rng(3)
+    n, k, depth = 400, 60, 16
+    index_d = np.sort(rng.integers(0, 50, (n, k)).astype(np.float32), axis=1)  # ascending, many ties
+    ids = rng.permutation(n * k).reshape(n, k).astype(np.int64)
+    head = index_d[:, :depth] + rng.integers(-5, 6, (n, depth)).astype(np.float32)  # ties with the floor too
+    head[1, 3] = np.inf  # a missing neighbour among the re-ranked: the row is sorted whole
+    head[2, 0] = np.nan
+    index_d[3, 20:] = np.inf  # missing at the end, as faiss leaves them
+    ids[3, 20:] = -1
+    index_d[4, 30], index_d[4, 31] = 40.0, 30.0  # a tail out of order
+    index_d[5] = 7.0  # one value throughout: head and tail tied at the floor
+    head[5] = 7.0
+    dists = partial_rerank(index_d, head)
+    got_d, got_i = sort_partial_rerank(dists, ids, depth)
+    want_d, want_i = sort_rows(dists, ids)
+    assert np.array_equal(got_i, want_i) and np.array_equal(got_d, want_d, equal_nan=True)
+    head_only = np.flatnonzero((np.sort(dists[:, depth:], axis=1) != dists[:, depth:]).any(axis=1))
+    assert set(head_only) == {4}  # the out-of-order tail really is out of order (the test reaches the fallback)
 
 
 def test_small_datastores_get_an_exact_index(tmp_path, caplog):
