@@ -2,7 +2,7 @@
 
     python bench/eval.py [--sizes 100000,1000000] [--tokens 3000]
     python bench/eval.py --real [--variants knn,skip,retomaton,skip+retomaton] [--tokens 3000]
-    python bench/eval.py --datastore DIR [--variants knn,retomaton] [--no-exact]
+    python bench/eval.py --datastore DIR [--variants knn,retomaton] [--no-exact] [--lambda tuned]
 
 Each size runs in its own process (so peak RSS is its own); within it the LM-only and the
 kNN-LM passes alternate twice (--rounds) over the same tokens, and the ratio uses the sums. Each
@@ -20,7 +20,9 @@ perplexity compared with an exact (brute-force) full search under the same λ po
 --datastore times any datastore (e.g. bench/scale.py --keep's 10M clustered keys). The variant
 "torch" searches exactly in torch (--search-device) on $KNNLM_BENCH_SEARCH_DEVICE (default: the LM's,
 $KNNLM_BENCH_DEVICE, e.g. cuda); "rerank-R" re-ranks the first R candidates (--rerank-depth), "nprobe-N"
-visits N lists (default 8), e.g. --variants nprobe-4+rerank-128.
+visits N lists (default 8), e.g. --variants nprobe-4+rerank-128. The λ policy is the learned gate where
+the datastore is tuned (its LM statistics and token statistics are then part of the kNN-LM's time), else
+0.25; --lambda sets another, e.g. tuned (the fitted fixed λ and T, knnlm eval's cheapest mixing).
 """
 
 from __future__ import annotations
@@ -179,9 +181,10 @@ def with_factory(path: Path, factory: str) -> Path:
 
 
 def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False,
-                  rounds: int = 2) -> dict:
+                  rounds: int = 2, lam: str | None = None) -> dict:
     """Each variant's eval throughput against the LM alone (alternating, `rounds` times) and its perplexity
-    against an exact full search with the same λ policy."""
+    against an exact full search with the same λ policy (lam: knnlm eval's --lambda; None: the learned gate
+    where the datastore is tuned, else 0.25)."""
     from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.combine import resolve_combiner
     from knnlm.datastore import open_datastore
@@ -193,7 +196,8 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
     ds = open_datastore(path)
     docs = eval_docs(lm, tokens, path if real else None)
     tuned = (path / "lambda.json").exists()
-    lam = "gate" if tuned else "0.25"  # the learned gate where tuned; its skip is what "skip" turns on
+    if lam is None:
+        lam = "gate" if tuned else "0.25"  # the learned gate where tuned; its skip is what "skip" turns on
     out = {"datastore": str(path), "keys": ds.count, "lambda": lam, "variants": {}}
     if exact:
         combiner = resolve_combiner(lam, path)
@@ -203,8 +207,8 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
     for name in variants:
         on = parse_variant(name)
-        if "skip" in on and not tuned:
-            out["variants"][name] = "needs a tuned datastore (knnlm tune-lambda)"
+        if "skip" in on and (not tuned or lam != "gate"):
+            out["variants"][name] = "needs a tuned datastore (knnlm tune-lambda) and the learned gate (--lambda gate)"
             continue
         retriever = Retriever(ds, variant_retrieval(on))
         combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
@@ -253,10 +257,15 @@ def main() -> None:
     ap.add_argument("--factory", help="time a sibling datastore indexed with this faiss factory, e.g. IVF2048,PQ64x4fs")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact full-search perplexity reference")
     ap.add_argument("--rounds", type=int, default=2, help="times the kNN-LM alternates with the LM alone [default: 2]")
+    ap.add_argument("--lambda", dest="lam",
+                    help="the λ policy, as knnlm eval's --lambda (with --real or --datastore) [default: gate where the "
+                         "datastore is tuned, else 0.25]")
     ap.add_argument("--out", help="also write the report here (JSON)")
     args = ap.parse_args()
     if args.rounds < 1:
         sys.exit("--rounds must be 1 or more.")
+    if args.lam is not None and not (args.real or args.datastore):
+        sys.exit("--lambda sets the λ policy of --real and --datastore runs; the synthetic sizes use a fixed λ 0.25.")
     if args.real_keys is not None and not args.real:
         sys.exit("--real-keys sets the size of the datastore --real builds; pass --real too.")
     if args.real or args.datastore:
@@ -265,10 +274,18 @@ def main() -> None:
             prepare_real(path, args.real_keys or 1_000_000)
         if args.factory:
             path = with_factory(path, args.factory)
+        if args.lam is not None:
+            from knnlm.combine import resolve_combiner
+            from knnlm.errors import KNNLMError
+            try:
+                resolve_combiner(args.lam, path)  # a bad policy stops here, in one sentence, before any work
+            except KNNLMError as e:
+                sys.exit(str(e))
         variants = [v for v in args.variants.split(",") if v]
         for v in variants:
             parse_variant(v)  # an unknown one stops here, before any work
-        out = one_datastore(path, args.tokens, variants, not args.no_exact, real=args.real, rounds=args.rounds)
+        out = one_datastore(path, args.tokens, variants, not args.no_exact, real=args.real, rounds=args.rounds,
+                            lam=args.lam)
         print(json.dumps(out, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=1))
