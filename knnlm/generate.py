@@ -150,8 +150,9 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
         work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # what the scores can hold
         out = self.distribution(q, scores, pointers, work).to(scores.device, scores.dtype)
         # Tokens an earlier processor ruled out (suppressed tokens, min_new_tokens, ...) stay out (out is our own).
-        ruled_out = scores == -math.inf
-        return out.masked_fill_(ruled_out, -math.inf) if ruled_out.any() else out
+        if float(scores.amin()) > -math.inf:  # one reduction (NaN fails it too); the mask only where needed
+            return out
+        return out.masked_fill_(scores == -math.inf, -math.inf)
 
 
 @dataclass

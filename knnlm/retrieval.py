@@ -397,8 +397,8 @@ class Retriever:
             if self.depth < ids.shape[1]:  # the first `depth` by the index's order
                 dists = partial_rerank(dists, exact_distances(q, self._keys, ids[:, :self.depth]))
                 dists, ids = sort_partial_rerank(dists, ids, self.depth)
-            else:
-                dists, ids = sort_rows(exact_distances(q, self._keys, ids), ids)
+            else:  # exact_distances gives float32 with inf where an id is missing: nothing left to mask
+                return sort_rows(exact_distances(q, self._keys, ids), ids)
         dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
         return dists, ids
 

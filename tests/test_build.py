@@ -169,6 +169,21 @@ def test_row_order_is_numpys_stable_argsort(dtype):
     assert got.dtype == np.intp and np.array_equal(got, np.argsort(a, axis=1, kind="stable"))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_sort_rows_puts_each_row_in_stable_order(rows):
+    """One row (a decoding step: np.take) and several (take_along_axis) alike: numpy's stable order, shapes and dtypes kept."""
+    rng = np.random.default_rng(rows)
+    d = rng.integers(0, 20, (rows, 300)).astype(np.float32)  # ties
+    d[0, :2] = [np.inf, np.nan]
+    ids = rng.permutation(rows * 300).reshape(rows, 300).astype(np.int64)
+    order = np.argsort(d, axis=1, kind="stable")
+    got_d, got_i = sort_rows(d, ids)
+    assert got_d.shape == d.shape and got_d.dtype == d.dtype and got_i.dtype == ids.dtype
+    assert np.array_equal(got_d, np.take_along_axis(d, order, 1), equal_nan=True)
+    assert np.array_equal(got_i, np.take_along_axis(ids, order, 1))
+    assert sort_rows(np.zeros((1, 0), np.float32))[0].shape == (1, 0)
+
+
 @pytest.mark.parametrize("span", [2, 49_153, 1 << 22, (1 << 22) + 1], ids=["few", "tokens", "widest-narrow", "wide"])
 def test_row_order_of_token_ids_sorts_narrow_keys_the_same(span):
     """int32 values whose range fits beside the column number in 32 bits (1000 columns: 2^22 values) take

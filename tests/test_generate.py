@@ -373,3 +373,6 @@ def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
         masked[0, :5] = -math.inf
         proc._query = q
         assert torch.isinf(proc(x, masked)[0, :5]).all()
+        masked[0, 7] = math.nan  # an earlier processor's NaN must not hide the removed tokens
+        proc._query = q
+        assert torch.isneginf(proc(x, masked)[0, :5]).all()
