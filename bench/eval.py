@@ -278,7 +278,7 @@ def main() -> None:
             from knnlm.combine import resolve_combiner
             from knnlm.errors import KNNLMError
             try:
-                resolve_combiner(args.lam, path)  # a bad policy stops here, in one sentence, before any work
+                resolve_combiner(args.lam, path)  # a bad policy stops here, in one sentence, before any variant runs
             except KNNLMError as e:
                 sys.exit(str(e))
         variants = [v for v in args.variants.split(",") if v]

@@ -66,7 +66,7 @@ def unique_sorted(a: np.ndarray) -> np.ndarray:
 
 
 def sort_rows(key: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
-    """key and each of others (arrays of key's shape) with every row put in key's ascending order, ties in
+    """key and each of others (2-D arrays of key's shape) with every row put in key's ascending order, ties in
     column order (row_order): e.g. dists, ids = sort_rows(dists, ids)."""
     order = row_order(key)
     if len(order) == 1:  # a decoding step's row: np.take, without take_along_axis' index arrays (40 µs in place)

@@ -360,6 +360,13 @@ def test_sorting_a_partial_rerank_equals_sorting_whole_rows():
     assert np.array_equal(got_i, want_i) and np.array_equal(got_d, want_d, equal_nan=True)
     head_only = np.flatnonzero((np.sort(dists[:, depth:], axis=1) != dists[:, depth:]).any(axis=1))
     assert set(head_only) == {4}  # the out-of-order tail really is out of order (the test reaches the fallback)
+    for rows in (slice(0, 1), slice(3, 5)):  # a decoding step's one row, and two (sort_rows itself)
+        got_d, got_i = sort_partial_rerank(dists[rows], ids[rows], depth)
+        want_d, want_i = sort_rows(dists[rows], ids[rows])
+        assert np.array_equal(got_i, want_i) and np.array_equal(got_d, want_d, equal_nan=True)
+    for bad in (0, k):
+        with pytest.raises(ValueError, match="head and a tail"):
+            sort_partial_rerank(dists, ids, bad)
 
 
 def test_small_datastores_get_an_exact_index(tmp_path, caplog):
