@@ -188,6 +188,7 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
     from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.combine import resolve_combiner
     from knnlm.datastore import open_datastore
+    from knnlm.errors import KNNLMError
     from knnlm.evaluate import report, score_documents
     from knnlm.lm import load_lm
     from knnlm.retrieval import RetrievalConfig, Retriever
@@ -207,11 +208,12 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
     score_documents(lm, None, docs[:1], 512, 256)  # warm-up
     for name in variants:
         on = parse_variant(name)
-        if "skip" in on and (not tuned or lam != "gate"):
-            out["variants"][name] = "needs a tuned datastore (knnlm tune-lambda) and the learned gate (--lambda gate)"
+        try:  # the skip needs a tuned threshold: knnlm's own sentence where the datastore has none
+            combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
+        except KNNLMError as e:
+            out["variants"][name] = str(e)
             continue
         retriever = Retriever(ds, variant_retrieval(on))
-        combiner = resolve_combiner(lam, path, skip_below="tuned" if "skip" in on else None)
         score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up: index, pointers
         lm_s, knn_s, s, timer, mem, mix_s, per_round = alternate(lm, retriever, docs, combiner, rounds)
         r = report(s, combiner)

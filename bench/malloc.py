@@ -10,7 +10,8 @@ pages in again, batch after batch. "default" runs without any MALLOC_* variable 
 
 Each process times the LM alone and the kNN-LM (the first 128 candidates re-ranked, the learned gate where the
 datastore is tuned, else λ 0.25; the report counted) twice each over the same eval files as bench/eval.py's
---real, and reports ms per token, their ratio, its minor page faults and its peak private memory. An allocator
+--real, alternating as bench/eval.py does (eval.alternate), and reports ms per token, their ratio, its minor
+page faults and its peak private memory. An allocator
 setting holds for a whole process, so the two sides cannot share one: they alternate process by process
 (default, held, default, ...), and the speed-ups are taken over the sums.
 """
@@ -32,11 +33,10 @@ HELD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 
 def child(datastore: Path, tokens: int) -> dict:
     """One process's timings, under whatever allocator settings its environment gives."""
     import resource
-    import time
 
     sys.path.insert(0, str(HERE))
-    from common import BENCH_DEVICE, BENCH_MODEL, MemorySampler
-    from eval import eval_docs
+    from common import BENCH_DEVICE, BENCH_MODEL
+    from eval import alternate, eval_docs
 
     from knnlm.combine import resolve_combiner
     from knnlm.datastore import open_datastore
@@ -50,15 +50,8 @@ def child(datastore: Path, tokens: int) -> dict:
     combiner = resolve_combiner("gate" if (datastore / "lambda.json").exists() else "0.25", datastore)
     retriever = Retriever(ds, RetrievalConfig(rerank_depth=128))
     score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up
-    lm_s = knn_s = 0.0
-    with MemorySampler() as mem:
-        for _ in range(2):
-            t0 = time.perf_counter()
-            score_documents(lm, None, docs, 512, 256)
-            lm_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            r = report(score_documents(lm, retriever, docs, 512, 256, combiner=combiner), combiner)
-            knn_s += time.perf_counter() - t0
+    lm_s, knn_s, scores, _timer, mem, _mix_s, _per_round = alternate(lm, retriever, docs, combiner, rounds=2)
+    r = report(scores, combiner)
     n = 2 * r["tokens"]
     return {"held": all(os.environ.get(k) == v for k, v in HELD.items()), "tokens": r["tokens"],
             "lm_ms_per_token": 1e3 * lm_s / n, "knn_lm_ms_per_token": 1e3 * knn_s / n, "ratio": lm_s / knn_s,

@@ -92,10 +92,8 @@ def knn_value_stats(dists: np.ndarray, vals: np.ndarray, temperature: float) -> 
     first_of_row[1:] = row[best[1:]] != row[best[:-1]]
     best = best[first_of_row]
     argmax = np.full(n, -1, dtype=np.int32)
-    argmax[row[best]] = token[best]
-    none = distinct == 0
-    argmax[none] = -1
-    return {"knn_entropy": np.where(none, np.inf, entropy), "knn_argmax": argmax, "distinct": distinct}
+    argmax[row[best]] = token[best]  # a row of no neighbour: its one segment is token -1
+    return {"knn_entropy": np.where(distinct == 0, np.inf, entropy), "knn_argmax": argmax, "distinct": distinct}
 
 
 def pre_features(queries: np.ndarray, lm: dict[str, np.ndarray]) -> np.ndarray:
