@@ -104,8 +104,8 @@ def refuse_datastore_flags() -> None:
     given = [p.opts[0] for p in ctx.command.params if p.name in DATASTORE_ONLY
              and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
     if given:
-        raise click.UsageError(f"{', '.join(given)} only change the datastore's search or mix; drop them with "
-                               "--no-datastore.")
+        raise click.UsageError(f"{', '.join(given)} only change{'s' if len(given) == 1 else ''} the datastore's "
+                               f"search or mix; drop {'it' if len(given) == 1 else 'them'} with --no-datastore.")
 
 
 def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors) -> MemoryConfig:

@@ -72,9 +72,17 @@ def _partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def _replaceable(out: Path) -> bool:
+    """Whether --overwrite may replace out: a datastore (it has meta.json) or an empty folder, never other files."""
+    return out.is_dir() and ((out / "meta.json").is_file() or not any(out.iterdir()))
+
+
 def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
     """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan."""
     work = _partial_dir(out)
+    if out.exists() and not _replaceable(out):  # even with --overwrite: its files are not ours to lose
+        raise KNNLMError(f"{out} is not a datastore (it has no meta.json), and a build never replaces anything else; "
+                         "pass --out a new folder or a datastore, or remove it yourself first.")
     if out.exists() and not cfg.overwrite:
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
@@ -280,8 +288,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         w.close()
     if s["rows"] == 0:
         shutil.rmtree(work)
-        raise KNNLMError(f"Corpus {corpus} gave no tokens for the datastore (every document is empty, "
-                         "one token long, or held out); pass a larger corpus or a smaller --holdout.")
+        raise src.no_tokens()
     return _finish(lm, src, cfg, w.work, w.state, out)
 
 

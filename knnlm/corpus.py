@@ -41,6 +41,7 @@ class Corpus:
     stdin_text: str | None = None
     strict: bool = True  # an unreadable document of a multi-document corpus fails; False: skipped, named here
     unreadable: list[str] = field(default_factory=list)  # names of documents (or files) skipped as unreadable
+    first_skip: str | None = None  # why this run skipped its first (None: only a resumed build's earlier run skipped)
     _tables: Tables | None = field(default=None, repr=False)
 
     def read(self, ref: DocRef) -> str:
@@ -68,8 +69,19 @@ class Corpus:
         if self.strict:
             raise error
         log.warning("skipping %s: %s", name, error)
+        self.first_skip = self.first_skip or str(error)
         if name not in self.unreadable:
             self.unreadable.append(name)
+
+    def no_tokens(self) -> KNNLMError:
+        """The error of a corpus that gave the datastore no token, naming the skipped documents' fault if any."""
+        if self.unreadable:
+            why = f"the first: {self.first_skip.rstrip('.')}" if self.first_skip else \
+                "named in the build's warnings; fix them or pass a larger corpus"
+            return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore, and {len(self.unreadable)} of its "
+                              f"documents or files were skipped as unreadable ({why}).")
+        return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore (every document is empty, one token "
+                          "long, or held out); pass a larger corpus or a smaller --holdout.")
 
 
 def _read_text(path: Path) -> str:

@@ -167,10 +167,10 @@ def read_meta(path: Path) -> dict:
     if not path.is_dir():
         hint = " (an interrupted build can be continued with --resume)" if path.with_name(path.name + ".partial").exists() else ""
         raise KNNLMError(f"Datastore {path} does not exist{hint}; build one with `knnlm build-datastore CORPUS`"
-                         " or pass --datastore.")
+                         " or name the folder of an existing one.")
     if not mp.exists():
-        raise KNNLMError(f"{path} has no meta.json, so it is not a complete datastore; rebuild it with "
-                         "`knnlm build-datastore CORPUS --out {path} --overwrite`.")
+        raise KNNLMError(f"{path} has no meta.json, so it is not a datastore; pass the folder of one, or build "
+                         "one into a new folder with `knnlm build-datastore CORPUS --out NEW_FOLDER`.")
     try:
         meta = json.loads(mp.read_text())
         for key in ("format", "model", "tokenizer", "dim", "count", "documents", "build"):

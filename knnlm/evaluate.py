@@ -197,8 +197,14 @@ def resolve_docs(ds: Datastore, corpus: str | None, split: str, cfg: "EvalConfig
             raise KNNLMError(f"Datastore {ds.path} has no held-out {split} text (built with --holdout 0?); "
                              "pass text with --corpus.")
         return docs, f"{split} part of {ds.path}"
+    return corpus_docs(corpus, cfg), str(corpus)
+
+
+def corpus_docs(corpus: str, cfg: "EvalConfig") -> list[tuple[str, str]]:
+    """(name, text) of every readable document of --corpus, all scored (none held out)."""
     src = open_corpus(corpus, glob=cfg.glob, fmt=cfg.fmt, text_field=cfg.text_field)
-    return [(name, text) for _, _, name, text in iter_documents(src, 0.0)], str(corpus)
+    docs = [(name, text) for _, _, name, text in iter_documents(src, 0.0)]
+    return docs[:1] if len(src.docs) == 1 else docs  # one document's split gives it two empty tails
 
 
 def index_identity(ds: Datastore) -> str:
@@ -289,8 +295,7 @@ def open_without_datastore(corpus: str | None, cfg: EvalConfig, lm: LM | None = 
     if documents is not None:
         docs, what = list(documents), f"{len(documents)} given texts"
     else:
-        src = open_corpus(corpus, glob=cfg.glob, fmt=cfg.fmt, text_field=cfg.text_field)
-        docs, what = [(name, text) for _, _, name, text in iter_documents(src, 0.0)], str(corpus)
+        docs, what = corpus_docs(corpus, cfg), str(corpus)
     search = {"search": "none", "k": 0, "nprobe": 0, "rerank": False, "index": "none"}
     return EvalRun(None, lm, NoSearch(), FixedLambda(0.0, 1.0, "no datastore"), docs, what, context, stride, search)
 

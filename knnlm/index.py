@@ -81,10 +81,21 @@ class IndexConfig:
         if self.factory is not None and not self.exact:
             make_factory_index(self.factory, dim)
 
+    def check_count(self, n: int, what: str = "this datastore has") -> None:
+        """Refuse an explicit --nlist that n keys cannot train: choose_params would take an exact index instead."""
+        if self.nlist is None or self.exact or self.factory is not None or n >= ivf_min_keys(self.nlist):
+            return
+        if n < MIN_IVF_KEYS:
+            raise KNNLMError(f"--nlist {self.nlist} asks for an IVF-PQ index, which needs at least {MIN_IVF_KEYS} keys; "
+                             f"{what} {n}: leave out --nlist (so few keys take an exact index).")
+        raise KNNLMError(f"--nlist {self.nlist} needs at least {ivf_min_keys(self.nlist)} keys to train (39 a list); "
+                         f"{what} {n}: pass --nlist {n // 39} or less, or leave it out.")
+
     def check_keys(self, n_max: int) -> None:
         """Refuse, before any keys exist, settings whose index could not be trained on up to n_max keys."""
         if self.factory is not None and not self.exact:
             return  # a --factory index is checked by check_factory once the key width is known
+        self.check_count(n_max, "--max-tokens allows at most")
         p = choose_params(n_max, 1, self, check=False)
         if p["kind"] == "ivfpq" and self.train_size is not None and p["train_size"] < p["nlist"]:
             raise KNNLMError(f"--train-size {self.train_size} is too small for the index of up to {n_max} keys "
@@ -123,6 +134,11 @@ def _factory_params(n: int, d: int, cfg: IndexConfig) -> dict:
             "train_size": train, "reason": "--factory"}
 
 
+def ivf_min_keys(nlist: int) -> int:
+    """Keys an IVF-PQ index of nlist lists is trained from at the least; fewer take an exact index."""
+    return max(MIN_IVF_KEYS, 39 * nlist)
+
+
 def _needs(nlist: int | None) -> str:
     """Why training needs that many keys, in words."""
     pq = f"{PQ_CENTROIDS} for the PQ codebooks"
@@ -134,8 +150,8 @@ def choose_params(n: int, d: int, cfg: IndexConfig, check: bool = True) -> dict:
     if cfg.factory is not None and not cfg.exact:
         return _factory_params(n, d, cfg)
     nlist = cfg.nlist or max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
-    if cfg.exact or n < max(MIN_IVF_KEYS, 39 * nlist):
-        reason = "forced by --exact" if cfg.exact else f"{n} keys are too few for IVF-PQ (needs {max(MIN_IVF_KEYS, 39 * nlist)})"
+    if cfg.exact or n < ivf_min_keys(nlist):
+        reason = "forced by --exact" if cfg.exact else f"{n} keys are too few for IVF-PQ (needs {ivf_min_keys(nlist)})"
         return {"factory": "Flat", "kind": "exact", "reason": reason, "nlist": None, "code_size": None,
                 "train_size": 0}
     m = max(c for c in range(1, min(cfg.code_size, d) + 1) if d % c == 0)
@@ -178,8 +194,8 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     p = choose_params(n, d, cfg)
     t0 = time.time()
     index = make_factory_index(p["factory"], d)
-    if p["kind"] == "exact":
-        log.info("exact (flat) index: %s", p["reason"])
+    if p["kind"] == "exact":  # louder where --nlist asked for IVF (a build of unknown size may not reach it)
+        (log.warning if cfg.nlist is not None and not cfg.exact else log.info)("exact (flat) index: %s", p["reason"])
     elif p["train_size"]:
         rng = np.random.default_rng(cfg.seed)
         # Sorted rows read the memmap sequentially.

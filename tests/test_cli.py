@@ -73,6 +73,17 @@ def test_stdin_and_jsonl_corpora(tiny_model_dir, corpus_texts, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads(Path("from-jsonl/meta.json").read_text())
     assert len(meta["documents"]) == 7 and meta["documents"][0][0].endswith("c.jsonl:1")
+    # Every line lacks the field asked for: the refusal says why, not only that no token came.
+    msg = _one_sentence_error(run("build-datastore", tmp_path / "c.jsonl", "--model", tiny_model_dir, "--out",
+                                  "wrong-field", "--no-index", "--holdout", 0), "gave no tokens",
+                              "7 of its documents or files were skipped as unreadable", "no string field 'text'",
+                              "pass the right --text-field")
+    assert not Path("wrong-field").exists() and not Path("wrong-field.partial").exists(), msg
+    # One file scored with --corpus is one document (its split's empty tails are not counted).
+    (tmp_path / "one.txt").write_text(text)
+    r = run("eval", "--datastore", "from-jsonl", "--exact", "--k", 8, "--corpus", tmp_path / "one.txt", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["documents"] == 1
 
 
 def test_bad_input(tiny_model_dir, corpus_dir, tmp_path):
@@ -101,6 +112,27 @@ def test_existing_output_is_never_touched(built, tiny_model_dir, corpus_dir):
             "--stride", 32, "--overwrite", "--no-index")
     assert r.exit_code == 0, r.output
     assert (built / "keys.npy").read_bytes() != before and not (built / "index.faiss").exists()
+
+
+def test_overwrite_replaces_only_a_datastore(tiny_model_dir, corpus_dir, tmp_path):
+    build = ["build-datastore", corpus_dir, "--model", tiny_model_dir, "--glob", "bisect*.txt", "--context", 64,
+             "--stride", 32, "--no-index", "--overwrite", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    _one_sentence_error(run(*build, mine), str(mine), "not a datastore", "--out")
+    _one_sentence_error(run(*build[:-2], "--out", mine), "not a datastore")  # without --overwrite: the same
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(mine.iterdir()) == [mine / "notes.txt"]
+    (tmp_path / "file").write_text("keep me too")
+    _one_sentence_error(run(*build, tmp_path / "file"), "is a file")  # click's own check of --out
+    assert (tmp_path / "file").read_text() == "keep me too"
+    # Reading the folder as a datastore does not send the user to --overwrite it.
+    msg = _one_sentence_error(run("eval", "--datastore", mine), str(mine), "no meta.json", "--out NEW_FOLDER")
+    assert "--overwrite" not in msg and "{" not in msg
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    r = run(*build, tmp_path / "empty")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "empty" / "meta.json").is_file()
 
 
 def test_damaged_datastores(built):

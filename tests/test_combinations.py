@@ -29,6 +29,9 @@ def test_no_datastore_refuses_flags_only_a_datastore_reads(tiny_model_dir, tmp_p
                                      "--retomaton"])
         assert r.exit_code == 2, r.output
         assert "--k" in r.output and "--retomaton" in r.output and "--no-datastore" in r.output
+        assert "--k, --retomaton only change the datastore's search or mix; drop them" in r.output
+    r = CliRunner().invoke(cli, ["generate", "-p", "x", "--no-datastore", "--model", str(tiny_model_dir), "--k", "5"])
+    assert r.exit_code == 2 and "--k only changes the datastore's search or mix; drop it with" in r.output, r.output
 
 
 def test_generate_without_a_datastore_reads_through_eval_s_window_with_attention_memory(tiny_lm, corpus_texts):

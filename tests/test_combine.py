@@ -409,8 +409,8 @@ def test_untuned_datastore_refuses_gate_spalm_and_tuned_skip(fresh_store, tiny_m
     store = fresh_store
     common = ["eval", "--datastore", store.path, "--model", tiny_model_dir]
     _sentence(run(*common, "--lambda", "gate"), "never tuned", "tune-lambda")
-    _sentence(run(*common, "--combine", "spalm"), "never tuned", "--combine spalm")
-    _sentence(run(*common, "--skip-below", "tuned"), "never tuned", "--skip-below tuned")
+    _sentence(run(*common, "--combine", "spalm"), "never tuned", "--combine spalm", "or pass --combine mix")
+    _sentence(run(*common, "--skip-below", "tuned"), "never tuned", "--skip-below tuned", "or leave out --skip-below")
     _sentence(run(*common, "--skip-below", "2"), "--skip-below must be a number in [0, 1]")
     # tuned without the gate and SPALM: each asks for its own refit
     r = run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--k", 50, "--no-gate",

@@ -237,11 +237,26 @@ def test_train_size_is_fine_with_exact_or_a_small_cap():
     (["--code-size", 0], ["--code-size 0"]),
     (["--train-size", 200], ["--train-size 200", "256"]),
     (["--nlist", 4096, "--train-size", 1000], ["--train-size 1000", "4096"]),
+    # an --nlist the keys cannot train is refused, not silently replaced by an exact index
+    (["--nlist", 100_000], ["--nlist 100000", "leave out --nlist"]),
+    (["--factory", "IVFbanana,PQ99"], ["--factory 'IVFbanana,PQ99'"]),
 ])
 def test_bad_index_settings_are_refused(built, flags, words):
     before = (built / "index.faiss").read_bytes()
-    refused(invoke("train-index", built, *flags), *words)
+    r = invoke("train-index", built, *flags)
+    refused(r, *words)
+    assert "adding keys" not in r.output  # refused before the progress bar starts
     assert (built / "index.faiss").read_bytes() == before
+
+
+def test_an_nlist_too_large_for_the_keys_is_refused():
+    with pytest.raises(KNNLMError, match=r"--nlist 1024 needs at least 39936 keys .* has 20000: pass --nlist 512 or less"):
+        IndexConfig(nlist=1024).check_count(20_000)
+    IndexConfig(nlist=512).check_count(20_000)  # 19,968 keys train 512 lists
+    IndexConfig(nlist=1024, exact=True).check_count(20_000)  # --exact asks for no lists
+    with pytest.raises(KNNLMError, match=r"--nlist 1024 needs .* --max-tokens allows at most 20000"):
+        BuildConfig(max_tokens=20_000, index=IndexConfig(nlist=1024))  # refused before the build starts
+    BuildConfig(max_tokens=20_000, build_index=False, index=IndexConfig(nlist=1024))  # no index: nothing to train
 
 
 def test_train_size_below_the_chosen_nlist_is_refused_before_training(tmp_path):

@@ -169,10 +169,11 @@ def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_
     data = load_lambda(datastore_dir) if datastore_dir is not None else None
     path = Path(str(datastore_dir)) / LAMBDA_FILE
     if data is None:
-        asked = "--combine spalm" if combine == "spalm" else f"--lambda {lam}" if number is None \
-            else f"--skip-below {skip_below}"
+        asked, instead = ("--combine spalm", "pass --combine mix") if combine == "spalm" else \
+            (f"--lambda {lam}", "pass a number, e.g. --lambda 0.25") if number is None else \
+            (f"--skip-below {skip_below}", "leave out --skip-below")
         raise KNNLMError(f"Datastore {datastore_dir} was never tuned (no {LAMBDA_FILE}), which {asked} needs; "
-                         "run `knnlm tune-lambda` first, or pass a number, e.g. --lambda 0.25.")
+                         f"run `knnlm tune-lambda` first, or {instead}.")
     loaded: dict = {}
 
     def tensors() -> dict[str, torch.Tensor]:  # read only once a gate is known to be recorded
