@@ -146,7 +146,8 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
     if not (path / "index.faiss").exists():
         site = sysconfig.get_paths()["purelib"]
         build_datastore(site, path, BuildConfig(model=BENCH_MODEL, device=BENCH_DEVICE, glob="**/*.py", holdout=0,
-                                                shuffle_seed=0, max_tokens=keys, resume=(path / ".partial").exists()))
+                                                shuffle_seed=0, max_tokens=keys,
+                                                resume=path.with_name(path.name + ".partial").exists()))
     if not (path / "lambda.json").exists():
         dev = HERE / "results" / "real-dev"
         dev.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import click
 
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
-from knnlm.index import IndexConfig, train_index
+from knnlm.index import IndexConfig, check_retrain, train_index
 from knnlm.lm import DEFAULT_MODEL
 from knnlm.scale import Engine, ShardConfig, build_sharded
 
@@ -108,8 +108,7 @@ def train_index_cmd(datastore, nlist, code_size, fast_scan, train_size, exact, s
     ds = open_datastore(datastore)
     cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
                       on_disk=on_disk, factory=factory, fast_scan=fast_scan)
-    cfg.check_factory(ds.dim)  # before the progress bar: a refusal is all the output
-    cfg.check_count(ds.count)
+    check_retrain(ds, cfg)  # before the progress bar: a refusal is all the output
     with progress_bar(ds.count, "adding keys", unit="key") as bar:
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")

@@ -15,7 +15,8 @@ import numpy as np
 from . import __version__
 from .arrays import NpyAppender, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
-from .datastore import FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, open_datastore, parse_holdout
+from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, foreign_entries, open_datastore,
+                        parse_holdout)
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm
@@ -72,17 +73,33 @@ def _partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _replaceable(out: Path) -> bool:
-    """Whether --overwrite may replace out: a datastore (it has meta.json) or an empty folder, never other files."""
-    return out.is_dir() and ((out / "meta.json").is_file() or not any(out.iterdir()))
+def _check_replaceable(out: Path) -> None:
+    """Refuse an out a build must not replace, even with --overwrite: a link, or a folder that is neither empty nor
+    a datastore holding only what datastores hold (DATASTORE_ENTRIES): its files are not ours to lose."""
+    if out.is_symlink():
+        raise KNNLMError(f"{out} is a symbolic link; pass --out the folder itself ({out.resolve()}).")
+    if not out.exists():
+        return
+    try:
+        if not out.is_dir():
+            raise KNNLMError(f"{out} is a file, not a folder; pass --out a folder.")
+        foreign, meta = foreign_entries(out), (out / "meta.json").is_file()
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise KNNLMError(f"{out} cannot be read ({e.strerror}); pass --out a folder you can read and write.") from None
+    if foreign:
+        more = ", ..." if len(foreign) > 3 else ""
+        raise KNNLMError(f"{out} holds files no datastore holds ({', '.join(foreign[:3])}{more}), so a build will not "
+                         "replace it; pass --out a new folder, or move them out first.")
+    if not meta and not empty:
+        raise KNNLMError(f"{out} is not a datastore (it has no meta.json), so a build will not replace it; pass --out "
+                         "a new folder, or remove it yourself first.")
 
 
 def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
     """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan."""
     work = _partial_dir(out)
-    if out.exists() and not _replaceable(out):  # even with --overwrite: its files are not ours to lose
-        raise KNNLMError(f"{out} is not a datastore (it has no meta.json), and a build never replaces anything else; "
-                         "pass --out a new folder or a datastore, or remove it yourself first.")
+    _check_replaceable(out)
     if out.exists() and not cfg.overwrite:
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
@@ -396,6 +413,10 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
         except KNNLMError as e:
             raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
                              "or --no-index and `knnlm train-index` later.") from e
+    try:
+        _check_replaceable(out)  # again: files may have appeared there during the build
+    except KNNLMError as e:
+        raise KNNLMError(f"{e} The new datastore is kept in {work}: rerun with --resume to finish it.") from None
     replace_dir(work, out)
     for name in ("progress.json", "settings.json", "docs.jsonl", "shards.json"):
         (out / name).unlink(missing_ok=True)

@@ -75,11 +75,18 @@ class Corpus:
 
     def no_tokens(self) -> KNNLMError:
         """The error of a corpus that gave the datastore no token, naming the skipped documents' fault if any."""
-        if self.unreadable:
-            why = f"the first: {self.first_skip.rstrip('.')}" if self.first_skip else \
-                "named in the build's warnings; fix them or pass a larger corpus"
-            return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore, and {len(self.unreadable)} of its "
-                              f"documents or files were skipped as unreadable ({why}).")
+        n = len(self.unreadable)
+        skipped = "1 document or file was" if n == 1 else f"{n} documents or files were"
+        skipped_names = set(self.unreadable)
+        if n and all(d.name in skipped_names for d in self.docs):  # none was readable: why is the fix
+            why = self.first_skip.rstrip(".") if self.first_skip else \
+                f"{self.unreadable[0]}; fix it or pass another corpus"
+            return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore: {skipped} skipped as unreadable "
+                              f"and none was left (the first: {why}).")
+        if n:
+            return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore ({skipped} skipped as "
+                              f"unreadable, the first {self.unreadable[0]}, and the rest are empty, one token long, "
+                              "or held out); pass a larger corpus or a smaller --holdout.")
         return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore (every document is empty, one token "
                           "long, or held out); pass a larger corpus or a smaller --holdout.")
 
@@ -257,11 +264,12 @@ def iter_documents(corpus: Corpus, holdout: float, start: int = 0) -> Iterator[t
 
     Several documents: whole documents are held out (split_of); an unreadable one is skipped
     (Corpus.skip: raised when strict) and keeps its number, so the split stays the same. One
-    document: its tail is (split_tail), and its parts count as documents 0, 1, 2 (store, dev, test).
+    document: its tail is (split_tail), and its parts count as documents 0, 1, 2 (store, dev, test);
+    with no holdout it is document 0 alone.
     """
     if len(corpus.docs) == 1:
         ref = corpus.docs[0]
-        parts = zip((STORE, DEV, TEST), split_tail(corpus.read(ref), holdout))
+        parts = list(zip((STORE, DEV, TEST), split_tail(corpus.read(ref), holdout)))[:3 if holdout > 0 else 1]
         for seq, (split, text) in enumerate(parts):
             if seq >= start:
                 yield seq, split, ref.name, text

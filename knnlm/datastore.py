@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from functools import cached_property
 from pathlib import Path
 
@@ -17,6 +18,18 @@ FORMAT_VERSION = 1
 DEFAULT_DATASTORE = os.path.join("datastores", "default")  # used when neither a path nor $KNNLM_DATASTORE is given
 DATASTORE_ENV = "KNNLM_DATASTORE"  # environment variable naming the datastore directory
 KEY_SOURCE = "input of the output projection (lm_head): final hidden state after the final norm"
+# Every name knnlm writes inside a datastore folder, the build's own bookkeeping included (removed once the build
+# is whole, and arrays.atomic_path's temporaries): a build replaces a datastore holding nothing else
+# (build._check_replaceable). Tests check that tuned datastores and one with an on-disk index hold nothing else.
+DATASTORE_ENTRIES = ("meta.json", "keys.npy", "vals.npy", "holdout.jsonl", "index.faiss", "index.json",
+                     "index-*.ivfdata", "lambda.json", "lambda.png", "mixing.safetensors", "dev-scores.h5", ".pending",
+                     ".lock", ".added", ".added.partial", ".*.tmp-*", ".*.old-*", "progress.json", "settings.json",
+                     "docs.jsonl", "shards.json", "shards")
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Sorted names in a folder that are none of DATASTORE_ENTRIES."""
+    return sorted(e.name for e in path.iterdir() if not any(fnmatch(e.name, pat) for pat in DATASTORE_ENTRIES))
 
 
 def datastore_path(path: str | os.PathLike | None) -> Path:

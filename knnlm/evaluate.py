@@ -203,8 +203,7 @@ def resolve_docs(ds: Datastore, corpus: str | None, split: str, cfg: "EvalConfig
 def corpus_docs(corpus: str, cfg: "EvalConfig") -> list[tuple[str, str]]:
     """(name, text) of every readable document of --corpus, all scored (none held out)."""
     src = open_corpus(corpus, glob=cfg.glob, fmt=cfg.fmt, text_field=cfg.text_field)
-    docs = [(name, text) for _, _, name, text in iter_documents(src, 0.0)]
-    return docs[:1] if len(src.docs) == 1 else docs  # one document's split gives it two empty tails
+    return [(name, text) for _, _, name, text in iter_documents(src, 0.0)]
 
 
 def index_identity(ds: Datastore) -> str:

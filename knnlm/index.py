@@ -81,21 +81,22 @@ class IndexConfig:
         if self.factory is not None and not self.exact:
             make_factory_index(self.factory, dim)
 
-    def check_count(self, n: int, what: str = "this datastore has") -> None:
-        """Refuse an explicit --nlist that n keys cannot train: choose_params would take an exact index instead."""
+    def check_count(self, n: int, what: str = "this datastore has", more: str = "") -> None:
+        """Refuse an explicit --nlist that n keys cannot train: choose_params would take an exact index instead.
+        what: how n reads in the sentence; more: another way out, e.g. ", a larger --max-tokens"."""
         if self.nlist is None or self.exact or self.factory is not None or n >= ivf_min_keys(self.nlist):
             return
         if n < MIN_IVF_KEYS:
-            raise KNNLMError(f"--nlist {self.nlist} asks for an IVF-PQ index, which needs at least {MIN_IVF_KEYS} keys; "
-                             f"{what} {n}: leave out --nlist (so few keys take an exact index).")
+            raise KNNLMError(f"--nlist {self.nlist} asks for an IVF-PQ index, which needs at least {MIN_IVF_KEYS} "
+                             f"keys; {what} {n} keys: leave out --nlist{more} (so few keys take an exact index).")
         raise KNNLMError(f"--nlist {self.nlist} needs at least {ivf_min_keys(self.nlist)} keys to train (39 a list); "
-                         f"{what} {n}: pass --nlist {n // 39} or less, or leave it out.")
+                         f"{what} {n} keys: pass --nlist {n // 39} or less{more}, or leave it out.")
 
     def check_keys(self, n_max: int) -> None:
         """Refuse, before any keys exist, settings whose index could not be trained on up to n_max keys."""
         if self.factory is not None and not self.exact:
             return  # a --factory index is checked by check_factory once the key width is known
-        self.check_count(n_max, "--max-tokens allows at most")
+        self.check_count(n_max, "--max-tokens allows at most", ", a larger --max-tokens")
         p = choose_params(n_max, 1, self, check=False)
         if p["kind"] == "ivfpq" and self.train_size is not None and p["train_size"] < p["nlist"]:
             raise KNNLMError(f"--train-size {self.train_size} is too small for the index of up to {n_max} keys "
@@ -172,6 +173,21 @@ def _chunks(n: int, size: int):
         yield lo, min(n, lo + size)
 
 
+def _refuse_removed(ds: Datastore) -> None:
+    if ds.removed:  # the index would hold their keys again
+        raise KNNLMError(f"Datastore {ds.path} has removed documents whose keys are still in its arrays; run "
+                         f"`knnlm compact {ds.path}` first, then train the index.")
+
+
+def check_retrain(ds: Datastore, cfg: IndexConfig) -> None:
+    """Refuse, before any work, an index train_index would not make as asked of this datastore: one with removed
+    documents, a bad --factory, or an --nlist its keys cannot train (train_index itself would take an exact
+    index then, as a build of unknown size must)."""
+    _refuse_removed(ds)
+    cfg.check_factory(ds.dim)
+    cfg.check_count(ds.count)
+
+
 def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, runner=None) -> dict:
     """Train and fill the index for a datastore; writes index.faiss and index.json atomically.
 
@@ -185,9 +201,7 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     Returns:
         The content of index.json.
     """
-    if ds.removed:  # the index would hold their keys again
-        raise KNNLMError(f"Datastore {ds.path} has removed documents whose keys are still in its arrays; run "
-                         f"`knnlm compact {ds.path}` first, then train the index.")
+    _refuse_removed(ds)
     from .scale.ivf import Adder, train_ivf
 
     n, d = ds.count, ds.dim

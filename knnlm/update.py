@@ -130,6 +130,9 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
+    leftover = ds.path / _ADDED
+    if leftover.is_dir() and not (leftover / "meta.json").is_file():  # a removal of ours cut short: not a datastore
+        shutil.rmtree(leftover)
     bcfg = BuildConfig(model=ds.meta["model"]["name"], device=cfg.device, context=ds.meta["context"],
                        stride=ds.meta["stride"], batch_size=cfg.batch_size, holdout=0, glob=cfg.glob,
                        fmt=cfg.fmt, text_field=cfg.text_field, strict=cfg.strict, build_index=False,

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import knnlm.cli.build as cli_build
 import knnlm.cli.evaluate as cli_eval
 from knnlm.cli.main import cli
+from knnlm.datastore import foreign_entries
 
 
 def run(*args, input=None):
@@ -76,9 +77,13 @@ def test_stdin_and_jsonl_corpora(tiny_model_dir, corpus_texts, tmp_path):
     # Every line lacks the field asked for: the refusal says why, not only that no token came.
     msg = _one_sentence_error(run("build-datastore", tmp_path / "c.jsonl", "--model", tiny_model_dir, "--out",
                                   "wrong-field", "--no-index", "--holdout", 0), "gave no tokens",
-                              "7 of its documents or files were skipped as unreadable", "no string field 'text'",
-                              "pass the right --text-field")
+                              "7 documents or files were skipped as unreadable and none was left",
+                              "no string field 'text'", "pass the right --text-field")
     assert not Path("wrong-field").exists() and not Path("wrong-field.partial").exists(), msg
+    # The same refusal from a sharded build's plan leaves no OUT.partial to refuse the next build.
+    _one_sentence_error(run("build-datastore", tmp_path / "c.jsonl", "--model", tiny_model_dir, "--out", "wrong-field",
+                            "--no-index", "--holdout", 0, "--shards", 2), "pass the right --text-field")
+    assert not Path("wrong-field").exists() and not Path("wrong-field.partial").exists()
     # One file scored with --corpus is one document (its split's empty tails are not counted).
     (tmp_path / "one.txt").write_text(text)
     r = run("eval", "--datastore", "from-jsonl", "--exact", "--k", 8, "--corpus", tmp_path / "one.txt", "--json")
@@ -120,9 +125,24 @@ def test_overwrite_replaces_only_a_datastore(tiny_model_dir, corpus_dir, tmp_pat
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    _one_sentence_error(run(*build, mine), str(mine), "not a datastore", "--out")
-    _one_sentence_error(run(*build[:-2], "--out", mine), "not a datastore")  # without --overwrite: the same
+    _one_sentence_error(run(*build, mine), str(mine), "holds files no datastore holds (notes.txt)", "--out")
+    _one_sentence_error(run(*build[:-2], "--out", mine), "notes.txt")  # without --overwrite: the same
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(mine.iterdir()) == [mine / "notes.txt"]
+    # A meta.json of any content does not make other files a datastore's.
+    (mine / "meta.json").write_text("{garbage")
+    _one_sentence_error(run(*build, mine), "(notes.txt)")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (mine / "meta.json").unlink()
+    # Names a datastore uses, but no meta.json: somebody's keys.npy, not ours to replace.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keys.npy").write_bytes(b"not ours")
+    _one_sentence_error(run(*build, theirs), "not a datastore (it has no meta.json)")
+    assert (theirs / "keys.npy").read_bytes() == b"not ours"
+    # A link is refused, whatever it points to (the build would end in replacing the link).
+    (tmp_path / "link").symlink_to(tmp_path / "empty-target")
+    _one_sentence_error(run(*build, tmp_path / "link"), "symbolic link")
+    assert not (tmp_path / "empty-target").exists() and not (tmp_path / "link.partial").exists()
     (tmp_path / "file").write_text("keep me too")
     _one_sentence_error(run(*build, tmp_path / "file"), "is a file")  # click's own check of --out
     assert (tmp_path / "file").read_text() == "keep me too"
@@ -218,6 +238,7 @@ def test_tune_then_eval_tuned_and_adaptive(built, tmp_path):
     result = json.loads(r.stdout)
     assert Path(result["plot"]).stat().st_size > 1000
     assert (built / "dev-scores.h5").exists() and (built / "lambda.json").exists()
+    assert foreign_entries(built) == []  # all a build may replace (DATASTORE_ENTRIES): the plot included
     assert 0 <= result["lambda"] < 1 and result["adaptive"]["lambdas"]
     r = run("eval", "--lambda", "tuned", "--k", 32, "--json")
     tuned = json.loads(r.stdout)

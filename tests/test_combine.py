@@ -20,6 +20,7 @@ from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import KNNLogitsProcessor
 from knnlm.interpolate import knn_log_prob
+from knnlm.datastore import foreign_entries
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import load_scores, save_scores
 from knnlm.tune import TuneConfig, _KnnCache, _Mixing, split_tokens, tune
@@ -268,7 +269,7 @@ def test_tune_fits_and_stores_every_policy(store, tuned, dev):
                                                                       "skipped": 0.0}
     saved = strict_json((store.path / "lambda.json").read_text())
     assert saved["gate"]["pre"]["shape"]["n_features"] == 4 and saved["spalm"]["dim"] == 32
-    assert (store.path / "mixing.safetensors").is_file()
+    assert (store.path / "mixing.safetensors").is_file() and foreign_entries(store.path) == []
     # the stored gates load back to identical outputs
     for word, which in (("gate", "post"), ("gate-pre", "pre")):
         loaded = resolve_combiner(word, store.path)

@@ -250,11 +250,13 @@ def test_bad_index_settings_are_refused(built, flags, words):
 
 
 def test_an_nlist_too_large_for_the_keys_is_refused():
-    with pytest.raises(KNNLMError, match=r"--nlist 1024 needs at least 39936 keys .* has 20000: pass --nlist 512 or less"):
+    with pytest.raises(KNNLMError, match=r"--nlist 1024 needs at least 39936 keys .* has 20000 keys: pass --nlist "
+                                         r"512 or less, or leave it out"):
         IndexConfig(nlist=1024).check_count(20_000)
     IndexConfig(nlist=512).check_count(20_000)  # 19,968 keys train 512 lists
     IndexConfig(nlist=1024, exact=True).check_count(20_000)  # --exact asks for no lists
-    with pytest.raises(KNNLMError, match=r"--nlist 1024 needs .* --max-tokens allows at most 20000"):
+    with pytest.raises(KNNLMError, match=r"--nlist 1024 needs .* --max-tokens allows at most 20000 keys: .*, a larger "
+                                         r"--max-tokens, or"):
         BuildConfig(max_tokens=20_000, index=IndexConfig(nlist=1024))  # refused before the build starts
     BuildConfig(max_tokens=20_000, build_index=False, index=IndexConfig(nlist=1024))  # no index: nothing to train
 

@@ -17,7 +17,7 @@ from cli import build as cli_build
 from cli.main import cli
 from helpers import clustered, make_datastore
 from knnlm.build import BuildConfig, build_datastore
-from knnlm.datastore import open_datastore
+from knnlm.datastore import foreign_entries, open_datastore
 from knnlm.errors import KNNLMError
 from knnlm.index import IndexConfig, load_index, read_index_info, train_index
 from knnlm.scale import Engine, ShardConfig, build_sharded, plan_shards
@@ -148,6 +148,7 @@ def test_on_disk_index_searches_like_in_ram(synthetic):
     train_index(open_datastore(root / "ram"), cfg)
     info = train_index(open_datastore(root / "disk"), IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0, on_disk=True))
     assert info["lists"] == "on-disk" and (root / "disk" / info["ivfdata"]).is_file()
+    assert foreign_entries(root / "disk") == []  # a build may replace it (DATASTORE_ENTRIES)
     # The lists file is found beside index.faiss after the datastore moves.
     (root / "disk").rename(root / "moved")
     d_ram, i_ram = _search(root / "ram", queries)

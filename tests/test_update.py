@@ -84,6 +84,15 @@ def test_add_gives_the_arrays_of_a_build_over_all_documents(ds3, three, tiny_lm,
     assert a.meta["updates"][0]["op"] == "add" and load_index(a).ntotal == a.count
 
 
+def test_add_clears_what_an_interrupted_clean_up_left(ds3, three, tiny_lm):
+    # The add's own build folder, its removal cut short after meta.json went: ours, not a user's folder.
+    left = ds3 / ".added"
+    left.mkdir()
+    (left / "keys.npy").write_bytes(b"half deleted")
+    r = add_documents(ds3, str(three[1]), lm=tiny_lm)
+    assert r["documents"] == 1 and not left.exists()
+
+
 def test_add_refuses_another_model_and_documents_already_there(ds3, three, tiny_lm, tmp_path):
     other = make_datastore(tmp_path / "other", clustered(50, tiny_lm.dim), np.zeros(50), model_fp="another")
     with pytest.raises(KNNLMError, match="another model"):

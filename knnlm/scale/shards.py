@@ -125,7 +125,11 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
                 | {"model": lm.fingerprint, "corpus": src.files, "shards": shard_cfg.shards})
     if plan is None:
-        plan = plan_shards(lm, src, cfg, shard_cfg.shards)
+        try:
+            plan = plan_shards(lm, src, cfg, shard_cfg.shards)
+        except KNNLMError:  # nothing planned, nothing to resume: no OUT.partial left to refuse the next build
+            shutil.rmtree(work)
+            raise
         write_json(work / "settings.json", settings)
         write_json(work / "shards.json", plan)
     elif _read_json(work, "settings.json") != json.loads(json.dumps(settings)):
