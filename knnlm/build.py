@@ -100,7 +100,7 @@ def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[P
     """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan."""
     work = _partial_dir(out)
     _check_replaceable(out)
-    if out.exists() and not cfg.overwrite:
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # an empty folder holds nothing to lose
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
     if work.exists():
@@ -416,7 +416,7 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
     try:
         _check_replaceable(out)  # again: files may have appeared there during the build
     except KNNLMError as e:
-        raise KNNLMError(f"{e} The new datastore is kept in {work}: rerun with --resume to finish it.") from None
+        raise KNNLMError(f"{e} The new datastore is kept in {work}: rerun with --resume to finish it there.") from None
     replace_dir(work, out)
     for name in ("progress.json", "settings.json", "docs.jsonl", "shards.json"):
         (out / name).unlink(missing_ok=True)

@@ -94,6 +94,23 @@ def test_resume_gives_identical_arrays(tiny_lm, tiny_model_dir, corpus_dir):
     assert again.heldout("dev") == whole.heldout("dev") and again.heldout("test") == whole.heldout("test")
 
 
+def test_files_that_appear_at_out_during_a_build_are_kept(tiny_lm, tiny_model_dir, corpus_dir, tmp_path):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", build_index=False,
+                      max_tokens=2_000)
+    out = tmp_path / "ds"
+
+    def meanwhile(_n):  # somebody puts a file where the datastore is to go
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("keep me")
+
+    with pytest.raises(KNNLMError, match=r"holds files no datastore holds \(notes.txt\).* rerun with --resume"):
+        build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm, progress=meanwhile)
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(out.iterdir()) == [out / "notes.txt"]
+    (out / "notes.txt").unlink()  # cleared: the kept build finishes without running the model again
+    done = build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, "resume": True}), lm=None)
+    assert done.count == 2_000 and not tmp_path.joinpath("ds.partial").exists()
+
+
 def test_holdout_never_enters_the_datastore(tiny_lm, tiny_model_dir, corpus_dir):
     cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, glob="*.txt",
                       build_index=False)
