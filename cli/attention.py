@@ -8,18 +8,16 @@ import click
 
 from knnlm.memory.attention import AttentionMemoryConfig, Positions, Retrieval
 
+from .common import refuse_stray
+
 _DEFAULT = AttentionMemoryConfig()
 
 
 def attention_config(on: bool, layers: str | None, k: int | None, positions: str | None,
                      retrieval: str | None) -> AttentionMemoryConfig | None:
     """The AttentionMemoryConfig of the options, or None when --attention-memory is off."""
-    given = {"--memory-layers": layers, "--memory-k": k, "--memory-positions": positions,
-             "--memory-retrieval": retrieval}
+    refuse_stray(on, "--attention-memory", "memory_layers", "memory_k", "memory_positions", "memory_retrieval")
     if not on:
-        stray = [name for name, value in given.items() if value is not None]
-        if stray:
-            raise click.UsageError(f"{', '.join(stray)} only apply with --attention-memory; add it or leave them out.")
         return None
     return AttentionMemoryConfig(layers=_DEFAULT.layers if layers is None else layers,
                                  k=_DEFAULT.k if k is None else k,

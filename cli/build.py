@@ -10,7 +10,7 @@ from knnlm.index import IndexConfig, check_retrain, train_index
 from knnlm.lm import DEFAULT_MODEL
 from knnlm.scale import Engine, ShardConfig, build_sharded
 
-from .common import device_option, progress_bar, trust_option
+from .common import device_option, progress_bar, refuse_stray, trust_option
 from .evaluate import corpus_format_options
 
 
@@ -72,6 +72,7 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
         index=IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
                           on_disk=on_disk, factory=factory, fast_scan=fast_scan),
         overwrite=overwrite, resume=resume)
+    refuse_stray(engine == Engine.RAY.value, "--engine ray", "ray_address")
     shard_cfg = ShardConfig(shards=shards, engine=engine, ray_address=ray_address)
     with progress_bar(max_tokens, "building") as bar:
         try:

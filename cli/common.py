@@ -22,6 +22,19 @@ trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow the
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def refuse_stray(on: bool, needs: str, *names: str) -> None:
+    """One sentence, not silence, for options typed on the command line that only apply with `needs` (off)."""
+    if on:
+        return
+    ctx = click.get_current_context()
+    stray = [p.opts[0] for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    if stray:
+        one = len(stray) == 1
+        raise click.UsageError(f"{', '.join(stray)} only appl{'ies' if one else 'y'} with {needs}; add it or leave "
+                               f"{'it' if one else 'them'} out.")
+
+
 def progress_bar(total: int | None, desc: str, unit: str = "tok") -> tqdm:
     """A tqdm bar on stderr showing rate per second."""
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)

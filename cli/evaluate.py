@@ -11,7 +11,8 @@ from knnlm.report import REPORT_TOKENS, report_eval
 from knnlm.retrieval import RetrievalConfig
 
 from .attention import attention_options
-from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
+from .common import (datastore_option, device_option, json_option, model_option, print_json, progress_bar,
+                     refuse_stray, trust_option)
 
 
 def retrieval_options(f):
@@ -110,6 +111,8 @@ def refuse_datastore_flags() -> None:
 
 def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors) -> MemoryConfig:
     """The MemoryConfig of memory_options' flags."""
+    refuse_stray(memory == "document", "--memory document", "memory_mix", "memory_lambda", "memory_temperature",
+                 "memory_neighbors")
     return MemoryConfig(memory=memory, mix=memory_mix, lam=memory_lambda, temperature=memory_temperature,
                         k=memory_neighbors)
 
@@ -212,6 +215,7 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      use_datastore=not no_datastore, attention=attention)
     if no_datastore and report_file:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
+    refuse_stray(bool(report_file), "--report", "report_tokens")
     if report_tokens < 0:
         raise click.BadParameter(f"{report_tokens} is negative; pass a number of tokens, e.g. 5000.",
                                  param_hint="--report-tokens")

@@ -155,7 +155,13 @@ def _folder_files(path: Path, glob: str, fmt: str) -> list[Path]:
     """The files of a folder corpus; Parquet files when the format (or, by default, the folder) says so."""
     if fmt == "parquet" and glob == DEFAULT_GLOB:
         glob = "**/*.parquet"
-    files = sorted(p for p in path.glob(glob) if p.is_file())
+    if not glob or glob.startswith(("/", "\\")) or ".." in Path(glob).parts:
+        raise KNNLMError(f"--glob {glob!r} must be a pattern inside the folder {path}, e.g. --glob '**/*.py'.")
+    try:
+        files = sorted(p for p in path.glob(glob) if p.is_file())
+    except (ValueError, NotImplementedError) as e:  # pathlib's own refusals, e.g. '**' inside a name
+        raise KNNLMError(f"--glob {glob!r} is not a pattern pathlib can match ({e}); pass one such as "
+                         "--glob '**/*.py'.") from None
     if not files and fmt == "auto" and glob == DEFAULT_GLOB:  # a folder of Parquet files, found by default
         files = sorted(p for p in path.glob("**/*.parquet") if p.is_file())
     if not files:

@@ -119,6 +119,8 @@ class Datastore:
 
     def heldout(self, split: str) -> list[tuple[str, str]]:
         """(name, text) of the held-out documents of a split ("dev" or "test")."""
+        if split not in ("dev", "test"):
+            raise KNNLMError(f"A datastore's held-out split is 'dev' or 'test', not {split!r}.")
         path = self.path / "holdout.jsonl"
         if not path.exists():
             return []

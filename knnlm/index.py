@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import os
+import sys
 import time
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -283,6 +287,22 @@ def flat_l2(index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_L2
 
 
+@contextmanager
+def _c_stdout_to_stderr():
+    """Send what C code prints to stdout (fd 1) to stderr meanwhile: faiss prints a notice there when it reads
+    on-disk lists from their new place, and stdout belongs to --json's output."""
+    sys.stdout.flush()
+    libc, saved = ctypes.CDLL(None), os.dup(1)
+    try:
+        libc.fflush(None)
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)  # C's buffered stdout, before fd 1 is stdout again
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def load_index(ds: Datastore):
     """The datastore's faiss index, checked against its keys."""
     info = read_index_info(ds)
@@ -302,7 +322,8 @@ def load_index(ds: Datastore):
         faiss.cvar.precomputed_table_max_bytes = min(table_max, ON_DISK_TABLE_MAX_BYTES)
     try:
         # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
-        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with _c_stdout_to_stderr() if info.get("lists") == "on-disk" else nullcontext():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except (RuntimeError, MemoryError, ValueError, OSError) as e:  # faiss: RuntimeError; a garbled size: MemoryError
         raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
                          f"`knnlm train-index {ds.path}`.") from e

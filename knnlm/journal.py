@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ PENDING = ".pending"  # staging folder inside the directory being changed
 COMMIT = "commit.json"  # its presence in PENDING is the commit
 LOCK = ".lock"  # flock()ed by the process changing the directory
 _HELD: dict[str, int] = {}  # directories this process is changing -> the lock's file descriptor
+_HOLDING: set[str] = set()  # of those, the ones a hold() keeps locked past their commits
 
 
 def _try_lock(root: Path) -> int | None:
@@ -50,16 +52,41 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
+def _lock(root: Path, key: str) -> None:
+    """root's lock into _HELD, or one sentence when another process holds it."""
+    fd = _try_lock(Path(root))
+    if fd is None:
+        raise KNNLMError(f"{root} is being changed by another process (knnlm add, remove or compact); "
+                         "wait for it to finish, then try again.")
+    _HELD[key] = fd
+
+
+@contextmanager
+def hold(root: Path):
+    """Keep root locked against other changes for a whole operation (an add's LM pass, its commit and its clean-up),
+    not only from begin to commit."""
+    key = str(Path(root).resolve())
+    if key in _HOLDING:
+        yield
+        return
+    if key not in _HELD:
+        _lock(root, key)
+    _HOLDING.add(key)
+    try:
+        yield
+    finally:
+        _HOLDING.discard(key)
+        fd = _HELD.pop(key, None)
+        if fd is not None:
+            _unlock(fd)
+
+
 def begin(root: Path) -> Path:
     """An empty staging folder in root, after recovering from any earlier interrupted change; root stays
-    locked against other changes (and other processes' recovery) until commit."""
+    locked against other changes (and other processes' recovery) until commit (or a hold's end)."""
     key = str(Path(root).resolve())
-    if key not in _HELD:  # held already: an earlier change of this process failed before its commit
-        fd = _try_lock(Path(root))
-        if fd is None:
-            raise KNNLMError(f"{root} is being changed by another process (knnlm add, remove or compact); "
-                             "wait for it to finish, then try again.")
-        _HELD[key] = fd
+    if key not in _HELD:  # held already: a hold, or an earlier change of this process failed before its commit
+        _lock(root, key)
     recover(root)
     pending = Path(root) / PENDING
     pending.mkdir()
@@ -79,9 +106,11 @@ def commit(root: Path, files: list[str], npy_rows: dict[str, int] | None = None)
         _fsync(pending / name)
     write_json(pending / COMMIT, {"files": list(files), "npy_rows": dict(npy_rows or {})})
     _roll_forward(Path(root))
-    fd = _HELD.pop(str(Path(root).resolve()), None)
-    if fd is not None:
-        _unlock(fd)
+    key = str(Path(root).resolve())
+    if key not in _HOLDING:  # a hold releases it when it ends
+        fd = _HELD.pop(key, None)
+        if fd is not None:
+            _unlock(fd)
 
 
 def recover(root: Path) -> None:

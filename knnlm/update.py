@@ -24,7 +24,7 @@ from .corpus import DEFAULT_GLOB, open_corpus
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError
 from .index import load_index, read_index_info
-from .journal import PENDING, begin, commit
+from .journal import PENDING, begin, commit, hold
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,16 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
     Returns:
         The update record written to meta.json ("documents", "keys", "unreadable", ...).
     """
+    path = open_datastore(datastore).path
+    with hold(path):  # the whole add, its LM pass included: a remove or compact meanwhile would undo its keys' rows
+        return _add(open_datastore(path), corpus, cfg, lm, progress)
+
+
+def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
+    """add_documents' work, with ds locked."""
     from .build import BuildConfig, build_datastore
     from .lm import load_lm
 
-    ds = open_datastore(datastore)
     corpus_log = logging.getLogger("knnlm.corpus")
     level = corpus_log.level
     corpus_log.setLevel(logging.ERROR)  # the build lists the corpus again and warns then
@@ -127,6 +133,11 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
     if dup:
         raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
+    held = {name: split for split in ("dev", "test") for name, _ in ds.heldout(split)}
+    mixed = sorted(r.name for r in src.docs if r.name in held)
+    if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
+        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[mixed[0]]} text ({len(mixed)} documents "
+                         "are); a datastore never holds what eval and tune-lambda score, so add other documents.")
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
@@ -185,6 +196,8 @@ def _resolve(ds: Datastore, names: list[str]) -> list[list]:
     picked: dict[tuple, list] = {}
     for name in names:
         hits = by_name.get(name) or by_name.get(os.path.normpath(os.path.abspath(name)))
+        if not hits and any(name in (r[0], os.path.normpath(os.path.abspath(r[0]))) for r in ds.removed):
+            raise KNNLMError(f"{name} was removed from {ds.path} already; `knnlm compact {ds.path}` drops its keys.")
         if not hits:
             raise KNNLMError(f"{name} is not a stored document of {ds.path}; `knnlm info {ds.path} --json` "
                              "counts them and meta.json's \"documents\" names them.")

@@ -101,6 +101,8 @@ def test_bad_input(tiny_model_dir, corpus_dir, tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     _one_sentence_error(run("build-datastore", tmp_path / "latin.txt", *m), "not UTF-8")
     _one_sentence_error(run("build-datastore", corpus_dir, *m, "--glob", "*.md"), "no files matching", "--glob")
+    for glob in ("", "/abs/*.txt", "../*.txt", "a**b"):  # no traceback, and nothing read outside the folder
+        _one_sentence_error(run("build-datastore", corpus_dir, *m, "--glob", glob), f"--glob {glob!r}", "'**/*.py'")
     _one_sentence_error(run("build-datastore", corpus_dir / "bisect.py.txt", "--model", tmp_path / "no-model"),
                         "not found", "offline")
     _one_sentence_error(run("build-datastore", corpus_dir / "bisect.py.txt", *m, "--stride", 600, "--context", 512),

@@ -3,6 +3,8 @@ dev-scores cache and the tuned-settings note, the report's refusals, updates of 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from helpers import make_datastore
 from knnlm.api import KNNLM
 from knnlm.cli.main import cli
-from knnlm.combine import search_settings_note
+from knnlm.combine import resolve_combiner, search_settings_note
 from knnlm.datastore import open_datastore
 from knnlm.errors import KNNLMError
 from knnlm.evaluate import NO_DATASTORE_WINDOW, EvalConfig
@@ -48,6 +50,15 @@ def test_retomaton_is_a_search_setting_for_the_tuned_values_note():
     assert search_settings_note(tuned, plain) is None
     note = search_settings_note(tuned, {**plain, "retomaton": "min_knns 50, candidates 2048"})
     assert note is not None and "retomaton off" in note
+
+
+def test_no_tuned_values_note_on_a_datastore_never_tuned(tmp_path):
+    ds = make_datastore(tmp_path / "ds", np.zeros((20, 8)), np.zeros(20))  # no lambda.json
+    search = {"search": "ivfpq", "index": "a", "k": 1000, "nprobe": 8, "rerank": True, "retomaton": "min_knns 50"}
+    assert resolve_combiner("0.25", ds, search=search).mismatch is None  # nothing tuned is used
+    (ds / "lambda.json").write_text(json.dumps({"format": 2, "lambda": 0.3, "temperature": 10.0, "tuned_on": {"attrs": {
+        "search": "ivfpq", "index": "a", "k": 1000, "nprobe": 8, "rerank": True}}}))
+    assert "retomaton off" in resolve_combiner("0.25", ds, search=search).mismatch  # its tuned T is
 
 
 @pytest.mark.parametrize("cfg", [EvalConfig(retrieval=RetrievalConfig(retomaton=True)),
@@ -91,3 +102,30 @@ def test_a_change_in_progress_is_left_alone_by_readers_and_other_writers(tmp_pat
     assert not (ds / PENDING).exists()
     remove_documents(ds, ["synthetic"])
     assert open_datastore(ds).live_count == 0
+
+
+def test_every_public_name_imports_from_knnlm():
+    import knnlm
+    from knnlm.memory.attention import AttentionMemoryConfig
+    from knnlm.memory.document import MemoryConfig
+
+    for name in knnlm.__all__:
+        assert getattr(knnlm, name) is not None, name
+    # the README's `memory=MemoryConfig("document")` and attention memory's config, from knnlm itself
+    assert knnlm.MemoryConfig is MemoryConfig and knnlm.AttentionMemoryConfig is AttentionMemoryConfig
+
+
+@pytest.mark.parametrize("args,words", [
+    (["eval", "--memory-lambda", "0.3", "--memory-neighbors", "8"],
+     "--memory-lambda, --memory-neighbors only apply with --memory document; add it or leave them out"),
+    (["generate", "-p", "x", "--memory-mix", "separate"], "--memory-mix only applies with --memory document"),
+    (["eval", "--report-tokens", "100"], "--report-tokens only applies with --report; add it or leave it out"),
+    (["build-datastore", "corpus.txt", "--ray-address", "auto"], "--ray-address only applies with --engine ray"),
+    (["eval", "--memory-k", "8", "--memory-layers", "0"], "--memory-layers, --memory-k only apply with --attention-memory"),
+])
+def test_options_that_need_another_are_refused_not_ignored(args, words, tmp_path):
+    # Refused before anything is opened: no datastore, model or corpus exists here.
+    r = CliRunner().invoke(cli, [*args, "--datastore" if args[0] != "build-datastore" else "--out",
+                                 str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert not (tmp_path / "nowhere").exists()

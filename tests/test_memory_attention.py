@@ -219,7 +219,7 @@ def test_every_attention_flag_reaches_its_config(monkeypatch):
         CliRunner().invoke(cli, ["eval", "--corpus", "c.txt"], catch_exceptions=False)
     assert seen["eval"] is None
     r = CliRunner().invoke(cli, ["eval", "--corpus", "c.txt", "--memory-k", "9"])
-    assert r.exit_code != 0 and "--memory-k only apply with --attention-memory" in r.output
+    assert r.exit_code != 0 and "--memory-k only applies with --attention-memory; add it or leave it out" in r.output
 
     def fake_generate(lm, prompt, retriever, *args, attention=None, **kwargs):
         seen["generate"] = attention

@@ -141,7 +141,7 @@ def synthetic(tmp_path):
     return tmp_path, queries
 
 
-def test_on_disk_index_searches_like_in_ram(synthetic):
+def test_on_disk_index_searches_like_in_ram(synthetic, capfd):
     root, queries = synthetic
     shutil.copytree(root / "ram", root / "disk")
     cfg = IndexConfig(nlist=32, code_size=8, train_size=1024, seed=0)
@@ -152,7 +152,10 @@ def test_on_disk_index_searches_like_in_ram(synthetic):
     # The lists file is found beside index.faiss after the datastore moves.
     (root / "disk").rename(root / "moved")
     d_ram, i_ram = _search(root / "ram", queries)
+    capfd.readouterr()
     d_disk, i_disk = _search(root / "moved", queries)
+    seen = capfd.readouterr()  # faiss's notice of the lists' new place goes to stderr: stdout is --json's
+    assert "ondisk" not in seen.out and "ondisk" in seen.err
     assert np.array_equal(i_ram, i_disk) and np.array_equal(d_ram, d_disk)
     assert (i_ram >= 0).all()
     out = CliRunner().invoke(cli, ["info", str(root / "moved")])

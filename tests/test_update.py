@@ -84,6 +84,45 @@ def test_add_gives_the_arrays_of_a_build_over_all_documents(ds3, three, tiny_lm,
     assert a.meta["updates"][0]["op"] == "add" and load_index(a).ntotal == a.count
 
 
+def test_add_refuses_a_held_out_document(tiny_lm, tiny_model_dir, corpus_texts, tmp_path):
+    src = folder(tmp_path / "corpus", corpus_texts, DOCS)
+    ds = build_datastore(str(src), tmp_path / "ds", BuildConfig(model=str(tiny_model_dir), **{**BUILD, "holdout": 0.25}),
+                         lm=tiny_lm)
+    name = ds.heldout("dev")[0][0]
+    with pytest.raises(KNNLMError, match=f"{name} is held out of .* as its dev text"):
+        add_documents(ds.path, name, lm=tiny_lm)
+    assert open_datastore(ds.path).count == ds.count  # nothing added
+    with pytest.raises(KNNLMError, match="'dev' or 'test', not 'tst'"):
+        ds.heldout("tst")
+
+
+def test_add_holds_the_lock_through_its_lm_pass(ds3, three, tiny_lm):
+    from knnlm.journal import _try_lock, _unlock
+
+    fd = _try_lock(ds3)  # another change in progress (a lock of another open file, as another process's)
+    try:
+        with pytest.raises(KNNLMError, match="being changed by another process"):
+            add_documents(ds3, str(three[1]), lm=tiny_lm)
+    finally:
+        _unlock(fd)
+    assert not (ds3 / ".added").exists() and not (ds3 / ".added.partial").exists()  # refused before any work
+    # During the add's LM pass (its progress calls) the lock is taken: a remove then is refused (before, it ran,
+    # and the add failed after it).
+    seen = []
+
+    def meanwhile(_n):
+        fd = _try_lock(ds3)  # what a remove in another process would try
+        seen.append(fd)
+        if fd is not None:
+            _unlock(fd)
+
+    r = add_documents(ds3, str(three[1]), lm=tiny_lm, progress=meanwhile)
+    assert seen and all(fd is None for fd in seen) and r["documents"] == 1
+    fd = _try_lock(ds3)  # released at its end
+    assert fd is not None
+    _unlock(fd)
+
+
 def test_add_clears_what_an_interrupted_clean_up_left(ds3, three, tiny_lm):
     # The add's own build folder, its removal cut short after meta.json went: ours, not a user's folder.
     left = ds3 / ".added"
@@ -129,8 +168,9 @@ def test_remove_then_no_search_returns_their_rows(ds3, tiny_lm):
     text = Path(name).read_text()[:400]
     docs = {n["document"] for n in knn.neighbors(text, -1, 50)["neighbors"]}
     assert docs and name not in docs
-    # Removing it again is refused; train-index waits for compact.
-    assert invoke("remove", ds3, name).exit_code == 1
+    # Removing it again is refused, and says so; train-index waits for compact.
+    again = invoke("remove", ds3, name)
+    assert again.exit_code == 1 and f"{name} was removed from {ds3} already" in again.output, again.output
     with pytest.raises(KNNLMError, match="compact"):
         train_index(ds)
 

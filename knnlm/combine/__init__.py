@@ -163,8 +163,9 @@ def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_
     skip_number = None if skip_word in (None, "tuned") else _parse_skip(skip_word)
     if combine == "mix" and number is not None and skip_below is None:
         out = FixedLambda(number, pick_temperature(temperature, datastore_dir), f"--lambda {lam}")
-        if temperature is None and datastore_dir is not None:  # T itself may be the tuned one
-            out.mismatch = search_settings_note(load_lambda(datastore_dir) or {}, search)
+        data = load_lambda(datastore_dir) if temperature is None and datastore_dir is not None else None
+        if data is not None:  # T itself may be the tuned one (never tuned: no tuned value is used)
+            out.mismatch = search_settings_note(data, search)
         return out
     data = load_lambda(datastore_dir) if datastore_dir is not None else None
     path = Path(str(datastore_dir)) / LAMBDA_FILE
