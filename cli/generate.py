@@ -36,11 +36,12 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
                  memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore, model, device,
                  trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
     mem = memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors)
     if no_datastore:
-        refuse_datastore_flags()
+        refuse_datastore_flags()  # before stdin is read: a refusal need not wait for it
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if no_datastore:
         knn = KNNLM.without_datastore(model, device, trust_remote_code)
     else:
         knn = KNNLM.open(datastore, model, device,

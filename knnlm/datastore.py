@@ -121,15 +121,23 @@ class Datastore:
         """(name, text) of the held-out documents of a split ("dev" or "test")."""
         if split not in ("dev", "test"):
             raise KNNLMError(f"A datastore's held-out split is 'dev' or 'test', not {split!r}.")
+        return [(name, text) for s, name, text in self._holdout() if s == split]
+
+    def heldout_names(self) -> dict[str, str]:
+        """{name: split} of every held-out document, read a line at a time (no text kept)."""
+        return {name: s for s, name, _ in self._holdout()}
+
+    def _holdout(self):
+        """holdout.jsonl's records, one at a time (none without the file)."""
         path = self.path / "holdout.jsonl"
         if not path.exists():
-            return []
+            return
         try:
-            records = parse_holdout(path.read_bytes())
+            with open(path, "rb") as f:
+                yield from iter_holdout(f)
         except ValueError as e:
             raise KNNLMError(f"{path} is damaged ({e}); rebuild the datastore with `knnlm build-datastore "
                              "--overwrite`, or pass --corpus.") from e
-        return [(name, text) for s, name, text in records if s == split]
 
     def check_compatible(self, lm) -> None:
         """Refuse a model, tokenizer or key width other than the one this datastore was built with."""
@@ -148,16 +156,20 @@ class Datastore:
 
 def parse_holdout(data: bytes) -> list[tuple[str, str, str]]:
     """(split, name, text) of each line of holdout.jsonl; ValueError naming the first line that is not one."""
-    out = []
-    for lineno, line in enumerate(data.splitlines(), 1):
+    return list(iter_holdout(data.splitlines()))
+
+
+def iter_holdout(lines):
+    """(split, name, text) of each of holdout.jsonl's lines (an open file reads one at a time); ValueError naming
+    the first line that is not one."""
+    for lineno, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
-            out.append((str(rec["split"]), str(rec["name"]), rec["text"]))
             if not isinstance(rec["text"], str):
                 raise TypeError(f"text is {type(rec['text']).__name__}, not a string")
+            yield str(rec["split"]), str(rec["name"]), rec["text"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"line {lineno} is not a held-out document: {type(e).__name__}: {e}") from e
-    return out
 
 
 def _open_array(path: Path, dtype, shape: tuple) -> np.ndarray:

@@ -290,9 +290,16 @@ def flat_l2(index) -> bool:
 @contextmanager
 def _c_stdout_to_stderr():
     """Send what C code prints to stdout (fd 1) to stderr meanwhile: faiss prints a notice there when it reads
-    on-disk lists from their new place, and stdout belongs to --json's output."""
-    sys.stdout.flush()
-    libc, saved = ctypes.CDLL(None), os.dup(1)
+    on-disk lists from their new place, and stdout belongs to --json's output. Best effort: with stdout closed
+    or missing there is nothing to protect, and nothing is redirected."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # a closed stdout, or no fd 1
+        yield
+        return
+    libc = ctypes.CDLL(None)
     try:
         libc.fflush(None)
         os.dup2(2, 1)
@@ -323,10 +330,11 @@ def load_index(ds: Datastore):
     try:
         # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
         with _c_stdout_to_stderr() if info.get("lists") == "on-disk" else nullcontext():
-            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    except (RuntimeError, MemoryError, ValueError, OSError) as e:  # faiss: RuntimeError; a garbled size: MemoryError
-        raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
-                         f"`knnlm train-index {ds.path}`.") from e
+            try:
+                index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            except (RuntimeError, MemoryError, ValueError, OSError) as e:  # a garbled size: MemoryError
+                raise KNNLMError(f"{path} is damaged (faiss cannot read it); rebuild it with "
+                                 f"`knnlm train-index {ds.path}`.") from e
     finally:
         faiss.cvar.precomputed_table_max_bytes = table_max
     if index.ntotal != ds.live_count or index.d != ds.dim:  # removed documents' keys have left the index

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +33,8 @@ PENDING = ".pending"  # staging folder inside the directory being changed
 COMMIT = "commit.json"  # its presence in PENDING is the commit
 LOCK = ".lock"  # flock()ed by the process changing the directory
 _HELD: dict[str, int] = {}  # directories this process is changing -> the lock's file descriptor
-_HOLDING: set[str] = set()  # of those, the ones a hold() keeps locked past their commits
+_HOLDING: dict[str, int] = {}  # of those, the ones a hold() keeps locked past their commits -> its thread
+_MUTEX = threading.Lock()  # _HELD and _HOLDING, between this process's threads
 
 
 def _try_lock(root: Path) -> int | None:
@@ -52,12 +54,22 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
+def _busy(root: Path) -> KNNLMError:
+    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove or compact); wait for it to "
+                      "finish, then try again.")
+
+
 def _lock(root: Path, key: str) -> None:
-    """root's lock into _HELD, or one sentence when another process holds it."""
+    """root's lock into _HELD (with _MUTEX held), or one sentence when another process, or another thread's
+    hold, has it."""
+    owner = _HOLDING.get(key)
+    if owner is not None and owner != threading.get_ident():
+        raise _busy(root)
+    if key in _HELD:  # this thread's hold, or an earlier change of this process that failed before its commit
+        return
     fd = _try_lock(Path(root))
     if fd is None:
-        raise KNNLMError(f"{root} is being changed by another process (knnlm add, remove or compact); "
-                         "wait for it to finish, then try again.")
+        raise _busy(root)
     _HELD[key] = fd
 
 
@@ -66,26 +78,30 @@ def hold(root: Path):
     """Keep root locked against other changes for a whole operation (an add's LM pass, its commit and its clean-up),
     not only from begin to commit."""
     key = str(Path(root).resolve())
-    if key in _HOLDING:
+    with _MUTEX:
+        if _HOLDING.get(key) == threading.get_ident():  # nested in this thread's own hold
+            nested = True
+        else:
+            _lock(root, key)
+            _HOLDING[key], nested = threading.get_ident(), False
+    if nested:
         yield
         return
-    if key not in _HELD:
-        _lock(root, key)
-    _HOLDING.add(key)
     try:
         yield
     finally:
-        _HOLDING.discard(key)
-        fd = _HELD.pop(key, None)
-        if fd is not None:
-            _unlock(fd)
+        with _MUTEX:
+            del _HOLDING[key]
+            fd = _HELD.pop(key, None)
+            if fd is not None:
+                _unlock(fd)
 
 
 def begin(root: Path) -> Path:
     """An empty staging folder in root, after recovering from any earlier interrupted change; root stays
     locked against other changes (and other processes' recovery) until commit (or a hold's end)."""
     key = str(Path(root).resolve())
-    if key not in _HELD:  # held already: a hold, or an earlier change of this process failed before its commit
+    with _MUTEX:
         _lock(root, key)
     recover(root)
     pending = Path(root) / PENDING
@@ -107,10 +123,11 @@ def commit(root: Path, files: list[str], npy_rows: dict[str, int] | None = None)
     write_json(pending / COMMIT, {"files": list(files), "npy_rows": dict(npy_rows or {})})
     _roll_forward(Path(root))
     key = str(Path(root).resolve())
-    if key not in _HOLDING:  # a hold releases it when it ends
-        fd = _HELD.pop(key, None)
-        if fd is not None:
-            _unlock(fd)
+    with _MUTEX:
+        if key not in _HOLDING:  # a hold releases it when it ends
+            fd = _HELD.pop(key, None)
+            if fd is not None:
+                _unlock(fd)
 
 
 def recover(root: Path) -> None:
@@ -120,6 +137,10 @@ def recover(root: Path) -> None:
     if not pending.exists():
         return
     fd = None
+    owner = _HOLDING.get(str(root.resolve()))
+    if owner is not None and owner != threading.get_ident():  # another thread's change in progress
+        log.info("%s is being changed by another thread; reading its last committed state", root)
+        return
     if str(root.resolve()) not in _HELD:
         try:
             fd = _try_lock(root)

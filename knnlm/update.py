@@ -129,15 +129,17 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
     finally:
         corpus_log.setLevel(level)
-    dup = sorted({r.name for r in src.docs} & _live_names(ds))
+    live = _by_path(_live_names(ds))
+    dup = sorted(r.name for r in src.docs if _path_of(r.name) in live)
     if dup:
         raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
-    held = {name: split for split in ("dev", "test") for name, _ in ds.heldout(split)}
-    mixed = sorted(r.name for r in src.docs if r.name in held)
+    held = {_path_of(name): split for name, split in ds.heldout_names().items()}
+    mixed = sorted(r.name for r in src.docs if _path_of(r.name) in held)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
-        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[mixed[0]]} text ({len(mixed)} documents "
-                         "are); a datastore never holds what eval and tune-lambda score, so add other documents.")
+        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[_path_of(mixed[0])]} text ({len(mixed)} "
+                         "documents are); a datastore never holds what eval and tune-lambda score, so add other "
+                         "documents.")
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
@@ -185,6 +187,15 @@ def apply_add(ds: Datastore, added: Datastore) -> dict:
     return record
 
 
+def _path_of(name: str) -> str:
+    """A document name as one spelling of its path (relative or absolute, ./ or not name the same file)."""
+    return os.path.normpath(os.path.abspath(name))
+
+
+def _by_path(names) -> set[str]:
+    return {_path_of(n) for n in names}
+
+
 def _resolve(ds: Datastore, names: list[str]) -> list[list]:
     """The live document entries named (exactly, or as the same path), in table order."""
     gone = {(r[0], r[1]) for r in ds.removed}
@@ -192,11 +203,11 @@ def _resolve(ds: Datastore, names: list[str]) -> list[list]:
     by_name: dict[str, list] = {}
     for d in live:
         by_name.setdefault(d[0], []).append(d)
-        by_name.setdefault(os.path.normpath(os.path.abspath(d[0])), []).append(d)
+        by_name.setdefault(_path_of(d[0]), []).append(d)
     picked: dict[tuple, list] = {}
     for name in names:
-        hits = by_name.get(name) or by_name.get(os.path.normpath(os.path.abspath(name)))
-        if not hits and any(name in (r[0], os.path.normpath(os.path.abspath(r[0]))) for r in ds.removed):
+        hits = by_name.get(name) or by_name.get(_path_of(name))
+        if not hits and _path_of(name) in _by_path(r[0] for r in ds.removed):
             raise KNNLMError(f"{name} was removed from {ds.path} already; `knnlm compact {ds.path}` drops its keys.")
         if not hits:
             raise KNNLMError(f"{name} is not a stored document of {ds.path}; `knnlm info {ds.path} --json` "

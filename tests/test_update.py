@@ -91,6 +91,8 @@ def test_add_refuses_a_held_out_document(tiny_lm, tiny_model_dir, corpus_texts, 
     name = ds.heldout("dev")[0][0]
     with pytest.raises(KNNLMError, match=f"{name} is held out of .* as its dev text"):
         add_documents(ds.path, name, lm=tiny_lm)
+    with pytest.raises(KNNLMError, match="is held out of"):  # the same file, spelled relative to here
+        add_documents(ds.path, os.path.relpath(name), lm=tiny_lm)
     assert open_datastore(ds.path).count == ds.count  # nothing added
     with pytest.raises(KNNLMError, match="'dev' or 'test', not 'tst'"):
         ds.heldout("tst")
@@ -119,6 +121,40 @@ def test_add_holds_the_lock_through_its_lm_pass(ds3, three, tiny_lm):
     r = add_documents(ds3, str(three[1]), lm=tiny_lm, progress=meanwhile)
     assert seen and all(fd is None for fd in seen) and r["documents"] == 1
     fd = _try_lock(ds3)  # released at its end
+    assert fd is not None
+    _unlock(fd)
+
+
+def test_a_hold_keeps_other_threads_changes_out(tmp_path):
+    import threading
+
+    from knnlm.journal import _try_lock, _unlock, begin, hold
+
+    root = tmp_path / "d"
+    root.mkdir()
+    seen = {}
+
+    def other():  # a remove in another thread of the same process
+        try:
+            begin(root)
+        except KNNLMError as e:
+            seen["begin"] = str(e)
+        try:
+            with hold(root):
+                pass
+        except KNNLMError as e:
+            seen["hold"] = str(e)
+
+    with hold(root):
+        with hold(root):  # nested in this thread: the same hold
+            pass
+        assert _try_lock(root) is None  # still held after the nested one ended
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert "being changed by another process" in seen["begin"] and "being changed" in seen["hold"]
+    assert not (root / ".pending").exists()
+    fd = _try_lock(root)  # released at the hold's end
     assert fd is not None
     _unlock(fd)
 
