@@ -109,10 +109,15 @@ def refuse_datastore_flags() -> None:
                                f"search or mix; drop {'it' if len(given) == 1 else 'them'} with --no-datastore.")
 
 
-def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors) -> MemoryConfig:
-    """The MemoryConfig of memory_options' flags."""
+def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors,
+                  no_datastore: bool) -> MemoryConfig:
+    """The MemoryConfig of memory_options' flags; one sentence for a flag the chosen memory would not read."""
     refuse_stray(memory == "document", "--memory document", "memory_mix", "memory_lambda", "memory_temperature",
                  "memory_neighbors")
+    refuse_stray(not no_datastore, "a datastore (without one the memory is mixed on its own)", "memory_mix")
+    # "joint" mixes the memory's neighbours with the datastore's λ and T: λ_m and T_m are the separate mix's
+    refuse_stray(no_datastore or memory_mix == "separate", "--memory-mix separate or --no-datastore",
+                 "memory_lambda", "memory_temperature")
     return MemoryConfig(memory=memory, mix=memory_mix, lam=memory_lambda, temperature=memory_temperature,
                         k=memory_neighbors)
 
@@ -211,7 +216,8 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                      trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field,
                      save_scores=save_scores, combine=combine, skip_below=skip_below,
-                     memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors),
+                     memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors,
+                                          no_datastore),
                      use_datastore=not no_datastore, attention=attention)
     if no_datastore and report_file:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")

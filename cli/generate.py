@@ -36,7 +36,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
                  memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore, model, device,
                  trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
-    mem = memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors)
+    mem = memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore)
     if no_datastore:
         refuse_datastore_flags()  # before stdin is read: a refusal need not wait for it
     if prompt == "-":

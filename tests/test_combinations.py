@@ -120,12 +120,27 @@ def test_every_public_name_imports_from_knnlm():
      "--memory-lambda, --memory-neighbors only apply with --memory document; add it or leave them out"),
     (["generate", "-p", "x", "--memory-mix", "separate"], "--memory-mix only applies with --memory document"),
     (["eval", "--report-tokens", "100"], "--report-tokens only applies with --report; add it or leave it out"),
+    # the default "joint" mix uses the datastore's λ and T, not the memory's own
+    (["eval", "--memory", "document", "--memory-lambda", "0.3"],
+     "--memory-lambda only applies with --memory-mix separate or --no-datastore"),
+    (["generate", "-p", "x", "--memory", "document", "--memory-mix", "joint", "--memory-temperature", "5"],
+     "--memory-temperature only applies with --memory-mix separate or --no-datastore"),
+    (["eval", "--no-datastore", "--memory", "document", "--memory-mix", "joint"],
+     "--memory-mix only applies with a datastore"),
     (["build-datastore", "corpus.txt", "--ray-address", "auto"], "--ray-address only applies with --engine ray"),
     (["eval", "--memory-k", "8", "--memory-layers", "0"], "--memory-layers, --memory-k only apply with --attention-memory"),
 ])
 def test_options_that_need_another_are_refused_not_ignored(args, words, tmp_path):
     # Refused before anything is opened: no datastore, model or corpus exists here.
-    r = CliRunner().invoke(cli, [*args, "--datastore" if args[0] != "build-datastore" else "--out",
-                                 str(tmp_path / "nowhere")])
+    where = [] if "--no-datastore" in args else ["--datastore" if args[0] != "build-datastore" else "--out",
+                                                 str(tmp_path / "nowhere")]
+    r = CliRunner().invoke(cli, [*args, *where])
     assert r.exit_code == 2 and words in r.output, r.output
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_the_memory_s_own_mix_takes_its_lambda(tmp_path):
+    # With the separate mix, --memory-lambda is read: nothing is refused (the missing datastore stops it later).
+    r = CliRunner().invoke(cli, ["eval", "--memory", "document", "--memory-mix", "separate", "--memory-lambda", "0.3",
+                                 "--datastore", str(tmp_path / "nowhere")])
+    assert r.exit_code == 1 and "only appl" not in r.output and "does not exist" in r.output, r.output

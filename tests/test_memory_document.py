@@ -269,7 +269,8 @@ def test_bad_memory_settings_get_one_sentence(store):
         MemoryConfig("document", mix="both")
     with pytest.raises(KNNLMError, match="tune-lambda --memory document"):
         resolve_memory(MemoryConfig("document", lam="tuned"), store.path)
-    r = run("eval", "--memory", "document", "--memory-temperature", -1, "--datastore", store.path)
+    r = run("eval", "--memory", "document", "--memory-mix", "separate", "--memory-temperature", -1,
+            "--datastore", store.path)
     assert r.exit_code == 1 and "--memory-temperature" in r.output.splitlines()[-1]
 
 
@@ -297,13 +298,16 @@ def test_every_memory_flag_reaches_its_config(monkeypatch):
             seen["without"] = model
             return type("K", (), {"lm": None, "retriever": None, "datastore": None})()
 
-    flags = ["--memory", "document", "--memory-mix", "joint", "--memory-lambda", "0.7", "--memory-temperature", 4,
-             "--memory-neighbors", 9]
+    # without a datastore the memory is mixed on its own: --memory-mix is refused there, λ_m and T_m are read
+    flags = ["--memory", "document", "--memory-lambda", "0.7", "--memory-temperature", 4, "--memory-neighbors", 9]
     monkeypatch.setattr(cli_eval, "run_eval", fake_eval)
     with pytest.raises(Stop):
         run("eval", *flags, "--no-datastore", "--corpus", "c.txt")
     c = seen["eval"]
     assert c.memory == MemoryConfig("document", "joint", "0.7", 4.0, 9) and c.use_datastore is False
+    with pytest.raises(Stop):
+        run("eval", *flags, "--memory-mix", "separate", "--datastore", "d")
+    assert seen["eval"].memory == MemoryConfig("document", "separate", "0.7", 4.0, 9)
     monkeypatch.setattr(cli_generate, "generate", fake_generate)
     monkeypatch.setattr(cli_generate, "KNNLM", FakeKNNLM)
     with pytest.raises(Stop):
