@@ -138,6 +138,7 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
 
     from common import BENCH_DEVICE, BENCH_MODEL
     from knnlm.build import BuildConfig, build_datastore
+    from knnlm.datastore import partial_dir
 
     held = json.loads((path / "meta.json").read_text())["count"] if (path / "meta.json").exists() else keys
     if held != keys:
@@ -147,7 +148,7 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
         site = sysconfig.get_paths()["purelib"]
         build_datastore(site, path, BuildConfig(model=BENCH_MODEL, device=BENCH_DEVICE, glob="**/*.py", holdout=0,
                                                 shuffle_seed=0, max_tokens=keys,
-                                                resume=path.with_name(path.name + ".partial").exists()))
+                                                resume=partial_dir(path).exists()))
     if not (path / "lambda.json").exists():
         dev = HERE / "results" / "real-dev"
         dev.mkdir(parents=True, exist_ok=True)
@@ -181,6 +182,12 @@ def with_factory(path: Path, factory: str) -> Path:
     return out
 
 
+def default_lambda(path: Path) -> str:
+    """The λ policy a datastore is timed with unless told: the learned gate where it is tuned (its skip is what
+    the "skip" variants turn on), else 0.25."""
+    return "gate" if (path / "lambda.json").exists() else "0.25"
+
+
 def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, real: bool = False,
                   rounds: int = 2, lam: str | None = None) -> dict:
     """Each variant's eval throughput against the LM alone (alternating, `rounds` times) and its perplexity
@@ -197,9 +204,7 @@ def one_datastore(path: Path, tokens: int, variants: list[str], exact: bool, rea
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     ds = open_datastore(path)
     docs = eval_docs(lm, tokens, path if real else None)
-    tuned = (path / "lambda.json").exists()
-    if lam is None:
-        lam = "gate" if tuned else "0.25"  # the learned gate where tuned; its skip is what "skip" turns on
+    lam = lam or default_lambda(path)
     out = {"datastore": str(path), "keys": ds.count, "lambda": lam, "variants": {}}
     if exact:
         combiner = resolve_combiner(lam, path)

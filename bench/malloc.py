@@ -36,7 +36,7 @@ def child(datastore: Path, tokens: int) -> dict:
 
     sys.path.insert(0, str(HERE))
     from common import BENCH_DEVICE, BENCH_MODEL
-    from eval import alternate, eval_docs
+    from eval import alternate, default_lambda, eval_docs
 
     from knnlm.combine import resolve_combiner
     from knnlm.datastore import open_datastore
@@ -47,7 +47,7 @@ def child(datastore: Path, tokens: int) -> dict:
     lm = load_lm(BENCH_MODEL, BENCH_DEVICE)
     ds = open_datastore(datastore)
     docs = eval_docs(lm, tokens, datastore)
-    combiner = resolve_combiner("gate" if (datastore / "lambda.json").exists() else "0.25", datastore)
+    combiner = resolve_combiner(default_lambda(datastore), datastore)
     retriever = Retriever(ds, RetrievalConfig(rerank_depth=128))
     score_documents(lm, retriever, docs[:1], 512, 256, combiner=combiner)  # warm-up
     lm_s, knn_s, scores, _timer, mem, _mix_s, _per_round = alternate(lm, retriever, docs, combiner, rounds=2)

@@ -22,13 +22,16 @@ trust_option = click.option("--trust-remote-code", is_flag=True, help="Allow the
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def typed(*names: str) -> list[str]:
+    """The options among the parameters `names` that were typed on the command line (as their first spelling)."""
+    ctx = click.get_current_context()
+    return [p.opts[0] for p in ctx.command.params if p.name in names
+            and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+
+
 def refuse_stray(on: bool, needs: str, *names: str) -> None:
     """One sentence, not silence, for options typed on the command line that only apply with `needs` (off)."""
-    if on:
-        return
-    ctx = click.get_current_context()
-    stray = [p.opts[0] for p in ctx.command.params if p.name in names
-             and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    stray = [] if on else typed(*names)
     if stray:
         one = len(stray) == 1
         raise click.UsageError(f"{', '.join(stray)} only appl{'ies' if one else 'y'} with {needs}; add it or leave "

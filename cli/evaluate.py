@@ -12,7 +12,7 @@ from knnlm.retrieval import RetrievalConfig
 
 from .attention import attention_options
 from .common import (datastore_option, device_option, json_option, model_option, print_json, progress_bar,
-                     refuse_stray, trust_option)
+                     refuse_stray, trust_option, typed)
 
 
 def retrieval_options(f):
@@ -101,9 +101,7 @@ DATASTORE_ONLY = ("datastore", "lam", "combine", "skip_below", "temperature", "k
 
 def refuse_datastore_flags() -> None:
     """One sentence, not silence, for --no-datastore with a flag that only the datastore reads."""
-    ctx = click.get_current_context()
-    given = [p.opts[0] for p in ctx.command.params if p.name in DATASTORE_ONLY
-             and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    given = typed(*DATASTORE_ONLY)
     if given:
         raise click.UsageError(f"{', '.join(given)} only change{'s' if len(given) == 1 else ''} the datastore's "
                                f"search or mix; drop {'it' if len(given) == 1 else 'them'} with --no-datastore.")

@@ -16,7 +16,7 @@ from . import __version__
 from .arrays import NpyAppender, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
 from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, foreign_entries, open_datastore,
-                        parse_holdout)
+                        parse_holdout, partial_dir)
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm
@@ -68,39 +68,35 @@ _RESUME_KEYS = ("context", "stride", "holdout", "glob", "fmt", "text_field", "sh
                 "block_windows")
 
 
-def _partial_dir(out: Path) -> Path:
-    """Where a build in progress lives until it is whole."""
-    return out.with_name(out.name + ".partial")
-
-
-def _check_replaceable(out: Path) -> None:
+def _check_replaceable(out: Path) -> bool:
     """Refuse an out a build must not replace, even with --overwrite: a link, or a folder that is neither empty nor
-    a datastore holding only what datastores hold (DATASTORE_ENTRIES): its files are not ours to lose."""
+    a datastore holding only what datastores hold (DATASTORE_ENTRIES): its files are not ours to lose. Returns
+    whether out holds anything (a datastore, then)."""
     if out.is_symlink():
         raise KNNLMError(f"{out} is a symbolic link; pass --out the folder itself ({out.resolve()}).")
     if not out.exists():
-        return
+        return False
     try:
         if not out.is_dir():
             raise KNNLMError(f"{out} is a file, not a folder; pass --out a folder.")
-        foreign, meta = foreign_entries(out), (out / "meta.json").is_file()
-        empty = not any(out.iterdir())
+        names = os.listdir(out)
+        foreign, meta = foreign_entries(out, names), (out / "meta.json").is_file()
     except OSError as e:
         raise KNNLMError(f"{out} cannot be read ({e.strerror}); pass --out a folder you can read and write.") from None
     if foreign:
         more = ", ..." if len(foreign) > 3 else ""
         raise KNNLMError(f"{out} holds files no datastore holds ({', '.join(foreign[:3])}{more}), so a build will not "
                          "replace it; pass --out a new folder, or move them out first.")
-    if not meta and not empty:
+    if names and not meta:
         raise KNNLMError(f"{out} is not a datastore (it has no meta.json), so a build will not replace it; pass --out "
                          "a new folder, or remove it yourself first.")
+    return bool(names)
 
 
 def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
     """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan."""
-    work = _partial_dir(out)
-    _check_replaceable(out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # an empty folder holds nothing to lose
+    work = partial_dir(out)
+    if _check_replaceable(out) and not cfg.overwrite:  # an empty folder holds nothing to lose
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
     if work.exists():

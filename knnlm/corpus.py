@@ -275,8 +275,9 @@ def iter_documents(corpus: Corpus, holdout: float, start: int = 0) -> Iterator[t
     """
     if len(corpus.docs) == 1:
         ref = corpus.docs[0]
-        parts = list(zip((STORE, DEV, TEST), split_tail(corpus.read(ref), holdout)))[:3 if holdout > 0 else 1]
-        for seq, (split, text) in enumerate(parts):
+        whole = corpus.read(ref)
+        texts = split_tail(whole, holdout) if holdout > 0 else [whole]
+        for seq, (split, text) in enumerate(zip((STORE, DEV, TEST), texts)):
             if seq >= start:
                 yield seq, split, ref.name, text
         return

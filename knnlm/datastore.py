@@ -27,9 +27,15 @@ DATASTORE_ENTRIES = ("meta.json", "keys.npy", "vals.npy", "holdout.jsonl", "inde
                      "docs.jsonl", "shards.json", "shards")
 
 
-def foreign_entries(path: Path) -> list[str]:
-    """Sorted names in a folder that are none of DATASTORE_ENTRIES."""
-    return sorted(e.name for e in path.iterdir() if not any(fnmatch(e.name, pat) for pat in DATASTORE_ENTRIES))
+def foreign_entries(path: Path, names: list[str] | None = None) -> list[str]:
+    """Sorted names in a folder (names: its listing, if already read) that are none of DATASTORE_ENTRIES."""
+    names = os.listdir(path) if names is None else names
+    return sorted(n for n in names if not any(fnmatch(n, pat) for pat in DATASTORE_ENTRIES))
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a build of the datastore out lives until it is whole."""
+    return out.with_name(out.name + ".partial")
 
 
 def datastore_path(path: str | os.PathLike | None) -> Path:
@@ -192,7 +198,7 @@ def read_meta(path: Path) -> dict:
     """meta.json of a datastore directory, checked for the fields readers rely on."""
     mp = path / "meta.json"
     if not path.is_dir():
-        hint = " (an interrupted build can be continued with --resume)" if path.with_name(path.name + ".partial").exists() else ""
+        hint = " (an interrupted build can be continued with --resume)" if partial_dir(path).exists() else ""
         raise KNNLMError(f"Datastore {path} does not exist{hint}; build one with `knnlm build-datastore CORPUS`"
                          " or name the folder of an existing one.")
     if not mp.exists():

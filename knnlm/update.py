@@ -21,7 +21,7 @@ import numpy as np
 
 from .arrays import NpyAppender, write_json
 from .corpus import DEFAULT_GLOB, open_corpus
-from .datastore import Datastore, open_datastore
+from .datastore import Datastore, open_datastore, partial_dir
 from .errors import KNNLMError
 from .index import load_index, read_index_info
 from .journal import PENDING, begin, commit, hold
@@ -129,15 +129,16 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
     finally:
         corpus_log.setLevel(level)
+    paths = {r.name: _path_of(r.name) for r in src.docs}  # names compared as paths, as remove does
     live = _by_path(_live_names(ds))
-    dup = sorted(r.name for r in src.docs if _path_of(r.name) in live)
+    dup = sorted(name for name, p in paths.items() if p in live)
     if dup:
         raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
     held = {_path_of(name): split for name, split in ds.heldout_names().items()}
-    mixed = sorted(r.name for r in src.docs if _path_of(r.name) in held)
+    mixed = sorted(name for name, p in paths.items() if p in held)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
-        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[_path_of(mixed[0])]} text ({len(mixed)} "
+        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text ({len(mixed)} "
                          "documents are); a datastore never holds what eval and tune-lambda score, so add other "
                          "documents.")
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
@@ -149,7 +150,7 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     bcfg = BuildConfig(model=ds.meta["model"]["name"], device=cfg.device, context=ds.meta["context"],
                        stride=ds.meta["stride"], batch_size=cfg.batch_size, holdout=0, glob=cfg.glob,
                        fmt=cfg.fmt, text_field=cfg.text_field, strict=cfg.strict, build_index=False,
-                       overwrite=True, resume=(ds.path / f"{_ADDED}.partial").exists())
+                       overwrite=True, resume=partial_dir(ds.path / _ADDED).exists())
     added = build_datastore(corpus, ds.path / _ADDED, bcfg, lm=lm, progress=progress)
     record = apply_add(ds, added)
     shutil.rmtree(added.path)
