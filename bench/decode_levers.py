@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import BENCH_DEVICE, BENCH_MODEL, stdlib_texts  # noqa: E402
+from decode_parts import timed  # noqa: E402
 
 HERE = Path(__file__).parent
 LEVERS = ("split-rerank", "touch-rows", "range-search", "overlap-head")
@@ -114,21 +115,6 @@ def lever_patch(name: str, retriever):
     raise SystemExit(f"--lever {name!r}: one of {', '.join(LEVERS)}.")
 
 
-def timed(owner, name: str, totals: collections.Counter, key: str):
-    """Wrap owner.name to add its seconds to totals[key]; returns a function that unwraps it."""
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            totals[key] += time.perf_counter() - t0
-
-    setattr(owner, name, wrapper)
-    return lambda: setattr(owner, name, original)
-
-
 def levers(args) -> dict:
     import knnlm.retrieval as retrieval
     from knnlm.datastore import open_datastore
@@ -150,13 +136,14 @@ def levers(args) -> dict:
     for i in range(2 * args.rounds):
         side = ("on", "off", "off", "on")[i % 4]
         (on if side == "on" else off)()
-        undo = [timed(retrieval.Retriever, "search", totals[side], "search"),
-                timed(KNNLogitsProcessor, "__call__", totals[side], "call")]
+        undo = [(owner, name, timed(owner, name, totals[side], key))
+                for owner, name, key in ((retrieval.Retriever, "search", "search"),
+                                         (KNNLogitsProcessor, "__call__", "call"))]
         t0 = time.perf_counter()
         steps[side] += len(generate(lm, prompt, r, lam=0.25, max_new_tokens=64).tokens)
         totals[side]["step"] += time.perf_counter() - t0
-        for u in undo:
-            u()
+        for owner, name, original in undo:
+            setattr(owner, name, original)
         off()
     return {"lever": args.lever, "datastore": args.datastore, "steps_a_side": steps["on"],
             **{piece: {side: round(1e6 * totals[side][piece] / steps[side], 1) for side in ("on", "off")}
