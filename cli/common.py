@@ -29,13 +29,17 @@ def typed(*names: str) -> list[str]:
             and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
 
 
-def refuse_stray(on: bool, needs: str, *names: str) -> None:
-    """One sentence, not silence, for options typed on the command line that only apply with `needs` (off)."""
+def refuse_stray(on: bool, needs: str, *names: str, fix: str | None = None) -> None:
+    """One sentence, not silence, for options typed on the command line that only apply with `needs` (off).
+
+    fix: the sentence's remedy where "add it or leave them out" would not do (`needs` cannot simply be added);
+    "{it}" in it becomes "it" or "them".
+    """
     stray = [] if on else typed(*names)
     if stray:
         one = len(stray) == 1
-        raise click.UsageError(f"{', '.join(stray)} only appl{'ies' if one else 'y'} with {needs}; add it or leave "
-                               f"{'it' if one else 'them'} out.")
+        fix = (fix or "add it or leave {it} out").format(it="it" if one else "them")
+        raise click.UsageError(f"{', '.join(stray)} only appl{'ies' if one else 'y'} with {needs}; {fix}.")
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "tok") -> tqdm:

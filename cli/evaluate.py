@@ -47,7 +47,16 @@ def retomaton_options(f):
 def retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton=RetrievalConfig.retomaton,
                      min_knns=RetrievalConfig.min_knns,
                      max_candidates=RetrievalConfig.max_candidates) -> RetrievalConfig:
-    """The RetrievalConfig of the search flags (and of eval's and generate's RetoMaton flags)."""
+    """The RetrievalConfig of the search flags (and of eval's and generate's RetoMaton flags); one sentence for a
+    flag the chosen search would not read."""
+    refuse_stray(retomaton, "--retomaton", "min_knns", "max_candidates")
+    if search_device is not None:  # its distances are the keys' own: it neither re-ranks nor needs --exact
+        given = [name.replace("--rerank", "--rerank/--no-rerank") for name in typed("rerank", "exact")]
+        if given:
+            raise click.UsageError(f"--search-device already searches exactly, so {' and '.join(given)} would do "
+                                   f"nothing; leave {'it' if len(given) == 1 else 'them'} out.")
+    refuse_stray(not exact and search_device is None, "the faiss index", "nprobe",
+                 fix=f"{'--exact' if exact else '--search-device'} searches every key, so leave it out")
     return RetrievalConfig(k=k, nprobe=nprobe, rerank=rerank, rerank_depth=rerank_depth, exact=exact,
                            search_device=search_device, retomaton=retomaton, min_knns=min_knns,
                            max_candidates=max_candidates)
@@ -118,6 +127,12 @@ def memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_
                  "memory_lambda", "memory_temperature")
     return MemoryConfig(memory=memory, mix=memory_mix, lam=memory_lambda, temperature=memory_temperature,
                         k=memory_neighbors)
+
+
+def refuse_corpus_flags(corpus) -> None:
+    """One sentence, not silence, for --glob, --format or --text-field without the --corpus they would read."""
+    refuse_stray(corpus is not None, "--corpus", "glob", "fmt", "text_field",
+                 fix="without it the datastore's held-out text is read, so leave {it} out or pass --corpus")
 
 
 def corpus_format_options(f):
@@ -208,6 +223,7 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
         raise click.ClickException(f"{report_file} already exists; pass --overwrite to replace it.")
     if no_datastore:
         refuse_datastore_flags()
+    refuse_corpus_flags(corpus)
     cfg = EvalConfig(lam=lam, temperature=temperature,
                      retrieval=retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton,
                                                 min_knns, max_candidates),

@@ -16,8 +16,9 @@ from knnlm.memory.document import MemoryConfig, tune_memory
 from knnlm.scores import load_scores
 from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, tune
 
-from .common import datastore_option, device_option, json_option, model_option, print_json, progress_bar, trust_option
-from .evaluate import corpus_format_options, retrieval_config, retrieval_options, window_options
+from .common import (datastore_option, device_option, json_option, model_option, print_json, progress_bar,
+                     refuse_stray, trust_option, typed)
+from .evaluate import corpus_format_options, refuse_corpus_flags, retrieval_config, retrieval_options, window_options
 
 # Flags that say how to score; with --scores the scoring is already done, so they would do nothing.
 _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank", "rerank_depth", "exact",
@@ -69,6 +70,17 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
             flags = ", ".join("--" + name.replace("_", "-").replace("fmt", "format") for name in given)
             raise click.UsageError(f"--scores reuses finished scores, so {flags} would do nothing; drop them, or "
                                    "drop --scores to score again.")
+    else:
+        refuse_corpus_flags(corpus)
+    refuse_stray(memory == "document", "--memory document", "memory_neighbors")
+    refuse_stray(adaptive, "--adaptive", "bins", "min_bin_tokens", fix="drop --no-adaptive or leave {it} out")
+    refuse_stray(gate, "--gate", "gate_hidden", "gate_rank", fix="drop --no-gate or leave {it} out")
+    if skip and not gate and typed("skip"):
+        raise click.UsageError("--skip picks the before-retrieval gate's threshold, so it needs --gate; drop --no-gate "
+                               "or --skip.")
+    refuse_stray(skip and gate, "--skip and --gate", "skip_tolerance", fix="drop --no-skip / --no-gate or leave it out")
+    if plot and no_plot:
+        raise click.UsageError("--plot names the plot that --no-plot skips; pass one of them.")
     ds = open_datastore(datastore)
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,

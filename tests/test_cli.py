@@ -211,14 +211,14 @@ def test_every_eval_flag_reaches_its_config(monkeypatch):
     monkeypatch.setattr(cli_eval, "run_eval", fake)
     with pytest.raises(Stop):
         run("eval", "--datastore", "d", "--corpus", "c.txt", "--glob", "*.py", "--lambda", "adaptive",
-            "--temperature", 30, "--k", 5, "--nprobe", 3, "--no-rerank", "--exact", "--context", 100, "--stride", 10,
+            "--temperature", 30, "--k", 5, "--nprobe", 3, "--no-rerank", "--context", 100, "--stride", 10,
             "--batch-size", 2, "--save-scores", "s.h5", "--model", "m", "--device", "cpu", "--trust-remote-code")
     c = seen["cfg"]
     assert (seen["datastore"], seen["corpus"]) == ("d", "c.txt")
     assert (c.lam, c.temperature, c.context, c.stride, c.batch_size, c.model, c.device, c.trust_remote_code,
             c.glob, c.save_scores) == ("adaptive", 30.0, 100, 10, 2, "m", "cpu", True, "*.py", "s.h5")
     r = c.retrieval
-    assert (r.k, r.nprobe, r.rerank, r.exact) == (5, 3, False, True)
+    assert (r.k, r.nprobe, r.rerank, r.exact) == (5, 3, False, False)
 
 
 def test_datastore_env_var(monkeypatch, built):

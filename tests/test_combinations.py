@@ -129,6 +129,29 @@ def test_every_public_name_imports_from_knnlm():
      "--memory-mix only applies with a datastore"),
     (["build-datastore", "corpus.txt", "--ray-address", "auto"], "--ray-address only applies with --engine ray"),
     (["eval", "--memory-k", "8", "--memory-layers", "0"], "--memory-layers, --memory-k only apply with --attention-memory"),
+    # the search's own flags
+    (["eval", "--min-knns", "7"], "--min-knns only applies with --retomaton; add it or leave it out"),
+    (["generate", "-p", "x", "--max-candidates", "500", "--min-knns", "3"],
+     "--min-knns, --max-candidates only apply with --retomaton"),
+    (["eval", "--exact", "--nprobe", "4"],
+     "--nprobe only applies with the faiss index; --exact searches every key, so leave it out"),
+    (["neighbors", "x", "--search-device", "cpu", "--nprobe", "4"],
+     "--nprobe only applies with the faiss index; --search-device searches every key"),
+    (["eval", "--search-device", "cpu", "--exact", "--no-rerank"],
+     "--search-device already searches exactly, so --rerank/--no-rerank and --exact would do nothing; leave them out"),
+    (["generate", "-p", "x", "--seed", "3"], "--seed only applies with --sample; greedy decoding draws nothing"),
+    # a corpus's reading flags without the corpus: the held-out text is read
+    (["eval", "--glob", "*.md"], "--glob only applies with --corpus; without it the datastore's held-out text is "
+                                 "read, so leave it out or pass --corpus"),
+    (["tune-lambda", "--text-field", "body", "--format", "jsonl"], "--format, --text-field only apply with --corpus"),
+    # tune-lambda's options of the fits a switch turned off
+    (["tune-lambda", "--memory-neighbors", "16"], "--memory-neighbors only applies with --memory document"),
+    (["tune-lambda", "--no-adaptive", "--bins", "8"], "--bins only applies with --adaptive; drop --no-adaptive or"),
+    (["tune-lambda", "--no-gate", "--gate-rank", "4", "--gate-hidden", "2"],
+     "--gate-hidden, --gate-rank only apply with --gate; drop --no-gate or leave them out"),
+    (["tune-lambda", "--no-gate", "--skip"], "--skip picks the before-retrieval gate's threshold, so it needs --gate"),
+    (["tune-lambda", "--no-skip", "--skip-tolerance", "0.05"], "--skip-tolerance only applies with --skip and --gate"),
+    (["tune-lambda", "--plot", "p.png", "--no-plot"], "--plot names the plot that --no-plot skips"),
 ])
 def test_options_that_need_another_are_refused_not_ignored(args, words, tmp_path):
     # Refused before anything is opened: no datastore, model or corpus exists here.

@@ -481,17 +481,23 @@ def test_every_new_eval_and_tune_flag_arrives(monkeypatch, fresh_store, tiny_mod
     monkeypatch.setattr(cli_tune, "tune", fake_tune)
     monkeypatch.setattr(cli_tune, "run_eval", fake_eval)
     run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--corpus", tmp_path / "c.jsonl",
-        "--format", "jsonl", "--text-field", "body", "--glob", "*.md", "--no-adaptive", "--bins", 7,
-        "--min-bin-tokens", 3, "--no-gate", "--no-skip", "--gate-hidden", 5, "--gate-rank", 2,
-        "--skip-tolerance", 0.05, "--no-spalm", "--seed", 4, "--k", 9, "--nprobe", 3, "--no-rerank", "--exact",
+        "--format", "jsonl", "--text-field", "body", "--glob", "*.md", "--bins", 7,
+        "--min-bin-tokens", 3, "--gate-hidden", 5, "--gate-rank", 2,
+        "--skip-tolerance", 0.05, "--no-spalm", "--seed", 4, "--k", 9, "--nprobe", 3, "--no-rerank",
         "--context", 40, "--stride", 20, "--batch-size", 2, "--device", "cpu")
     t, e = seen["tune"], seen["ecfg"]
     assert (t.adaptive, t.bins, t.min_bin_tokens, t.gate, t.skip, t.skip_tolerance, t.spalm, t.seed) == \
-        (False, 7, 3, False, False, 0.05, False, 4)
+        (True, 7, 3, True, True, 0.05, False, 4)
     assert (t.gate_config.hidden, t.gate_config.rank, t.gate_config.seed) == (5, 2, 4)
     assert (e.fmt, e.text_field, e.glob, e.context, e.stride, e.batch_size, e.device, e.model) == \
         ("jsonl", "body", "*.md", 40, 20, 2, "cpu", str(tiny_model_dir))
-    assert e.retrieval == RetrievalConfig(k=9, nprobe=3, rerank=False, exact=True)
+    assert e.retrieval == RetrievalConfig(k=9, nprobe=3, rerank=False)
+    # the switches that turn those numbers off (which then may not be given: they would do nothing)
+    run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--corpus", tmp_path / "c.jsonl",
+        "--format", "jsonl", "--text-field", "body", "--no-adaptive", "--no-gate", "--no-skip", "--exact")
+    t, e = seen["tune"], seen["ecfg"]
+    assert (t.adaptive, t.gate, t.skip) == (False, False, False)
+    assert e.retrieval == RetrievalConfig(exact=True)
 
 
 def test_gate_refuses_another_temperature(store, tuned):

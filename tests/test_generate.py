@@ -323,21 +323,21 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
         return CliRunner().invoke(_cli, [str(x) for x in args], input=input)
 
     r = run(cli, ["generate", "--datastore", "ds", "--prompt", "-", "--max-new-tokens", 7, "--lambda", "0.7",
-                  "--temperature", 3, "--sample", "--seed", 5, "--k", 9, "--nprobe", 2, "--no-rerank", "--exact",
+                  "--temperature", 3, "--sample", "--seed", 5, "--k", 9, "--no-rerank", "--exact",
                   "--model", str(tiny_model_dir), "--device", "cpu", "--trust-remote-code", "--combine", "spalm",
                   "--skip-below", "0.3"], input="hello")
     assert isinstance(r.exception, Stop), r.output
     assert (seen["prompt"], seen["lam"], seen["t"], seen["n"], seen["sample"], seen["seed"]) == \
         ("hello", "0.7", 3.0, 7, True, 5)
     assert (seen["combine"], seen["skip"]) == ("spalm", "0.3")
-    assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 2, False, True)
+    assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 8, False, True)
     assert seen["lm"] == str(tiny_model_dir) and seen["load"] == (str(tiny_model_dir), "cpu", True)
     r = run(cli, ["neighbors", "-d", "ds", "some text", "--position", -3, "--top", 4, "--temperature", 2,
-                  "--k", 20, "--nprobe", 3, "--exact", "--no-rerank", "--model", tiny_model_dir, "--device", "cpu"])
+                  "--k", 20, "--nprobe", 3, "--no-rerank", "--model", tiny_model_dir, "--device", "cpu"])
     assert isinstance(r.exception, Stop), r.output
     assert (seen["text"], seen["position"], seen["top"], seen["t"], seen["cfg"].k, seen["cfg"].nprobe) == \
         ("some text", -3, 4, 2.0, 20, 3)
-    assert (seen["cfg"].exact, seen["cfg"].rerank) == (True, False)
+    assert (seen["cfg"].exact, seen["cfg"].rerank) == (False, False)
     assert seen["load"] == (str(tiny_model_dir), "cpu", False)
     r = run(cli, ["neighbors", "-d", "ds", "some text", "--rerank"])  # the defaults, for contrast
     assert isinstance(r.exception, Stop), r.output
