@@ -336,3 +336,31 @@ def test_cli_sharded_build_and_info(tiny_model_dir, corpus_dir):
     assert out.exit_code == 0, out.output
     info = CliRunner().invoke(cli, ["info", "ds"])
     assert "in 2 shards" in info.output and "3000 × 32" in info.output
+
+
+def test_a_ray_address_with_no_cluster_is_one_sentence_before_any_work(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'knnlm[ray]')")
+    import socket
+
+    from knnlm.scale import engines
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "c.txt").write_text("x = 1\n" * 50)
+    out = tmp_path / "ds"
+    for address, words in [(closed, f"No Ray cluster answers at --ray-address {closed} (Connection refused)"),
+                           ("10.0.0.5", "--ray-address 10.0.0.5 is not HOST:PORT")]:
+        r = CliRunner().invoke(cli, ["build-datastore", str(tmp_path / "c.txt"), "--out", str(out), "--shards", "2",
+                                     "--engine", "ray", "--ray-address", address, "--model", "no-such-model"])
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+        assert not out.exists() and not Path(f"{out}.partial").exists()  # refused before the model, or a folder
+    assert not ray.is_initialized()
+
+    def no_cluster(**kwargs):  # what ray.init raises for "auto" where no cluster runs on this machine
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(KNNLMError, match=r"No Ray cluster answers at --ray-address auto \(Could not find any running "
+                                         r"Ray instance\); start one there"):
+        engines.ensure_ray("auto")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -52,14 +53,41 @@ def _ray():
     return ray
 
 
+RAY_CONNECT_TIMEOUT = 10.0  # seconds a cluster's head may take to accept a connection before the build gives up
+
+
+def _no_cluster(address: str, why: str) -> KNNLMError:
+    return KNNLMError(f"No Ray cluster answers at --ray-address {address} ({why}); start one there (`ray start "
+                      "--head`), pass its head's address, or leave --ray-address out for a local Ray.")
+
+
+def check_reachable(address: str | None) -> None:
+    """One sentence, before Ray is asked, where nothing listens at a host:port address (Ray itself would retry
+    for minutes). None, "auto" and "local" are Ray's to resolve."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        raise KNNLMError(f"--ray-address {address} is not HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto; "
+                         "pass the address `ray start --head` printed.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise _no_cluster(address, e.strerror or type(e).__name__) from e
+
+
 def ensure_ray(address: str | None):
     """Join the Ray cluster at address, or start a local one, unless this process already has Ray running."""
     ray = _ray()
     if not ray.is_initialized():
+        check_reachable(address)
         # Local workers import the same knnlm as this process.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=False)
+        except ConnectionError as e:  # e.g. "auto" with no cluster running on this machine
+            raise _no_cluster(address, str(e).split(". ")[0].rstrip(".")) from e
     return ray
 
 

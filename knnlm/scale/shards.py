@@ -17,7 +17,7 @@ from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, 
 from ..datastore import Datastore
 from ..errors import KNNLMError
 from ..lm import LM
-from .engines import Engine, index_runner, run_shards
+from .engines import Engine, ensure_ray, index_runner, run_shards
 from .merge import merge_shards
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     Returns:
         The opened datastore. Interrupted, OUT.partial/ keeps every shard's checkpoint for `resume=True`.
     """
+    if shard_cfg.engine is Engine.RAY:  # join the cluster first: an address with no cluster stops nothing begun
+        ensure_ray(shard_cfg.ray_address)
     out, src, lm = open_build(corpus, out, cfg, lm)
     work, plan = _prepare_dirs(out, cfg, sharded=True)
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
