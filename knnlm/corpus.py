@@ -30,6 +30,9 @@ class DocRef:
     kind: str = "text"  # "text" (whole file or JSONL line by offset), "parquet" or "arrow" (HF datasets)
 
 
+SKIP_WARNINGS = 10  # skipped documents named one warning each; the rest are counted (a bad JSONL file has many)
+
+
 @dataclass
 class Corpus:
     """The ordered documents of a corpus and how to read them."""
@@ -43,6 +46,7 @@ class Corpus:
     unreadable: list[str] = field(default_factory=list)  # names of documents (or files) skipped as unreadable
     first_skip: str | None = None  # why this run skipped its first (None: only a resumed build's earlier run skipped)
     _tables: Tables | None = field(default=None, repr=False)
+    _warned: int = field(default=0, repr=False)  # documents this process skipped (the first SKIP_WARNINGS are named)
 
     def read(self, ref: DocRef) -> str:
         """Text of one document."""
@@ -68,7 +72,12 @@ class Corpus:
         """Record an unreadable document or file, or raise when strict."""
         if self.strict:
             raise error
-        log.warning("skipping %s: %s", name, error)
+        self._warned += 1
+        if self._warned <= SKIP_WARNINGS:
+            log.warning("skipping %s: %s", name, error)
+        if self._warned == SKIP_WARNINGS:
+            log.warning("further skipped documents are counted, not named, here (meta.json's corpus.unreadable "
+                        "lists them all)")
         self.first_skip = self.first_skip or str(error)
         if name not in self.unreadable:
             self.unreadable.append(name)

@@ -127,6 +127,20 @@ def test_unreadable_files_of_a_folder_are_skipped_and_named(tmp_path):
         list(iter_documents(open_corpus(str(d / "2b.txt"), strict=False), 0.0))
 
 
+def test_many_skipped_documents_name_the_first_few_and_count_the_rest(tmp_path, caplog):
+    from knnlm.corpus import SKIP_WARNINGS
+
+    lines = ['{"text": "x = 1"}'] + ['{"body": "no text here"}'] * (SKIP_WARNINGS + 25) + ['{"text": "y = 2"}']
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    c = open_corpus(str(tmp_path / "c.jsonl"), strict=False)
+    with caplog.at_level("WARNING", logger="knnlm.corpus"):
+        got = [t for _, _, _, t in iter_documents(c, 0.0)]
+    assert got == ["x = 1", "y = 2"] and len(c.unreadable) == SKIP_WARNINGS + 25  # every one recorded
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(named) == SKIP_WARNINGS and named[0].startswith(f"skipping {tmp_path / 'c.jsonl'}:2:")
+    assert sum("counted, not named" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_build_skips_unreadable_files_and_says_so(tmp_path, tiny_model_dir):
     d = bad_folder(tmp_path)
     common = ["--model", tiny_model_dir, "--context", 32, "--stride", 16, "--holdout", 0, "--no-index"]
