@@ -100,11 +100,19 @@ class Corpus:
                           "long, or held out); pass a larger corpus or a smaller --holdout.")
 
 
+def _not_text(path: Path, magic: bytes) -> KNNLMError:
+    """The sentence for a file read as text that holds NUL bytes: a Parquet file (by its magic) is named as one."""
+    if magic == b"PAR1":
+        return KNNLMError(f"{path} is a Parquet file, read here as text; pass --format parquet, or exclude it with "
+                          "--glob.")
+    return KNNLMError(f"{path} is not a text file (it contains NUL bytes); pass text, or exclude it with --glob.")
+
+
 def _read_text(path: Path) -> str:
     """A file's UTF-8 text, or one sentence saying it is not text."""
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
-        raise KNNLMError(f"{path} is not a text file (it contains NUL bytes); pass text, or exclude it with --glob.")
+        raise _not_text(path, data[:4])
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -155,8 +163,9 @@ def _file_refs(path: Path, kind: str, text_field: str) -> list[DocRef]:
     if kind == "parquet":
         return parquet_refs(path, text_field)
     with open(path, "rb") as f:
-        if b"\x00" in f.read(_SNIFF):
-            raise KNNLMError(f"{path} is not a text file (it contains NUL bytes); pass text, or exclude it with --glob.")
+        head = f.read(_SNIFF)
+    if b"\x00" in head:
+        raise _not_text(path, head[:4])
     return _jsonl_refs(path) if kind == "jsonl" else [DocRef(str(path), str(path))]
 
 
@@ -234,6 +243,9 @@ def open_corpus(
             if errors and len(errors) == len(files):  # none readable: most likely a wrong flag, so say why
                 raise errors[0]
         corpus.files = [_file_record(f) for f in files]
+    if text_field != "text" and corpus.docs and all(r.kind == "text" and r.offset < 0 for r in corpus.docs):
+        raise KNNLMError(f"--text-field {text_field} names a JSONL field or a table's column, and {source} holds only "
+                         "plain text; leave it out, or pass --format jsonl / parquet if that is what it holds.")
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(corpus.docs)
     if not corpus.docs or all(f["size"] == 0 for f in corpus.files):

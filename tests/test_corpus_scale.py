@@ -141,6 +141,31 @@ def test_many_skipped_documents_name_the_first_few_and_count_the_rest(tmp_path, 
     assert sum("counted, not named" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_text_field_for_plain_text_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    (tmp_path / "b.jsonl").write_text('{"body": "y = 2"}\n')
+    for source in (tmp_path / "a.txt", tmp_path):  # a file, and a folder of plain text (the default --glob)
+        with pytest.raises(KNNLMError, match=r"--text-field body names a JSONL field or a table's column, and .* "
+                                             r"holds only plain text; leave it out"):
+            open_corpus(str(source), text_field="body")
+    assert [t for *_, t in iter_documents(open_corpus(str(tmp_path / "b.jsonl"), text_field="body"), 0.0)] == ["y = 2"]
+    both = open_corpus(str(tmp_path), glob="*.*", text_field="body")  # the field applies to the JSONL file in it
+    assert [t for *_, t in iter_documents(both, 0.0)] == ["x = 1\n", "y = 2"]
+
+
+def test_a_parquet_file_read_as_text_is_named_as_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": ["x = 1", "y = 2"]}), tmp_path / "t.parquet")
+    for fmt in ("jsonl", "text"):
+        with pytest.raises(KNNLMError, match=r"t.parquet is a Parquet file, read here as text; pass --format parquet"):
+            open_corpus(str(tmp_path / "t.parquet"), fmt=fmt)
+    (tmp_path / "t.parquet").rename(tmp_path / "t.txt")  # by its bytes, not its name; and a lone file read whole
+    with pytest.raises(KNNLMError, match=r"t.txt is a Parquet file"):
+        list(iter_documents(open_corpus(str(tmp_path / "t.txt"), fmt="text"), 0.0))
+
+
 def test_build_skips_unreadable_files_and_says_so(tmp_path, tiny_model_dir):
     d = bad_folder(tmp_path)
     common = ["--model", tiny_model_dir, "--context", 32, "--stride", 16, "--holdout", 0, "--no-index"]
