@@ -120,8 +120,8 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     Returns:
         The opened datastore. Interrupted, OUT.partial/ keeps every shard's checkpoint for `resume=True`.
     """
-    if shard_cfg.engine is Engine.RAY:  # join the cluster first: an address with no cluster stops nothing begun
-        ensure_ray(shard_cfg.ray_address)
+    if shard_cfg.engine is Engine.RAY and shard_cfg.ray_address is not None:
+        ensure_ray(shard_cfg.ray_address)  # join the cluster first: an address with no cluster stops nothing begun
     out, src, lm = open_build(corpus, out, cfg, lm)
     work, plan = _prepare_dirs(out, cfg, sharded=True)
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
