@@ -344,6 +344,8 @@ def test_a_ray_address_with_no_cluster_is_one_sentence_before_any_work(tmp_path,
 
     from knnlm.scale import engines
 
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
@@ -355,12 +357,13 @@ def test_a_ray_address_with_no_cluster_is_one_sentence_before_any_work(tmp_path,
                                      "--engine", "ray", "--ray-address", address, "--model", "no-such-model"])
         assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
         assert not out.exists() and not Path(f"{out}.partial").exists()  # refused before the model, or a folder
-    assert not ray.is_initialized()
+    assert calls == []  # Ray was not asked
 
     def no_cluster(**kwargs):  # what ray.init raises for "auto" where no cluster runs on this machine
         raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to")
 
     monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process (other tests here start Ray)
     with pytest.raises(KNNLMError, match=r"No Ray cluster answers at --ray-address auto \(Could not find any running "
                                          r"Ray instance\); start one there"):
         engines.ensure_ray("auto")

@@ -79,8 +79,8 @@ def check_reachable(address: str | None) -> None:
 def ensure_ray(address: str | None):
     """Join the Ray cluster at address, or start a local one, unless this process already has Ray running."""
     ray = _ray()
+    check_reachable(address)
     if not ray.is_initialized():
-        check_reachable(address)
         # Local workers import the same knnlm as this process.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
