@@ -270,13 +270,20 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature, search)
     lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
     ds.check_compatible(lm)
-    context, stride = cfg.context or ds.meta["context"], cfg.stride or ds.meta["stride"]
+    context, stride = datastore_window(cfg, ds)
     check_window(context, stride, lm.max_positions)
     if documents is not None:
         docs, what = list(documents), f"{len(documents)} given texts"
     else:
         docs, what = resolve_docs(ds, corpus, split, cfg)
     return EvalRun(ds, lm, retriever, combiner, docs, what, context, stride, search)
+
+
+def datastore_window(cfg: EvalConfig, ds: Datastore) -> tuple[int, int]:
+    """(context, stride) of an evaluation: the given ones, else the datastore's (a given 0 is refused later, not
+    taken for "unset")."""
+    return (ds.meta["context"] if cfg.context is None else cfg.context,
+            ds.meta["stride"] if cfg.stride is None else cfg.stride)
 
 
 def open_without_datastore(corpus: str | None, cfg: EvalConfig, lm: LM | None = None,
@@ -288,8 +295,11 @@ def open_without_datastore(corpus: str | None, cfg: EvalConfig, lm: LM | None = 
         raise KNNLMError("--no-datastore has no held-out text to score; pass the text with --corpus.")
     lm = lm or load_lm(cfg.model or DEFAULT_MODEL, cfg.device, cfg.trust_remote_code)
     # No datastore to take windows from: build's default windows, or half of a given --context.
-    context = cfg.context or NO_DATASTORE_WINDOW[0]
-    stride = cfg.stride or (max(1, context // 2) if cfg.context else NO_DATASTORE_WINDOW[1])
+    context = NO_DATASTORE_WINDOW[0] if cfg.context is None else cfg.context
+    if cfg.stride is not None:
+        stride = cfg.stride
+    else:
+        stride = NO_DATASTORE_WINDOW[1] if cfg.context is None else max(1, context // 2)
     check_window(context, stride, lm.max_positions)
     if documents is not None:
         docs, what = list(documents), f"{len(documents)} given texts"
@@ -356,8 +366,8 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     """
     path = ds.path / "dev-scores.h5"
     retriever = retriever or Retriever(ds, cfg.retrieval)
-    want = {"datastore": ds.fingerprint, **search_settings(ds, retriever),
-            "context": cfg.context or ds.meta["context"], "stride": cfg.stride or ds.meta["stride"]}
+    context, stride = datastore_window(cfg, ds)
+    want = {"datastore": ds.fingerprint, **search_settings(ds, retriever), "context": context, "stride": stride}
     want["attention_memory"] = json.dumps(cfg.attention.describe) if cfg.attention is not None else "none"
     want.setdefault("retomaton", "off")  # scores made with RetoMaton's pointers are not a full search's
     if path.exists():

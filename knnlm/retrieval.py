@@ -370,8 +370,13 @@ class Retriever:
         # The torch search's distances are already the keys' own (it ranks its candidates by them).
         self.rerank = cfg.rerank and cfg.search_device is None
         self._keys = as_tensor(ds.keys) if self.rerank else None
-        self.k = cfg.k
-        self.depth = min(cfg.rerank_depth or cfg.k, cfg.k)  # candidates re-ranked
+        # More neighbours than keys find nothing more, but every (queries, k) array would still be k wide.
+        self.k = min(cfg.k, ds.count)
+        if self.k < cfg.k:  # a warning where asked for; the default k on a small datastore is no news
+            (log.info if cfg.k == RetrievalConfig.k else log.warning)(
+                "--k %d is more than the %d keys of %s; searching for k %d (every key) instead", cfg.k, ds.count,
+                ds.path, self.k)
+        self.depth = min(cfg.rerank_depth or self.k, self.k)  # candidates re-ranked
 
     @property
     def describe(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -383,3 +384,29 @@ def test_lm_forward_from_a_first_position_equals_the_full_forward_cut(tiny_lm):
         assert torch.allclose(k3, keys[:, 3:], atol=1e-6) and torch.allclose(l3, logits[:, 3:], atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         tiny_lm.forward(ids, mask, first=8)
+
+
+def test_k_above_the_key_count_is_every_key_not_k_wide_arrays(store, tiny_lm, caplog):
+    # Asked for more neighbours than keys, the search returns every key once, in arrays as wide as the keys (not
+    # k: with k 10⁶ those arrays filled the memory), with the same numbers as k = the key count.
+    n = store.count
+    with caplog.at_level("WARNING", logger="knnlm.retrieval"):
+        wide = Retriever(store, RetrievalConfig(k=10**6, exact=True))
+    assert wide.k == n and wide.describe["k"] == n
+    assert any(f"--k 1000000 is more than the {n} keys" in r.getMessage() for r in caplog.records)
+    q = np.asarray(store.keys[:5], np.float32) + 0.5
+    d_wide, i_wide = wide.search(q)
+    d_all, i_all = Retriever(store, RetrievalConfig(k=n, exact=True)).search(q)
+    assert d_wide.shape == (5, n) and np.array_equal(d_wide, d_all) and np.array_equal(i_wide, i_all)
+    assert (np.sort(i_wide, axis=1) == np.arange(n)).all()  # every key, once
+    (_, text), = store.heldout("test")[:1]
+    cfg = EvalConfig(lam="0.5", temperature=5.0)
+    r_wide, _ = run_eval(store, cfg=replace(cfg, retrieval=RetrievalConfig(k=10**6, exact=True)), lm=tiny_lm,
+                         documents=[("t", text[:600])])
+    r_all, _ = run_eval(store, cfg=replace(cfg, retrieval=RetrievalConfig(k=n, exact=True)), lm=tiny_lm,
+                        documents=[("t", text[:600])])
+    assert r_wide["knn_lm_ppl"] == r_all["knn_lm_ppl"] and r_wide["k"] == n
+    # A window of 0 is refused, not taken for "the datastore's".
+    for field in ("context", "stride"):
+        with pytest.raises(KNNLMError, match=f"--{field} 0"):
+            run_eval(store, cfg=replace(cfg, **{field: 0}), lm=tiny_lm, documents=[("t", text[:600])])

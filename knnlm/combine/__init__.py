@@ -91,8 +91,8 @@ def load_mixing_tensors(datastore_dir, data: dict) -> dict[str, torch.Tensor]:
 def pick_temperature(given: float | None, datastore_dir, tuned: float | None = None) -> float:
     """T of p_kNN: the one given, else the one tuned with the chosen policy, else lambda.json's, else 1."""
     if given is not None:
-        if not given > 0:
-            raise KNNLMError(f"--temperature {given} must be positive; pass e.g. --temperature 1.")
+        if not 0 < given < float("inf"):
+            raise KNNLMError(f"--temperature {given} must be a positive number; pass e.g. --temperature 1.")
         return float(given)
     if tuned:
         return float(tuned)

@@ -67,8 +67,8 @@ class MemoryConfig:
             raise KNNLMError(f"--memory-mix {self.mix!r} is not one of {', '.join(MIX_KINDS)}.")
         if self.k < 1 or self.chunk < 1:
             raise KNNLMError(f"--memory-neighbors {self.k} must be at least 1.")
-        if self.temperature is not None and not self.temperature > 0:
-            raise KNNLMError(f"--memory-temperature {self.temperature} must be positive; pass e.g. 10.")
+        if self.temperature is not None and not 0 < self.temperature < float("inf"):
+            raise KNNLMError(f"--memory-temperature {self.temperature} must be a positive number; pass e.g. 10.")
         if self.lam is not None and self.lam != "tuned":
             try:
                 value = float(self.lam)
