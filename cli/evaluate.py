@@ -215,12 +215,6 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
              save_scores, overwrite, report_file, report_tokens, memory, memory_mix, memory_lambda, memory_temperature,
              memory_neighbors, no_datastore, model, device, trust_remote_code, as_json, attention):
     """Perplexity of the LM alone and of the kNN-LM on the same tokens."""
-    import os
-
-    if save_scores and os.path.exists(save_scores) and not overwrite:
-        raise click.ClickException(f"{save_scores} already exists; pass --overwrite to replace it.")
-    if report_file and os.path.exists(report_file) and not overwrite:
-        raise click.ClickException(f"{report_file} already exists; pass --overwrite to replace it.")
     if no_datastore:
         refuse_datastore_flags()
     refuse_corpus_flags(corpus)
@@ -232,10 +226,11 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      save_scores=save_scores, combine=combine, skip_below=skip_below,
                      memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors,
                                           no_datastore),
-                     use_datastore=not no_datastore, attention=attention)
+                     use_datastore=not no_datastore, attention=attention, overwrite=overwrite)
     if no_datastore and report_file:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
     refuse_stray(bool(report_file), "--report", "report_tokens")
+    refuse_stray(bool(report_file or save_scores), "--save-scores or --report", "overwrite")
     if report_tokens < 0:
         raise click.BadParameter(f"{report_tokens} is negative; pass a number of tokens, e.g. 5000.",
                                  param_hint="--report-tokens")

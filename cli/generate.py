@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 
 import click
 
 from knnlm.api import KNNLM
+from knnlm.corpus import read_stdin
 from knnlm.generate import generate
 
 from .attention import attention_options
@@ -41,7 +41,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
     if no_datastore:
         refuse_datastore_flags()  # before stdin is read: a refusal need not wait for it
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if no_datastore:
         knn = KNNLM.without_datastore(model, device, trust_remote_code)
     else:

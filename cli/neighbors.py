@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
 from knnlm.api import KNNLM
+from knnlm.corpus import read_stdin
+from knnlm.evaluate import refuse_existing
+from knnlm.neighbors import check_top
 from knnlm.report import write_neighbors_html
 
-from .common import datastore_option, device_option, json_option, model_option, print_json, trust_option
+from .common import (datastore_option, device_option, json_option, model_option, print_json, refuse_stray,
+                     trust_option, typed)
 from .evaluate import retrieval_config, retrieval_options
 
 
@@ -39,6 +42,9 @@ def format_neighbors(r: dict, width: int = 72) -> str:
         lines.append(f"     {_one_line(n['context'], width)}{mark}")
     if not r["neighbors"]:
         lines.append("no neighbours found")
+    elif len(r["neighbors"]) < r["top"]:
+        lines.append(f"{len(r['neighbors'])} neighbours found, fewer than --top {r['top']}: the search reached no "
+                     "more keys")
     return "\n".join(lines)
 
 
@@ -51,24 +57,29 @@ def format_neighbors(r: dict, width: int = 72) -> str:
               help="T of p_kNN for its top predictions [default: the tuned T, else 1].")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
               help="Also write the neighbour panel as a self-contained HTML page.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
 @retrieval_options
 @model_option
 @device_option
 @trust_option
 @json_option
-def neighbors_cmd(datastore, text, position, top, temperature, html_file, k, nprobe, rerank, rerank_depth, exact,
-                  search_device, model, device, trust_remote_code, as_json):
+def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwrite, k, nprobe, rerank, rerank_depth,
+                  exact, search_device, model, device, trust_remote_code, as_json):
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
+    refuse_stray(bool(html_file), "--html", "overwrite")
+    if html_file:
+        refuse_existing(html_file, overwrite)  # before the model loads
+    check_top(top)
+    if typed("k") and top > k:
+        raise click.UsageError(f"--top {top} is more than --k {k}, the neighbours searched; pass --k {top} or more, "
+                               f"or --top {k} or less.")
     if text == "-":
-        text = sys.stdin.read()
-    if top < 1:
-        raise click.BadParameter(f"{top} is not a positive number of neighbours; pass e.g. --top 10.",
-                                 param_hint="--top")
+        text = read_stdin()
     knn = KNNLM.open(datastore, model, device, retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device),
                      trust_remote_code)
     r = knn.neighbors(text, position, top, temperature)
     if html_file:
-        write_neighbors_html(html_file, r)
+        write_neighbors_html(html_file, r, overwrite)
     if as_json:
         print_json(r)
     else:

@@ -131,7 +131,7 @@ class KNNLM:
 
     def report(self, text: str | list[str], path: str = "report.html", lam: str | float = 0.25,
                temperature: float | None = None, detail_tokens: int = 5000, combine: str = "mix",
-               skip_below: str | float | None = None) -> dict:
+               skip_below: str | float | None = None, overwrite: bool = False) -> dict:
         """Evaluate text and write the interactive HTML report of it (as `knnlm eval --report`).
 
         Args:
@@ -142,13 +142,14 @@ class KNNLM:
             detail_tokens: tokens (the first ones) given the full neighbour panel.
             combine: "mix" or "spalm".
             skip_below: None, a number or "tuned": the learned retrieval skip.
+            overwrite: replace an existing file at path (else refused before any work).
 
         Returns:
             The evaluation report, with "report_file" and "report_bytes".
         """
         self._need_datastore("report")
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, combine=combine,
-                         skip_below=None if skip_below is None else str(skip_below))
+                         skip_below=None if skip_below is None else str(skip_below), overwrite=overwrite)
         texts = [text] if isinstance(text, str) else list(text)
         return report_eval(self.datastore, cfg=cfg, path=path, detail_tokens=detail_tokens, lm=self.lm,
                            documents=[(f"text {i}", t) for i, t in enumerate(texts)], retriever=self.retriever)[0]

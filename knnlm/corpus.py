@@ -100,6 +100,30 @@ class Corpus:
                           "long, or held out); pass a larger corpus or a smaller --holdout.")
 
 
+def not_utf8(text: str, what: str) -> KNNLMError | None:
+    """The sentence for a str that cannot be written as UTF-8 (bytes that were not UTF-8, read from the command line
+    or stdin, arrive as lone surrogates), or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        shown = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        return KNNLMError(f"{what} is not UTF-8 ({shown} at character {e.start}); convert it to UTF-8.")
+    return None
+
+
+def read_stdin() -> str:
+    """All of stdin as text, or one sentence where it is not UTF-8 (whichever way Python's locale decodes it)."""
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise KNNLMError(f"The text on stdin is not UTF-8 ({e.reason} at byte {e.start} of a block); convert it to "
+                         "UTF-8.") from None
+    if error := not_utf8(text, "The text on stdin"):
+        raise error
+    return text
+
+
 def _not_text(path: Path, magic: bytes) -> KNNLMError:
     """The sentence for a file read as text that holds NUL bytes: a Parquet file (by its magic) is named as one."""
     if magic == b"PAR1":
@@ -212,7 +236,7 @@ def open_corpus(
     if source == "-":
         if fmt != "auto" and fmt != "text":
             raise KNNLMError(f"{fmt} from stdin is not supported; save it to a file and pass its path.")
-        text = sys.stdin.read()
+        text = read_stdin()
         corpus = Corpus(source, [DocRef("<stdin>", None)], [{
             "path": "<stdin>", "size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}],
             text_field, stdin_text=text)

@@ -60,6 +60,7 @@ class EvalConfig:
     attention: AttentionMemoryConfig | None = None  # kNN-augmented attention (--attention-memory); None: off
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # the document memory (--memory and --memory-*)
     use_datastore: bool = True  # False (--no-datastore): the LM alone, with the document memory if asked
+    overwrite: bool = False  # replace an existing save_scores file (or report_eval's page); False: refuse it
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -69,6 +70,13 @@ class EvalConfig:
             if not os.path.isdir(parent):
                 raise KNNLMError(f"--save-scores {self.save_scores}: the folder {parent} does not exist; "
                                  "create it or pass another path.")
+            refuse_existing(self.save_scores, self.overwrite)
+
+
+def refuse_existing(path, overwrite: bool) -> None:
+    """One sentence, before any work, for a file an evaluation would replace without --overwrite."""
+    if not overwrite and os.path.isfile(path):
+        raise KNNLMError(f"{path} already exists; pass --overwrite to replace it.")
 
 
 @dataclass

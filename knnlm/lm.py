@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .arrays import atomic_path
+from .corpus import not_utf8
 from .errors import KNNLMError
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,15 @@ class LM:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without special tokens (documents are scored as they are)."""
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if not isinstance(text, str):
+            raise KNNLMError(f"The text is a {type(text).__name__}, not a str; pass the text itself (a file's with "
+                             "Path.read_text()).")
+        try:
+            return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        except (TypeError, UnicodeEncodeError):  # the tokenizer's own words for text it cannot take
+            if error := not_utf8(text, "The text"):
+                raise error from None
+            raise
 
     def decode(self, ids) -> str:
         """Text of token ids."""

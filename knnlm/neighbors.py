@@ -37,6 +37,12 @@ def _top(logp: torch.Tensor, n: int, lm: LM) -> list[dict]:
             for v, i in zip(vals, idx) if np.isfinite(float(v))]
 
 
+def check_top(top: int) -> None:
+    """One sentence for a number of neighbours to show that is not positive."""
+    if not top >= 1:
+        raise KNNLMError(f"--top {top} is not a positive number of neighbours; pass e.g. --top 10.")
+
+
 def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: int = 10, predictions: int = 5,
               temperature: float = 1.0, context_tokens: int = 32) -> dict:
     """The neighbours retrieved for one position of a text.
@@ -55,9 +61,11 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
     Returns:
         {"position", "tokens", "context" (the text's tokens up to the position), "target" (the
         text's next token, or None at the end), "lm" and "knn" (top predictions), "corpus" (the
-        datastore's source), "neighbors": [{"rank",
+        datastore's source), "top" (as asked: "neighbors" may hold fewer, where the search reached no more
+        keys), "neighbors": [{"rank",
         "distance", "row", "document", "offset", "context", "next_token", "next_text", "is_target"}]}.
     """
+    check_top(top)
     ids = lm.encode(text)
     if not ids:
         raise KNNLMError("The text is empty; pass some text to look up.")
@@ -84,6 +92,7 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
         "target": None if target is None else {"token": target, "text": lm.decode([target])},
         "lm": _top(torch.log_softmax(logits.double(), -1), predictions, lm),
         "knn": _top(knn, predictions, lm),
-        "temperature": temperature, "corpus": ds.meta.get("corpus", {}).get("source"), **retriever.describe,
+        "temperature": temperature, "corpus": ds.meta.get("corpus", {}).get("source"), "top": top,
+        **retriever.describe,
         "neighbors": out,
     }

@@ -84,3 +84,32 @@ def test_eval_reads_jsonl_with_another_text_field(store, tiny_lm, tiny_model_dir
     r = CliRunner().invoke(cli, ["eval", "--datastore", str(store.path), "--model", str(tiny_model_dir),
                                  "--corpus", str(tmp_path / "c.jsonl")])
     refused(r, "no string field 'text'", "--text-field")
+
+
+def test_text_that_is_not_utf8_or_not_a_str_is_one_sentence(tiny_lm, monkeypatch):
+    import io
+    import sys
+    from pathlib import Path
+
+    from knnlm.corpus import open_corpus, read_stdin
+    from knnlm.errors import KNNLMError
+
+    # argv's undecodable bytes arrive as lone surrogates (surrogateescape); the tokenizer raised a TypeError on them
+    with pytest.raises(KNNLMError, match=r"^The text is not UTF-8 \(byte 0xff at character 3\); convert it to UTF-8"):
+        tiny_lm.encode("abc\udcff def")
+    with pytest.raises(KNNLMError, match=r"^The text is not UTF-8 \(U\+D800 at character 1\)"):
+        tiny_lm.encode("a\ud800")
+    for wrong in (b"abc", Path("abc.txt"), None, ["abc"]):
+        with pytest.raises(KNNLMError, match=rf"^The text is a {type(wrong).__name__}, not a str; pass the text"):
+            tiny_lm.encode(wrong)
+    assert tiny_lm.encode("abc é") == tiny_lm.tokenizer("abc é", add_special_tokens=False)["input_ids"]
+    # stdin, decoded strictly (a UTF-8 locale) or with surrogateescape (the C locale)
+    for errors, words in (("strict", r"invalid start byte at byte 3"), ("surrogateescape", r"byte 0xff at character 3")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff def"), "utf-8", errors=errors))
+        with pytest.raises(KNNLMError, match=rf"^The text on stdin is not UTF-8 \({words}"):
+            read_stdin()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff def"), "utf-8", errors=errors))
+        with pytest.raises(KNNLMError, match=r"^The text on stdin is not UTF-8"):
+            open_corpus("-")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("x = 'é'\n".encode()), "utf-8"))
+    assert read_stdin() == "x = 'é'\n"

@@ -17,6 +17,7 @@ from knnlm.api import KNNLM
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.combine import resolve_combiner
+from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, search_settings
 from knnlm.interpolate import interpolate, knn_log_prob, masked_distances, neighbor_log_weights
 from knnlm.neighbors import neighbors
@@ -233,6 +234,29 @@ def test_cli_eval_report_and_neighbors_html(store, tmp_path):
     assert r.exit_code == 0, r.output
     n = _page_data(Path("n.html"))
     assert n["mode"] == "neighbors" and len(n["single"]["nbrs"]) == 3
+    # An existing page is replaced only with --overwrite, in the CLI and the API alike.
+    before = Path("n.html").read_bytes()
+    r = run("neighbors", "--datastore", ds, "--exact", "--top", 2, "--html", "n.html", "def g(y):")
+    assert r.exit_code == 1
+    assert "n.html already exists; pass --overwrite to replace it." in r.output and Path("n.html").read_bytes() == before
+    r = run("neighbors", "--datastore", ds, "--exact", "--top", 2, "--html", "n.html", "--overwrite", "def g(y):")
+    assert r.exit_code == 0 and len(_page_data(Path("n.html"))["single"]["nbrs"]) == 2
+    r = run("neighbors", "--datastore", ds, "--overwrite", "def g(y):")
+    assert r.exit_code == 2 and "--overwrite only applies with --html" in r.output
+    r = run("neighbors", "--datastore", ds, "--top", 9, "--k", 5, "def g(y):")
+    assert r.exit_code == 2 and "--top 9 is more than --k 5" in r.output
+    knn = KNNLM.open(ds, retrieval=RetrievalConfig(k=8, exact=True))
+    before = Path("r.html").read_bytes()
+    with pytest.raises(KNNLMError, match="r.html already exists; pass --overwrite"):
+        knn.report("def f(x):\n    return x\n", "r.html")
+    assert Path("r.html").read_bytes() == before
+    assert knn.report("def f(x):\n    return x\n", "r.html", overwrite=True)["report_file"] == "r.html"
+    assert Path("r.html").read_bytes() != before
+    with pytest.raises(KNNLMError, match="--top 0 is not a positive number"):
+        knn.neighbors("def f(x):", top=0)
+    # More than the search can find: the CLI says how many came back.
+    r = run("neighbors", "--datastore", ds, "--exact", "--top", store.count + 5, "--k", store.count + 5, "def f(x):")
+    assert r.exit_code == 0 and f"{store.count} neighbours found, fewer than --top {store.count + 5}" in r.output
 
 
 def test_report_flags_reach_report_eval(monkeypatch):

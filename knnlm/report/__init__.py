@@ -17,7 +17,7 @@ import numpy as np
 
 from ..combine import Combiner, load_lambda
 from ..errors import KNNLMError
-from ..evaluate import EvalConfig, open_eval, score_run
+from ..evaluate import EvalConfig, open_eval, refuse_existing, score_run
 from ..lm import LM
 from ..retrieval import Retriever
 from ..scores import Scores
@@ -85,6 +85,7 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
         run_eval's (report, scores); the report also holds "report_file" and "report_bytes".
     """
     check_report_path(path)
+    refuse_existing(path, cfg.overwrite)
     # The page searches the detailed tokens' queries again, and reads the LM's top tokens from a plain forward:
     # neither is what RetoMaton's pointers or the attention memory scored.
     if (retriever.cfg if retriever is not None else cfg.retrieval).retomaton or cfg.attention is not None:
@@ -99,6 +100,8 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
     return result, scores
 
 
-def write_neighbors_html(path: str | os.PathLike, r: dict) -> int:
-    """The neighbour panel of one position (the dict of KNNLM.neighbors) as a page; returns its size in bytes."""
+def write_neighbors_html(path: str | os.PathLike, r: dict, overwrite: bool = False) -> int:
+    """The neighbour panel of one position (the dict of KNNLM.neighbors) as a page; returns its size in bytes.
+    An existing file is replaced only with overwrite."""
+    refuse_existing(path, overwrite)
     return write_html(path, neighbors_panel(r), f"kNN-LM neighbours of position {r['position']}")
