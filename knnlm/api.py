@@ -89,6 +89,16 @@ class KNNLM:
         """
         return cls(None, lm or load_lm(model or DEFAULT_MODEL, device, trust_remote_code), None)
 
+    def _refuse_mixing(self, lam, temperature, combine, skip_below) -> None:
+        """Without a datastore, one sentence for the datastore's mixing settings (they would do nothing), as the CLI's
+        --no-datastore refuses its flags."""
+        given = [f"{name}={value!r}" for name, value, default in (
+            ("lam", lam, 0.25), ("temperature", temperature, None), ("combine", combine, "mix"),
+            ("skip_below", skip_below, None)) if value != default and str(value) != str(default)]
+        if self.datastore is None and given:
+            raise KNNLMError(f"{', '.join(given)} mix the datastore's neighbours in, and this KNNLM has no datastore; "
+                             "leave them out (the document memory takes its own in MemoryConfig).")
+
     def _need_datastore(self, what: str) -> None:
         """One sentence instead of an AttributeError when a datastore's method is called without one."""
         if self.datastore is None:
@@ -116,6 +126,7 @@ class KNNLM:
             The report of `knnlm eval --json`: tokens, lm_ppl, knn_lm_ppl, knn_only_ppl, change,
             searches_skipped, ...
         """
+        self._refuse_mixing(lam, temperature, combine, skip_below)
         cfg = EvalConfig(lam=str(lam), temperature=temperature,
                          retrieval=self.retriever.cfg if self.retriever else RetrievalConfig(), context=context,
                          stride=stride, combine=combine, skip_below=None if skip_below is None else str(skip_below),
@@ -176,6 +187,7 @@ class KNNLM:
         Returns:
             The new text (without the prompt).
         """
+        self._refuse_mixing(lam, temperature, combine, skip_below)
         if self.datastore is None:
             return generate(self.lm, prompt, None, 0.0, None, max_new_tokens, sample, seed, memory=memory,
                             attention=attention_memory).text

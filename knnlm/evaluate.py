@@ -268,6 +268,7 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
               split: str = "test", documents: list[tuple[str, str]] | None = None,
               retriever: Retriever | None = None) -> EvalRun:
     """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
+    cfg.memory.check_use(cfg.use_datastore)
     if not cfg.use_datastore:
         return open_without_datastore(corpus, cfg, lm, documents)
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)

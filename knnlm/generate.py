@@ -210,6 +210,8 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
     """
     if max_new_tokens < 1:
         raise KNNLMError(f"--max-new-tokens {max_new_tokens} must be at least 1.")
+    if memory is not None:
+        memory.check_use(retriever is not None)
     ids = lm.encode(prompt)
     if not ids:
         bos = getattr(lm.tokenizer, "bos_token_id", None)

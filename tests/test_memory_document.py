@@ -123,7 +123,8 @@ def test_eval_memory_equals_a_brute_force_per_position_reference(store, tiny_lm,
     text = corpus_texts["fnmatch.py"][:1600]
     docs = [("a", text), ("b", text[:800])]  # the second repeats the first's start: no memory across documents
     lam, t, lam_m, t_m, k_m = 0.3, 5.0, 0.4, 3.0, 12
-    mem = MemoryConfig("document", mix=mix, lam=str(lam_m), temperature=t_m, k=k_m, chunk=50)
+    own = {"lam": str(lam_m), "temperature": t_m} if mix == "separate" else {}  # the joint mix takes λ and T
+    mem = MemoryConfig("document", mix=mix, k=k_m, chunk=50, **own)
     cfg = EvalConfig(lam=str(lam), temperature=t, retrieval=RetrievalConfig(k=16, exact=True), memory=mem,
                      keep_features=True)
     out, s = run_eval(store, cfg=cfg, lm=tiny_lm, documents=docs)
@@ -199,6 +200,29 @@ def test_generate_with_document_memory_repeats_a_passage_of_the_prompt(tiny_lm, 
     assert json.loads(r.stdout)["text"] == api and json.loads(r.stdout)["search"] == "none"
     with pytest.raises(KNNLMError, match="needs a datastore"):
         KNNLM.without_datastore(lm=tiny_lm).neighbors(prompt)
+    # The datastore's mixing settings, given without one, are refused (they did nothing), as the CLI refuses them.
+    alone_api = KNNLM.without_datastore(lm=tiny_lm)
+    with pytest.raises(KNNLMError, match=r"^lam=0.7, temperature=5.0, combine='spalm' mix the datastore's neighbours"):
+        alone_api.generate(prompt, 4, lam=0.7, temperature=5.0, combine="spalm")
+    with pytest.raises(KNNLMError, match=r"^skip_below='tuned' mix the datastore's neighbours in"):
+        alone_api.evaluate(prompt, skip_below="tuned", memory=mem)
+    assert alone_api.generate(prompt, 8, lam="0.25", memory=mem) == api  # the defaults, spelled out, are fine
+
+
+def test_memory_settings_the_memory_would_not_read_are_refused(store, tiny_lm):
+    knn = KNNLM.open(store.path, lm=tiny_lm, retrieval=RetrievalConfig(k=8, exact=True))
+    text = store.heldout("test")[0][1][:400]
+    joint = MemoryConfig("document", lam="0.9", temperature=3.0)  # the joint mix (the default) takes the datastore's
+    for call in (lambda: knn.evaluate(text, memory=joint), lambda: knn.generate(text, 2, memory=joint)):
+        with pytest.raises(KNNLMError, match=r"^The joint mix weighs the memory's neighbours with the datastore's"):
+            call()
+    with pytest.raises(KNNLMError, match=r"^MemoryConfig\(memory='none'\) keeps no memory, so lam='0.5' would do"):
+        knn.evaluate(text, memory=MemoryConfig("none", lam="0.5"))
+    # the separate mix reads them; without a datastore the two mixes coincide and read them too
+    separate = knn.evaluate(text, memory=MemoryConfig("document", mix="separate", lam="0.9", temperature=3.0))
+    assert separate["memory"]["lambda"] == 0.9 and separate["memory"]["temperature"] == 3.0
+    alone = KNNLM.without_datastore(lm=tiny_lm).evaluate(text, memory=joint)
+    assert alone["memory"]["lambda"] == 0.9
 
 
 def test_generation_memory_holds_exactly_the_positions_before_the_query(tiny_lm, corpus_texts):
@@ -232,7 +256,8 @@ def test_generate_with_a_datastore_and_the_memory_both_mixes(store, tiny_lm):
     prompt, y, m = _periodic_prompt(tiny_lm, (STDLIB / "copy.py").read_text()[3000:5000], STRIDE, 3)
     retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
     for mix, lam in (("joint", 0.999), ("separate", 0.1)):
-        mem = MemoryConfig("document", mix=mix, lam="0.999", temperature=0.01, k=8)
+        own = {"lam": "0.999", "temperature": 0.01} if mix == "separate" else {}  # the joint mix takes λ and T
+        mem = MemoryConfig("document", mix=mix, k=8, **own)
         out = generate(tiny_lm, prompt, retriever, lam=lam, temperature=0.01, max_new_tokens=12, memory=mem)
         assert out.tokens == (y * 4)[m: m + 12], mix
 

@@ -82,6 +82,21 @@ class MemoryConfig:
         """Whether a memory is kept at all."""
         return self.memory == "document"
 
+    def check_use(self, with_datastore: bool) -> None:
+        """One sentence, before any work, for settings this memory would not read: any of the memory's own without
+        a memory; λ_m and T_m (the separate mix's) where the joint mix takes the datastore's λ and T."""
+        if not self.on:
+            given = [f"{name}={value!r}" for name, value in (("mix", self.mix), ("lam", self.lam),
+                                                            ("temperature", self.temperature))
+                     if value != getattr(MemoryConfig, name)]
+            if given:
+                raise KNNLMError(f"MemoryConfig(memory={self.memory!r}) keeps no memory, so {', '.join(given)} would do "
+                                 "nothing; pass memory='document' or leave them out.")
+        elif with_datastore and self.mix == "joint" and (self.lam is not None or self.temperature is not None):
+            raise KNNLMError("The joint mix weighs the memory's neighbours with the datastore's λ and T, so the "
+                             "memory's own λ_m and T_m (lam=, temperature=; --memory-lambda, --memory-temperature) "
+                             "would do nothing; pass mix='separate' (--memory-mix separate) or leave them out.")
+
 
 def resolve_memory(cfg: MemoryConfig, datastore_dir=None) -> tuple[float, float, str]:
     """(λ_m, T_m, where they came from): given numbers, else lambda.json's "memory" entry, else the defaults."""
