@@ -507,6 +507,17 @@ def test_gate_refuses_another_temperature(store, tuned):
         resolve_combiner("gate", store.path, temperature=t * 2)
 
 
+def test_spalm_refuses_a_lambda_it_would_not_read(store, tuned):
+    assert resolve_combiner("0.25", store.path, "spalm").kind == resolve_combiner(combine="spalm",
+                                                                                datastore_dir=store.path).kind
+    for lam in ("0.7", "gate", "tuned", 0.25001):
+        with pytest.raises(KNNLMError, match=rf"^--combine spalm gates the memory with SPALM's own gate, so --lambda "
+                                             rf"{lam} would do nothing"):
+            resolve_combiner(lam, store.path, "spalm")
+    r = run("eval", "--datastore", store.path, "--combine", "spalm", "--lambda", "0.7")
+    assert r.exit_code == 1 and "--lambda 0.7 would do nothing" in r.output
+
+
 def test_lambda_files_of_format_one_still_give_their_lambda(store, tuned, tmp_path):
     old = {"format": 1, "lambda": 0.3, "temperature": 7.0, "adaptive": None, "created": "before"}
     (tmp_path / "lambda.json").write_text(json.dumps(old))

@@ -159,6 +159,9 @@ def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_
     if combine not in COMBINE_KINDS:
         raise KNNLMError(f"--combine must be one of {', '.join(COMBINE_KINDS)}, not {combine!r}.")
     number = None if word in LAMBDA_WORDS else _parse_lambda(word)
+    if combine == "spalm" and word != "0.25":  # the default is no choice; any other λ would be silently unused
+        raise KNNLMError(f"--combine spalm gates the memory with SPALM's own gate, so --lambda {lam} would do nothing; "
+                         "leave --lambda out, or pass --combine mix.")
     skip_word = None if skip_below is None else str(skip_below).strip().lower()
     skip_number = None if skip_word in (None, "tuned") else _parse_skip(skip_word)
     if combine == "mix" and number is not None and skip_below is None:
