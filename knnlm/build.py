@@ -405,7 +405,7 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
     ds = open_datastore(work)
     if cfg.build_index:
         try:
-            train_index(ds, cfg.index, runner=index_runner)
+            train_index(ds, cfg.index, runner=index_runner, fallback=True)
         except KNNLMError as e:
             raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
                              "or --no-index and `knnlm train-index` later.") from e

@@ -192,7 +192,8 @@ def check_retrain(ds: Datastore, cfg: IndexConfig) -> None:
     cfg.check_count(ds.count)
 
 
-def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, runner=None) -> dict:
+def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, runner=None,
+                fallback: bool = False) -> dict:
     """Train and fill the index for a datastore; writes index.faiss and index.json atomically.
 
     Args:
@@ -201,11 +202,16 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
         progress: optional callable taking the number of keys just added.
         runner: adds the keys in parts sharing the trained quantizer (knnlm.scale.engines, e.g. Ray
             tasks); None: in this process (in one part when cfg.on_disk).
+        fallback: take an exact index, with a warning, where cfg's --nlist is more than the keys can train (a
+            build that could not know its size); False: refuse it (check_retrain), before any work.
 
     Returns:
         The content of index.json.
     """
-    _refuse_removed(ds)
+    if fallback:
+        _refuse_removed(ds)
+    else:
+        check_retrain(ds, cfg)
     from .scale.ivf import Adder, train_ivf
 
     n, d = ds.count, ds.dim

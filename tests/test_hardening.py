@@ -269,6 +269,19 @@ def test_train_size_below_the_chosen_nlist_is_refused_before_training(tmp_path):
     assert not (ds.path / "index.faiss").exists() and not (ds.path / "index.json").exists()
 
 
+def test_train_index_refuses_an_nlist_its_keys_cannot_train(tmp_path, caplog):
+    # The API as the CLI: refused, not an exact index in its place; only a build (which could not know its size
+    # when it began) falls back, with a warning.
+    ds = open_datastore(make_datastore(tmp_path / "syn", clustered(12_000, 8), np.zeros(12_000)))
+    with pytest.raises(KNNLMError, match=r"--nlist 4096 needs at least 159744 keys .* has 12000 keys: pass --nlist "
+                                         r"307 or less"):
+        train_index(ds, IndexConfig(nlist=4096))
+    assert not (ds.path / "index.faiss").exists()
+    with caplog.at_level("WARNING", logger="knnlm.index"):
+        assert train_index(ds, IndexConfig(nlist=4096), fallback=True)["factory"] == "Flat"
+    assert any("exact (flat) index: 12000 keys are too few" in r.getMessage() for r in caplog.records)
+
+
 def test_few_lists_still_get_enough_training_keys(tmp_path):
     # 64·nlist keys would be 128 for nlist 2, too few for PQ's 256 centroids; the default keeps 256.
     ds = open_datastore(make_datastore(tmp_path / "syn", clustered(12_000, 8), np.zeros(12_000)))
