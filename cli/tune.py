@@ -11,7 +11,7 @@ from knnlm.combine import save_lambda
 from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
-from knnlm.lm import load_lm
+from knnlm.lm import datastore_lm
 from knnlm.memory.document import MemoryConfig, tune_memory
 from knnlm.scores import load_scores
 from knnlm.tune import TuneConfig, format_table, heldout_curves, plot_curves, tune
@@ -91,8 +91,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
                       trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, keep_features=True)
     lm = None
     if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
-        lm = load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
-        ds.check_compatible(lm)
+        lm = datastore_lm(ds, model, device, trust_remote_code)
     if scores_path:
         scores, what = load_scores(scores_path), scores_path
         if scores.attrs.get("datastore") != ds.fingerprint:

@@ -17,7 +17,7 @@ from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
 from .errors import KNNLMError
-from .lm import DEFAULT_MODEL, LM, load_lm
+from .lm import DEFAULT_MODEL, LM, datastore_lm, load_lm
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import MemoryConfig, tune_memory
 from .neighbors import neighbors
@@ -72,8 +72,10 @@ class KNNLM:
             KNNLMError: the datastore is missing or broken, or the model is not the one it was built with.
         """
         ds = open_datastore(datastore)
-        lm = lm or load_lm(model or ds.meta["model"]["name"], device, trust_remote_code)
-        ds.check_compatible(lm)
+        if lm is None:
+            lm = datastore_lm(ds, model, device, trust_remote_code)
+        else:
+            ds.check_compatible(lm)
         return cls(ds, lm, Retriever(ds, retrieval))
 
     @classmethod

@@ -19,7 +19,7 @@ from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, f
                         parse_holdout, partial_dir)
 from .errors import KNNLMError
 from .index import IndexConfig, train_index
-from .lm import DEFAULT_MODEL, LM, load_lm
+from .lm import DEFAULT_MODEL, LM, load_lm, model_reference
 from .windows import check_window, forward_owned, plan_windows
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
     seconds = s["seconds"]
     meta = {
         "format": FORMAT_VERSION,
-        "model": {"name": cfg.model, "fingerprint": lm.fingerprint, "vocab_size": lm.vocab_size},
+        "model": {"name": model_reference(cfg.model), "fingerprint": lm.fingerprint, "vocab_size": lm.vocab_size},
         "tokenizer": {"fingerprint": lm.tokenizer_fingerprint},
         "key_source": KEY_SOURCE,
         "dim": lm.dim,

@@ -18,7 +18,7 @@ from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError
 from .interpolate import knn_log_prob, perplexity
-from .lm import DEFAULT_MODEL, LM, load_lm
+from .lm import DEFAULT_MODEL, LM, datastore_lm, load_lm
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import MemoryConfig, memory_report
 from .memory.reading import forward_in_order
@@ -277,8 +277,10 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     retriever = retriever or Retriever(ds, cfg.retrieval)
     search = search_settings(ds, retriever)
     combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature, search)
-    lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
-    ds.check_compatible(lm)
+    if lm is None:
+        lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code)
+    else:
+        ds.check_compatible(lm)
     context, stride = datastore_window(cfg, ds)
     check_window(context, stride, lm.max_positions)
     if documents is not None:

@@ -251,6 +251,32 @@ def _load_gguf(path: Path, trust_remote_code: bool):
     return model, tok
 
 
+def model_reference(name: str) -> str:
+    """How a datastore records the model it was built with: a local directory or .gguf file by its absolute path
+    (the datastore is then read from any folder), the bundled default and hub ids as given."""
+    path = Path(name).expanduser()
+    if name != DEFAULT_MODEL and (path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
+        return str(path.resolve())
+    return name
+
+
+def datastore_lm(ds, model: str | None = None, device: str | None = None, trust_remote_code: bool = False) -> LM:
+    """The model for datastore ds (a Datastore): `model` when given, else the one its meta.json names; refused in
+    one sentence when it is not the model the keys were made with (Datastore.check_compatible)."""
+    if model:
+        lm = load_lm(model, device, trust_remote_code)
+    else:
+        name = ds.meta["model"]["name"]
+        try:
+            lm = load_lm(name, device, trust_remote_code)
+        except KNNLMError as e:
+            raise KNNLMError(f"{ds.path} was built with the model {name!r}, which cannot be loaded here "
+                             f"({str(e).split('; ')[0]}); pass --model with that model (its directory, .gguf "
+                             "file or hub id).") from e
+    ds.check_compatible(lm)
+    return lm
+
+
 def load_lm(name: str = DEFAULT_MODEL, device: str | None = None, trust_remote_code: bool = False) -> LM:
     """Load a frozen causal LM.
 

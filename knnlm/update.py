@@ -120,7 +120,7 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
 def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     """add_documents' work, with ds locked."""
     from .build import BuildConfig, build_datastore
-    from .lm import load_lm
+    from .lm import datastore_lm
 
     corpus_log = logging.getLogger("knnlm.corpus")
     level = corpus_log.level
@@ -141,8 +141,10 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text ({len(mixed)} "
                          "documents are); a datastore never holds what eval and tune-lambda score, so add other "
                          "documents.")
-    lm = lm or load_lm(cfg.model or ds.meta["model"]["name"], cfg.device, cfg.trust_remote_code)
-    ds.check_compatible(lm)
+    if lm is None:
+        lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code)
+    else:
+        ds.check_compatible(lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
     leftover = ds.path / _ADDED
     if leftover.is_dir() and not (leftover / "meta.json").is_file():  # a removal of ours cut short: not a datastore

@@ -261,3 +261,19 @@ def test_tune_then_eval_tuned_and_adaptive(built, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["adaptive"] is None
     _one_sentence_error(run("eval", "--lambda", "adaptive"), "no adaptive schedule")
     _one_sentence_error(run("eval", "--lambda", "1.5"), "--lambda")
+
+
+def test_a_model_given_by_a_relative_path_is_found_from_any_folder(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, "tiny")
+    r = run("build-datastore", corpus_dir, "--model", "tiny", "--glob", "*.txt", "--context", 64, "--stride", 32,
+            "--holdout", 0.2, "--max-tokens", 600, "--out", "ds")
+    assert r.exit_code == 0, r.output
+    assert json.loads(Path("ds/meta.json").read_text())["model"]["name"] == str(Path("tiny").resolve())
+    monkeypatch.chdir(tmp_path / "..")  # elsewhere: "tiny" would name nothing here
+    assert run("eval", "--datastore", tmp_path / "ds", "--k", 8, "--exact", "--json").exit_code == 0
+    shutil.rmtree(tmp_path / "tiny")  # the model is gone: the sentence names the datastore's model and --model
+    _one_sentence_error(run("eval", "--datastore", tmp_path / "ds", "--k", 8, "--exact"),
+                        f"{tmp_path / 'ds'} was built with the model '{tmp_path / 'tiny'}', which cannot be loaded",
+                        "pass --model with that model")
