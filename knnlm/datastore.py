@@ -197,6 +197,9 @@ def _open_array(path: Path, dtype, shape: tuple) -> np.ndarray:
 def read_meta(path: Path) -> dict:
     """meta.json of a datastore directory, checked for the fields readers rely on."""
     mp = path / "meta.json"
+    if path.exists() and not path.is_dir():
+        raise KNNLMError(f"{path} is a file, not a datastore folder; pass the folder `knnlm build-datastore` wrote "
+                         "(its --out).")
     if not path.is_dir():
         hint = " (an interrupted build can be continued with --resume)" if partial_dir(path).exists() else ""
         raise KNNLMError(f"Datastore {path} does not exist{hint}; build one with `knnlm build-datastore CORPUS`"

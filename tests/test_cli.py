@@ -13,7 +13,8 @@ from click.testing import CliRunner
 import knnlm.cli.build as cli_build
 import knnlm.cli.evaluate as cli_eval
 from knnlm.cli.main import cli
-from knnlm.datastore import foreign_entries
+from knnlm.datastore import foreign_entries, open_datastore
+from knnlm.errors import KNNLMError
 
 
 def run(*args, input=None):
@@ -168,6 +169,9 @@ def test_damaged_datastores(built):
     keys.write_bytes(keys.read_bytes()[:-4096])
     _one_sentence_error(run("eval"), "shorter than meta.json says")
     _one_sentence_error(run("eval", "--datastore", "nowhere"), "does not exist")
+    Path("a.txt").write_text("x")
+    with pytest.raises(KNNLMError, match=r"^a.txt is a file, not a datastore folder; pass the folder"):
+        open_datastore("a.txt")
 
 
 def test_every_build_flag_reaches_its_config(monkeypatch, tmp_path):
