@@ -68,6 +68,24 @@ _RESUME_KEYS = ("context", "stride", "holdout", "glob", "fmt", "text_field", "sh
                 "block_windows")
 
 
+_RESUME_NAMES = {"fmt": "--format", "block_windows": "block_windows", "model": "the model", "corpus": "the corpus's files"}
+
+
+def check_resume_settings(work: Path, settings: dict) -> None:
+    """Refuse to resume the build in work with other settings than it began with, naming each that differs."""
+    then, now = _read_json(work, "settings.json"), json.loads(json.dumps(settings))
+    if then == now:
+        return
+    differ = []
+    for key in sorted(set(then) | set(now), key=lambda k: list(now).index(k) if k in now else len(now)):
+        if then.get(key) != now.get(key):
+            name = _RESUME_NAMES.get(key, "--" + key.replace("_", "-"))
+            shown = "" if key in ("model", "corpus") else f" ({then.get(key)} then, {now.get(key)} now)"
+            differ.append(name + shown)
+    raise KNNLMError(f"The interrupted build in {work} used other settings: {', '.join(differ)}; pass the same ones "
+                     "to --resume, or --overwrite to start over.")
+
+
 def _check_replaceable(out: Path) -> bool:
     """Refuse an out a build must not replace, even with --overwrite: a link, or a folder that is neither empty nor
     a datastore holding only what datastores hold (DATASTORE_ENTRIES): its files are not ours to lose. Returns
@@ -279,9 +297,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     work, ckpt = _prepare_dirs(out, cfg)
     settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
     if ckpt is not None:
-        if _read_json(work, "settings.json") != json.loads(json.dumps(settings)):
-            raise KNNLMError(f"The interrupted build in {work} used other settings, model or corpus; pass the "
-                             "same ones to --resume, or --overwrite to start over.")
+        check_resume_settings(work, settings)
         _check_partial(work, ckpt, lm.dim)
         if ckpt.get("done"):
             log.info("arrays already complete; finishing")

@@ -87,6 +87,11 @@ def test_resume_gives_identical_arrays(tiny_lm, tiny_model_dir, corpus_dir):
     assert Path("resumed.partial/progress.json").exists() and not Path("resumed").exists()
     with pytest.raises(Exception, match="--resume"):
         build_datastore(str(corpus_dir), "resumed", cfg, lm=tiny_lm)
+    # Resumed with other settings: refused, naming each that differs.
+    other = BuildConfig(**{**cfg.__dict__, "resume": True, "context": 48, "max_tokens": 5_000})
+    with pytest.raises(KNNLMError, match=r"used other settings: --context \(64 then, 48 now\), --max-tokens \(6000 "
+                                         r"then, 5000 now\); pass the same ones to --resume"):
+        build_datastore(str(corpus_dir), "resumed", other, lm=tiny_lm)
     again = build_datastore(str(corpus_dir), "resumed", BuildConfig(**{**cfg.__dict__, "resume": True}), lm=tiny_lm)
     assert np.array_equal(np.asarray(again.keys), np.asarray(whole.keys))
     assert np.array_equal(np.asarray(again.vals), np.asarray(whole.vals))

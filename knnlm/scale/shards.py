@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..arrays import write_json
-from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs, open_build,
-                     _read_json, _read_progress, _stream, _Writer)
+from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs,
+                     check_resume_settings, open_build, _read_progress, _stream, _Writer)
 from ..datastore import Datastore
 from ..errors import KNNLMError
 from ..lm import LM
@@ -134,9 +134,8 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
             raise
         write_json(work / "settings.json", settings)
         write_json(work / "shards.json", plan)
-    elif _read_json(work, "settings.json") != json.loads(json.dumps(settings)):
-        raise KNNLMError(f"The interrupted build in {work} used other settings, model, corpus or --shards; pass "
-                         "the same ones to --resume, or --overwrite to start over.")
+    else:
+        check_resume_settings(work, settings)
     if total:
         total(plan["rows"])
     if not plan.get("merged"):
