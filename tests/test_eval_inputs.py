@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -113,3 +114,39 @@ def test_text_that_is_not_utf8_or_not_a_str_is_one_sentence(tiny_lm, monkeypatch
             open_corpus("-")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("x = 'é'\n".encode()), "utf-8"))
     assert read_stdin() == "x = 'é'\n"
+
+
+def test_api_arguments_of_the_wrong_type_are_one_sentence(store, tiny_lm):
+    from pathlib import Path
+
+    from knnlm import KNNLM, MemoryConfig
+    from knnlm.errors import KNNLMError
+
+    knn = KNNLM.open(store.path, lm=tiny_lm, retrieval=RetrievalConfig(k=8, exact=True))
+    text = "def f(x):\n    return x\n"
+    cases = [
+        (lambda: knn.evaluate(Path("a.txt")), r"^text takes a str or a list of str, not a PosixPath; pass the text"),
+        (lambda: knn.evaluate([text, b"x"]), r"^text takes a str or a list of str, not a bytes"),
+        (lambda: knn.evaluate(None), r"^text takes a str or a list of str, not a NoneType"),
+        (lambda: knn.generate([text, text], 2), r"^The text is a list, not a str"),
+        (lambda: knn.generate(text, "5"), r"^max_new_tokens takes an int, e.g. 64, not '5' \(str\)"),
+        (lambda: knn.generate(text, 1.5), r"^max_new_tokens takes an int, e.g. 64, not 1.5 \(float\)"),
+        (lambda: knn.generate(text, 2, sample=True, seed=None), r"^seed takes an int, e.g. 0, not None"),
+        (lambda: knn.generate(text, 2, temperature="5"), r"^temperature takes an int or float, e.g. 1.0, not '5'"),
+        (lambda: knn.generate(text, 2, memory="document"), r"^memory takes None or a MemoryConfig, e.g. "
+                                                           r"MemoryConfig\('document'\), not 'document'"),
+        (lambda: knn.evaluate(text, memory="document"), r"^memory takes a MemoryConfig"),
+        (lambda: knn.evaluate(text, attention_memory=True), r"^attention_memory takes None or an "
+                                                            r"AttentionMemoryConfig, e.g. AttentionMemoryConfig\(\)"),
+        (lambda: knn.evaluate(text, context="64"), r"^context takes None or an int"),
+        (lambda: knn.with_retrieval(k="5"), r"^k takes an int, e.g. 1000, not '5'"),
+        (lambda: KNNLM.open(store.path, lm=tiny_lm, retrieval={"k": 5}), r"^retrieval takes a RetrievalConfig"),
+        (lambda: KNNLM.open(store.path, device="cuda:7" if not torch.cuda.is_available() else "tpu"),
+         r"^--device \S+: torch sees no CUDA device here|is not a torch device"),
+    ]
+    for call, words in cases:
+        with pytest.raises(KNNLMError, match=words):
+            call()
+    # numpy's integers are integers
+    assert knn.with_retrieval(k=np.int64(4)).retriever.k == 4
+    assert knn.evaluate([text, text], memory=MemoryConfig("document"))["tokens"] > 0

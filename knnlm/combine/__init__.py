@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..arrays import atomic_path, write_json
-from ..errors import KNNLMError
+from ..errors import KNNLMError, expect
 from .gate import LambdaGate, gate_from_tensors
 from .policies import AdaptiveLambda, Combiner, FixedLambda, GateLambda, LambdaMix, Skip, SpalmMix
 from .spalm import SpalmGate
@@ -91,6 +91,7 @@ def load_mixing_tensors(datastore_dir, data: dict) -> dict[str, torch.Tensor]:
 def pick_temperature(given: float | None, datastore_dir, tuned: float | None = None) -> float:
     """T of p_kNN: the one given, else the one tuned with the chosen policy, else lambda.json's, else 1."""
     if given is not None:
+        expect(given, (int, float), "temperature", "1.0")
         if not 0 < given < float("inf"):
             raise KNNLMError(f"--temperature {given} must be a positive number; pass e.g. --temperature 1.")
         return float(given)
