@@ -305,7 +305,8 @@ def _decode(lm: LM, ids: list[int], processors: list[LogitsProcessor], max_new_t
                     feed = ids[-1:]
                 out = model(input_ids=torch.tensor([feed], device=lm.device), use_cache=True, **{cache_arg: cache},
                             **keep)
-                cache = out.get("cache", out.get("past_key_values"))
+                # "cache" since transformers 5 (asking a new output for "past_key_values" logs a deprecation)
+                cache = out["cache"] if "cache" in out else out["past_key_values"]
                 scores = out.logits[:, -1, :].float()  # (1, V)
             if processors:
                 # each called as it is: LogitsProcessorList's call inspects every processor's signature every

@@ -378,3 +378,12 @@ def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
         masked[0, 7] = math.nan  # an earlier processor's NaN must not hide the removed tokens
         proc._query = q
         assert torch.isneginf(proc(x, masked)[0, :5]).all()
+
+
+def test_decoding_asks_transformers_for_nothing_deprecated(tiny_lm, caplog):
+    import logging
+
+    getattr(logging.Logger, "warning_once", None) and logging.Logger.warning_once.cache_clear()  # once per process
+    with caplog.at_level("WARNING"):
+        generate(tiny_lm, "def f(x):\n", None, max_new_tokens=3)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
