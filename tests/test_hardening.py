@@ -282,11 +282,13 @@ def test_train_index_refuses_an_nlist_its_keys_cannot_train(tmp_path, caplog):
     assert any("exact (flat) index: 12000 keys are too few" in r.getMessage() for r in caplog.records)
 
 
-def test_few_lists_still_get_enough_training_keys(tmp_path):
+def test_few_lists_still_get_enough_training_keys(tmp_path, capfd):
     # 64·nlist keys would be 128 for nlist 2, too few for PQ's 256 centroids; the default keeps 256.
     ds = open_datastore(make_datastore(tmp_path / "syn", clustered(12_000, 8), np.zeros(12_000)))
     info = train_index(ds, IndexConfig(nlist=2, code_size=4))
     assert info["factory"] == "IVF2,PQ4" and info["train_size"] == 256
+    # 256 points for 256 codewords is the sample chosen: no faiss warning for each of the 4 sub-quantizers
+    assert "WARNING clustering" not in capfd.readouterr().err
 
 
 def test_index_failure_in_a_build_keeps_the_keys_for_resume(corpus, tiny_lm, tiny_model_dir, monkeypatch, tmp_path):
