@@ -90,6 +90,12 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
                f"in {b['seconds']:.0f} s ({b['tokens_per_s']} tokens/s); "
                f"held out {ds.meta['holdout']['dev_documents']} dev and "
                f"{ds.meta['holdout']['test_documents']} test documents." + unreadable_note(ds.meta))
+    held = ds.meta["holdout"]["dev_documents"] + ds.meta["holdout"]["test_documents"]
+    # The split's first dev and test documents come first, whatever --holdout (one document's tails are not that)
+    if held and held >= len(ds.documents) and set(ds.heldout_names()) - {d[0] for d in ds.documents}:
+        click.echo(f"Note: {held} documents are held out and {len(ds.documents)} stored: the split holds out the "
+                   "first document for dev and the second for test, then one in round(1/--holdout) each; pass "
+                   "--holdout 0 to store them all (eval then needs --corpus).", err=True)
 
 
 def unreadable_note(meta: dict) -> str:

@@ -281,3 +281,18 @@ def test_a_model_given_by_a_relative_path_is_found_from_any_folder(tiny_model_di
     _one_sentence_error(run("eval", "--datastore", tmp_path / "ds", "--k", 8, "--exact"),
                         f"{tmp_path / 'ds'} was built with the model '{tmp_path / 'tiny'}', which cannot be loaded",
                         "pass --model with that model")
+
+
+def test_a_few_documents_are_told_how_many_are_held_out(tiny_model_dir, corpus_dir, tmp_path):
+    import shutil
+
+    (tmp_path / "four").mkdir()
+    for f in sorted(corpus_dir.glob("*.txt"))[:4]:
+        shutil.copy(f, tmp_path / "four")
+    r = run("build-datastore", tmp_path / "four", "--model", tiny_model_dir, "--context", 64, "--stride", 32,
+            "--no-index", "--out", "four-ds")
+    assert r.exit_code == 0 and "Note: 2 documents are held out and 2 stored" in r.output, r.output
+    one = next(corpus_dir.glob("*.txt"))  # one document: its tails are held out, which needs no note
+    r = run("build-datastore", one, "--model", tiny_model_dir, "--context", 64, "--stride", 32, "--no-index",
+            "--out", "one-ds")
+    assert r.exit_code == 0 and "Note:" not in r.output, r.output
