@@ -74,8 +74,8 @@ def cached_scores(ds, lm, split: str, out: Path):
             return report(scores, FixedLambda(0.0, 1.0, "cache")) | {"tokens_per_s": float("nan")}, scores
         except KNNLMError:
             pass
-    return run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True), save_scores=str(path)),
-                    lm=lm, split=split)
+    return run_eval(ds, cfg=EvalConfig(lam="0", retrieval=RetrievalConfig(exact=True), save_scores=str(path),
+                                       overwrite=True), lm=lm, split=split)  # its own cache, damaged
 
 
 def search_table(ds, lm, scores, exact) -> None:
@@ -110,7 +110,7 @@ def tuning_tables(ds, lm, scores, exact, out) -> None:
     rows = [("fixed", "tuned", {}, h["fixed_ppl"]), ("adaptive (32 bins)", "adaptive", {}, h["adaptive_ppl"]),
             ("gate, before search", "gate-pre", {}, h["gate_pre_ppl"]), ("gate, after search", "gate", {}, h["gate_ppl"]),
             ("gate + skip", "gate", {"skip_below": "tuned"}, h["skip"]["ppl"]),
-            ("SPALM", "0", {"combine": "spalm"}, h["spalm_ppl"])]
+            ("SPALM", "0.25", {"combine": "spalm"}, h["spalm_ppl"])]  # the default λ: SPALM reads none
     for name, spec, kw, held in rows:
         comb = resolve_combiner(spec, ds.path, **kw)
         test = scores
@@ -119,8 +119,8 @@ def tuning_tables(ds, lm, scores, exact, out) -> None:
             test.searched = comb.search_mask(scores.queries, scores.lm_stats())
         r = report(test, comb, head)
         lam = {"tuned": f"{result['lambda']:.3f}", "adaptive": "per bin", "gate-pre": "learned", "gate": "learned",
-               "0": "gate g"}[spec]
-        t = "-" if spec == "0" else f"{comb.temperature:.3g}"
+               "0.25": "gate g"}[spec]
+        t = "-" if spec == "0.25" else f"{comb.temperature:.3g}"
         skipped = f"{100 * r['searches_skipped']:.1f}%" if comb.skip is not None else ""
         print(f"| {name} | {lam} | {t} | {held:.3f} | {r['knn_lm_ppl']:.3f} | {skipped} |")
     print(f"\nskip threshold {h['skip']['threshold']:.4f}: skipped share against perplexity (dev, held-out half)\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from knnlm.combine import spalm_lambda_error
 from knnlm.corpus import DEFAULT_GLOB, FORMATS
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.memory.document import MIX_KINDS, MemoryConfig
@@ -106,6 +107,12 @@ def memory_options(f):
 # Flags only a datastore's search or mix reads: given with --no-datastore they would do nothing.
 DATASTORE_ONLY = ("datastore", "lam", "combine", "skip_below", "temperature", "k", "nprobe", "rerank", "rerank_depth",
                   "exact", "search_device", "retomaton", "min_knns", "max_candidates")
+
+
+def refuse_spalm_lambda(combine: str, lam: str) -> None:
+    """--lambda typed with --combine spalm, even as the default's value (resolve_combiner refuses any other)."""
+    if combine == "spalm" and typed("lam"):
+        raise spalm_lambda_error(lam)
 
 
 def refuse_datastore_flags() -> None:
@@ -218,6 +225,7 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
     if no_datastore:
         refuse_datastore_flags()
     refuse_corpus_flags(corpus)
+    refuse_spalm_lambda(combine, lam)
     cfg = EvalConfig(lam=lam, temperature=temperature,
                      retrieval=retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device, retomaton,
                                                 min_knns, max_candidates),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import click
 
 from knnlm.api import KNNLM
@@ -11,8 +10,8 @@ from knnlm.generate import generate
 
 from .attention import attention_options
 from .common import datastore_option, device_option, json_option, model_option, print_json, refuse_stray, trust_option
-from .evaluate import (memory_config, memory_options, mixing_options, refuse_datastore_flags, retomaton_options,
-                       retrieval_config, retrieval_options)
+from .evaluate import (memory_config, memory_options, mixing_options, refuse_datastore_flags, refuse_spalm_lambda,
+                       retomaton_options, retrieval_config, retrieval_options)
 
 
 @click.command("generate")
@@ -37,6 +36,7 @@ def generate_cmd(datastore, prompt, max_new_tokens, lam, combine, skip_below, te
                  trust_remote_code, as_json, attention):
     """Continue a prompt with the kNN-LM's interpolated distribution."""
     refuse_stray(sample, "--sample", "seed", fix="greedy decoding draws nothing, so add --sample or leave it out")
+    refuse_spalm_lambda(combine, lam)
     mem = memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors, no_datastore)
     if no_datastore:
         refuse_datastore_flags()  # before stdin is read: a refusal need not wait for it

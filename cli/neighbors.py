@@ -70,9 +70,11 @@ def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwr
     if html_file:
         refuse_existing(html_file, overwrite)  # before the model loads
     check_top(top)
-    if typed("k") and top > k:
-        raise click.UsageError(f"--top {top} is more than --k {k}, the neighbours searched; pass --k {top} or more, "
-                               f"or --top {k} or less.")
+    if typed("k") and top > k:  # a typed --k is what is searched: --top shows no more than it finds
+        if typed("top"):
+            raise click.UsageError(f"--top {top} is more than --k {k}, the neighbours searched; pass --k {top} or "
+                                   f"more, or --top {k} or less.")
+        top = k
     if text == "-":
         text = read_stdin()
     knn = KNNLM.open(datastore, model, device, retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device),

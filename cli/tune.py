@@ -10,7 +10,7 @@ import numpy as np
 from knnlm.combine import save_lambda
 from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
-from knnlm.evaluate import EvalConfig, dev_scores, run_eval
+from knnlm.evaluate import EvalConfig, dev_scores, refuse_existing, run_eval
 from knnlm.lm import datastore_lm
 from knnlm.memory.document import MemoryConfig, tune_memory
 from knnlm.scores import load_scores
@@ -46,6 +46,8 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of held-out perplexity against λ [default: DATASTORE/lambda.png].")
 @click.option("--no-plot", is_flag=True, help="Skip the plot.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file (the datastore's own lambda.png is "
+                                                "always replaced).")
 @click.option("--memory", type=click.Choice(["none", "document"]), default="none", show_default=True,
               help="document: also fit the document memory's λ_m and T_m (eval --memory document --memory-mix "
                    "separate), on top of the tuned λ and T.")
@@ -58,9 +60,9 @@ _SCORING_FLAGS = ("corpus", "glob", "fmt", "text_field", "k", "nprobe", "rerank"
 @json_option
 @click.pass_context
 def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptive, bins, min_bin_tokens, gate,
-             gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, memory, memory_neighbors, k,
-             nprobe, rerank, rerank_depth, exact, search_device, context, stride, batch_size, model, device,
-             trust_remote_code, as_json):
+             gate_hidden, gate_rank, skip, skip_tolerance, spalm, seed, plot, no_plot, overwrite, memory,
+             memory_neighbors, k, nprobe, rerank, rerank_depth, exact, search_device, context, stride, batch_size, model,
+             device, trust_remote_code, as_json):
     """Fit every way of mixing the memory in (fixed λ and T, adaptive λ, the learned gates and their
     retrieval skip, SPALM) on the dev part; store them in DATASTORE/lambda.json and mixing.safetensors."""
     if scores_path:
@@ -81,6 +83,9 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     refuse_stray(skip and gate, "--skip and --gate", "skip_tolerance", fix="drop --no-skip / --no-gate or leave it out")
     if plot and no_plot:
         raise click.UsageError("--plot names the plot that --no-plot skips; pass one of them.")
+    refuse_stray(bool(plot), "--plot", "overwrite")
+    if plot:
+        refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,

@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import replace
 
 from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
-from .errors import KNNLMError
+from .errors import KNNLMError, expect
 from .lm import DEFAULT_MODEL, LM, datastore_lm, load_lm
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import MemoryConfig, tune_memory
@@ -72,10 +74,7 @@ class KNNLM:
             KNNLMError: the datastore is missing or broken, or the model is not the one it was built with.
         """
         ds = open_datastore(datastore)
-        if lm is None:
-            lm = datastore_lm(ds, model, device, trust_remote_code)
-        else:
-            ds.check_compatible(lm)
+        lm = datastore_lm(ds, model, device, trust_remote_code, lm)
         return cls(ds, lm, Retriever(ds, retrieval))
 
     @classmethod
@@ -209,8 +208,10 @@ class KNNLM:
             distance, stored next token, source document, offset and preceding context.
         """
         self._need_datastore("neighbors")
+        expect(top, int, "top", "10")
         t = pick_temperature(temperature, self.datastore.path)
-        retriever = self.retriever if top <= self.retriever.k else self.with_retrieval(k=top).retriever
+        need = min(top, self.datastore.count)  # a search of k = top, where this one's finds fewer
+        retriever = self.retriever if need <= self.retriever.k else self.with_retrieval(k=need).retriever
         return neighbors(self.lm, retriever, text, position, top, temperature=t)
 
     def logits_processor(self, lam: str | float = 0.25, temperature: float | None = None, combine: str = "mix",
@@ -256,10 +257,16 @@ class KNNLM:
 
 
 def _documents(text) -> list[tuple[str, str]]:
-    """(name, text) of one text or a list of texts; one sentence for anything else (a Path is not its text)."""
-    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
-    if texts is None or not all(isinstance(t, str) for t in texts):
-        wrong = type(text).__name__ if texts is None else next(type(t).__name__ for t in texts if not isinstance(t, str))
-        raise KNNLMError(f"text takes a str or a list of str, not a {wrong}; pass the text itself (a file's with "
-                         "Path.read_text()).")
+    """(name, text) of one text or of each of several (a list, tuple, generator, array... of str); one sentence for
+    anything else (a Path is not its text)."""
+    if isinstance(text, str):
+        texts = [text]
+    elif isinstance(text, (bytes, os.PathLike)) or not isinstance(text, Iterable):
+        texts = None
+    else:
+        texts = list(text)
+    wrong = type(text) if texts is None else next((type(t) for t in texts if not isinstance(t, str)), None)
+    if wrong is not None:
+        raise KNNLMError(f"text takes a str or several (e.g. a list of str), not a {wrong.__name__}; pass the text "
+                         "itself (a file's with Path.read_text()).")
     return [(f"text {i}", t) for i, t in enumerate(texts)]

@@ -268,6 +268,10 @@ def open_corpus(
                 raise errors[0]
         corpus.files = [_file_record(f) for f in files]
     if text_field != "text" and corpus.docs and all(r.kind == "text" and r.offset < 0 for r in corpus.docs):
+        if source != "-" and Path(source).is_dir():
+            raise KNNLMError(f"--text-field {text_field} names a JSONL field or a table's column, and the files of "
+                             f"{source} matching --glob {glob!r} hold only plain text; leave it out, or pass the "
+                             "files that have it, e.g. --glob '**/*.jsonl'.")
         raise KNNLMError(f"--text-field {text_field} names a JSONL field or a table's column, and {source} holds only "
                          "plain text; leave it out, or pass --format jsonl / parquet if that is what it holds.")
     if shuffle_seed is not None:

@@ -7,7 +7,6 @@ class KNNLMError(Exception):
     """A user-facing error; its message is one sentence saying what is wrong and what to do."""
 
 
-
 def expect(value, kind: type | tuple[type, ...], name: str, example: str, optional: bool = False) -> None:
     """One sentence, not an AttributeError deep inside, for an API argument of the wrong type.
 

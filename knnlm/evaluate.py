@@ -282,10 +282,7 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     retriever = retriever or Retriever(ds, cfg.retrieval)
     search = search_settings(ds, retriever)
     combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature, search)
-    if lm is None:
-        lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code)
-    else:
-        ds.check_compatible(lm)
+    lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
     context, stride = datastore_window(cfg, ds)
     check_window(context, stride, lm.max_positions)
     if documents is not None:
@@ -396,6 +393,7 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
             got = {"attention_memory": "none", "retomaton": "off", **scores.attrs}
             if all(str(got.get(key)) == str(value) for key, value in want.items()):
                 return scores, True
-    cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "combine": "mix", "skip_below": None, "save_scores": str(path)})
+    cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "combine": "mix", "skip_below": None, "save_scores": str(path),
+                        "overwrite": True})  # its own cache, stale or damaged
     _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress, retriever=retriever)
     return scores, False

@@ -214,6 +214,9 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
     expect(attention, AttentionMemoryConfig, "attention_memory", "AttentionMemoryConfig()", optional=True)
     if max_new_tokens < 1:
         raise KNNLMError(f"--max-new-tokens {max_new_tokens} must be at least 1.")
+    if seed != 0 and not sample:
+        raise KNNLMError(f"seed {seed} seeds the sampler, and greedy decoding draws nothing; pass sample=True "
+                         "(--sample), or leave the seed out.")
     if memory is not None:
         memory.check_use(retriever is not None)
     ids = lm.encode(prompt)

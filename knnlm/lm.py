@@ -270,21 +270,22 @@ def model_reference(name: str) -> str:
     return name
 
 
-def datastore_lm(ds, model: str | None = None, device: str | None = None, trust_remote_code: bool = False) -> LM:
-    """The model for datastore ds (a Datastore): `model` when given, else the one its meta.json names; refused in
-    one sentence when it is not the model the keys were made with (Datastore.check_compatible)."""
-    if device:
-        check_device(device)  # not to be told as the model's fault below
-    if model:
-        lm = load_lm(model, device, trust_remote_code)
-    else:
-        name = ds.meta["model"]["name"]
+def datastore_lm(ds, model: str | None = None, device: str | None = None, trust_remote_code: bool = False,
+                 lm: LM | None = None) -> LM:
+    """The model for datastore ds (a Datastore): lm when given, else `model` loaded, else the one its meta.json
+    names; refused in one sentence when it is not the model the keys were made with (Datastore.check_compatible)."""
+    if lm is None:
+        if device:
+            check_device(device)  # not to be told as the model's fault below
+        name = model or ds.meta["model"]["name"]
         try:
             lm = load_lm(name, device, trust_remote_code)
         except KNNLMError as e:
-            raise KNNLMError(f"{ds.path} was built with the model {name!r}, which cannot be loaded here "
-                             f"({str(e).split('; ')[0]}); pass --model with that model (its directory, .gguf "
-                             "file or hub id).") from e
+            if model or name == DEFAULT_MODEL:  # named here, or the bundled one: its own sentence says it all
+                raise
+            raise KNNLMError(f"{ds.path} was built with the model {name!r}, which cannot be loaded here: "
+                             f"{str(e).rstrip('.')}; or pass --model with that model (its directory, .gguf file or "
+                             "hub id).") from e
     ds.check_compatible(lm)
     return lm
 

@@ -384,12 +384,14 @@ class Retriever:
 
     @property
     def describe(self) -> dict:
-        """What this search is, for reports and the scores cache."""
+        """What this search is, for reports and the scores cache: as asked (a k above the key count finds what
+        k = the count finds, and is described as asked, so tuned values and caches made with it still match)."""
         # The torch search's distances are the keys' own, as re-ranked ones are (nothing left to re-rank).
-        out = {"search": self.kind, "k": self.k, "nprobe": self.cfg.nprobe,
+        k = self.cfg.k
+        out = {"search": self.kind, "k": k, "nprobe": self.cfg.nprobe,
                "rerank": bool(self.rerank) or self.cfg.search_device is not None}
-        if self.rerank and self.depth < self.k:  # a partial re-ranking is another search
-            out["rerank"] = f"first {self.depth}"
+        if self.rerank and (self.cfg.rerank_depth or k) < k:  # a partial re-ranking is another search
+            out["rerank"] = f"first {self.cfg.rerank_depth}"
         if self.cfg.search_device is not None:  # only when set: the faiss searches' descriptions stay as they were
             out["search_device"] = str(self.index.device)
         if self.cfg.retomaton:  # only when on: caches made before RetoMaton existed still match a full search

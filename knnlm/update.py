@@ -141,10 +141,7 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text ({len(mixed)} "
                          "documents are); a datastore never holds what eval and tune-lambda score, so add other "
                          "documents.")
-    if lm is None:
-        lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code)
-    else:
-        ds.check_compatible(lm)
+    lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
     leftover = ds.path / _ADDED
     if leftover.is_dir() and not (leftover / "meta.json").is_file():  # a removal of ours cut short: not a datastore

@@ -152,6 +152,8 @@ def test_every_public_name_imports_from_knnlm():
     (["tune-lambda", "--no-gate", "--skip"], "--skip picks the before-retrieval gate's threshold, so it needs --gate"),
     (["tune-lambda", "--no-skip", "--skip-tolerance", "0.05"], "--skip-tolerance only applies with --skip and --gate"),
     (["tune-lambda", "--plot", "p.png", "--no-plot"], "--plot names the plot that --no-plot skips"),
+    (["tune-lambda", "--overwrite"], "--overwrite only applies with --plot"),
+    (["eval", "--overwrite"], "--overwrite only applies with --save-scores or --report"),
 ])
 def test_options_that_need_another_are_refused_not_ignored(args, words, tmp_path):
     # Refused before anything is opened: no datastore, model or corpus exists here.
@@ -167,3 +169,26 @@ def test_the_memory_s_own_mix_takes_its_lambda(tmp_path):
     r = CliRunner().invoke(cli, ["eval", "--memory", "document", "--memory-mix", "separate", "--memory-lambda", "0.3",
                                  "--datastore", str(tmp_path / "nowhere")])
     assert r.exit_code == 1 and "only appl" not in r.output and "does not exist" in r.output, r.output
+
+
+def test_a_plot_file_is_replaced_only_with_overwrite(tmp_path):
+    (tmp_path / "p.png").write_bytes(b"mine")
+    r = CliRunner().invoke(cli, ["tune-lambda", "--plot", str(tmp_path / "p.png"), "--datastore", str(tmp_path / "no")])
+    assert r.exit_code == 1 and "p.png already exists; pass --overwrite to replace it." in r.output, r.output
+    assert (tmp_path / "p.png").read_bytes() == b"mine"
+    r = CliRunner().invoke(cli, ["tune-lambda", "--plot", str(tmp_path / "p.png"), "--overwrite", "--datastore",
+                                 str(tmp_path / "no")])
+    assert r.exit_code == 1 and "does not exist" in r.output  # past the check: the missing datastore stops it
+
+
+def test_settings_greedy_decoding_or_no_memory_would_not_read_are_refused(tiny_lm):
+    from knnlm.errors import KNNLMError
+    from knnlm.generate import generate
+    from knnlm.memory.document import MemoryConfig
+
+    with pytest.raises(KNNLMError, match=r"^seed 3 seeds the sampler, and greedy decoding draws nothing"):
+        generate(tiny_lm, "x = 1", None, max_new_tokens=2, seed=3)
+    with pytest.raises(KNNLMError, match=r"^MemoryConfig\(memory='none'\) keeps no memory, so k=8 would do nothing"):
+        generate(tiny_lm, "x = 1", None, max_new_tokens=2, memory=MemoryConfig("none", k=8))
+    with pytest.raises(KNNLMError, match=r"^temperature takes None or an int or float"):
+        MemoryConfig("document", temperature="5")

@@ -465,10 +465,12 @@ def test_every_new_eval_and_tune_flag_arrives(monkeypatch, fresh_store, tiny_mod
     monkeypatch.setattr(cli_eval, "run_eval", lambda ds, corpus, cfg, progress=None: seen.update(cfg=cfg) or
                         (_ for _ in ()).throw(KNNLMError("stop")))
     (tmp_path / "c.jsonl").write_text('{"body": "x = 1"}\n')
-    run("eval", "--corpus", tmp_path / "c.jsonl", "--combine", "spalm", "--skip-below", "tuned", "--lambda", "gate",
+    run("eval", "--corpus", tmp_path / "c.jsonl", "--combine", "spalm", "--skip-below", "tuned",
         "--format", "jsonl", "--text-field", "body")
     c = seen["cfg"]
-    assert (c.combine, c.skip_below, c.lam, c.fmt, c.text_field) == ("spalm", "tuned", "gate", "jsonl", "body")
+    assert (c.combine, c.skip_below, c.lam, c.fmt, c.text_field) == ("spalm", "tuned", "0.25", "jsonl", "body")
+    run("eval", "--corpus", tmp_path / "c.jsonl", "--lambda", "gate")
+    assert seen["cfg"].lam == "gate"
 
     def fake_tune(scores, cfg, description="", head=None):
         seen["tune"] = cfg
@@ -514,8 +516,10 @@ def test_spalm_refuses_a_lambda_it_would_not_read(store, tuned):
         with pytest.raises(KNNLMError, match=rf"^--combine spalm gates the memory with SPALM's own gate, so --lambda "
                                              rf"{lam} would do nothing"):
             resolve_combiner(lam, store.path, "spalm")
-    r = run("eval", "--datastore", store.path, "--combine", "spalm", "--lambda", "0.7")
-    assert r.exit_code == 1 and "--lambda 0.7 would do nothing" in r.output
+    for lam in ("0.7", "0.25"):  # typed, even the default's value is refused (the CLI knows it was typed)
+        for command in (["eval"], ["generate", "-p", "x"]):
+            r = run(*command, "--datastore", store.path, "--combine", "spalm", "--lambda", lam)
+            assert r.exit_code == 1 and f"--lambda {lam} would do nothing" in r.output, r.output
 
 
 def test_lambda_files_of_format_one_still_give_their_lambda(store, tuned, tmp_path):

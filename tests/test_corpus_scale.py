@@ -144,10 +144,12 @@ def test_many_skipped_documents_name_the_first_few_and_count_the_rest(tmp_path, 
 def test_a_text_field_for_plain_text_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("x = 1\n")
     (tmp_path / "b.jsonl").write_text('{"body": "y = 2"}\n')
-    for source in (tmp_path / "a.txt", tmp_path):  # a file, and a folder of plain text (the default --glob)
-        with pytest.raises(KNNLMError, match=r"--text-field body names a JSONL field or a table's column, and .* "
-                                             r"holds only plain text; leave it out"):
-            open_corpus(str(source), text_field="body")
+    with pytest.raises(KNNLMError, match=r"--text-field body names a JSONL field or a table's column, and .*a.txt "
+                                         r"holds only plain text; leave it out, or pass --format jsonl"):
+        open_corpus(str(tmp_path / "a.txt"), text_field="body")
+    with pytest.raises(KNNLMError, match=r"--text-field body .* the files of .* matching --glob '\*\*/\*.txt' hold only "
+                                         r"plain text; leave it out, or pass the files that have it, e.g. --glob"):
+        open_corpus(str(tmp_path), text_field="body")  # the default --glob leaves out b.jsonl
     assert [t for *_, t in iter_documents(open_corpus(str(tmp_path / "b.jsonl"), text_field="body"), 0.0)] == ["y = 2"]
     both = open_corpus(str(tmp_path), glob="*.*", text_field="body")  # the field applies to the JSONL file in it
     assert [t for *_, t in iter_documents(both, 0.0)] == ["x = 1\n", "y = 2"]

@@ -125,9 +125,11 @@ def test_api_arguments_of_the_wrong_type_are_one_sentence(store, tiny_lm):
     knn = KNNLM.open(store.path, lm=tiny_lm, retrieval=RetrievalConfig(k=8, exact=True))
     text = "def f(x):\n    return x\n"
     cases = [
-        (lambda: knn.evaluate(Path("a.txt")), r"^text takes a str or a list of str, not a PosixPath; pass the text"),
-        (lambda: knn.evaluate([text, b"x"]), r"^text takes a str or a list of str, not a bytes"),
-        (lambda: knn.evaluate(None), r"^text takes a str or a list of str, not a NoneType"),
+        (lambda: knn.evaluate(Path("a.txt")), r"^text takes a str or several \(e.g. a list of str\), not a PosixPath; "
+                                              r"pass the text"),
+        (lambda: knn.evaluate([text, b"x"]), r"^text takes a str or several .*, not a bytes"),
+        (lambda: knn.evaluate(b"x"), r"^text takes a str or several .*, not a bytes"),
+        (lambda: knn.evaluate(None), r"^text takes a str or several .*, not a NoneType"),
         (lambda: knn.generate([text, text], 2), r"^The text is a list, not a str"),
         (lambda: knn.generate(text, "5"), r"^max_new_tokens takes an int, e.g. 64, not '5' \(str\)"),
         (lambda: knn.generate(text, 1.5), r"^max_new_tokens takes an int, e.g. 64, not 1.5 \(float\)"),
@@ -150,3 +152,7 @@ def test_api_arguments_of_the_wrong_type_are_one_sentence(store, tiny_lm):
     # numpy's integers are integers
     assert knn.with_retrieval(k=np.int64(4)).retriever.k == 4
     assert knn.evaluate([text, text], memory=MemoryConfig("document"))["tokens"] > 0
+    # several texts, however held: a tuple, a generator, a numpy array of str
+    one = knn.evaluate([text, text])
+    for several in ((text, text), (t for t in [text, text]), np.array([text, text])):
+        assert knn.evaluate(several)["knn_lm_ppl"] == one["knn_lm_ppl"]

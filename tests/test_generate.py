@@ -322,13 +322,13 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
     def run(_cli, args, input=None):
         return CliRunner().invoke(_cli, [str(x) for x in args], input=input)
 
-    r = run(cli, ["generate", "--datastore", "ds", "--prompt", "-", "--max-new-tokens", 7, "--lambda", "0.7",
+    r = run(cli, ["generate", "--datastore", "ds", "--prompt", "-", "--max-new-tokens", 7,
                   "--temperature", 3, "--sample", "--seed", 5, "--k", 9, "--no-rerank", "--exact",
                   "--model", str(tiny_model_dir), "--device", "cpu", "--trust-remote-code", "--combine", "spalm",
                   "--skip-below", "0.3"], input="hello")
     assert isinstance(r.exception, Stop), r.output
     assert (seen["prompt"], seen["lam"], seen["t"], seen["n"], seen["sample"], seen["seed"]) == \
-        ("hello", "0.7", 3.0, 7, True, 5)
+        ("hello", "0.25", 3.0, 7, True, 5)
     assert (seen["combine"], seen["skip"]) == ("spalm", "0.3")
     assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 8, False, True)
     assert seen["lm"] == str(tiny_model_dir) and seen["load"] == (str(tiny_model_dir), "cpu", True)

@@ -245,6 +245,8 @@ def test_cli_eval_report_and_neighbors_html(store, tmp_path):
     assert r.exit_code == 2 and "--overwrite only applies with --html" in r.output
     r = run("neighbors", "--datastore", ds, "--top", 9, "--k", 5, "def g(y):")
     assert r.exit_code == 2 and "--top 9 is more than --k 5" in r.output
+    r = run("neighbors", "--datastore", ds, "--exact", "--k", 5, "--json", "def g(y):")  # the default --top 10
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["neighbors"]) == 5 and json.loads(r.stdout)["k"] == 5
     knn = KNNLM.open(ds, retrieval=RetrievalConfig(k=8, exact=True))
     before = Path("r.html").read_bytes()
     with pytest.raises(KNNLMError, match="r.html already exists; pass --overwrite"):

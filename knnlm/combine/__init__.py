@@ -136,6 +136,12 @@ def _parse_lambda(spec: str) -> float:
     return lam
 
 
+def spalm_lambda_error(lam) -> KNNLMError:
+    """The sentence for a λ given with --combine spalm, whose gate reads none."""
+    return KNNLMError(f"--combine spalm gates the memory with SPALM's own gate, so --lambda {lam} would do nothing; "
+                      "leave --lambda out, or pass --combine mix.")
+
+
 def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_below=None,
                      temperature: float | None = None, search: dict | None = None) -> Combiner:
     """Turn the --lambda, --combine, --skip-below and --temperature values into a Combiner.
@@ -161,8 +167,7 @@ def resolve_combiner(lam="0.25", datastore_dir=None, combine: str = "mix", skip_
         raise KNNLMError(f"--combine must be one of {', '.join(COMBINE_KINDS)}, not {combine!r}.")
     number = None if word in LAMBDA_WORDS else _parse_lambda(word)
     if combine == "spalm" and word != "0.25":  # the default is no choice; any other λ would be silently unused
-        raise KNNLMError(f"--combine spalm gates the memory with SPALM's own gate, so --lambda {lam} would do nothing; "
-                         "leave --lambda out, or pass --combine mix.")
+        raise spalm_lambda_error(lam)
     skip_word = None if skip_below is None else str(skip_below).strip().lower()
     skip_number = None if skip_word in (None, "tuned") else _parse_skip(skip_word)
     if combine == "mix" and number is not None and skip_below is None:

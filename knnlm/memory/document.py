@@ -28,7 +28,7 @@ from transformers import LogitsProcessor
 
 from ..arrays import sort_rows
 from ..combine import load_lambda
-from ..errors import KNNLMError
+from ..errors import KNNLMError, expect
 from ..interpolate import interpolate, knn_log_prob, mix_log_distribution
 from ..lm import QueryHook
 from ..retrieval import exact_distances
@@ -65,6 +65,9 @@ class MemoryConfig:
             raise KNNLMError(f"--memory {self.memory!r} is not one of {', '.join(MEMORY_KINDS)}.")
         if self.mix not in MIX_KINDS:
             raise KNNLMError(f"--memory-mix {self.mix!r} is not one of {', '.join(MIX_KINDS)}.")
+        expect(self.temperature, (int, float), "temperature", "10.0", optional=True)
+        expect(self.k, int, "k", "256")
+        expect(self.chunk, int, "chunk", "512")
         if self.k < 1 or self.chunk < 1:
             raise KNNLMError(f"--memory-neighbors {self.k} must be at least 1.")
         if self.temperature is not None and not 0 < self.temperature < float("inf"):
@@ -86,9 +89,8 @@ class MemoryConfig:
         """One sentence, before any work, for settings this memory would not read: any of the memory's own without
         a memory; λ_m and T_m (the separate mix's) where the joint mix takes the datastore's λ and T."""
         if not self.on:
-            given = [f"{name}={value!r}" for name, value in (("mix", self.mix), ("lam", self.lam),
-                                                            ("temperature", self.temperature))
-                     if value != getattr(MemoryConfig, name)]
+            given = [f"{name}={getattr(self, name)!r}" for name in ("mix", "lam", "temperature", "k", "chunk")
+                     if getattr(self, name) != getattr(MemoryConfig, name)]
             if given:
                 raise KNNLMError(f"MemoryConfig(memory={self.memory!r}) keeps no memory, so {', '.join(given)} would do "
                                  "nothing; pass memory='document' or leave them out.")
