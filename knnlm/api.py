@@ -212,7 +212,7 @@ class KNNLM:
         t = pick_temperature(temperature, self.datastore.path)
         need = min(top, self.datastore.count)  # a search of k = top, where this one's finds fewer
         retriever = self.retriever if need <= self.retriever.k else self.with_retrieval(k=need).retriever
-        return neighbors(self.lm, retriever, text, position, top, temperature=t)
+        return neighbors(self.lm, retriever, text, position, top, temperature=t, k=self.retriever.k)
 
     def logits_processor(self, lam: str | float = 0.25, temperature: float | None = None, combine: str = "mix",
                          skip_below: str | float | None = None) -> KNNLogitsProcessor:

@@ -156,7 +156,7 @@ def score_documents(lm: LM, retriever: Retriever | None, docs: list[tuple[str, s
         timer.lm += time.perf_counter() - t0
         t0 = time.perf_counter()
         keep = combiner.search_mask(q, st) if (combiner is not None and retriever is not None) else None
-        if retriever is not None and retriever.cfg.retomaton:
+        if retriever is not None and retriever.follows_pointers:
             # Each window's owned positions are pointer chains of at most EVAL_CHAIN positions, all
             # of the batch's stepping together.
             starts = split_chains([len(targets[o.item]) for o in owned], EVAL_CHAIN)

@@ -77,7 +77,7 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
         self.retrieval_seconds = 0.0
         self.searches = self.skipped = 0  # queries searched and skipped so far
         self.saved = 0  # queries whose search RetoMaton's pointers saved
-        self._automaton = open_automaton(retriever) if retriever.cfg.retomaton else None
+        self._automaton = open_automaton(retriever) if retriever.follows_pointers else None
         self.last: dict | None = None  # the last step's neighbours, for inspection
         self._mixing = False  # inside distribution(): lm_head calls there are not the model's
         self.memory, self._last_token = memory, -1

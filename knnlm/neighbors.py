@@ -44,7 +44,7 @@ def check_top(top: int) -> None:
 
 
 def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: int = 10, predictions: int = 5,
-              temperature: float = 1.0, context_tokens: int = 32) -> dict:
+              temperature: float = 1.0, context_tokens: int = 32, k: int | None = None) -> dict:
     """The neighbours retrieved for one position of a text.
 
     Args:
@@ -57,6 +57,8 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
         predictions: top tokens to list for the LM and for p_kNN.
         temperature: T of p_kNN.
         context_tokens: tokens of each neighbour's preceding context to show.
+        k: the neighbours p_kNN is made of (the first k found; the kNN-LM's k), where the retriever searches more
+            to list `top` of them; None: all it finds.
 
     Returns:
         {"position", "tokens", "context" (the text's tokens up to the position), "target" (the
@@ -76,7 +78,7 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
     ds = retriever.ds
     key, logits = query_at(lm, ids, pos, ds.meta["context"], ds.meta["stride"])
     dists, rows, vals = retriever.neighbors(key[None].cpu().numpy())
-    knn = knn_log_distribution(dists, vals, logits.shape[-1], temperature)[0]
+    knn = knn_log_distribution(dists[:, :k], vals[:, :k], logits.shape[-1], temperature)[0]
     target = ids[pos + 1] if pos + 1 < len(ids) else None
     out = []
     for rank, (d, row, v) in enumerate(zip(dists[0], rows[0], vals[0])):

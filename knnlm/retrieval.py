@@ -383,6 +383,13 @@ class Retriever:
         self.depth = min(cfg.rerank_depth or self.k, self.k)  # candidates re-ranked
 
     @property
+    def follows_pointers(self) -> bool:
+        """RetoMaton on and able to skip a search. With --min-knns above k no step can hold enough pointers (at most
+        one per neighbour), so every step searches: the plain kNN-LM, run as it (bit for bit, without the pointer
+        work, whose one-step batches also search in other groups than eval's, where near-ties may part)."""
+        return self.cfg.retomaton and self.cfg.min_knns <= self.k
+
+    @property
     def describe(self) -> dict:
         """What this search is, for reports and the scores cache: as asked (a k above the key count finds what
         k = the count finds, and is described as asked, so tuned values and caches made with it still match)."""

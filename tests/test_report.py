@@ -256,6 +256,10 @@ def test_cli_eval_report_and_neighbors_html(store, tmp_path):
     assert Path("r.html").read_bytes() != before
     with pytest.raises(KNNLMError, match="--top 0 is not a positive number"):
         knn.neighbors("def f(x):", top=0)
+    # listing more neighbours than k searches more, but p_kNN stays the kNN-LM's, over the first k
+    few, many = knn.neighbors("def f(x):\n    return", top=3), knn.neighbors("def f(x):\n    return", top=20)
+    assert len(many["neighbors"]) == 20 and many["knn"] == few["knn"]
+    assert [n["row"] for n in many["neighbors"][:3]] == [n["row"] for n in few["neighbors"]]
     # More than the search can find: the CLI says how many came back.
     r = run("neighbors", "--datastore", ds, "--exact", "--top", store.count + 5, "--k", store.count + 5, "def f(x):")
     assert r.exit_code == 0 and f"{store.count} neighbours found, fewer than --top {store.count + 5}" in r.output
