@@ -42,7 +42,8 @@ def test_bad_eval_settings_are_one_sentence_before_scoring(store, tiny_model_dir
     refused(run("--batch-size", 0), "--batch-size 0 must be at least 1")
     refused(run("--save-scores", tmp_path / "missing" / "s.h5"), "does not exist", "create it")
     refused(run("--lambda", "2"), "outside [0, 1]")
-    refused(run("--temperature", 0), "must be positive")
+    refused(run("--temperature", 0), "must be a positive number")
+    refused(run("--temperature", "inf"), "--temperature inf must be a positive number")  # it gave nan perplexities
     assert not list(tmp_path.iterdir())
 
 
