@@ -326,6 +326,7 @@ class NoSearch:
     """The search of --no-datastore: every query gets one missing neighbour (the report's rule for a miss)."""
 
     cfg = RetrievalConfig()  # what scoring reads of a search's settings: no RetoMaton here
+    follows_pointers = False
 
     def neighbors(self, queries: np.ndarray, keep=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(queries)

@@ -293,6 +293,7 @@ def test_generate_and_neighbors_commands(store, tiny_lm, tiny_model_dir, corpus_
 def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkeypatch):
     import knnlm.api as api
     import knnlm.cli.generate as cli_generate
+    import knnlm.lm as lm_module
 
     seen = {}
 
@@ -305,11 +306,11 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
                     sample=sample, seed=seed, combine=combine, skip=skip_below)
         raise Stop
 
-    def fake_neighbors(lm, retriever, text, position, top, temperature):
+    def fake_neighbors(lm, retriever, text, position, top, temperature, k=None):
         seen.update(text=text, cfg=retriever.cfg, position=position, top=top, t=temperature)
         raise Stop
 
-    real_load_lm = api.load_lm
+    real_load_lm = lm_module.load_lm
 
     def recording_load_lm(name, device, trust_remote_code):
         seen.update(load=(name, device, trust_remote_code))
@@ -317,7 +318,7 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
 
     monkeypatch.setattr(cli_generate, "generate", fake_generate)
     monkeypatch.setattr(api, "neighbors", fake_neighbors)
-    monkeypatch.setattr(api, "load_lm", recording_load_lm)
+    monkeypatch.setattr(lm_module, "load_lm", recording_load_lm)  # datastore_lm's
 
     def run(_cli, args, input=None):
         return CliRunner().invoke(_cli, [str(x) for x in args], input=input)
