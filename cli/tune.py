@@ -84,7 +84,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     if plot and no_plot:
         raise click.UsageError("--plot names the plot that --no-plot skips; pass one of them.")
     refuse_stray(bool(plot), "--plot", "overwrite")
-    if plot:
+    if plot and Path(plot).resolve() != (Path(datastore) / "lambda.png").resolve():  # that one is tuning's own
         refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,

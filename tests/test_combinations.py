@@ -179,6 +179,11 @@ def test_a_plot_file_is_replaced_only_with_overwrite(tmp_path):
     r = CliRunner().invoke(cli, ["tune-lambda", "--plot", str(tmp_path / "p.png"), "--overwrite", "--datastore",
                                  str(tmp_path / "no")])
     assert r.exit_code == 1 and "does not exist" in r.output  # past the check: the missing datastore stops it
+    (tmp_path / "no").mkdir()
+    (tmp_path / "no" / "lambda.png").write_bytes(b"tuned before")  # the datastore's own plot: tuning replaces it
+    r = CliRunner().invoke(cli, ["tune-lambda", "--plot", str(tmp_path / "no" / "lambda.png"), "--datastore",
+                                 str(tmp_path / "no")])
+    assert r.exit_code == 1 and "no meta.json" in r.output, r.output
 
 
 def test_settings_greedy_decoding_or_no_memory_would_not_read_are_refused(tiny_lm):
