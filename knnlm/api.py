@@ -236,6 +236,8 @@ class KNNLM:
             What `knnlm tune-lambda --json` prints: lambda, temperature, adaptive, heldout figures.
         """
         self._need_datastore("tune")
+        expect(cfg, TuneConfig, "cfg", "TuneConfig()")  # before the dev part's scoring, not after
+        expect(memory, MemoryConfig, "memory", "MemoryConfig('document')", optional=True)
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         if text is None:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)

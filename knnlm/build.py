@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .arrays import NpyAppender, npy_header, replace_dir, write_json
+from .arrays import NpyAppender, json_safe, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
 from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, foreign_entries, open_datastore,
                         parse_holdout, partial_dir)
-from .errors import KNNLMError
+from .errors import KNNLMError, settle
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm, model_reference
 from .windows import check_window, forward_owned, plan_windows
@@ -50,6 +50,12 @@ class BuildConfig:
 
     def __post_init__(self):
         # Refused here, before the model is loaded or any document read.
+        for name in ("context", "stride", "batch_size", "block_windows"):
+            settle(self, name, int, name, str(getattr(BuildConfig, name)))
+        settle(self, "holdout", (int, float), "holdout", "0.05")
+        settle(self, "max_tokens", int, "max_tokens", "100000", optional=True)
+        settle(self, "shuffle_seed", int, "shuffle_seed", "0", optional=True)
+        settle(self, "index", IndexConfig, "index", "IndexConfig()")
         check_window(self.context, self.stride)
         if not 0 <= self.holdout < 0.34:
             raise KNNLMError(f"--holdout {self.holdout} must be in [0, 0.34): it is the share of each of dev and test.")
@@ -73,7 +79,7 @@ _RESUME_NAMES = {"fmt": "--format", "block_windows": "block_windows", "model": "
 
 def check_resume_settings(work: Path, settings: dict) -> None:
     """Refuse to resume the build in work with other settings than it began with, naming each that differs."""
-    then, now = _read_json(work, "settings.json"), json.loads(json.dumps(settings))
+    then, now = _read_json(work, "settings.json"), json.loads(json.dumps(json_safe(settings)))  # as write_json wrote
     if then == now:
         return
     differ = []

@@ -219,16 +219,22 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def open_datastore(path: str | os.PathLike | None = None, check_arrays: bool = True) -> Datastore:
+def open_datastore(path: str | os.PathLike | Datastore | None = None, check_arrays: bool = True) -> Datastore:
     """Open a datastore directory and check it is whole.
 
     Args:
-        path: the directory; None means $KNNLM_DATASTORE or datastores/default.
+        path: the directory (or an opened Datastore: its directory, read again as it now is); None means
+            $KNNLM_DATASTORE or datastores/default.
         check_arrays: also check that keys.npy and vals.npy have the shape meta.json says.
 
     Returns:
         A Datastore; raises KNNLMError, with the fix, for anything missing or inconsistent.
     """
+    if isinstance(path, Datastore):
+        path = path.path
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise KNNLMError(f"A datastore is named by its folder (a str or Path) or an opened Datastore, not a "
+                         f"{type(path).__name__}.")
     p = datastore_path(path)
     if p.is_dir():
         recover(p)  # an add, remove or compact killed halfway: finish it or undo it

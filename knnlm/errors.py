@@ -23,3 +23,12 @@ def expect(value, kind: type | tuple[type, ...], name: str, example: str, option
     article = "an" if names[0].lower() in "aeiou" else "a"
     raise KNNLMError(f"{name} takes {'None or ' if optional else ''}{article} {names}, e.g. {example}, not {value!r} "
                      f"({type(value).__name__}).")
+
+
+def settle(obj, field: str, kind: type | tuple[type, ...], name: str, example: str, optional: bool = False) -> None:
+    """expect() on a config's field (called `name` in the sentence), which then holds its plain Python value (a numpy
+    number's .item(): what json, random and faiss take)."""
+    value = getattr(obj, field)
+    expect(value, kind, name, example, optional)
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        object.__setattr__(obj, field, value.item())

@@ -16,7 +16,7 @@ from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
 from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
 from .datastore import Datastore, open_datastore
-from .errors import KNNLMError, expect
+from .errors import KNNLMError, settle
 from .interpolate import knn_log_prob, perplexity
 from .lm import DEFAULT_MODEL, LM, datastore_lm, load_lm
 from .memory.attention import AttentionMemoryConfig
@@ -63,11 +63,12 @@ class EvalConfig:
     overwrite: bool = False  # replace an existing save_scores file (or report_eval's page); False: refuse it
 
     def __post_init__(self):
-        expect(self.retrieval, RetrievalConfig, "retrieval", "RetrievalConfig(k=1000)")
-        expect(self.memory, MemoryConfig, "memory", "MemoryConfig('document')")
-        expect(self.attention, AttentionMemoryConfig, "attention_memory", "AttentionMemoryConfig()", optional=True)
+        settle(self, "retrieval", RetrievalConfig, "retrieval", "RetrievalConfig(k=1000)")
+        settle(self, "memory", MemoryConfig, "memory", "MemoryConfig('document')")
+        settle(self, "attention", AttentionMemoryConfig, "attention_memory", "AttentionMemoryConfig()", optional=True)
         for name in ("context", "stride"):
-            expect(getattr(self, name), int, name, "512", optional=True)
+            settle(self, name, int, name, "512", optional=True)
+        settle(self, "batch_size", int, "batch_size", "4")
         if self.batch_size < 1:
             raise KNNLMError(f"--batch-size {self.batch_size} must be at least 1.")
         if self.save_scores:
@@ -364,7 +365,7 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
                attention_memory=cfg.attention.describe if cfg.attention is not None else None,
                searches_saved=timer.searches_saved / len(scores))
     if cfg.save_scores:
-        save_scores(cfg.save_scores, scores)
+        save_scores(cfg.save_scores, scores, overwrite=cfg.overwrite)
         out["scores_file"] = cfg.save_scores
     return out, scores
 

@@ -18,8 +18,8 @@ import faiss
 import numpy as np
 
 from .arrays import atomic_path, write_json
-from .datastore import Datastore
-from .errors import KNNLMError
+from .datastore import Datastore, open_datastore
+from .errors import KNNLMError, expect, settle
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class IndexConfig:
     fast_scan: bool = False
 
     def __post_init__(self):
+        for name in ("code_size", "seed", "add_chunk"):
+            settle(self, name, int, name, str(getattr(IndexConfig, name)))
+        for name, example in (("nlist", "1024"), ("train_size", "65536")):
+            settle(self, name, int, name, example, optional=True)
+        if self.seed < 0:
+            raise KNNLMError(f"--seed {self.seed} must not be negative.")
         if self.factory is not None and self.on_disk and not self.exact:
             raise KNNLMError(f"--on-disk keeps the default IVF-PQ index's lists on disk, not a --factory index's "
                              f"({self.factory!r}); leave out one of the two.")
@@ -208,6 +214,9 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     Returns:
         The content of index.json.
     """
+    if not isinstance(ds, Datastore):  # a folder, as every other function takes it
+        ds = open_datastore(ds)
+    expect(cfg, IndexConfig, "cfg", "IndexConfig()")
     if fallback:
         _refuse_removed(ds)
     else:

@@ -16,7 +16,7 @@ import torch
 
 from .arrays import ROW_ORDER_MIN_ROWS, row_order, sort_rows
 from .datastore import Datastore
-from .errors import KNNLMError, expect
+from .errors import KNNLMError, expect, settle
 from .index import flat_l2, load_index, read_index_info
 from .torch_search import TorchExactIndex, parse_search_device
 
@@ -45,8 +45,8 @@ class RetrievalConfig:
 
     def __post_init__(self):
         for name in ("k", "nprobe", "min_knns", "max_candidates"):
-            expect(getattr(self, name), int, name, str(getattr(RetrievalConfig, name)))
-        expect(self.rerank_depth, int, "rerank_depth", "128", optional=True)
+            settle(self, name, int, name, str(getattr(RetrievalConfig, name)))
+        settle(self, "rerank_depth", int, "rerank_depth", "128", optional=True)
         if self.min_knns < 1:
             raise KNNLMError(f"--min-knns {self.min_knns} must be at least 1 (pointers needed to skip a search).")
         if self.max_candidates < 1:
@@ -352,6 +352,9 @@ class Retriever:
         self.ds, self.cfg = ds, cfg
         if cfg.k < 1:
             raise KNNLMError(f"--k {cfg.k} must be at least 1.")
+        if ds.live_count == 0:  # every search would find nothing, and p_kNN would be silently absent
+            raise KNNLMError(f"Datastore {ds.path} holds no keys a search may return (every document was removed); "
+                             "add documents with `knnlm add`, or pass another datastore.")
         self._coarse: CoarseAssigner | None = None  # an IVF index's lists found in torch
         if cfg.search_device is not None:
             self.index = TorchExactIndex(ds.keys, parse_search_device(cfg.search_device),

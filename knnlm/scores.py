@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
 from .arrays import atomic_path
-from .errors import KNNLMError
+from .errors import KNNLMError, expect
 from .interpolate import masked_distances
 
 SCORES_FORMAT = 2  # 2: queries and LM statistics for the learned gate and SPALM
@@ -92,8 +93,14 @@ def concat_scores(parts: list[Scores], attrs: dict) -> Scores:
     )
 
 
-def save_scores(path: str, scores: Scores) -> None:
-    """Write scores to HDF5 atomically (temp file, then rename); a failed write leaves nothing behind."""
+def save_scores(path: str, scores: Scores, overwrite: bool = False) -> None:
+    """Write scores to HDF5 atomically (temp file, then rename); a failed write leaves nothing behind. An existing
+    file is replaced only with overwrite; its folder must exist."""
+    expect(scores, Scores, "scores", "run_eval(...)[1]")
+    if not overwrite and os.path.isfile(path):
+        raise KNNLMError(f"{path} already exists; pass --overwrite to replace it.")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise KNNLMError(f"Cannot write {path}: its folder does not exist; create it or pass another path.")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = SCORES_FORMAT
         for key, value in scores.attrs.items():

@@ -22,7 +22,7 @@ from .combine.features import POST_FEATURES, PRE_FEATURES, post_features, pre_fe
 from .combine.gate import GateConfig, fit_gate, gate_tensors
 from .combine.spalm import fit_spalm, nll_grid, spalm_target_log_probs
 from .arrays import json_safe
-from .errors import KNNLMError
+from .errors import KNNLMError, expect, settle
 from .interpolate import adaptive_lambdas, interpolate, knn_log_prob, perplexity
 from .scores import Scores
 
@@ -55,9 +55,17 @@ class TuneConfig:
     spalm_grid: int = 17  # gate values at which SPALM's per-token loss is tabulated for training
 
     def __post_init__(self):
-        t, lam = np.asarray(self.temperatures, float), np.asarray(self.lambdas, float)
-        if t.size == 0 or np.any(t <= 0) or np.any(np.diff(t) <= 0):
-            raise KNNLMError("Temperatures must be positive and increasing; pass e.g. 1,10,100.")
+        for name in ("fine_steps", "bins", "min_bin_tokens", "seed", "spalm_grid"):
+            settle(self, name, int, name, str(getattr(TuneConfig, name)))
+        for name in ("max_lambda", "skip_tolerance", "heldout_fraction"):
+            settle(self, name, (int, float), name, str(getattr(TuneConfig, name)))
+        settle(self, "gate_config", GateConfig, "gate_config", "GateConfig()")
+        try:
+            t, lam = np.asarray(self.temperatures, float).reshape(-1), np.asarray(self.lambdas, float).reshape(-1)
+        except (TypeError, ValueError):
+            raise KNNLMError("temperatures and lambdas take sequences of numbers, e.g. (1.0, 10.0, 100.0).") from None
+        if t.size == 0 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(np.diff(t) <= 0):
+            raise KNNLMError("Temperatures must be finite, positive and increasing; pass e.g. 1,10,100.")
         if not 0 < self.max_lambda < 1 or lam.size == 0 or np.any(np.diff(lam) <= 0) \
                 or lam[0] < 0 or lam[-1] > self.max_lambda:
             raise KNNLMError(f"The λ grid must increase within [0, {self.max_lambda}] and max_lambda "
@@ -329,6 +337,8 @@ def tune(scores: Scores, cfg: TuneConfig = TuneConfig(), description: str = "", 
         The content of lambda.json, plus "tensors": the gates' weights that save_lambda writes to
         mixing.safetensors (absent when no gate was fitted).
     """
+    expect(scores, Scores, "scores", "load_scores(path)")
+    expect(cfg, TuneConfig, "cfg", "TuneConfig()")
     cache = _KnnCache(scores)
     fit, held = split_tokens(len(scores), cfg.heldout_fraction, cfg.seed)
     log.info("Fitting on %d tokens, measuring on %d held out", fit.size, held.size)

@@ -22,7 +22,7 @@ import numpy as np
 from .arrays import NpyAppender, write_json
 from .corpus import DEFAULT_GLOB, open_corpus
 from .datastore import Datastore, open_datastore, partial_dir
-from .errors import KNNLMError
+from .errors import KNNLMError, settle
 from .index import load_index, read_index_info
 from .journal import PENDING, begin, commit, hold
 
@@ -46,6 +46,7 @@ class AddConfig:
     strict: bool = False  # fail on the first unreadable file of a folder instead of skipping it
 
     def __post_init__(self):
+        settle(self, "batch_size", int, "batch_size", "8")
         if self.batch_size < 1:
             raise KNNLMError(f"--batch-size {self.batch_size} must be at least 1 window per forward pass.")
 
@@ -228,6 +229,8 @@ def remove_documents(datastore: str | os.PathLike, names: list[str]) -> dict:
         The update record written to meta.json ("documents", "keys").
     """
     ds = open_datastore(datastore)
+    if isinstance(names, (str, os.PathLike)):  # its characters are no names
+        raise KNNLMError(f"names takes a list of document names, e.g. [{str(names)!r}], not one name.")
     if not names:
         raise KNNLMError("Name at least one document to remove.")
     docs = _resolve(ds, names)

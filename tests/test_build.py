@@ -415,3 +415,12 @@ def test_exact_rerank_distances_match_numpy(tmp_path):
     ref_ids = np.argsort(brute, axis=1)[:, :50]
     assert (ids != ref_ids).mean() < 1e-2
     np.testing.assert_allclose(d, np.take_along_axis(brute, ids, 1), rtol=1e-4, atol=1e-3)
+
+
+def test_a_build_takes_numpy_integers(tiny_lm, tiny_model_dir, corpus_dir):
+    cfg = BuildConfig(model=str(tiny_model_dir), context=np.int64(64), stride=np.int32(32), holdout=0.2,
+                      glob="*.txt", build_index=False, max_tokens=np.int64(500), shuffle_seed=np.int64(1))
+    ds = build_datastore(str(corpus_dir), "np-ints", cfg, lm=tiny_lm)
+    assert ds.count == 500 and ds.meta["context"] == 64 and type(ds.meta["context"]) is int
+    again = build_datastore(str(corpus_dir), "np-ints", BuildConfig(**{**cfg.__dict__, "overwrite": True}), lm=tiny_lm)
+    assert np.array_equal(np.asarray(again.keys), np.asarray(ds.keys))

@@ -119,7 +119,9 @@ def test_old_or_incomplete_scores_files_are_refused(dev, tmp_path):
         f.attrs["format"] = 1
     with pytest.raises(KNNLMError, match=r"format 1, made by an older knnlm.*write it again"):
         load_scores(str(path))
-    save_scores(str(path), dev)
+    with pytest.raises(KNNLMError, match=r"s.h5 already exists; pass --overwrite"):
+        save_scores(str(path), dev)  # nothing replaced unasked
+    save_scores(str(path), dev, overwrite=True)
     with h5py.File(path, "a") as f:
         del f["dist"]
     with pytest.raises(KNNLMError, match=r"lacks the dataset\(s\) dist; write it again"):

@@ -26,6 +26,8 @@ from knnlm.errors import KNNLMError
 from knnlm.index import IndexConfig, train_index
 from knnlm.cli.main import cli
 from knnlm.windows import Window, forward_owned, plan_windows
+from knnlm.evaluate import EvalConfig
+from knnlm.tune import TuneConfig
 
 
 def strict_loads(text: str):
@@ -486,3 +488,30 @@ def test_info_names_the_index_kind(built):
     assert "exact (Flat)" in line
     info = strict_loads(invoke("info", built, "--json").stdout)
     assert info["index"]["kind"] == "exact"
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: BuildConfig(context="64"), r"^context takes an int, e.g. 512, not '64'"),
+    (lambda: BuildConfig(batch_size=2.5), r"^batch_size takes an int"),
+    (lambda: BuildConfig(max_tokens=float("inf")), r"^max_tokens takes None or an int"),
+    (lambda: BuildConfig(holdout="0.1"), r"^holdout takes an int or float"),
+    (lambda: BuildConfig(shuffle_seed="1"), r"^shuffle_seed takes None or an int"),
+    (lambda: BuildConfig(index=None), r"^index takes an IndexConfig"),
+    (lambda: IndexConfig(nlist="8"), r"^nlist takes None or an int"),
+    (lambda: IndexConfig(add_chunk=1.5), r"^add_chunk takes an int"),
+    (lambda: IndexConfig(seed=-1), r"^--seed -1 must not be negative"),
+    (lambda: TuneConfig(bins="32"), r"^bins takes an int"),
+    (lambda: TuneConfig(temperatures=(float("nan"),)), r"^Temperatures must be finite, positive and increasing"),
+    (lambda: TuneConfig(temperatures=(1.0, float("inf"))), r"^Temperatures must be finite"),
+    (lambda: TuneConfig(temperatures="1,10"), r"^temperatures and lambdas take sequences of numbers"),
+    (lambda: TuneConfig(skip_tolerance="0.1"), r"^skip_tolerance takes an int or float"),
+    (lambda: EvalConfig(batch_size="4"), r"^batch_size takes an int"),
+])
+def test_configs_of_the_wrong_type_are_one_sentence(make, words):
+    with pytest.raises(KNNLMError, match=words):
+        make()
+
+
+def test_configs_take_numpy_numbers():
+    assert BuildConfig(context=np.int64(64), stride=np.int32(32), shuffle_seed=np.int64(1)).context == 64
+    assert TuneConfig(temperatures=np.array([1.0, 10.0]), seed=np.int64(2)).seed == 2

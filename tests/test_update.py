@@ -409,3 +409,26 @@ def test_cli_add_then_info(ds3, three, tiny_model_dir, tmp_path):
     assert "added 1 documents" in r.output and "Skipped 1 unreadable" in r.output and "x.txt" in r.output
     info = json.loads(invoke("info", ds3, "--json").stdout)
     assert info["updates"]["add"]["documents"] == 1 and info["meta"]["updates"][0]["unreadable"]["count"] == 1
+
+
+def test_update_and_index_functions_take_a_folder_or_a_datastore_and_refuse_the_rest(tmp_path):
+    from helpers import clustered, make_datastore
+    from knnlm.errors import KNNLMError
+    from knnlm.index import IndexConfig, train_index
+    from knnlm.retrieval import RetrievalConfig, Retriever
+    from knnlm.update import compact, remove_documents
+
+    path = make_datastore(tmp_path / "ds", clustered(600, 8), np.zeros(600))
+    ds = open_datastore(path)
+    assert train_index(str(path), IndexConfig(exact=True))["factory"] == "Flat"  # a folder, as elsewhere
+    with pytest.raises(KNNLMError, match=r"^names takes a list of document names, e.g. \['synthetic'\], not one"):
+        remove_documents(ds, "synthetic")  # an opened Datastore is taken; one name is no list
+    with pytest.raises(KNNLMError, match=r"^A datastore is named by its folder .* not a int"):
+        open_datastore(3)
+    with pytest.raises(KNNLMError, match=r"^cfg takes an IndexConfig"):
+        train_index(ds, {"nlist": 8})
+    remove_documents(ds, ["synthetic"])  # every document: nothing left to search
+    with pytest.raises(KNNLMError, match=r"holds no keys a search may return \(every document was removed\)"):
+        Retriever(open_datastore(path), RetrievalConfig(exact=True))
+    compact(ds)
+    assert open_datastore(path).count == 0

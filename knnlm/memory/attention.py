@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..errors import KNNLMError
+from ..errors import KNNLMError, settle
 from .rotary import cos_sin, find_rotary, rotate, unrotate
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class AttentionMemoryConfig:
     retrieval: Retrieval = Retrieval.GROUP  # top-k per query head, or per KV-head group
 
     def __post_init__(self):
+        settle(self, "k", int, "k", "64")
         if self.k < 1:
             raise KNNLMError(f"--memory-k {self.k} must be at least 1 (key, value) pair per query.")
         try:

@@ -28,7 +28,7 @@ from transformers import LogitsProcessor
 
 from ..arrays import sort_rows
 from ..combine import load_lambda
-from ..errors import KNNLMError, expect
+from ..errors import KNNLMError, settle
 from ..interpolate import interpolate, knn_log_prob, mix_log_distribution
 from ..lm import QueryHook
 from ..retrieval import exact_distances
@@ -65,9 +65,9 @@ class MemoryConfig:
             raise KNNLMError(f"--memory {self.memory!r} is not one of {', '.join(MEMORY_KINDS)}.")
         if self.mix not in MIX_KINDS:
             raise KNNLMError(f"--memory-mix {self.mix!r} is not one of {', '.join(MIX_KINDS)}.")
-        expect(self.temperature, (int, float), "temperature", "10.0", optional=True)
-        expect(self.k, int, "k", "256")
-        expect(self.chunk, int, "chunk", "512")
+        settle(self, "temperature", (int, float), "temperature", "10.0", optional=True)
+        settle(self, "k", int, "k", "256")
+        settle(self, "chunk", int, "chunk", "512")
         if self.k < 1 or self.chunk < 1:
             raise KNNLMError(f"--memory-neighbors {self.k} must be at least 1.")
         if self.temperature is not None and not 0 < self.temperature < float("inf"):
