@@ -15,6 +15,7 @@ _EXPORTS = {
     "BuildConfig": "build", "build_datastore": "build",
     "Datastore": "datastore", "open_datastore": "datastore",
     "IndexConfig": "index", "train_index": "index",
+    "AddConfig": "update", "add_documents": "update", "remove_documents": "update", "compact": "update",
     "RetrievalConfig": "retrieval", "Retriever": "retrieval",
     "EvalConfig": "evaluate", "run_eval": "evaluate", "score_documents": "evaluate",
     "Scores": "scores", "load_scores": "scores", "save_scores": "scores",

@@ -274,6 +274,8 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
               split: str = "test", documents: list[tuple[str, str]] | None = None,
               retriever: Retriever | None = None) -> EvalRun:
     """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
+    if corpus is not None and documents is not None:
+        raise KNNLMError("run_eval scores a corpus or the given documents, not both; pass one of them.")
     cfg.memory.check_use(cfg.use_datastore)
     if not cfg.use_datastore:
         return open_without_datastore(corpus, cfg, lm, documents)
@@ -287,10 +289,18 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     context, stride = datastore_window(cfg, ds)
     check_window(context, stride, lm.max_positions)
     if documents is not None:
-        docs, what = list(documents), f"{len(documents)} given texts"
+        docs, what = given_documents(documents)
     else:
         docs, what = resolve_docs(ds, corpus, split, cfg)
     return EvalRun(ds, lm, retriever, combiner, docs, what, context, stride, search)
+
+
+def given_documents(documents) -> tuple[list, str]:
+    """run_eval's `documents` and how they read in the report; one sentence for none at all."""
+    docs = list(documents)
+    if not docs:
+        raise KNNLMError("No documents were given to score; pass at least one text.")
+    return docs, f"{len(docs)} given text{'s' if len(docs) != 1 else ''}"
 
 
 def datastore_window(cfg: EvalConfig, ds: Datastore) -> tuple[int, int]:
@@ -316,7 +326,7 @@ def open_without_datastore(corpus: str | None, cfg: EvalConfig, lm: LM | None = 
         stride = NO_DATASTORE_WINDOW[1] if cfg.context is None else max(1, context // 2)
     check_window(context, stride, lm.max_positions)
     if documents is not None:
-        docs, what = list(documents), f"{len(documents)} given texts"
+        docs, what = given_documents(documents)
     else:
         docs, what = corpus_docs(corpus, cfg), str(corpus)
     search = {"search": "none", "k": 0, "nprobe": 0, "rerank": False, "index": "none"}

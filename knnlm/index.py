@@ -68,6 +68,10 @@ class IndexConfig:
         if self.factory is not None and self.on_disk and not self.exact:
             raise KNNLMError(f"--on-disk keeps the default IVF-PQ index's lists on disk, not a --factory index's "
                              f"({self.factory!r}); leave out one of the two.")
+        if self.factory is not None and not self.exact and (self.nlist is not None
+                                                            or self.code_size != IndexConfig.code_size):
+            raise KNNLMError(f"--nlist and --code-size shape the default index; the --factory string {self.factory!r} "
+                             "names its own lists and codes, so they would do nothing; leave them out.")
         if self.factory is not None and self.fast_scan and not self.exact:
             raise KNNLMError(f"--fast-scan chooses the default index's codes; the --factory string {self.factory!r} "
                              "names its own (fast-scan ends in x4fs); leave out one of the two.")

@@ -61,6 +61,16 @@ class RetrievalConfig:
                              f"{'--no-rerank' if not self.rerank else '--search-device'}.")
         if self.search_device is not None:
             parse_search_device(self.search_device)  # a bad name is refused before the model loads
+        # Settings the chosen search would not read (the CLI refuses them as typed; here, as other than the default)
+        if self.search_device is not None and (self.exact or not self.rerank):
+            raise KNNLMError("--search-device already searches exactly, so --exact and --no-rerank would do nothing; "
+                             "leave them out.")
+        if (self.exact or self.search_device is not None) and self.nprobe != RetrievalConfig.nprobe:
+            raise KNNLMError(f"--nprobe picks the faiss index's lists, and {'--exact' if self.exact else '--search-device'} "
+                             "searches every key, so it would do nothing; leave it out.")
+        if not self.retomaton and (self.min_knns, self.max_candidates) != (RetrievalConfig.min_knns,
+                                                                            RetrievalConfig.max_candidates):
+            raise KNNLMError("--min-knns and --max-candidates only apply with --retomaton; add it or leave them out.")
 
 
 def as_tensor(keys: np.ndarray) -> torch.Tensor:

@@ -134,14 +134,15 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     live = _by_path(_live_names(ds))
     dup = sorted(name for name, p in paths.items() if p in live)
     if dup:
-        raise KNNLMError(f"{dup[0]} is already in {ds.path} ({len(dup)} documents are); remove them first with "
+        many = f" ({len(dup)} documents are)" if len(dup) > 1 else ""
+        raise KNNLMError(f"{dup[0]} is already in {ds.path}{many}; remove {'them' if many else 'it'} first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
     held = {_path_of(name): split for name, split in ds.heldout_names().items()}
     mixed = sorted(name for name, p in paths.items() if p in held)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
-        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text ({len(mixed)} "
-                         "documents are); a datastore never holds what eval and tune-lambda score, so add other "
-                         "documents.")
+        many = f" ({len(mixed)} documents are)" if len(mixed) > 1 else ""
+        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text{many}; a datastore "
+                         "never holds what eval and tune-lambda score, so add other documents.")
     lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
     leftover = ds.path / _ADDED

@@ -286,7 +286,7 @@ def test_few_queries_find_exactly_faiss_lists(tmp_path, nprobe, monkeypatch):
     basis = np.linalg.qr(rng.normal(size=(d, d)))[0][:, :d // 4]  # the centres span d/4 directions
     keys = (clustered(30_000, d // 4, seed=3, centers=400) @ basis.T + rng.normal(0, 0.3, (30_000, d)))
     ds = open_datastore(make_datastore(tmp_path / "syn", keys.astype(np.float32), np.arange(len(keys)) % 100))
-    train_index(ds, IndexConfig(code_size=16, factory="IVF256,PQ16"))
+    train_index(ds, IndexConfig(factory="IVF256,PQ16"))
     q = np.concatenate([keys[:40] + rng.normal(0, 0.5, (40, d)), np.zeros((1, d)), 1e3 * keys[40:42]])
     measured = []
     exact = retrieval.CoarseAssigner._exact

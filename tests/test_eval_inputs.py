@@ -157,3 +157,16 @@ def test_api_arguments_of_the_wrong_type_are_one_sentence(store, tiny_lm):
     one = knn.evaluate([text, text])
     for several in ((text, text), (t for t in [text, text]), np.array([text, text])):
         assert knn.evaluate(several)["knn_lm_ppl"] == one["knn_lm_ppl"]
+
+
+def test_run_eval_takes_a_corpus_or_documents(store, tiny_lm, tmp_path):
+    from knnlm.errors import KNNLMError
+
+    (tmp_path / "c.txt").write_text("x = 1\n" * 40)
+    cfg = EvalConfig(retrieval=RetrievalConfig(k=4, exact=True))
+    with pytest.raises(KNNLMError, match=r"^run_eval scores a corpus or the given documents, not both"):
+        run_eval(store, str(tmp_path / "c.txt"), cfg, lm=tiny_lm, documents=[("t", "y = 2\n")])
+    with pytest.raises(KNNLMError, match=r"^No documents were given to score"):
+        run_eval(store, cfg=cfg, lm=tiny_lm, documents=[])
+    r, _ = run_eval(store, cfg=cfg, lm=tiny_lm, documents=[("t", "y = 2\n" * 30)])
+    assert r["corpus"] == "1 given text"

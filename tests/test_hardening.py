@@ -506,6 +506,8 @@ def test_info_names_the_index_kind(built):
     (lambda: TuneConfig(temperatures="1,10"), r"^temperatures and lambdas take sequences of numbers"),
     (lambda: TuneConfig(skip_tolerance="0.1"), r"^skip_tolerance takes an int or float"),
     (lambda: EvalConfig(batch_size="4"), r"^batch_size takes an int"),
+    (lambda: IndexConfig(factory="IVF4,Flat", nlist=16), r"^--nlist and --code-size shape the default index"),
+    (lambda: IndexConfig(factory="IVF4,Flat", code_size=8), r"the --factory string 'IVF4,Flat' names its own"),
 ])
 def test_configs_of_the_wrong_type_are_one_sentence(make, words):
     with pytest.raises(KNNLMError, match=words):

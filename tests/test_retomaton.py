@@ -311,3 +311,16 @@ def test_candidates_leave_out_a_removed_document(tmp_path):
     q = np.asarray(ds.keys[rows], np.float32)
     _, ids, _, saved = chain_neighbors(r, auto, q, np.asarray(ds.vals)[rows], np.array([0]))
     assert saved.mean() > 0.5 and not ((ids >= 1500) & (ids < 2000)).any()
+
+
+def test_search_settings_that_would_do_nothing_are_refused_in_the_api():
+    for kwargs, words in (({"exact": True, "nprobe": 16}, r"--nprobe picks the faiss index's lists, and --exact"),
+                          ({"search_device": "cpu", "nprobe": 4}, r"--nprobe .* and --search-device searches"),
+                          ({"search_device": "cpu", "exact": True}, r"--search-device already searches exactly"),
+                          ({"search_device": "cpu", "rerank": False}, r"--search-device already searches exactly"),
+                          ({"min_knns": 5}, r"only apply with --retomaton"),
+                          ({"max_candidates": 500}, r"only apply with --retomaton")):
+        with pytest.raises(KNNLMError, match=words):
+            RetrievalConfig(**kwargs)
+    RetrievalConfig(retomaton=True, min_knns=5, max_candidates=500)  # read there
+    RetrievalConfig(exact=True, rerank=False)  # exact search re-ranks to restore faiss's lost digits: it reads it
