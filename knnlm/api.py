@@ -254,7 +254,14 @@ class KNNLM:
     def with_retrieval(self, **changes) -> "KNNLM":
         """The same datastore and model with other search settings, e.g. `.with_retrieval(k=100)`."""
         self._need_datastore("with_retrieval")
-        cfg = replace(self.retriever.cfg, **changes)
+        cfg, fresh = self.retriever.cfg, RetrievalConfig()
+        # A search turned off or replaced takes its settings' defaults back, where not given: they would do nothing
+        # (and RetrievalConfig refuses them), e.g. .with_retrieval(retomaton=False) after min_knns=5.
+        if changes.get("retomaton") is False:
+            changes = {"min_knns": fresh.min_knns, "max_candidates": fresh.max_candidates, **changes}
+        if changes.get("exact") or changes.get("search_device") is not None:
+            changes = {"nprobe": fresh.nprobe, **changes}
+        cfg = replace(cfg, **changes)
         return KNNLM(self.datastore, self.lm, Retriever(self.datastore, cfg))
 
 

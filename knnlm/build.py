@@ -74,7 +74,8 @@ _RESUME_KEYS = ("context", "stride", "holdout", "glob", "fmt", "text_field", "sh
                 "block_windows")
 
 
-_RESUME_NAMES = {"fmt": "--format", "block_windows": "block_windows", "model": "the model", "corpus": "the corpus's files"}
+_RESUME_NAMES = {"fmt": "--format", "block_windows": "block_windows", "model": "the model",
+                 "corpus": "the corpus's files"}
 
 
 def check_resume_settings(work: Path, settings: dict) -> None:

@@ -66,8 +66,9 @@ class RetrievalConfig:
             raise KNNLMError("--search-device already searches exactly, so --exact and --no-rerank would do nothing; "
                              "leave them out.")
         if (self.exact or self.search_device is not None) and self.nprobe != RetrievalConfig.nprobe:
-            raise KNNLMError(f"--nprobe picks the faiss index's lists, and {'--exact' if self.exact else '--search-device'} "
-                             "searches every key, so it would do nothing; leave it out.")
+            every = "--exact" if self.exact else "--search-device"
+            raise KNNLMError(f"--nprobe picks the faiss index's lists, and {every} searches every key, so it would do "
+                             "nothing; leave it out.")
         if not self.retomaton and (self.min_knns, self.max_candidates) != (RetrievalConfig.min_knns,
                                                                             RetrievalConfig.max_candidates):
             raise KNNLMError("--min-knns and --max-candidates only apply with --retomaton; add it or leave them out.")

@@ -324,3 +324,14 @@ def test_search_settings_that_would_do_nothing_are_refused_in_the_api():
             RetrievalConfig(**kwargs)
     RetrievalConfig(retomaton=True, min_knns=5, max_candidates=500)  # read there
     RetrievalConfig(exact=True, rerank=False)  # exact search re-ranks to restore faiss's lost digits: it reads it
+
+
+def test_with_retrieval_turning_a_search_off_takes_its_defaults_back(store, tiny_lm):
+    knn = KNNLM(store, tiny_lm, Retriever(store, RetrievalConfig(k=16, nprobe=4, retomaton=True, min_knns=5)))
+    off = knn.with_retrieval(retomaton=False)
+    assert (off.retriever.cfg.retomaton, off.retriever.cfg.min_knns, off.retriever.cfg.nprobe) == (False, 50, 4)
+    exact = knn.with_retrieval(exact=True, retomaton=False)
+    assert exact.retriever.cfg.exact and exact.retriever.cfg.nprobe == RetrievalConfig.nprobe
+    with pytest.raises(KNNLMError, match="--nprobe picks the faiss index's lists"):
+        knn.with_retrieval(exact=True, nprobe=2, retomaton=False)  # given: still refused
+
