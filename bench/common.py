@@ -154,6 +154,8 @@ def parse_variant(name: str) -> set[str]:
         sys.exit(f"Variant {name!r}: one rerank-R and one nprobe-N at most.")
     if _number(parts, "rerank-") and {"no-rerank", "torch"} & parts:
         sys.exit(f"Variant {name!r}: rerank-R not with no-rerank or torch.")
+    if "torch" in parts and ("no-rerank" in parts or _number(parts, "nprobe-")):  # its search is exact: no lists
+        sys.exit(f"Variant {name!r}: torch searches every key exactly, so no-rerank and nprobe-N do nothing there.")
     return parts
 
 

@@ -261,6 +261,10 @@ class KNNLM:
             changes = {"min_knns": fresh.min_knns, "max_candidates": fresh.max_candidates, **changes}
         if changes.get("exact") or changes.get("search_device") is not None:
             changes = {"nprobe": fresh.nprobe, **changes}
+        if changes.get("search_device") is not None:  # torch's exact search: nothing to re-rank, no faiss exact
+            changes = {"rerank": True, "rerank_depth": None, "exact": False, **changes}
+        if changes.get("exact"):
+            changes = {"search_device": None, **changes}
         cfg = replace(cfg, **changes)
         return KNNLM(self.datastore, self.lm, Retriever(self.datastore, cfg))
 

@@ -233,8 +233,8 @@ def open_datastore(path: str | os.PathLike | Datastore | None = None, check_arra
     if isinstance(path, Datastore):
         path = path.path
     if path is not None and not isinstance(path, (str, os.PathLike)):
-        raise KNNLMError(f"A datastore is named by its folder (a str or Path) or an opened Datastore, not a "
-                         f"{type(path).__name__}.")
+        raise KNNLMError(f"A datastore is named by its folder (a str or Path) or an opened Datastore, not by "
+                         f"{path!r} ({type(path).__name__}).")
     p = datastore_path(path)
     if p.is_dir():
         recover(p)  # an add, remove or compact killed halfway: finish it or undo it

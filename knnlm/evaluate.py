@@ -276,6 +276,8 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
     if corpus is not None and documents is not None:
         raise KNNLMError("run_eval scores a corpus or the given documents, not both; pass one of them.")
+    if cfg.save_scores:  # again here: a config made before the file was written may be run twice
+        refuse_existing(cfg.save_scores, cfg.overwrite)
     cfg.memory.check_use(cfg.use_datastore)
     if not cfg.use_datastore:
         return open_without_datastore(corpus, cfg, lm, documents)

@@ -63,8 +63,9 @@ class RetrievalConfig:
             parse_search_device(self.search_device)  # a bad name is refused before the model loads
         # Settings the chosen search would not read (the CLI refuses them as typed; here, as other than the default)
         if self.search_device is not None and (self.exact or not self.rerank):
-            raise KNNLMError("--search-device already searches exactly, so --exact and --no-rerank would do nothing; "
-                             "leave them out.")
+            given = " and ".join(name for name, on in (("--exact", self.exact), ("--no-rerank", not self.rerank)) if on)
+            raise KNNLMError(f"--search-device already searches exactly, so {given} would do nothing; leave "
+                             f"{'them' if ' and ' in given else 'it'} out.")
         if (self.exact or self.search_device is not None) and self.nprobe != RetrievalConfig.nprobe:
             every = "--exact" if self.exact else "--search-device"
             raise KNNLMError(f"--nprobe picks the faiss index's lists, and {every} searches every key, so it would do "

@@ -66,6 +66,9 @@ class TuneConfig:
             raise KNNLMError("temperatures and lambdas take sequences of numbers, e.g. (1.0, 10.0, 100.0).") from None
         if t.size == 0 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(np.diff(t) <= 0):
             raise KNNLMError("Temperatures must be finite, positive and increasing; pass e.g. 1,10,100.")
+        # held as tuples of floats, whatever was given (one number, a list, an array): iterable and hashable
+        object.__setattr__(self, "temperatures", tuple(t.tolist()))
+        object.__setattr__(self, "lambdas", tuple(lam.tolist()))
         if not 0 < self.max_lambda < 1 or lam.size == 0 or np.any(np.diff(lam) <= 0) \
                 or lam[0] < 0 or lam[-1] > self.max_lambda:
             raise KNNLMError(f"The λ grid must increase within [0, {self.max_lambda}] and max_lambda "

@@ -170,3 +170,14 @@ def test_run_eval_takes_a_corpus_or_documents(store, tiny_lm, tmp_path):
         run_eval(store, cfg=cfg, lm=tiny_lm, documents=[])
     r, _ = run_eval(store, cfg=cfg, lm=tiny_lm, documents=[("t", "y = 2\n" * 30)])
     assert r["corpus"] == "1 given text"
+
+
+def test_a_config_run_twice_refuses_its_scores_file_before_scoring(store, tiny_lm, tmp_path, monkeypatch):
+    import knnlm.evaluate
+    from knnlm.errors import KNNLMError
+
+    cfg = EvalConfig(retrieval=RetrievalConfig(k=4, exact=True), save_scores=str(tmp_path / "s.h5"))
+    run_eval(store, cfg=cfg, lm=tiny_lm, documents=[("t", "y = 2\n" * 30)])
+    monkeypatch.setattr(knnlm.evaluate, "score_documents", lambda *a, **k: pytest.fail("scored before refusing"))
+    with pytest.raises(KNNLMError, match=r"s.h5 already exists; pass --overwrite"):
+        run_eval(store, cfg=cfg, lm=tiny_lm, documents=[("t", "y = 2\n" * 30)])

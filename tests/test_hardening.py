@@ -515,5 +515,8 @@ def test_configs_of_the_wrong_type_are_one_sentence(make, words):
 
 
 def test_configs_take_numpy_numbers():
-    assert BuildConfig(context=np.int64(64), stride=np.int32(32), shuffle_seed=np.int64(1)).context == 64
-    assert TuneConfig(temperatures=np.array([1.0, 10.0]), seed=np.int64(2)).seed == 2
+    b = BuildConfig(context=np.int64(64), stride=np.int32(32), shuffle_seed=np.int64(1))
+    assert (b.context, type(b.context), type(b.shuffle_seed)) == (64, int, int)  # plain values: json, random take them
+    t = TuneConfig(temperatures=np.array([1.0, 10.0]), seed=np.int64(2))
+    assert type(t.seed) is int and t.temperatures == (1.0, 10.0) and hash(t)
+    assert TuneConfig(temperatures=10.0).temperatures == (10.0,)  # one number is a grid of one

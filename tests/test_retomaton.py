@@ -334,4 +334,10 @@ def test_with_retrieval_turning_a_search_off_takes_its_defaults_back(store, tiny
     assert exact.retriever.cfg.exact and exact.retriever.cfg.nprobe == RetrievalConfig.nprobe
     with pytest.raises(KNNLMError, match="--nprobe picks the faiss index's lists"):
         knn.with_retrieval(exact=True, nprobe=2, retomaton=False)  # given: still refused
+    torch_search = knn.with_retrieval(search_device="cpu", retomaton=False)  # from nprobe 4: taken back
+    assert torch_search.retriever.cfg.search_device == "cpu" and torch_search.retriever.cfg.nprobe == 8
+    back = torch_search.with_retrieval(exact=True)  # torch's exact search to faiss's
+    assert back.retriever.cfg.exact and back.retriever.cfg.search_device is None
+    with pytest.raises(KNNLMError, match=r"so --no-rerank would do nothing; leave it out"):
+        RetrievalConfig(search_device="cpu", rerank=False)
 

@@ -423,7 +423,7 @@ def test_update_and_index_functions_take_a_folder_or_a_datastore_and_refuse_the_
     assert train_index(str(path), IndexConfig(exact=True))["factory"] == "Flat"  # a folder, as elsewhere
     with pytest.raises(KNNLMError, match=r"^names takes a list of document names, e.g. \['synthetic'\], not one"):
         remove_documents(ds, "synthetic")  # an opened Datastore is taken; one name is no list
-    with pytest.raises(KNNLMError, match=r"^A datastore is named by its folder .* not a int"):
+    with pytest.raises(KNNLMError, match=r"^A datastore is named by its folder .* not by 3 \(int\)"):
         open_datastore(3)
     with pytest.raises(KNNLMError, match=r"^cfg takes an IndexConfig"):
         train_index(ds, {"nlist": 8})
