@@ -8,7 +8,7 @@ import click
 
 from knnlm.api import KNNLM
 from knnlm.corpus import read_stdin
-from knnlm.evaluate import refuse_existing
+from knnlm.arrays import refuse_existing
 from knnlm.neighbors import check_top
 from knnlm.report import write_neighbors_html
 

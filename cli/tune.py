@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from knnlm.combine import save_lambda
+from knnlm.combine import PLOT_FILE, save_lambda
 from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
-from knnlm.evaluate import EvalConfig, dev_scores, refuse_existing, run_eval
+from knnlm.arrays import refuse_existing
+from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.lm import datastore_lm
 from knnlm.memory.document import MemoryConfig, tune_memory
 from knnlm.scores import load_scores
@@ -84,7 +85,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     if plot and no_plot:
         raise click.UsageError("--plot names the plot that --no-plot skips; pass one of them.")
     refuse_stray(bool(plot), "--plot", "overwrite")
-    if plot and Path(plot).resolve() != (Path(datastore) / "lambda.png").resolve():  # that one is tuning's own
+    if plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve():  # that one is tuning's own
         refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
@@ -119,7 +120,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     if not no_plot:
         t = result["temperature"]
         curves = heldout_curves(scores, cfg, [t / 10, t / 3, t, 3 * t, 10 * t], np.linspace(0, 0.95, 20))
-        plot = plot or str(Path(ds.path) / "lambda.png")
+        plot = plot or str(Path(ds.path) / PLOT_FILE)
         plot_curves(curves, plot, result)
         result["plot"] = plot
     if as_json:

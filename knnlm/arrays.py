@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import KNNLMError
+
 # A fixed-size .npy header (a multiple of 64 bytes, as numpy aligns them) leaves room to
 # write the final shape in place once the row count is known, so rows stream straight to disk.
 _HEADER_BYTES = 128
@@ -177,6 +179,13 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(src, dst)
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """One sentence, before any work, for a file a write would replace without --overwrite (scores, reports,
+    plots: files a user named)."""
+    if not overwrite and os.path.isfile(path):
+        raise KNNLMError(f"{path} already exists; pass --overwrite to replace it.")
 
 
 @contextmanager

@@ -84,7 +84,7 @@ def check_resume_settings(work: Path, settings: dict) -> None:
     if then == now:
         return
     differ = []
-    for key in sorted(set(then) | set(now), key=lambda k: list(now).index(k) if k in now else len(now)):
+    for key in [*now, *(k for k in then if k not in now)]:  # in the order the settings are written
         if then.get(key) != now.get(key):
             name = _RESUME_NAMES.get(key, "--" + key.replace("_", "-"))
             shown = "" if key in ("model", "corpus") else f" ({then.get(key)} then, {now.get(key)} now)"

@@ -14,6 +14,7 @@ import torch
 
 from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
+from .arrays import refuse_existing
 from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError, settle
@@ -76,13 +77,6 @@ class EvalConfig:
             if not os.path.isdir(parent):
                 raise KNNLMError(f"--save-scores {self.save_scores}: the folder {parent} does not exist; "
                                  "create it or pass another path.")
-            refuse_existing(self.save_scores, self.overwrite)
-
-
-def refuse_existing(path, overwrite: bool) -> None:
-    """One sentence, before any work, for a file an evaluation would replace without --overwrite."""
-    if not overwrite and os.path.isfile(path):
-        raise KNNLMError(f"{path} already exists; pass --overwrite to replace it.")
 
 
 @dataclass
@@ -276,7 +270,7 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
     if corpus is not None and documents is not None:
         raise KNNLMError("run_eval scores a corpus or the given documents, not both; pass one of them.")
-    if cfg.save_scores:  # again here: a config made before the file was written may be run twice
+    if cfg.save_scores:  # here, before any work, each time a config runs (it may have written the file before)
         refuse_existing(cfg.save_scores, cfg.overwrite)
     cfg.memory.check_use(cfg.use_datastore)
     if not cfg.use_datastore:

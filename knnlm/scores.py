@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from .arrays import atomic_path
+from .arrays import atomic_path, refuse_existing
 from .errors import KNNLMError, expect
 from .interpolate import masked_distances
 
@@ -97,8 +97,7 @@ def save_scores(path: str, scores: Scores, overwrite: bool = False) -> None:
     """Write scores to HDF5 atomically (temp file, then rename); a failed write leaves nothing behind. An existing
     file is replaced only with overwrite; its folder must exist."""
     expect(scores, Scores, "scores", "run_eval(...)[1]")
-    if not overwrite and os.path.isfile(path):
-        raise KNNLMError(f"{path} already exists; pass --overwrite to replace it.")
+    refuse_existing(path, overwrite)
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise KNNLMError(f"Cannot write {path}: its folder does not exist; create it or pass another path.")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:

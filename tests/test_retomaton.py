@@ -16,7 +16,7 @@ from knnlm.cli.main import cli
 from knnlm.datastore import open_datastore
 from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
-from knnlm.generate import generate
+from knnlm.generate import KNNLogitsProcessor, generate
 from knnlm.index import IndexConfig, train_index
 from knnlm.retomaton import (Automaton, chain_neighbors, document_starts, expand_candidates, next_pointers,
                              open_automaton, split_chains, successors)
@@ -196,12 +196,16 @@ def test_eval_reports_searches_saved_and_equals_plain_above_k(store, tiny_lm, mo
     base = EvalConfig(lam="0.5", temperature=2.0, retrieval=RetrievalConfig(k=16, exact=True), batch_size=16)
     plain, ps = run_eval(store, cfg=base, lm=tiny_lm, documents=docs)
     above = EvalConfig(**{**base.__dict__, "retrieval": RetrievalConfig(k=16, exact=True, retomaton=True, min_knns=17)})
-    same, ss = run_eval(store, cfg=above, lm=tiny_lm, documents=docs)
+    with monkeypatch.context() as m:  # above k eval searches as plain eval does: no pointer chains at all
+        m.setattr(evaluate_mod, "chain_neighbors", lambda *a, **k: pytest.fail("pointer chains above k"))
+        same, ss = run_eval(store, cfg=above, lm=tiny_lm, documents=docs)
     assert same["searches_saved"] == 0 and plain["searches_saved"] == 0
     # Above k no step can skip, so the steps search as plain eval does, in its batches (the pointer chains' one-step
     # batches could part near-ties of an IVF index's codes: the audit found 1 in 5,218 rows)
     assert not Retriever(store, above.retrieval).follows_pointers
     assert Retriever(store, replace(above.retrieval, min_knns=16)).follows_pointers
+    with KNNLogitsProcessor(tiny_lm, Retriever(store, above.retrieval), "0.5", 2.0) as p:  # decoding too
+        assert p._automaton is None
     assert same["knn_lm_ppl"] == plain["knn_lm_ppl"] and np.array_equal(ss.dists, ps.dists)
     low = EvalConfig(**{**base.__dict__, "retrieval": RetrievalConfig(k=16, exact=True, retomaton=True, min_knns=1)})
     r, _ = run_eval(store, cfg=low, lm=tiny_lm, documents=docs)

@@ -28,6 +28,7 @@ __all__ = ["Combiner", "LambdaMix", "FixedLambda", "AdaptiveLambda", "GateLambda
 
 LAMBDA_FORMAT = 2  # 2: the learned gate, the skip threshold and SPALM
 LAMBDA_FILE = "lambda.json"
+PLOT_FILE = "lambda.png"  # tune-lambda's plot of held-out perplexity against λ, beside lambda.json
 MIXING_FILE = "mixing.safetensors"
 LAMBDA_WORDS = ("tuned", "adaptive", "gate", "gate-pre")
 COMBINE_KINDS = ("mix", "spalm")

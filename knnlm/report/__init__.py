@@ -17,7 +17,8 @@ import numpy as np
 
 from ..combine import Combiner, load_lambda
 from ..errors import KNNLMError
-from ..evaluate import EvalConfig, open_eval, refuse_existing, score_run
+from ..arrays import refuse_existing
+from ..evaluate import EvalConfig, open_eval, score_run
 from ..lm import LM
 from ..retrieval import Retriever
 from ..scores import Scores
