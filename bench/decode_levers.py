@@ -96,7 +96,7 @@ def lever_patch(name: str, retriever):
 
         def early(self, module, args):
             capture(self, module, args)
-            if not self._mixing and self._query is not None and self._query.shape[0] == 1:
+            if self._query is not None and self._query.shape[0] == 1:
                 q = self._query.float().cpu().numpy()
                 pending["job"] = (q, pool.submit(neighbors, self.retriever, q))
 

@@ -45,8 +45,12 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
     mixed hidden state, so it keeps only their -inf masks (a repetition penalty is lost).
 
     With the retriever's RetoMaton on (RetrievalConfig.retomaton), the token chosen at a step (the
-    last of input_ids at the next call) moves the pointers of that step's neighbours; rows are
-    followed in place, so beam search, which reorders them, is not supported.
+    last of input_ids at the next call) moves the pointers of that step's neighbours. Each row follows
+    the row its input_ids extend (beam search reorders them); a call whose input_ids extend no row of
+    the last one starts afresh with a search, so one processor serves several generate calls.
+    Batches must be padded on the left (the query is the last position's). Classifier-free guidance
+    and assisted or prompt-lookup decoding run forward passes the processor cannot tell from the
+    step's; they are refused.
 
     Attach it to one model at a time; use it as a context manager (or call `close()`) to remove
     its hook from the model afterwards.
@@ -79,14 +83,8 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
         self.saved = 0  # queries whose search RetoMaton's pointers saved
         self._automaton = open_automaton(retriever) if retriever.follows_pointers else None
         self.last: dict | None = None  # the last step's neighbours, for inspection
-        self._mixing = False  # inside distribution(): lm_head calls there are not the model's
         self.memory, self._last_token = memory, -1
         QueryHook.__init__(self, lm)
-
-    def _capture(self, module, args) -> None:
-        # SPALM's own projections inside distribution() pass through this hook too, and are not queries.
-        if not self._mixing:
-            super()._capture(module, args)
 
     def distribution(self, queries: torch.Tensor, lm_logits: torch.Tensor, pointers: np.ndarray | None = None,
                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -125,26 +123,22 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
         self.retrieval_seconds += time.perf_counter() - t0
         zeros = np.zeros(len(q), np.int32)
         view = Scores(zeros, np.zeros(len(q)), dists, vals, zeros, zeros, queries=q, searched=searched, **stats)
-        self._mixing = True
-        try:
-            return torch.from_numpy(self.combiner.distribution(view, lm_logp_t.numpy(), self.head))
-        finally:
-            self._mixing = False
+        return torch.from_numpy(self.combiner.distribution(view, lm_logp_t.numpy(), self.head))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The transformers LogitsProcessor hook: scores (B, V) in, log-probabilities (B, V) out."""
-        q = self._query
-        if q is None or q.shape[0] != scores.shape[0]:
-            raise KNNLMError("KNNLogitsProcessor saw no query for this step; use it with the model it was "
-                             "created for (lm.model.generate) and do not close it before generating.")
-        self._query = None
+        q, parents = self.take_query(input_ids)
+        if self.memory is not None:
+            self.memory.check_continues(parents)
         self._last_token = int(input_ids[0, -1])
         pointers = None
         if self._automaton is not None:
-            # The token chosen last step (input_ids' last) drives the pointers of last step's neighbours.
+            # The token chosen last step (input_ids' last) drives the pointers of the neighbours of each row's
+            # row in the last step; a new generation starts with a search.
             last = self.last
-            if last is not None and last["ids"].shape[0] == q.shape[0]:
-                pointers = next_pointers(last["ids"], last["vals"], input_ids[:, -1].cpu().numpy(), self._automaton)
+            if parents is not None and last is not None:
+                pointers = next_pointers(last["ids"][parents], last["vals"][parents], input_ids[:, -1].cpu().numpy(),
+                                         self._automaton)
             else:
                 pointers = np.full((q.shape[0], 1), -1, np.int64)
         work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # what the scores can hold

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .arrays import atomic_path
@@ -64,26 +65,70 @@ def bundled_gguf() -> Path:
 
 class QueryHook:
     """Captures each forward's query (the lm_head's input at the last position) with a forward pre-hook;
-    a context manager that removes the hook. Logits processors read `_query` in their __call__."""
+    a context manager that removes the hook. Logits processors call `take_query` in their __call__."""
 
     def __init__(self, lm: "LM"):
         self._query: torch.Tensor | None = None
+        self._passes = 0  # forward passes of the model since the last step took its query
+        self._rows: np.ndarray | None = None  # the last step's input_ids
         self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
 
     def _capture(self, _module, args) -> None:
+        if args[0].dim() != 3:  # a projection of (n, d) rows (SPALM's mixing), not a forward pass of the model
+            return
         self._query = args[0][:, -1, :].detach()
+        self._passes += 1
+
+    def take_query(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        """This step's query (B, d), and each row's row in the last step (B,) where input_ids continues it.
+
+        A step continues the last one when each of its rows is a row of the last step's input_ids with
+        one token more (beam search reorders them; the parents say how); that step must follow exactly
+        one forward pass. Otherwise it starts a new generation (parents None), which takes the last
+        pass: a prefill read in chunks runs several.
+        """
+        name = type(self).__name__
+        if self._handle is None:
+            raise KNNLMError(f"This {name} is closed (its hook is off the model); make a new one to generate.")
+        rows = input_ids.detach().cpu().numpy()
+        parents = continued_rows(self._rows, rows)
+        query, passes = self._query, self._passes
+        self._query, self._passes, self._rows = None, 0, rows
+        if query is None or passes == 0:
+            raise KNNLMError(f"{name} saw no forward pass of its model for this step; use it with model.generate of "
+                             "the model it was made for, and not with assisted or prompt-lookup decoding, which "
+                             "scores several positions in one pass.")
+        if parents is not None and passes > 1:
+            raise KNNLMError(f"{name} saw {passes} forward passes of its model for one decoding step (classifier-"
+                             "free guidance runs one of its own) and cannot tell which one is the step's; generate "
+                             "without guidance_scale.")
+        if query.shape[0] != rows.shape[0]:
+            raise KNNLMError(f"{name} took a query of {query.shape[0]} rows for a step of {rows.shape[0]}; "
+                             "use it with model.generate of the model it was made for.")
+        return query, parents
 
     def close(self) -> None:
         """Remove the hook from the model."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self._query = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def continued_rows(last: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    """For each row of rows (B, L), the index of the row of last (B', L − 1) it extends by one token; None
+    unless every row extends one (identical rows of last are interchangeable: they held the same query)."""
+    if last is None or rows.ndim != 2 or last.shape[1] != rows.shape[1] - 1:
+        return None
+    index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(last, dtype=rows.dtype))}
+    parents = [index.get(row[:-1].tobytes(), -1) for row in rows]
+    return None if -1 in parents else np.asarray(parents, dtype=np.intp)
 
 
 class _KeysCaptured(Exception):

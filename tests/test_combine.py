@@ -20,6 +20,7 @@ from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import KNNLogitsProcessor
 from knnlm.interpolate import knn_log_prob
+from knnlm.lm import QueryHook
 from knnlm.datastore import foreign_entries
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import load_scores, save_scores
@@ -532,3 +533,26 @@ def test_lambda_files_of_format_one_still_give_their_lambda(store, tuned, tmp_pa
     assert resolve_combiner("0.25", tmp_path).temperature == 7.0
     with pytest.raises(KNNLMError, match="no learned gate"):
         resolve_combiner("gate", tmp_path)
+
+
+def test_spalm_beside_another_processor_on_the_model(store, tiny_lm, tuned):
+    """SPALM's own projections of (n, d) rows are no forward pass: another hook on the model neither breaks on them
+    nor counts them (before: an IndexError in the other hook)."""
+    retriever = Retriever(store, RetrievalConfig(k=50))
+    x = torch.tensor([tiny_lm.encode("import os\nimport sys\n")])
+    with torch.inference_mode():
+        logits = tiny_lm.model(input_ids=x).logits[:, -1]
+    outs = []
+    for beside in (False, True):
+        with KNNLogitsProcessor(tiny_lm, retriever, combine="spalm") as spalm:
+            other = KNNLogitsProcessor(tiny_lm, retriever, lam="0.25", temperature=2.0) if beside else None
+            try:
+                with QueryHook(tiny_lm) as reference, torch.inference_mode():
+                    tiny_lm.model(input_ids=x)
+                    outs.append(spalm(x, logits))
+                    if other is not None:  # its query is still the forward pass's, the only pass it saw
+                        assert other._passes == 1 and torch.equal(other.take_query(x)[0], reference.take_query(x)[0])
+            finally:
+                if other is not None:
+                    other.close()
+    assert torch.equal(outs[0], outs[1])

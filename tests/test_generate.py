@@ -374,10 +374,12 @@ def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
         proc.retriever = retriever
         masked = logits.clone()
         masked[0, :5] = -math.inf
-        proc._query = q
+        with torch.inference_mode():
+            tiny_lm.model(input_ids=x)  # each call takes the query of a forward pass
         assert torch.isinf(proc(x, masked)[0, :5]).all()
         masked[0, 7] = math.nan  # an earlier processor's NaN must not hide the removed tokens
-        proc._query = q
+        with torch.inference_mode():
+            tiny_lm.model(input_ids=x)
         assert torch.isneginf(proc(x, masked)[0, :5]).all()
 
 
@@ -388,3 +390,51 @@ def test_decoding_asks_transformers_for_nothing_deprecated(tiny_lm, caplog):
     with caplog.at_level("WARNING"):
         generate(tiny_lm, "def f(x):\n", None, max_new_tokens=3)
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_processor_refuses_forward_passes_it_cannot_tell_from_the_steps(store, tiny_lm):
+    """Classifier-free guidance runs a forward pass of its own; prompt lookup scores several positions in one pass;
+    a closed processor takes no query (before: the first two used the wrong query, the last a stale one)."""
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    ids = tiny_lm.encode("import os\nimport sys\nimport os\nimport sys\nimport os\n")
+    x = torch.tensor([ids])
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
+        with pytest.raises(KNNLMError, match="classifier-free guidance"):
+            tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=4, do_sample=False,
+                                   guidance_scale=1.5, negative_prompt_ids=torch.tensor([ids[:3]]), pad_token_id=0)
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
+        with pytest.raises(KNNLMError, match="prompt-lookup"):
+            tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=8, do_sample=False,
+                                   prompt_lookup_num_tokens=3, pad_token_id=0)
+    p = KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0)
+    with torch.inference_mode():
+        logits = tiny_lm.model(input_ids=x).logits[:, -1]
+    p.close()
+    with pytest.raises(KNNLMError, match="is closed"):
+        p(x, logits)
+    # the plain case, one forward pass a step, as the processor's own distribution
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
+        out = tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=3, do_sample=False,
+                                     output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        with torch.inference_mode():
+            first = tiny_lm.model(input_ids=x)
+        want = p.distribution(p.take_query(x)[0], first.logits[:, -1], dtype=torch.float32)
+    assert torch.allclose(out.scores[0].double(), want.double(), atol=1e-6)
+
+
+def test_document_memory_of_one_prompt_refuses_another(store, tiny_lm):
+    from knnlm.memory.document import prompt_memory
+
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    a, b = tiny_lm.encode("import os\nimport sys\n"), tiny_lm.encode("def f(x):\n    return")
+    memory = prompt_memory(tiny_lm, a, CTX, STRIDE, 16)
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0, memory=memory) as p:
+        for rows in ([a], [a + [5]]):  # a prompt and its next step
+            x = torch.tensor(rows)
+            with torch.inference_mode():
+                p(x, tiny_lm.model(input_ids=x).logits[:, -1])
+        x = torch.tensor([b])
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=x).logits[:, -1]
+        with pytest.raises(KNNLMError, match="another prompt"):
+            p(x, logits)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from transformers import LogitsProcessorList
 
 import knnlm.cli.evaluate as cli_eval
 import knnlm.evaluate as evaluate_mod
@@ -345,3 +346,70 @@ def test_with_retrieval_turning_a_search_off_takes_its_defaults_back(store, tiny
     with pytest.raises(KNNLMError, match=r"so --no-rerank would do nothing; leave it out"):
         RetrievalConfig(search_device="cpu", rerank=False)
 
+
+
+def _stored_ids(store, lm, doc: int) -> list[int]:
+    name = store.documents[doc][0]
+    return lm.encode(open(name).read() if name.startswith("/") else (store.path.parent / "corpus" / name).read_text())
+
+
+def test_continued_rows_finds_each_rows_parent():
+    from knnlm.lm import continued_rows
+
+    last = np.array([[1, 2], [3, 4], [1, 2]])
+    assert continued_rows(last, np.array([[3, 4, 9], [1, 2, 9], [1, 2, 7]])).tolist() in ([1, 2, 2], [1, 0, 0])
+    assert continued_rows(None, np.array([[1, 2, 3]])) is None
+    assert continued_rows(last, np.array([[3, 4, 9], [5, 6, 9]])) is None  # a row extends none: a new generation
+    assert continued_rows(last, np.array([[1, 2]])) is None and continued_rows(last, np.array([[1, 2, 3, 4]])) is None
+
+
+def test_processor_follows_each_row_from_the_row_it_extends(store, tiny_lm):
+    """Beam search reorders rows between steps: a row's pointers come from the row its input_ids extend."""
+    import torch
+
+    a, b = _stored_ids(store, tiny_lm, 0), _stored_ids(store, tiny_lm, 1)
+    n = 20
+    r = Retriever(store, RetrievalConfig(k=8, exact=True, retomaton=True, min_knns=1))
+
+    def two_steps(second):
+        with KNNLogitsProcessor(tiny_lm, r, 0.5, 1.0) as p:
+            for rows in ([a[:n], b[:n]], second):
+                x = torch.tensor(rows)
+                with torch.inference_mode():
+                    out = p(x, tiny_lm.model(input_ids=x).logits[:, -1])
+            return out, p.saved
+
+    kept, saved = two_steps([a[:n + 1], b[:n + 1]])  # each row goes on with its stored next token
+    swapped, saved_swapped = two_steps([b[:n + 1], a[:n + 1]])
+    assert saved == saved_swapped == 2  # both rows followed their own pointers at the second step
+    assert torch.allclose(swapped, kept[[1, 0]], atol=1e-6)
+    # transformers' beam search, which reorders its rows, runs through
+    with KNNLogitsProcessor(tiny_lm, r, 0.999, 0.01) as p:
+        out = tiny_lm.model.generate(torch.tensor([a[:n]]), logits_processor=LogitsProcessorList([p]), num_beams=3,
+                                     do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert out[0, n:].tolist() == a[n:n + 8] and p.saved > 0
+
+
+def test_a_retomaton_processor_starts_each_generate_call_afresh(store, tiny_lm):
+    """A call whose input_ids extend no row of the last step searches: no pointers left from another generation."""
+    import torch
+
+    a, b = _stored_ids(store, tiny_lm, 0), _stored_ids(store, tiny_lm, 1)
+    r = Retriever(store, RetrievalConfig(k=8, exact=True, retomaton=True, min_knns=1))
+
+    def step(p, rows):
+        x = torch.tensor(rows)
+        with torch.inference_mode():
+            return p(x, tiny_lm.model(input_ids=x).logits[:, -1])
+
+    with KNNLogitsProcessor(tiny_lm, r, 0.999, 0.01) as p:
+        ids = a[:20]
+        for _ in range(4):
+            ids = ids + [int(step(p, [ids]).argmax())]
+        assert ids[20:] == a[20:24] and p.saved == 3
+        # another prompt ending in the token just chosen: the last step's neighbours carry it
+        prompt = b[:10] + [ids[-1]]
+        again = step(p, [prompt])
+        assert p.saved == 3
+    with KNNLogitsProcessor(tiny_lm, r, 0.999, 0.01) as fresh:
+        assert torch.equal(again, step(fresh, [prompt]))

@@ -268,6 +268,13 @@ class DocumentMemory:
             dists[:, :kk], vals[:, :kk] = exact, self.vals[ids]
         return dists, vals
 
+    def check_continues(self, parents: np.ndarray | None) -> None:
+        """Refuse a decoding step that does not continue the last one (QueryHook.take_query's parents None): the
+        memory holds one prompt's positions and those generated after it."""
+        if parents is None and self._pending is not None:
+            raise KNNLMError("This document memory holds the positions of another prompt's decoding; make a new "
+                             "memory (and processor) for each generate call.")
+
     def step(self, query: torch.Tensor, last_token: int) -> tuple[np.ndarray, np.ndarray]:
         """Store the previous query with last_token (the token chosen after it), then search query (1, d)."""
         if query.shape[0] != 1:
@@ -312,11 +319,10 @@ class MemoryProcessor(QueryHook, LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """scores (1, V) in (logits or log-probabilities), log-probabilities (1, V) out."""
-        if self._query is None:
-            raise KNNLMError("MemoryProcessor saw no query for this step; use it with the model it was made for.")
+        query, parents = self.take_query(input_ids)
+        self.memory.check_continues(parents)
         t0 = time.perf_counter()
-        dists, vals = self.memory.step(self._query, int(input_ids[0, -1]))
-        self._query = None
+        dists, vals = self.memory.step(query, int(input_ids[0, -1]))
         logp = torch.log_softmax(scores.double().cpu(), dim=-1)  # (1, V)
         out = torch.from_numpy(mix_log_distribution(logp.numpy(), dists, vals, memory_lambdas(vals, self.lam),
                                                     self.temperature))
