@@ -10,7 +10,7 @@ import numpy as np
 from knnlm.combine import PLOT_FILE, save_lambda
 from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
-from knnlm.arrays import refuse_existing
+from knnlm.arrays import check_writable, refuse_existing
 from knnlm.evaluate import EvalConfig, dev_scores, run_eval
 from knnlm.lm import datastore_lm
 from knnlm.memory.document import MemoryConfig, tune_memory
@@ -88,6 +88,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     if plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve():  # that one is tuning's own
         refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
+    check_writable(ds.path)  # lambda.json and the dev scores' cache go there: refused now, not after the scoring
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,
                      skip_tolerance=skip_tolerance, spalm=spalm)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import replace
 
+from .arrays import check_writable
 from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
@@ -238,6 +239,7 @@ class KNNLM:
         self._need_datastore("tune")
         expect(cfg, TuneConfig, "cfg", "TuneConfig()")  # before the dev part's scoring, not after
         expect(memory, MemoryConfig, "memory", "MemoryConfig('document')", optional=True)
+        check_writable(self.datastore.path)  # where the tuned values (and the dev scores' cache) go
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         if text is None:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)

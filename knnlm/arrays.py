@@ -6,8 +6,11 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
+import tempfile
 import uuid
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from .errors import KNNLMError
+
+_HOST = f"{zlib.crc32(socket.gethostname().encode()) & 0xffff:04x}"  # this machine, in own_name's names
 
 # A fixed-size .npy header (a multiple of 64 bytes, as numpy aligns them) leaves room to
 # write the final shape in place once the row count is known, so rows stream straight to disk.
@@ -169,16 +174,62 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def own_name(path: Path, kind: str) -> Path:
+    """A hidden name beside path for this process's work on it: .NAME.KIND-PID-HOST RANDOM (see remove_dead)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{_HOST}{uuid.uuid4().hex[:8]}")
+
+
+def remove_dead(path: Path, kind: str) -> None:
+    """Delete what own_name(path, kind) named for processes of this machine that no longer run (killed before they
+    cleaned up); names of live processes, and of other machines' (a shared folder), are left alone."""
+    for leftover in Path(path).parent.glob(f".{glob_escape(Path(path).name)}.{kind}-*-{_HOST}*"):
+        pid = leftover.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(leftover)
+
+
+def glob_escape(name: str) -> str:
+    """name with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst, replacing a dst directory (set aside until src is in place)."""
+    """Move directory src to dst, replacing a dst directory (set aside until src is in place; the set-aside
+    copies of killed replacements go once a new one is in place)."""
     src, dst = Path(src), Path(dst)
     if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        old = own_name(dst, "old")
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old)
     else:
         os.replace(src, dst)
+    remove_dead(dst, "old")
+
+
+def not_writable(folder: str | os.PathLike, reason: str) -> KNNLMError:
+    """The sentence for a folder a command must write to and cannot."""
+    return KNNLMError(f"{folder} cannot be written ({reason}), and this command writes there; run it as a user who "
+                      "can write there, or on a copy.")
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse, before any work, a folder this process cannot create files in (permissions, a read-only mount)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise not_writable(folder, e.strerror or str(e)) from None
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
@@ -203,7 +254,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         The temporary path (nothing exists there yet).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    remove_dead(path, "tmp")  # what a killed write of path left
+    tmp = own_name(path, "tmp")
     try:
         yield tmp
         if fsync and tmp.is_file():

@@ -78,6 +78,10 @@ _RESUME_NAMES = {"fmt": "--format", "block_windows": "block_windows", "model": "
                  "corpus": "the corpus's files"}
 
 
+class CannotResume(KNNLMError):
+    """An interrupted build that --resume cannot continue (other settings, damaged files)."""
+
+
 def check_resume_settings(work: Path, settings: dict) -> None:
     """Refuse to resume the build in work with other settings than it began with, naming each that differs."""
     then, now = _read_json(work, "settings.json"), json.loads(json.dumps(json_safe(settings)))  # as write_json wrote
@@ -89,8 +93,8 @@ def check_resume_settings(work: Path, settings: dict) -> None:
             name = _RESUME_NAMES.get(key, "--" + key.replace("_", "-"))
             shown = "" if key in ("model", "corpus") else f" ({then.get(key)} then, {now.get(key)} now)"
             differ.append(name + shown)
-    raise KNNLMError(f"The interrupted build in {work} used other settings: {', '.join(differ)}; pass the same ones "
-                     "to --resume, or --overwrite to start over.")
+    raise CannotResume(f"The interrupted build in {work} used other settings: {', '.join(differ)}; pass the same ones "
+                       "to --resume, or --overwrite to start over.")
 
 
 def _check_replaceable(out: Path) -> bool:
@@ -126,10 +130,11 @@ def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[P
                          "the new one is whole) or --out for another place.")
     if work.exists():
         ckpt = work / ("shards.json" if sharded else "progress.json")
-        if cfg.resume and (work / "shards.json").exists() != sharded:
-            raise KNNLMError(f"The interrupted build in {work} was {'not ' if sharded else ''}sharded; resume "
-                             f"it {'without' if sharded else 'with the same'} --shards, or pass --overwrite to "
-                             "start over.")
+        other = work / ("progress.json" if sharded else "shards.json")  # the other kind of build's checkpoint
+        if cfg.resume and other.exists() and not ckpt.exists():
+            raise CannotResume(f"The interrupted build in {work} was {'not ' if sharded else ''}sharded; resume "
+                               f"it {'without' if sharded else 'with the same'} --shards, or pass --overwrite to "
+                               "start over.")
         if cfg.resume and ckpt.exists():
             return work, _read_json(work, ckpt.name) if sharded else _read_progress(work)
         if not cfg.resume and not cfg.overwrite:
@@ -147,8 +152,8 @@ _PROGRESS_KEYS = ("seq", "window", "rows", "scheduled", "docs_bytes", "holdout_b
 
 def _damaged(work: Path, what: str) -> KNNLMError:
     """The error for an interrupted build whose files cannot be trusted."""
-    return KNNLMError(f"The interrupted build in {work} is damaged ({what}); pass --overwrite instead of --resume "
-                      "to start over.")
+    return CannotResume(f"The interrupted build in {work} is damaged ({what}); pass --overwrite instead of --resume "
+                        "to start over.")
 
 
 def _read_json(work: Path, name: str):

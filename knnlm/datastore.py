@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import glob_escape
 from .errors import KNNLMError
 from .journal import recover
 
@@ -23,8 +24,8 @@ KEY_SOURCE = "input of the output projection (lm_head): final hidden state after
 # (build._check_replaceable). Tests check that tuned datastores and one with an on-disk index hold nothing else.
 DATASTORE_ENTRIES = ("meta.json", "keys.npy", "vals.npy", "holdout.jsonl", "index.faiss", "index.json",
                      "index-*.ivfdata", "lambda.json", "lambda.png", "mixing.safetensors", "dev-scores.h5", ".pending",
-                     ".lock", ".added", ".added.partial", ".*.tmp-*", ".*.old-*", "progress.json", "settings.json",
-                     "docs.jsonl", "shards.json", "shards")
+                     ".lock", ".added", ".added.partial", ".*.tmp-*", ".*.old-*", ".index.parts-*", "progress.json",
+                     "settings.json", "docs.jsonl", "shards.json", "shards")
 
 
 def foreign_entries(path: Path, names: list[str] | None = None) -> list[str]:
@@ -201,7 +202,12 @@ def read_meta(path: Path) -> dict:
         raise KNNLMError(f"{path} is a file, not a datastore folder; pass the folder `knnlm build-datastore` wrote "
                          "(its --out).")
     if not path.is_dir():
-        hint = " (an interrupted build can be continued with --resume)" if partial_dir(path).exists() else ""
+        resume = partial_dir(path).exists()
+        hint = " (an interrupted build can be continued with --resume)" if resume else ""
+        kept = sorted(path.parent.glob(f".{glob_escape(path.name)}.old-*"))  # set aside by a replacement cut short
+        if kept:
+            hint = (f" (a build replacing it was interrupted{': --resume finishes it, or' if resume else ';'} move "
+                    f"{kept[0]} back to {path} to keep the old one)")
         raise KNNLMError(f"Datastore {path} does not exist{hint}; build one with `knnlm build-datastore CORPUS`"
                          " or name the folder of an existing one.")
     if not mp.exists():

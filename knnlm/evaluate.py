@@ -25,7 +25,7 @@ from .memory.document import MemoryConfig, memory_report
 from .memory.reading import forward_in_order
 from .retomaton import EVAL_CHAIN, chain_neighbors, open_automaton, split_chains
 from .retrieval import RetrievalConfig, Retriever
-from .scores import Scores, concat_scores, load_scores, save_scores
+from .scores import Scores, as_saved, concat_scores, load_scores, save_scores
 from .windows import check_window, forward_owned, plan_windows
 
 log = logging.getLogger(__name__)
@@ -404,4 +404,4 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     cfg = EvalConfig(**{**cfg.__dict__, "lam": "0", "combine": "mix", "skip_below": None, "save_scores": str(path),
                         "overwrite": True})  # its own cache, stale or damaged
     _, scores = run_eval(ds, None, cfg, lm=lm, split="dev", progress=progress, retriever=retriever)
-    return scores, False
+    return as_saved(scores), False  # as a later run reads them from the cache: the same tuning either way

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 import faiss
 import numpy as np
 
-from .arrays import atomic_path, write_json
+from . import journal
+from .arrays import write_json
 from .datastore import Datastore, open_datastore
 from .errors import KNNLMError, expect, settle
 
@@ -221,10 +222,16 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     if not isinstance(ds, Datastore):  # a folder, as every other function takes it
         ds = open_datastore(ds)
     expect(cfg, IndexConfig, "cfg", "IndexConfig()")
-    if fallback:
-        _refuse_removed(ds)
-    else:
-        check_retrain(ds, cfg)
+    with journal.hold(ds.path):  # no add, remove or compact meanwhile: the index covers the keys it was trained on
+        ds = open_datastore(ds.path)  # as the last change before the hold left it
+        if fallback:
+            _refuse_removed(ds)
+        else:
+            check_retrain(ds, cfg)
+        return _train_index(ds, cfg, progress, runner)
+
+
+def _train_index(ds: Datastore, cfg: IndexConfig, progress, runner) -> dict:
     from .scale.ivf import Adder, train_ivf
 
     n, d = ds.count, ds.dim
@@ -277,10 +284,16 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
             "datastore": ds.fingerprint,
             # Caches and tuned values name the index they were made with: a retrain is a new index.
             "trained": f"{datetime.now(timezone.utc).isoformat()} {uuid.uuid4().hex[:12]}"}
-    with atomic_path(ds.path / "index.faiss") as tmp:
-        faiss.write_index(index, str(tmp))
-    write_json(ds.path / "index.json", info)
-    for old in ds.path.glob("index-*.ivfdata"):  # lists of an index just replaced
+    # index.faiss and index.json change together (caches and tuned values know an index by index.json's stamp)
+    pending = journal.begin(ds.path)
+    try:
+        faiss.write_index(index, str(pending / "index.faiss"))
+        write_json(pending / "index.json", info)
+    except BaseException:
+        journal.recover(ds.path)  # uncommitted: thrown away
+        raise
+    journal.commit(ds.path, ["index.faiss", "index.json"])
+    for old in ds.path.glob("index-*.ivfdata"):  # lists of an index just replaced, or of a killed training
         if old.name != info.get("ivfdata"):
             old.unlink()
     return info

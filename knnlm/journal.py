@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import _HEADER_BYTES, _fsync, npy_header, write_json
+from .arrays import _HEADER_BYTES, _fsync, not_writable, npy_header, write_json
 from .errors import KNNLMError
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,16 @@ _HOLDING: dict[str, int] = {}  # of those, the ones a hold() keeps locked past t
 _MUTEX = threading.Lock()  # _HELD and _HOLDING, between this process's threads
 
 
+class ReadOnly(KNNLMError):
+    """The directory cannot be written, so it cannot be changed (or a change in it finished)."""
+
+
 def _try_lock(root: Path) -> int | None:
     """root's lock taken without waiting (its file descriptor), or None when another process holds it."""
-    fd = os.open(Path(root) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fd = os.open(Path(root) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise ReadOnly(str(not_writable(root, e.strerror or str(e)))) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -55,7 +62,7 @@ def _unlock(fd: int) -> None:
 
 
 def _busy(root: Path) -> KNNLMError:
-    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove or compact); wait for it to "
+    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove, compact or train-index); wait for it to "
                       "finish, then try again.")
 
 
@@ -144,12 +151,17 @@ def recover(root: Path) -> None:
     if str(root.resolve()) not in _HELD:
         try:
             fd = _try_lock(root)
-        except OSError:  # a folder this process cannot write: recovery would fail on its own words below
-            pass
-        else:
-            if fd is None:
-                log.info("%s is being changed by another process; reading its last committed state", root)
+        except ReadOnly:
+            if not (pending / COMMIT).exists():  # the headers still declare the last committed state: read that
+                log.info("%s holds an interrupted change that only a user who can write there can undo; reading "
+                         "its last committed state", root)
                 return
+            raise ReadOnly(f"{root} holds a change (knnlm add, remove or compact) that was interrupted after its "
+                           "commit and that only a user who can write there can finish; run `knnlm info "
+                           f"{root}` once as such a user.") from None
+        if fd is None:
+            log.info("%s is being changed by another process; reading its last committed state", root)
+            return
     try:
         if (pending / COMMIT).exists():
             log.info("finishing an interrupted change of %s", root)

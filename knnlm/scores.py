@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h5py
 import numpy as np
@@ -91,6 +91,13 @@ def concat_scores(parts: list[Scores], attrs: dict) -> Scores:
         **{name: (np.concatenate([getattr(p, name) for p in parts])
                   if all(getattr(p, name) is not None for p in parts) else None) for name in OPTIONAL},
     )
+
+
+def as_saved(scores: Scores) -> Scores:
+    """scores as load_scores reads them back from save_scores' file: the queries rounded to fp16 (the rest is exact)."""
+    if scores.queries is None:
+        return scores
+    return replace(scores, queries=np.asarray(scores.queries).astype(np.float16).astype(np.float32))
 
 
 def save_scores(path: str, scores: Scores, overwrite: bool = False) -> None:

@@ -21,7 +21,7 @@ from .combine import LAMBDA_FORMAT
 from .combine.features import POST_FEATURES, PRE_FEATURES, post_features, pre_features
 from .combine.gate import GateConfig, fit_gate, gate_tensors
 from .combine.spalm import fit_spalm, nll_grid, spalm_target_log_probs
-from .arrays import json_safe
+from .arrays import atomic_path, json_safe
 from .errors import KNNLMError, expect, settle
 from .interpolate import adaptive_lambdas, interpolate, knn_log_prob, perplexity
 from .scores import Scores
@@ -481,7 +481,8 @@ def plot_curves(curves: dict, path, result: dict | None = None) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(str(path), format="png")
+    with atomic_path(path) as tmp:  # a plot cut short never replaces the last one
+        fig.savefig(str(tmp), format="png")
 
 
 def format_table(result: dict) -> str:

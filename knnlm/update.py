@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -120,7 +120,7 @@ def add_documents(datastore: str | os.PathLike, corpus: str, cfg: AddConfig = Ad
 
 def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     """add_documents' work, with ds locked."""
-    from .build import BuildConfig, build_datastore
+    from .build import BuildConfig, CannotResume, build_datastore
     from .lm import datastore_lm
 
     corpus_log = logging.getLogger("knnlm.corpus")
@@ -152,7 +152,11 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
                        stride=ds.meta["stride"], batch_size=cfg.batch_size, holdout=0, glob=cfg.glob,
                        fmt=cfg.fmt, text_field=cfg.text_field, strict=cfg.strict, build_index=False,
                        overwrite=True, resume=partial_dir(ds.path / _ADDED).exists())
-    added = build_datastore(corpus, ds.path / _ADDED, bcfg, lm=lm, progress=progress)
+    try:
+        added = build_datastore(corpus, ds.path / _ADDED, bcfg, lm=lm, progress=progress)
+    except CannotResume as e:  # an interrupted add of other documents (or a damaged one): ours to start over
+        log.info("starting the add afresh: %s", e)
+        added = build_datastore(corpus, ds.path / _ADDED, replace(bcfg, resume=False), lm=lm, progress=progress)
     record = apply_add(ds, added)
     shutil.rmtree(added.path)
     return record

@@ -73,6 +73,17 @@ def test_dev_scores_cache_knows_the_index(store, tiny_lm):
                           lm=tiny_lm)[1]
 
 
+def test_dev_scores_are_the_same_computed_or_read_from_the_cache(store, tiny_lm):
+    """tune-lambda fits its gates on these: a run that scores must fit what a later run reads back (the cache keeps
+    the queries in fp16; before, the first run's float32 queries gave other gates than every run after it)."""
+    cfg = EvalConfig(lam="0", temperature=1.0, retrieval=RetrievalConfig(k=20), keep_features=True)
+    first, cached = dev_scores(store, cfg, lm=tiny_lm)
+    again, cached_again = dev_scores(store, cfg, lm=tiny_lm)
+    assert (cached, cached_again) == (False, True) and first.queries is not None
+    for name in ("queries", "targets", "lm_logp", "dists", "vals", "lm_entropy", "lm_max", "lm_second", "lm_argmax"):
+        assert np.array_equal(getattr(first, name), getattr(again, name)), name
+
+
 def test_eval_reads_jsonl_with_another_text_field(store, tiny_lm, tiny_model_dir, tmp_path, corpus_texts):
     text = corpus_texts["bisect.py"][:2000]
     (tmp_path / "c.jsonl").write_text(__import__("json").dumps({"body": text}) + "\n")

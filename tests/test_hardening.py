@@ -520,3 +520,72 @@ def test_configs_take_numpy_numbers():
     t = TuneConfig(temperatures=np.array([1.0, 10.0]), seed=np.int64(2))
     assert type(t.seed) is int and t.temperatures == (1.0, 10.0) and hash(t)
     assert TuneConfig(temperatures=10.0).temperatures == (10.0,)  # one number is a grid of one
+
+
+def test_leftovers_of_killed_writes_go_with_the_next_write(tmp_path):
+    """atomic_path's temporaries and replace_dir's set-aside folders are named for their process and machine: the
+    next write of the same target removes those of processes that no longer run, and only those."""
+    import subprocess
+    import sys
+
+    from knnlm.arrays import _HOST, replace_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    target = tmp_path / "meta.json"
+    names = {"dead": f".meta.json.tmp-{dead}-{_HOST}0badc0de", "alive": f".meta.json.tmp-{os.getpid()}-{_HOST}0badc0de",
+             "elsewhere": f".meta.json.tmp-{dead}-{'0000' if _HOST != '0000' else '0001'}0badc0de",
+             "other file": f".other.json.tmp-{dead}-{_HOST}0badc0de"}
+    for name in names.values():
+        (tmp_path / name).write_text("{")
+    write_json(target, {"a": 1})
+    left = set(os.listdir(tmp_path))
+    assert names["dead"] not in left and {names["alive"], names["elsewhere"], names["other file"]} <= left
+    # a datastore set aside by an --overwrite killed between its two renames goes once a new one is in place
+    (tmp_path / "ds").mkdir()
+    old = tmp_path / f".ds.old-{dead}-{_HOST}0badc0de"
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    new = tmp_path / "new"
+    new.mkdir()
+    replace_dir(new, tmp_path / "ds")
+    assert not old.exists() and not any(n.startswith(".ds.old-") for n in os.listdir(tmp_path))
+
+
+def test_a_datastore_set_aside_by_an_interrupted_replacement_is_named(tmp_path):
+    (tmp_path / "ds.partial").mkdir()
+    kept = tmp_path / ".ds.old-1-abcd0badc0de"
+    kept.mkdir()
+    with pytest.raises(KNNLMError, match=r"a build replacing it was interrupted: --resume finishes it, or move .*"
+                                         r"\.ds\.old-1-abcd0badc0de back to .*ds to keep the old one"):
+        open_datastore(tmp_path / "ds")
+
+
+def test_tune_lambda_refuses_a_datastore_it_cannot_write_before_scoring(built, monkeypatch):
+    import tempfile
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    r = invoke("tune-lambda", "--datastore", built, "--no-plot")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "cannot be written (Permission denied), and this command writes there" in r.output
+    assert not (built / "dev-scores.h5").exists() and not (built / "lambda.json").exists()
+
+
+def test_a_file_the_machine_refuses_to_write_is_one_sentence(built, monkeypatch, tmp_path):
+    """What no check can foresee (a folder made read-only meanwhile, a full disk) ends in one sentence, no traceback."""
+    import errno
+
+    import h5py
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s.h5"))
+
+    monkeypatch.setattr(h5py, "File", full)
+    r = invoke("eval", "--datastore", built, "--save-scores", tmp_path / "s.h5", "--exact")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == (f"Error: {tmp_path / 's.h5'}: No space left on device; free some "
+                                                 "space, or write elsewhere (files being written were left as they "
+                                                 "were).")

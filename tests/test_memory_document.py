@@ -344,6 +344,7 @@ def test_every_memory_flag_reaches_its_config(monkeypatch):
     monkeypatch.setattr(cli_tune, "tune", lambda *a, **k: {})
     monkeypatch.setattr(cli_tune, "dev_scores", lambda *a, **k: (None, False))
     monkeypatch.setattr(cli_tune, "datastore_lm", lambda *a, **k: None)
+    monkeypatch.setattr(cli_tune, "check_writable", lambda path: None)  # the fake datastore "d" is no folder
     with pytest.raises(Stop):
         run("tune-lambda", "--datastore", "d", "--model", "m", "--no-spalm", "--memory", "document", "--memory-neighbors", 11)
     assert seen["tune"] == MemoryConfig("document", k=11)

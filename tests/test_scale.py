@@ -367,3 +367,14 @@ def test_a_ray_address_with_no_cluster_is_one_sentence_before_any_work(tmp_path,
     with pytest.raises(KNNLMError, match=r"No Ray cluster answers at --ray-address auto \(Could not find any running "
                                          r"Ray instance\); start one there"):
         engines.ensure_ray("auto")
+
+
+def test_resuming_a_sharded_build_killed_while_planning_starts_it_over(tiny_lm, tiny_model_dir, corpus_dir):
+    """Killed before its plan was written, a sharded build left OUT.partial with no checkpoint of either kind; resumed
+    with its --shards it starts over (before: "was not sharded; resume it without --shards")."""
+    cfg = _cfg(tiny_model_dir)
+    Path("out.partial").mkdir()
+    (Path("out.partial") / "settings.json").write_text("{}")
+    resume = BuildConfig(**{**cfg.__dict__, "resume": True})
+    ds = build_sharded(str(corpus_dir), "out", resume, ShardConfig(shards=2), lm=tiny_lm)
+    _assert_same(ds, build_datastore(str(corpus_dir), "whole", cfg, lm=tiny_lm))

@@ -22,7 +22,7 @@ from knnlm.build import BuildConfig, build_datastore
 from knnlm.cli.main import cli
 from knnlm.datastore import open_datastore
 from knnlm.errors import KNNLMError
-from knnlm.index import IndexConfig, load_index, train_index
+from knnlm.index import IndexConfig, load_index, read_index_info, train_index
 from knnlm.journal import PENDING
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.update import AddConfig, add_documents, apply_add, compact, remove_documents
@@ -291,6 +291,7 @@ import faiss
 import knnlm.arrays
 from knnlm import update
 from knnlm.datastore import open_datastore
+from knnlm.index import IndexConfig, train_index
 
 op, src, work, arg = sys.argv[1:5]
 steps = [0, 10**9]
@@ -318,6 +319,8 @@ for n in range(1, 200):
             update.apply_add(ds, open_datastore(arg, check_arrays=False))
         elif op == "remove":
             update.remove_documents(dst, json.loads(arg))
+        elif op == "train":
+            train_index(ds, IndexConfig(exact=True))
         else:
             update.compact(dst)
         os._exit(0)
@@ -335,10 +338,13 @@ def state(path: Path) -> tuple:
     q = clustered(8, ds.dim, seed=11)
     ids = Retriever(ds, RetrievalConfig(k=10, nprobe=16, rerank=False)).search(q)[1]
     meta = {k: v for k, v in ds.meta.items() if k != "updates"}
-    return json.dumps(meta, sort_keys=True), ds.keys.tobytes(), ds.vals.tobytes(), ids.tobytes()
+    # index.json names the index caches and tuned values were made with: it must describe index.faiss
+    info = {k: v for k, v in read_index_info(ds).items() if k not in ("trained", "train_seconds", "total_seconds", "updated")}
+    return (json.dumps(meta, sort_keys=True), ds.keys.tobytes(), ds.vals.tobytes(), ids.tobytes(),
+            json.dumps(info, sort_keys=True))
 
 
-@pytest.mark.parametrize("op", ["remove", "add", "compact"])
+@pytest.mark.parametrize("op", ["remove", "add", "compact", "train"])
 def test_kill_at_any_step_leaves_the_old_or_the_new_datastore(tmp_path, op):
     src = ivf_datastore(tmp_path / "src", per=1500, docs=8)
     if op == "compact":
@@ -348,7 +354,8 @@ def test_kill_at_any_step_leaves_the_old_or_the_new_datastore(tmp_path, op):
         arg = str(make_datastore(tmp_path / "extra", clustered(300, 32, seed=4), np.ones(300)))
     new = Path(shutil.copytree(src, tmp_path / "new"))
     {"add": lambda: apply_add(open_datastore(new), open_datastore(arg)),
-     "remove": lambda: remove_documents(new, json.loads(arg)), "compact": lambda: compact(new)}[op]()
+     "remove": lambda: remove_documents(new, json.loads(arg)), "compact": lambda: compact(new),
+     "train": lambda: train_index(new, IndexConfig(exact=True))}[op]()
     old_state, new_state = state(src), state(new)
     assert old_state != new_state
     work = tmp_path / "crashes"
@@ -432,3 +439,72 @@ def test_update_and_index_functions_take_a_folder_or_a_datastore_and_refuse_the_
         Retriever(open_datastore(path), RetrievalConfig(exact=True))
     compact(ds)
     assert open_datastore(path).count == 0
+
+
+class _Killed(BaseException):
+    """A kill -9 at a chosen point, as far as the files are concerned: nothing after it runs."""
+
+
+def test_train_index_holds_the_datastore_against_other_changes(ds3):
+    import threading
+
+    from knnlm.journal import hold
+
+    seen = []
+
+    def other():  # train-index while another change holds the datastore
+        try:
+            train_index(ds3, IndexConfig(exact=True))
+        except KNNLMError as e:
+            seen.append(str(e))
+
+    with hold(ds3):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert len(seen) == 1 and "being changed by another process" in seen[0]
+
+
+def test_a_reader_of_a_folder_it_cannot_write_reads_the_last_committed_state(ds3, three, tiny_lm, monkeypatch):
+    import knnlm.journal as journal
+
+    def killed(root):  # the change's process dies: its lock goes with it
+        key = str(Path(root).resolve())
+        journal._unlock(journal._HELD.pop(key))
+
+    count = open_datastore(ds3).count
+    pending = journal.begin(ds3)  # an add that appended nothing yet and was killed before its commit
+    (pending / "meta.json").write_text("{}")
+    killed(ds3)
+    monkeypatch.setattr(journal, "_try_lock", lambda root: (_ for _ in ()).throw(journal.ReadOnly("read-only")))
+    assert open_datastore(ds3).count == count and (ds3 / PENDING).exists()  # read as it was, left for a writer
+    monkeypatch.undo()
+    # a change killed after its commit: only a writer can finish it
+    monkeypatch.setattr(journal, "_roll_forward", lambda root: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        remove_documents(ds3, [open_datastore(ds3).documents[0][0]])
+    monkeypatch.undo()
+    killed(ds3)
+    monkeypatch.setattr(journal, "_try_lock", lambda root: (_ for _ in ()).throw(journal.ReadOnly("read-only")))
+    with pytest.raises(KNNLMError, match="interrupted after its commit .* run `knnlm info"):
+        open_datastore(ds3)
+    monkeypatch.undo()
+    assert len(open_datastore(ds3).meta["removed"]) == 1  # a writer finishes it
+
+
+def test_an_add_interrupted_before_another_corpus_is_added_starts_afresh(ds3, three, tiny_lm, corpus_texts, tmp_path):
+    seen = []
+
+    def crash(n):
+        seen.append(n)
+        if len(seen) > 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        add_documents(ds3, str(folder(tmp_path / "long", corpus_texts, ["textwrap.py", "shlex.py"])), lm=tiny_lm,
+                      progress=crash)
+    assert (ds3 / ".added.partial" / "progress.json").exists()
+    other = folder(tmp_path / "other", corpus_texts, ["glob.py"])
+    r = add_documents(ds3, str(other), lm=tiny_lm)  # before: "pass the same ones to --resume, or --overwrite"
+    assert r["documents"] == 1 and not (ds3 / ".added.partial").exists()
+    assert open_datastore(ds3).documents[-1][0].endswith("glob.py.txt")

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from ..arrays import own_name, remove_dead
 from ..index import flat_l2
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def fill_in_parts(index, ds, cfg, runner, progress=None) -> dict:
     bounds = np.linspace(0, ds.count, parts + 1).astype(np.int64)
     trained = faiss.serialize_index(index)  # (bytes,) uint8: what every part starts from
     root = ds.path.resolve()  # workers elsewhere have another working directory
-    tmp = root / f".index-parts-{uuid.uuid4().hex[:8]}"
+    remove_dead(root / "index", "parts")  # the parts of a killed fill
+    tmp = own_name(root / "index", "parts")
     tmp.mkdir()
     try:
         files = [str(tmp / f"{i:04d}.faiss") for i in range(parts)]
