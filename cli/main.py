@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 
 import click
 
-from knnlm.errors import KNNLMError
-
-
-_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # the machine's, not ours
+from knnlm.errors import USER_ERRNOS, KNNLMError, os_error_fix
 
 
 class _Group(click.Group):
@@ -22,13 +18,11 @@ class _Group(click.Group):
         except KNNLMError as e:
             raise click.ClickException(str(e)) from e
         except OSError as e:  # what the checks before the work could not foresee (a folder made read-only, a full disk)
-            if e.errno not in _USER_ERRNOS:
+            if e.errno not in USER_ERRNOS:
                 raise
             where = f"{e.filename}: " if e.filename else ""
-            fix = "free some space, or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
-                "run it as a user who can write there, or on a copy"
-            raise click.ClickException(f"{where}{e.strerror}; {fix} (files being written were left as they were)."
-                                       ) from e
+            raise click.ClickException(f"{where}{e.strerror}; {os_error_fix(e.errno)} (files being written were left "
+                                       "as they were).") from e
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)

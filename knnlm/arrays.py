@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import math
 import os
@@ -17,9 +19,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import KNNLMError
+from .errors import KNNLMError, os_error_fix
 
-_HOST = f"{zlib.crc32(socket.gethostname().encode()) & 0xffff:04x}"  # this machine, in own_name's names
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"  # this machine, in own_name's names
 
 # A fixed-size .npy header (a multiple of 64 bytes, as numpy aligns them) leaves room to
 # write the final shape in place once the row count is known, so rows stream straight to disk.
@@ -182,15 +184,10 @@ def own_name(path: Path, kind: str) -> Path:
 def remove_dead(path: Path, kind: str) -> None:
     """Delete what own_name(path, kind) named for processes of this machine that no longer run (killed before they
     cleaned up); names of live processes, and of other machines' (a shared folder), are left alone."""
-    for leftover in Path(path).parent.glob(f".{glob_escape(Path(path).name)}.{kind}-*-{_HOST}*"):
+    for leftover in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.{kind}-*-{_HOST}*"):
         pid = leftover.name.rsplit("-", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             _remove(leftover)
-
-
-def glob_escape(name: str) -> str:
-    """name with glob's special characters taken literally."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _alive(pid: int) -> bool:
@@ -217,10 +214,9 @@ def replace_dir(src: Path, dst: Path) -> None:
     remove_dead(dst, "old")
 
 
-def not_writable(folder: str | os.PathLike, reason: str) -> KNNLMError:
+def not_writable(folder: str | os.PathLike, reason: str, cls: type[KNNLMError] = KNNLMError) -> KNNLMError:
     """The sentence for a folder a command must write to and cannot."""
-    return KNNLMError(f"{folder} cannot be written ({reason}), and this command writes there; run it as a user who "
-                      "can write there, or on a copy.")
+    return cls(f"{folder} cannot be written ({reason}), and this command writes there; {os_error_fix(errno.EACCES)}.")
 
 
 def check_writable(folder: str | os.PathLike) -> None:

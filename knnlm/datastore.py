@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import glob_escape
 from .errors import KNNLMError
 from .journal import recover
 
@@ -204,7 +204,7 @@ def read_meta(path: Path) -> dict:
     if not path.is_dir():
         resume = partial_dir(path).exists()
         hint = " (an interrupted build can be continued with --resume)" if resume else ""
-        kept = sorted(path.parent.glob(f".{glob_escape(path.name)}.old-*"))  # set aside by a replacement cut short
+        kept = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"))  # set aside by a replacement cut short
         if kept:
             hint = (f" (a build replacing it was interrupted{': --resume finishes it, or' if resume else ';'} move "
                     f"{kept[0]} back to {path} to keep the old one)")

@@ -1,10 +1,23 @@
 """The one exception users see: a sentence that names the problem and the fix."""
 
+import errno
 import numbers
 
 
 class KNNLMError(Exception):
     """A user-facing error; its message is one sentence saying what is wrong and what to do."""
+
+
+# The machine's errors, not knnlm's (permissions, a read-only mount, a full disk): the command line reports them in
+# one sentence, and faiss's index writes are turned into them (index.write_index_file).
+USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error_fix(code: int) -> str:
+    """What to do about one of USER_ERRNOS."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space, or write elsewhere"
+    return "run it as a user who may read and write there, or on a copy"
 
 
 def expect(value, kind: type | tuple[type, ...], name: str, example: str, optional: bool = False) -> None:

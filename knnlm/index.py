@@ -13,6 +13,7 @@ import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from . import journal
 from .arrays import write_json
 from .datastore import Datastore, open_datastore
-from .errors import KNNLMError, expect, settle
+from .errors import USER_ERRNOS, KNNLMError, expect, settle
 
 log = logging.getLogger(__name__)
 
@@ -284,19 +285,36 @@ def _train_index(ds: Datastore, cfg: IndexConfig, progress, runner) -> dict:
             "datastore": ds.fingerprint,
             # Caches and tuned values name the index they were made with: a retrain is a new index.
             "trained": f"{datetime.now(timezone.utc).isoformat()} {uuid.uuid4().hex[:12]}"}
-    # index.faiss and index.json change together (caches and tuned values know an index by index.json's stamp)
     pending = journal.begin(ds.path)
     try:
-        faiss.write_index(index, str(pending / "index.faiss"))
-        write_json(pending / "index.json", info)
+        staged = stage_index(pending, index, info)
     except BaseException:
         journal.recover(ds.path)  # uncommitted: thrown away
         raise
-    journal.commit(ds.path, ["index.faiss", "index.json"])
+    journal.commit(ds.path, staged)
     for old in ds.path.glob("index-*.ivfdata"):  # lists of an index just replaced, or of a killed training
         if old.name != info.get("ivfdata"):
             old.unlink()
     return info
+
+
+def stage_index(pending: Path, index, info: dict) -> list[str]:
+    """Write index.faiss and index.json into a journal's staging folder, to be committed together (caches and tuned
+    values know an index by index.json's stamp); the names staged."""
+    write_index_file(index, pending / "index.faiss")
+    write_json(pending / "index.json", info)
+    return ["index.faiss", "index.json"]
+
+
+def write_index_file(index, path: str | os.PathLike) -> None:
+    """faiss.write_index, with a full disk or a refused write raised as the OSError it is (faiss raises RuntimeError)."""
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as e:
+        code = next((c for c in USER_ERRNOS if os.strerror(c) in str(e)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def read_index_info(ds: Datastore) -> dict | None:

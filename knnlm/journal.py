@@ -43,10 +43,12 @@ class ReadOnly(KNNLMError):
 
 def _try_lock(root: Path) -> int | None:
     """root's lock taken without waiting (its file descriptor), or None when another process holds it."""
+    if not os.access(root, os.W_OK | os.X_OK):  # its .lock may still open read-write in a folder made read-only
+        raise not_writable(root, "no write permission, or a read-only file system", ReadOnly)
     try:
         fd = os.open(Path(root) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
-        raise ReadOnly(str(not_writable(root, e.strerror or str(e)))) from None
+        raise not_writable(root, e.strerror or str(e), ReadOnly) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -156,8 +158,8 @@ def recover(root: Path) -> None:
                 log.info("%s holds an interrupted change that only a user who can write there can undo; reading "
                          "its last committed state", root)
                 return
-            raise ReadOnly(f"{root} holds a change (knnlm add, remove or compact) that was interrupted after its "
-                           "commit and that only a user who can write there can finish; run `knnlm info "
+            raise ReadOnly(f"{root} holds a change (knnlm add, remove, compact or train-index) that was interrupted "
+                           "after its commit and that only a user who can write there can finish; run `knnlm info "
                            f"{root}` once as such a user.") from None
         if fd is None:
             log.info("%s is being changed by another process; reading its last committed state", root)

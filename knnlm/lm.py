@@ -85,7 +85,8 @@ class QueryHook:
         A step continues the last one when each of its rows is a row of the last step's input_ids with
         one token more (beam search reorders them; the parents say how); that step must follow exactly
         one forward pass. Otherwise it starts a new generation (parents None), which takes the last
-        pass: a prefill read in chunks runs several.
+        pass: a prefill read in chunks runs several. (Classifier-free guidance's own pass comes after the
+        step's, so a one-step guided generation is not caught; from its second step it is refused.)
         """
         name = type(self).__name__
         if self._handle is None:
@@ -100,8 +101,9 @@ class QueryHook:
                              "scores several positions in one pass.")
         if parents is not None and passes > 1:
             raise KNNLMError(f"{name} saw {passes} forward passes of its model for one decoding step (classifier-"
-                             "free guidance runs one of its own) and cannot tell which one is the step's; generate "
-                             "without guidance_scale.")
+                             "free guidance runs one of its own, as does any call of the model between two steps) and "
+                             "cannot tell which one is the step's; generate without guidance_scale, and call the "
+                             "model between steps only with the processor closed.")
         if query.shape[0] != rows.shape[0]:
             raise KNNLMError(f"{name} took a query of {query.shape[0]} rows for a step of {rows.shape[0]}; "
                              "use it with model.generate of the model it was made for.")

@@ -97,7 +97,8 @@ def as_saved(scores: Scores) -> Scores:
     """scores as load_scores reads them back from save_scores' file: the queries rounded to fp16 (the rest is exact)."""
     if scores.queries is None:
         return scores
-    return replace(scores, queries=np.asarray(scores.queries).astype(np.float16).astype(np.float32))
+    stored = _OPTIONAL_DATASETS["queries"][1]
+    return replace(scores, queries=np.asarray(scores.queries).astype(stored).astype(np.float32))
 
 
 def save_scores(path: str, scores: Scores, overwrite: bool = False) -> None:

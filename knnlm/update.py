@@ -23,7 +23,7 @@ from .arrays import NpyAppender, write_json
 from .corpus import DEFAULT_GLOB, open_corpus
 from .datastore import Datastore, open_datastore, partial_dir
 from .errors import KNNLMError, settle
-from .index import load_index, read_index_info
+from .index import load_index, read_index_info, stage_index
 from .journal import PENDING, begin, commit, hold
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,7 @@ def _next_meta(ds: Datastore, record: dict) -> dict:
 def _stage_index(ds: Datastore, index, new: Datastore, pending: Path) -> list[str]:
     """Write index.faiss and index.json for the datastore `new` into pending; the names staged."""
     info = read_index_info(ds)
-    faiss.write_index(index, str(pending / "index.faiss"))
-    write_json(pending / "index.json", {**info, "count": new.count, "datastore": new.fingerprint,
-                                        "updated": _stamp()})
-    return ["index.faiss", "index.json"]
+    return stage_index(pending, index, {**info, "count": new.count, "datastore": new.fingerprint, "updated": _stamp()})
 
 
 def _index_or_none(ds: Datastore):

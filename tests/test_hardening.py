@@ -589,3 +589,18 @@ def test_a_file_the_machine_refuses_to_write_is_one_sentence(built, monkeypatch,
     assert r.output.strip().splitlines()[-1] == (f"Error: {tmp_path / 's.h5'}: No space left on device; free some "
                                                  "space, or write elsewhere (files being written were left as they "
                                                  "were).")
+
+
+def test_a_full_disk_under_an_index_write_is_one_sentence(built, monkeypatch):
+    """faiss reports a failed write as a RuntimeError; it reaches the command line as the OSError it is."""
+    import faiss
+
+    def full(index, path):
+        raise RuntimeError(f"Error: 'ret == (n)' failed: write error in {path}: 0 != 1 (No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    r = invoke("train-index", built, "--exact")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].endswith("index.faiss: No space left on device; free some space, or write "
+                                                       "elsewhere (files being written were left as they were).")
+    assert not (built / ".pending").exists() and open_datastore(built).count > 0  # the old index stays

@@ -445,12 +445,15 @@ class _Killed(BaseException):
     """A kill -9 at a chosen point, as far as the files are concerned: nothing after it runs."""
 
 
-def test_train_index_holds_the_datastore_against_other_changes(ds3):
+def test_train_index_holds_the_datastore_against_other_changes(ds3, monkeypatch):
+    """From its start, before any training, not only while it commits."""
     import threading
 
+    import knnlm.index as index_mod
     from knnlm.journal import hold
 
     seen = []
+    monkeypatch.setattr(index_mod, "_train_index", lambda *a, **k: pytest.fail("trained while another change held it"))
 
     def other():  # train-index while another change holds the datastore
         try:
@@ -476,8 +479,11 @@ def test_a_reader_of_a_folder_it_cannot_write_reads_the_last_committed_state(ds3
     pending = journal.begin(ds3)  # an add that appended nothing yet and was killed before its commit
     (pending / "meta.json").write_text("{}")
     killed(ds3)
-    monkeypatch.setattr(journal, "_try_lock", lambda root: (_ for _ in ()).throw(journal.ReadOnly("read-only")))
-    assert open_datastore(ds3).count == count and (ds3 / PENDING).exists()  # read as it was, left for a writer
+    # a folder made read-only (chmod a-w; as root here, os.access is what a user's process would see)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert open_datastore(ds3).count == count and (pending / "meta.json").exists()  # read as it was, left alone
+    with pytest.raises(KNNLMError, match="cannot be written .* run it as a user who may read and write there"):
+        remove_documents(ds3, [open_datastore(ds3).documents[0][0]])
     monkeypatch.undo()
     # a change killed after its commit: only a writer can finish it
     monkeypatch.setattr(journal, "_roll_forward", lambda root: (_ for _ in ()).throw(_Killed()))

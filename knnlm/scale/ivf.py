@@ -21,7 +21,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from ..arrays import own_name, remove_dead
-from ..index import flat_l2
+from ..index import flat_l2, write_index_file
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def add_part(trained: np.ndarray, keys_path: str, lo: int, hi: int, out: str, ch
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
         adder.add(np.asarray(keys[a:b], dtype=np.float32), a)
-    faiss.write_index(index, out)
+    write_index_file(index, out)
     return hi - lo
 
 
