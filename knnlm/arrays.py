@@ -177,7 +177,7 @@ def _remove(path: Path) -> None:
 
 
 def own_name(path: Path, kind: str) -> Path:
-    """A hidden name beside path for this process's work on it: .NAME.KIND-PID-HOST RANDOM (see remove_dead)."""
+    """A hidden name beside path for this process's work on it: .NAME.KIND-PID-HOSTRANDOM (see remove_dead)."""
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{_HOST}{uuid.uuid4().hex[:8]}")
 
 

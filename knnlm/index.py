@@ -307,7 +307,8 @@ def stage_index(pending: Path, index, info: dict) -> list[str]:
 
 
 def write_index_file(index, path: str | os.PathLike) -> None:
-    """faiss.write_index, with a full disk or a refused write raised as the OSError it is (faiss raises RuntimeError)."""
+    """faiss.write_index, with a full disk or a refused write raised as the OSError it is (faiss raises a
+    RuntimeError)."""
     try:
         faiss.write_index(index, str(path))
     except RuntimeError as e:

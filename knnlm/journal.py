@@ -64,8 +64,8 @@ def _unlock(fd: int) -> None:
 
 
 def _busy(root: Path) -> KNNLMError:
-    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove, compact or train-index); wait for it to "
-                      "finish, then try again.")
+    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove, compact or train-index); wait "
+                      "for it to finish, then try again.")
 
 
 def _lock(root: Path, key: str) -> None:
