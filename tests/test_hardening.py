@@ -534,7 +534,7 @@ def test_leftovers_of_killed_writes_go_with_the_next_write(tmp_path):
                           text=True).stdout.strip()
     target = tmp_path / "meta.json"
     names = {"dead": f".meta.json.tmp-{dead}-{_HOST}0badc0de", "alive": f".meta.json.tmp-{os.getpid()}-{_HOST}0badc0de",
-             "elsewhere": f".meta.json.tmp-{dead}-{'0000' if _HOST != '0000' else '0001'}0badc0de",
+             "elsewhere": f".meta.json.tmp-{dead}-{'f' * 8 if _HOST != 'f' * 8 else 'e' * 8}0badc0de",  # a machine
              "other file": f".other.json.tmp-{dead}-{_HOST}0badc0de"}
     for name in names.values():
         (tmp_path / name).write_text("{")
