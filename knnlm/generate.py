@@ -239,7 +239,8 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         context, stride = window
         check_window(context, stride, limit)
     t0 = time.perf_counter()
-    doc_memory = prompt_memory(lm, ids, context, stride, memory.k) if memory is not None and memory.on else None
+    doc_memory = prompt_memory(lm, ids, context, stride, memory.k, attention=attention) \
+        if memory is not None and memory.on else None
     joint = doc_memory is not None and retriever is not None and memory.mix == "joint"
     processor = KNNLogitsProcessor(lm, retriever, lam, temperature, combine, skip_below,
                                    doc_memory if joint else None) if retriever is not None else None

@@ -248,6 +248,22 @@ def test_generation_memory_holds_exactly_the_positions_before_the_query(tiny_lm,
         mem.step(torch.zeros(2, 4), last_token=1)
 
 
+def test_prompt_memory_with_attention_memory_holds_evals_keys(tiny_lm, corpus_texts):
+    """With --attention-memory the decoding's queries read through it, so the prompt's keys must too (before: read
+    without it, up to 3.07 off eval's keys past the first window)."""
+    from knnlm.evaluate import score_documents
+    from knnlm.memory.attention import AttentionMemoryConfig
+
+    ids = tiny_lm.encode(corpus_texts["glob.py"][:2000])[:150]
+    ids = tiny_lm.encode(tiny_lm.decode(ids))  # a token list eval's text gives back
+    cfg = AttentionMemoryConfig(k=8)
+    memory = prompt_memory(tiny_lm, ids, CTX, STRIDE, k=4, attention=cfg)
+    s = score_documents(tiny_lm, None, [("p", tiny_lm.decode(ids))], CTX, STRIDE, keep_queries=True, attention=cfg)
+    np.testing.assert_allclose(memory.keys.numpy(), s.queries, atol=1e-4)
+    plain = prompt_memory(tiny_lm, ids, CTX, STRIDE, k=4).keys.numpy()
+    assert np.abs(plain - s.queries)[CTX:].max() > 1e-2  # past the first window the attention memory matters
+
+
 def test_generate_with_a_datastore_and_the_memory_both_mixes(store, tiny_lm):
     from conftest import STDLIB
 

@@ -285,17 +285,22 @@ class DocumentMemory:
         return self.search(query)
 
 
-def prompt_memory(lm, ids: list[int], context: int, stride: int, k: int, batch_size: int = 4) -> DocumentMemory:
+def prompt_memory(lm, ids: list[int], context: int, stride: int, k: int, batch_size: int = 4,
+                  attention=None) -> DocumentMemory:
     """A DocumentMemory holding the prompt's positions but its last (whose next token is being chosen).
 
-    Keys come from the decoding's own windows (context, stride), as eval's would.
+    Keys come from the decoding's own windows (context, stride), as eval's would: with attention memory
+    (an AttentionMemoryConfig) read through it, window after window, as eval and the decoding's queries are.
     """
     from ..windows import forward_owned, plan_windows
+    from .reading import forward_in_order
 
     memory = DocumentMemory(lm.dim, k)
     work = [(w, ids[w.begin: w.end]) for w in plan_windows(0, len(ids), context, stride)]
     parts: dict[int, torch.Tensor] = {}
-    for owned in forward_owned(lm, work, batch_size, logits=False):
+    passes = forward_owned(lm, work, batch_size, logits=False) if attention is None else \
+        forward_in_order(lm, work, attention, context)
+    for owned in passes:
         for o in owned:
             parts[o.item] = o.keys.float().cpu()  # (n, d)
     if parts:
