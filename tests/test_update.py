@@ -339,7 +339,8 @@ def state(path: Path) -> tuple:
     ids = Retriever(ds, RetrievalConfig(k=10, nprobe=16, rerank=False)).search(q)[1]
     meta = {k: v for k, v in ds.meta.items() if k != "updates"}
     # index.json names the index caches and tuned values were made with: it must describe index.faiss
-    info = {k: v for k, v in read_index_info(ds).items() if k not in ("trained", "train_seconds", "total_seconds", "updated")}
+    volatile = ("trained", "train_seconds", "total_seconds", "updated")
+    info = {k: v for k, v in read_index_info(ds).items() if k not in volatile}
     return (json.dumps(meta, sort_keys=True), ds.keys.tobytes(), ds.vals.tobytes(), ids.tobytes(),
             json.dumps(info, sort_keys=True))
 
@@ -468,7 +469,7 @@ def test_train_index_holds_the_datastore_against_other_changes(ds3, monkeypatch)
     assert len(seen) == 1 and "being changed by another process" in seen[0]
 
 
-def test_a_reader_of_a_folder_it_cannot_write_reads_the_last_committed_state(ds3, three, tiny_lm, monkeypatch):
+def test_a_reader_of_a_folder_it_cannot_write_reads_the_last_committed_state(ds3, monkeypatch):
     import knnlm.journal as journal
 
     def killed(root):  # the change's process dies: its lock goes with it
