@@ -277,3 +277,50 @@ def test_memory_attention_matches_a_loop_reference(tiny_lm, retrieval, positions
                 p = torch.softmax(torch.cat([local, mem_scores[head, i][top]]), dim=0)
                 want = p[: i + 1] @ value[0, kv, : i + 1] + p[i + 1:] @ mem_v[kv, top]
                 torch.testing.assert_close(got[0, i, head], want, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_of(kind: str, tokenizer):
+    """A seeded 2-layer model of another architecture, with the tests' tokenizer."""
+    import transformers
+
+    from knnlm.lm import LM
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=512)
+    configs = {
+        # Gemma 2 caps its attention scores (tanh) and alternates sliding and global layers
+        "gemma2": ("Gemma2", dict(size, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=1.0,
+                                  sliding_window=4096, final_logit_softcapping=None)),
+        "mistral-sliding": ("Mistral", dict(size, num_key_value_heads=2, sliding_window=40)),  # sees 40 tokens back
+        "phi": ("Phi", dict(size, partial_rotary_factor=0.5)),
+        "gpt2": ("GPT2", dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512)),
+    }
+    prefix, kw = configs[kind]
+    config = getattr(transformers, f"{prefix}Config")(**kw)
+    cls = getattr(transformers, "GPT2LMHeadModel" if prefix == "GPT2" else f"{prefix}ForCausalLM")
+    model = cls._from_config(config, attn_implementation="eager").eval()
+    if kind == "gemma2":  # scores of a few units, as a trained model's, so that the cap of 1 bites
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(20)
+                layer.self_attn.k_proj.weight.mul_(20)
+    return LM(model=model, tokenizer=tokenizer, name=kind, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "mistral-sliding"])
+def test_full_memory_is_full_attention_with_capped_scores_and_sliding_windows(tiny_lm, ids, kind):
+    """The memory's scores are capped as the model caps its own (Gemma 2), and a sliding-window layer sees no memory
+    key farther back than its window (before: 5.7e-4 and −2.9% of perplexity off full attention, silently)."""
+    lm = _tiny_of(kind, tiny_lm.tokenizer)
+    full = full_logits(lm, ids)
+    assert max_gap(windowed(lm, ids, None), full) > 1e-3  # the window alone differs
+    cfg = AttentionMemoryConfig(layers="all", k=len(ids), positions="exact")
+    assert max_gap(windowed(lm, ids, cfg), full) < 1e-4
+
+
+@pytest.mark.parametrize("kind, words", [("phi", "partial rotary"), ("gpt2", "no rotary position embedding")])
+def test_attention_memory_refuses_what_it_cannot_reproduce(tiny_lm, ids, kind, words):
+    lm = _tiny_of(kind, tiny_lm.tokenizer)
+    with pytest.raises(KNNLMError, match=words):
+        windowed(lm, ids, AttentionMemoryConfig(layers="all", k=8))

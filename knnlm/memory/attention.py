@@ -213,11 +213,19 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     model = lm.model
+    rotary = find_rotary(model)  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
     modules = _attention_modules(model)
     if not modules:
-        raise KNNLMError(f"{type(model).__name__} has no attention modules with layer numbers; attention memory "
-                         "needs a transformers decoder such as Llama, Qwen or SmolLM2.")
-    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), find_rotary(model))
+        raise KNNLMError(f"{type(model).__name__}'s attention modules carry no layer_idx and num_key_value_groups, "
+                         "so attention memory cannot route them; it needs a Llama-style transformers decoder such as "
+                         "Llama, Qwen, Mistral, Gemma or SmolLM2.")
+    head_dim = getattr(next(iter(modules.values())), "head_dim", None)
+    rotated = int(cos_sin(rotary, torch.zeros(1, dtype=torch.long), torch.zeros(1))[0].shape[-1])
+    if head_dim is not None and rotated != head_dim:
+        raise KNNLMError(f"{type(model).__name__} rotates {rotated} of each head's {head_dim} dimensions (partial "
+                         "rotary, as Phi and GPT-NeoX do), which attention memory does not reproduce; it needs a "
+                         "model that rotates whole heads, such as Llama, Qwen, Mistral, Gemma or SmolLM2.")
+    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), rotary)
     before = model.config._attn_implementation
     if before.startswith(_NAME):
         raise KNNLMError("This model already has an attention memory attached; use one at a time.")
@@ -246,6 +254,12 @@ def _allowed(mask: torch.Tensor | None, t: int, s: int, device) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.where(mask, 0.0, float("-inf"))
     return mask.float()
+
+
+def _capped(scores: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Attention scores soft-capped as the model caps its own (softcap · tanh(scores / softcap), Gemma 2), or as they are."""
+    softcap = kwargs.get("softcap")
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
 
 
 def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -289,13 +303,18 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         cos, sin = cos_sin(memory.rotary, memory.frame, q)
         cw, sw = cos_sin(memory.rotary, torch.full_like(memory.frame, memory.window), q)
         q_mem = rotate(unrotate(q, cos, sin), cw, sw)
-    mem_scores = torch.matmul(q_mem, mem_k[:, None].transpose(-1, -2)) * scaling  # (H_kv, g, T, N)
+    mem_scores = _capped(torch.matmul(q_mem, mem_k[:, None].transpose(-1, -2)) * scaling, kwargs)  # (H_kv, g, T, N)
+    sliding = kwargs.get("sliding_window")
+    if sliding:  # a layer that sees its last `sliding` tokens only: so from memory too
+        query_at = memory.offset + memory.frame[-t:]  # (T,) absolute positions of the queries
+        unseen = memory.positions[None, :] <= query_at[:, None] - sliding  # (T, N)
+        mem_scores = mem_scores.masked_fill(unseen.to(mem_scores.device), float("-inf"))
     if memory.cfg.k < n:  # keep each query's top k; the rest get no weight
         by = mem_scores if memory.cfg.retrieval == Retrieval.HEAD else mem_scores.sum(1, keepdim=True)
         top = by.topk(memory.cfg.k, dim=-1).indices  # (H_kv, g or 1, T, k)
         keep = torch.zeros_like(by, dtype=torch.bool).scatter_(-1, top, True)
         mem_scores = mem_scores.masked_fill(~keep, float("-inf"))
-    local = torch.matmul(q, key[0][:, None].transpose(-1, -2)) * scaling  # (H_kv, g, T, S)
+    local = _capped(torch.matmul(q, key[0][:, None].transpose(-1, -2)) * scaling, kwargs)  # (H_kv, g, T, S)
     local = local + _allowed(attention_mask, t, s, local.device).reshape(-1, t, s)[0]
     weights = torch.softmax(torch.cat([local, mem_scores], dim=-1).float(), dim=-1).to(query.dtype)  # (H_kv, g, T, S+N)
     out = torch.matmul(weights[..., :s], value[0][:, None]) + torch.matmul(weights[..., s:], mem_v[:, None])
