@@ -257,7 +257,8 @@ def _allowed(mask: torch.Tensor | None, t: int, s: int, device) -> torch.Tensor:
 
 
 def _capped(scores: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Attention scores soft-capped as the model caps its own (softcap · tanh(scores / softcap), Gemma 2), or as they are."""
+    """Attention scores soft-capped as the model caps its own (softcap · tanh(scores / softcap), Gemma 2), or as
+    they are."""
     softcap = kwargs.get("softcap")
     return scores if not softcap else torch.tanh(scores / softcap) * softcap
 
