@@ -219,12 +219,6 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
         raise KNNLMError(f"{type(model).__name__}'s attention modules carry no layer_idx and num_key_value_groups, "
                          "so attention memory cannot route them; it needs a Llama-style transformers decoder such as "
                          "Llama, Qwen, Mistral, Gemma or SmolLM2.")
-    head_dim = getattr(next(iter(modules.values())), "head_dim", None)
-    rotated = int(cos_sin(rotary, torch.zeros(1, dtype=torch.long), torch.zeros(1))[0].shape[-1])
-    if head_dim is not None and rotated != head_dim:
-        raise KNNLMError(f"{type(model).__name__} rotates {rotated} of each head's {head_dim} dimensions (partial "
-                         "rotary, as Phi and GPT-NeoX do), which attention memory does not reproduce; it needs a "
-                         "model that rotates whole heads, such as Llama, Qwen, Mistral, Gemma or SmolLM2.")
     memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), rotary)
     before = model.config._attn_implementation
     if before.startswith(_NAME):

@@ -34,11 +34,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., N, D) rotated by the angles of cos, sin (N, D): what apply_rotary_pos_emb does to a key."""
+    """x (..., N, D) rotated by the angles of cos, sin (N, R): what apply_rotary_pos_emb does to a key. With R < D
+    (partial rotary, as Phi and GPT-NeoX) only the first R dimensions turn."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of rotate: x (..., N, D) rotated back by cos, sin (N, D), also when they carry a scale."""
+    """The inverse of rotate: x (..., N, D) rotated back by cos, sin (N, R), also when they carry a scale."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([unrotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     # cos² + sin² is the squared attention scaling of scaled rope types (1 for plain RoPE).
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
