@@ -181,10 +181,16 @@ def own_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{_HOST}{uuid.uuid4().hex[:8]}")
 
 
+def own_names(path: Path, kind: str, here: bool = False) -> list[Path]:
+    """What own_name(path, kind) named (sorted): any process's, or with here only this machine's."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.{kind}-*-{_HOST if here else ''}*"))
+
+
 def remove_dead(path: Path, kind: str) -> None:
     """Delete what own_name(path, kind) named for processes of this machine that no longer run (killed before they
     cleaned up); names of live processes, and of other machines' (a shared folder), are left alone."""
-    for leftover in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.{kind}-*-{_HOST}*"):
+    for leftover in own_names(path, kind, here=True):
         pid = leftover.name.rsplit("-", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             _remove(leftover)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import own_names
 from .errors import KNNLMError
 from .journal import recover
 
@@ -204,7 +204,7 @@ def read_meta(path: Path) -> dict:
     if not path.is_dir():
         resume = partial_dir(path).exists()
         hint = " (an interrupted build can be continued with --resume)" if resume else ""
-        kept = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"))  # set aside by a replacement cut short
+        kept = own_names(path, "old")  # set aside by a replacement cut short
         if kept:
             hint = (f" (a build replacing it was interrupted{': --resume finishes it, or' if resume else ';'} move "
                     f"{kept[0]} back to {path} to keep the old one)")

@@ -127,18 +127,17 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The transformers LogitsProcessor hook: scores (B, V) in, log-probabilities (B, V) out."""
-        q, parents = self.take_query(input_ids)
+        q, parents, rows = self.take_query(input_ids)
         if self.memory is not None:
             self.memory.check_continues(parents)
-        self._last_token = int(input_ids[0, -1])
+        self._last_token = int(rows[0, -1])
         pointers = None
         if self._automaton is not None:
             # The token chosen last step (input_ids' last) drives the pointers of the neighbours of each row's
             # row in the last step; a new generation starts with a search.
             last = self.last
             if parents is not None and last is not None:
-                pointers = next_pointers(last["ids"][parents], last["vals"][parents], input_ids[:, -1].cpu().numpy(),
-                                         self._automaton)
+                pointers = next_pointers(last["ids"][parents], last["vals"][parents], rows[:, -1], self._automaton)
             else:
                 pointers = np.full((q.shape[0], 1), -1, np.int64)
         work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # what the scores can hold

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import journal
 from .arrays import write_json
-from .datastore import Datastore, open_datastore
+from .datastore import Datastore, datastore_path, open_datastore
 from .errors import USER_ERRNOS, KNNLMError, expect, settle
 
 log = logging.getLogger(__name__)
@@ -220,11 +220,10 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
     Returns:
         The content of index.json.
     """
-    if not isinstance(ds, Datastore):  # a folder, as every other function takes it
-        ds = open_datastore(ds)
     expect(cfg, IndexConfig, "cfg", "IndexConfig()")
-    with journal.hold(ds.path):  # no add, remove or compact meanwhile: the index covers the keys it was trained on
-        ds = open_datastore(ds.path)  # as the last change before the hold left it
+    path = ds.path if isinstance(ds, Datastore) else datastore_path(ds)  # a folder, as every other function takes
+    with journal.hold(path):  # no add, remove or compact meanwhile: the index covers the keys it was trained on
+        ds = open_datastore(path)  # as the last change before the hold left it
         if fallback:
             _refuse_removed(ds)
         else:

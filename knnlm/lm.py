@@ -79,8 +79,9 @@ class QueryHook:
         self._query = args[0][:, -1, :].detach()
         self._passes += 1
 
-    def take_query(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        """This step's query (B, d), and each row's row in the last step (B,) where input_ids continues it.
+    def take_query(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
+        """This step's query (B, d), each row's row in the last step (B,) where input_ids continues it (else None),
+        and input_ids as read (B, L) on the CPU.
 
         A step continues the last one when each of its rows is a row of the last step's input_ids with
         one token more (beam search reorders them; the parents say how); that step must follow exactly
@@ -107,7 +108,7 @@ class QueryHook:
         if query.shape[0] != rows.shape[0]:
             raise KNNLMError(f"{name} took a query of {query.shape[0]} rows for a step of {rows.shape[0]}; "
                              "use it with model.generate of the model it was made for.")
-        return query, parents
+        return query, parents, rows
 
     def close(self) -> None:
         """Remove the hook from the model."""
@@ -128,6 +129,8 @@ def continued_rows(last: np.ndarray | None, rows: np.ndarray) -> np.ndarray | No
     unless every row extends one (identical rows of last are interchangeable: they held the same query)."""
     if last is None or rows.ndim != 2 or last.shape[1] != rows.shape[1] - 1:
         return None
+    if last.shape[0] == rows.shape[0] and np.array_equal(last, rows[:, :-1]):  # greedy and sampled steps: in place
+        return np.arange(len(rows))
     index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(last, dtype=rows.dtype))}
     parents = [index.get(row[:-1].tobytes(), -1) for row in rows]
     return None if -1 in parents else np.asarray(parents, dtype=np.intp)

@@ -408,10 +408,11 @@ class Retriever:
     def describe(self) -> dict:
         """What this search is, for reports and the scores cache: as asked (a k above the key count finds what
         k = the count finds, and is described as asked, so tuned values and caches made with it still match)."""
-        # The torch search's distances are the keys' own, as re-ranked ones are (nothing left to re-rank).
+        # The torch search's distances are the keys' own, as re-ranked ones are (nothing left to re-rank): it is
+        # described as re-ranked, which its setting says (a search device with --no-rerank is refused).
         k = self.cfg.k
         out = {"search": self.kind, "k": k, "nprobe": self.cfg.nprobe,
-               "rerank": bool(self.rerank) or self.cfg.search_device is not None}
+               "rerank": bool(self.cfg.rerank)}
         if self.rerank and (self.cfg.rerank_depth or k) < k:  # a partial re-ranking is another search
             out["rerank"] = f"first {self.cfg.rerank_depth}"
         if self.cfg.search_device is not None:  # only when set: the faiss searches' descriptions stay as they were

@@ -307,7 +307,7 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
         raise Stop
 
     def fake_neighbors(lm, retriever, text, position, top, temperature, k=None):
-        seen.update(text=text, cfg=retriever.cfg, position=position, top=top, t=temperature)
+        seen.update(text=text, cfg=retriever.cfg, position=position, top=top, t=temperature, k=k)
         raise Stop
 
     real_load_lm = lm_module.load_lm
@@ -333,6 +333,9 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
     assert (seen["combine"], seen["skip"]) == ("spalm", "0.3")
     assert (seen["cfg"].k, seen["cfg"].nprobe, seen["cfg"].rerank, seen["cfg"].exact) == (9, 8, False, True)
     assert seen["lm"] == str(tiny_model_dir) and seen["load"] == (str(tiny_model_dir), "cpu", True)
+    r = run(cli, ["generate", "--datastore", "ds", "--prompt", "x", "--lambda", "0.7", "--model", str(tiny_model_dir)])
+    assert isinstance(r.exception, Stop), r.output
+    assert (seen["lam"], seen["combine"]) == ("0.7", "mix")
     r = run(cli, ["neighbors", "-d", "ds", "some text", "--position", -3, "--top", 4, "--temperature", 2,
                   "--k", 20, "--nprobe", 3, "--no-rerank", "--model", tiny_model_dir, "--device", "cpu"])
     assert isinstance(r.exception, Stop), r.output
@@ -340,6 +343,9 @@ def test_every_generate_and_neighbors_flag_arrives(store, tiny_model_dir, monkey
         ("some text", -3, 4, 2.0, 20, 3)
     assert (seen["cfg"].exact, seen["cfg"].rerank) == (False, False)
     assert seen["load"] == (str(tiny_model_dir), "cpu", False)
+    r = run(cli, ["neighbors", "-d", "ds", "some text", "--k", 5, "--model", tiny_model_dir])  # --k alone bounds --top
+    assert isinstance(r.exception, Stop), r.output
+    assert (seen["top"], seen["cfg"].k) == (5, 5)
     r = run(cli, ["neighbors", "-d", "ds", "some text", "--rerank"])  # the defaults, for contrast
     assert isinstance(r.exception, Stop), r.output
     assert (seen["cfg"].exact, seen["cfg"].rerank, seen["cfg"].k) == (False, True, 1000)

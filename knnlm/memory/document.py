@@ -324,10 +324,10 @@ class MemoryProcessor(QueryHook, LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """scores (1, V) in (logits or log-probabilities), log-probabilities (1, V) out."""
-        query, parents = self.take_query(input_ids)
+        query, parents, rows = self.take_query(input_ids)
         self.memory.check_continues(parents)
         t0 = time.perf_counter()
-        dists, vals = self.memory.step(query, int(input_ids[0, -1]))
+        dists, vals = self.memory.step(query, int(rows[0, -1]))
         logp = torch.log_softmax(scores.double().cpu(), dim=-1)  # (1, V)
         out = torch.from_numpy(mix_log_distribution(logp.numpy(), dists, vals, memory_lambdas(vals, self.lam),
                                                     self.temperature))
