@@ -254,7 +254,7 @@ def test_memory_attention_matches_a_loop_reference(tiny_lm, retrieval, positions
         memory.append({0: (mem_k, mem_v)}, mem_pos)
         memory.begin_forward(offset, torch.arange(t), capture=False)
         got = memory_attention(_attention_modules(tiny_lm.model)[0], query, key, value, None, scaling=d ** -0.5)[0]
-        rotary = memory.rotary
+        rotary = memory.rope.module
     scale, group = d ** -0.5, h // h_kv
     if positions == "exact":  # each key at its position relative to the window's start
         rot_k = rotate(mem_k, *cos_sin(rotary, mem_pos - offset, mem_k))
@@ -288,31 +288,56 @@ def _tiny_of(kind: str, tokenizer):
     torch.manual_seed(0)
     size = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=512)
-    configs = {
+    configs = {  # kind: (config class, model class, settings)
         # Gemma 2 caps its attention scores (tanh) and alternates sliding and global layers
-        "gemma2": ("Gemma2", dict(size, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=1.0,
-                                  sliding_window=4096, final_logit_softcapping=None)),
-        "mistral-sliding": ("Mistral", dict(size, num_key_value_heads=2, sliding_window=40)),  # sees 40 tokens back
-        "phi": ("Phi", dict(size, partial_rotary_factor=0.5)),
-        "gpt2": ("GPT2", dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512)),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+                   dict(size, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=1.0, sliding_window=4096,
+                        final_logit_softcapping=None)),
+        # Gemma 3: a sliding layer (40 tokens back) and a global one, each turned by a rotation of its own
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                   dict(size, num_key_value_heads=2, head_dim=8, sliding_window=40,
+                        layer_types=["sliding_attention", "full_attention"])),
+        "mistral-sliding": ("MistralConfig", "MistralForCausalLM",
+                            dict(size, num_key_value_heads=2, sliding_window=40)),  # sees 40 tokens back
+        "phi": ("PhiConfig", "PhiForCausalLM", dict(size, partial_rotary_factor=0.5)),
+        # Cohere pairs neighbouring dimensions (Llama pairs the two halves of a head)
+        "cohere": ("CohereConfig", "CohereForCausalLM", dict(size, num_key_value_heads=2, pad_token_id=0,
+                                                               bos_token_id=0, eos_token_id=0)),
+        # OLMo 3: each layer's type (config.layer_types) picks its rotation; its modules name it attention_type
+        "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
+                  dict(size, num_key_value_heads=2, sliding_window=40, pad_token_id=0, bos_token_id=0,
+                       eos_token_id=0, layer_types=["sliding_attention", "full_attention"])),
+        # GPT-NeoX (Pythia): a quarter of each head turns; its attention modules carry no num_key_value_groups
+        "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(size, rotary_pct=0.25)),
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+                 dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512)),
+        # GPT-J turns interleaved pairs of dimensions inside its attention, with no rotary module of its own
+        "gptj": ("GPTJConfig", "GPTJForCausalLM",
+                 dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512, rotary_dim=4)),
     }
-    prefix, kw = configs[kind]
-    config = getattr(transformers, f"{prefix}Config")(**kw)
-    cls = getattr(transformers, "GPT2LMHeadModel" if prefix == "GPT2" else f"{prefix}ForCausalLM")
-    model = cls._from_config(config, attn_implementation="eager").eval()
+    config_cls, model_cls, kw = configs[kind]
+    config = getattr(transformers, config_cls)(**kw)
+    model = getattr(transformers, model_cls)._from_config(config, attn_implementation="eager").eval()
     if kind == "gemma2":  # scores of a few units, as a trained model's, so that the cap of 1 bites
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_proj.weight.mul_(20)
                 layer.self_attn.k_proj.weight.mul_(20)
+    if kind == "gemma3":  # its queries and keys are RMS-normed: scale the norms, so that a wrong rotation shows
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.fill_(3.0)
+                layer.self_attn.k_norm.weight.fill_(3.0)
     return LM(model=model, tokenizer=tokenizer, name=kind, device="cpu")
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "mistral-sliding", "phi"])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral-sliding", "phi", "gemma3", "gpt-neox", "cohere", "olmo3"])
 def test_full_memory_is_full_attention_with_capped_scores_sliding_windows_and_partial_rotary(tiny_lm, ids, kind):
     """The memory's scores are capped as the model caps its own (Gemma 2), a sliding-window layer sees no memory key
-    farther back than its window, and a partial rotary turns only its dimensions (before: 5.7e-4 and −2.9% of
-    perplexity off full attention, silently, and a traceback)."""
+    farther back than its window, a partial rotary turns only its dimensions, each layer type turns by its own
+    rotation (Gemma 3, OLMo 3) and dimensions pair as the model pairs them (Cohere) (before: 5.7e-4 and −2.9% of
+    perplexity off full attention, silently, and a traceback; later Cohere 0.37 off, silently; Gemma 3, OLMo 3 and
+    GPT-NeoX were refused)."""
     lm = _tiny_of(kind, tiny_lm.tokenizer)
     full = full_logits(lm, ids)
     assert max_gap(windowed(lm, ids, None), full) > 1e-3  # the window alone differs
@@ -320,8 +345,42 @@ def test_full_memory_is_full_attention_with_capped_scores_sliding_windows_and_pa
     assert max_gap(windowed(lm, ids, cfg), full) < 1e-4
 
 
-@pytest.mark.parametrize("kind, words", [("gpt2", "no rotary position embedding")])
+@pytest.mark.parametrize("kind", ["mistral-sliding", "gemma2", "gemma3", "gpt-neox"])
+@pytest.mark.parametrize("context", [24, 64])
+def test_cut_cache_with_full_memory_is_full_attention_with_sliding_layers(tiny_lm, ids, kind, context):
+    """Generation's cut KV cache, with every cut entry in memory, gives the full-context logits also where layers
+    slide (a window of 40, shorter and longer than the cache's) (before: the model's sliding cache layers kept
+    their own count of what they hold, so cutting them shifted the mask: up to 0.04 off, silently)."""
+    from knnlm.memory.reading import reading_with_memory
+
+    lm = _tiny_of(kind, tiny_lm.tokenizer)
+    full = full_logits(lm, ids[:140])
+    cfg = AttentionMemoryConfig(layers="all", k=len(ids), positions="exact")
+    with torch.inference_mode(), reading_with_memory(lm, cfg, context, 8) as reader:
+        scores = reader.scores(ids[:90])  # the prompt, in chunks of 8
+        for n in range(91, 141):  # then a token per step
+            assert reader.cache.get_seq_length() <= context
+            torch.testing.assert_close(scores[0], full[n - 2], atol=1e-4, rtol=1e-4)
+            scores = reader.scores(ids[:n])
+
+
+@pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module")])
 def test_attention_memory_refuses_what_it_cannot_reproduce(tiny_lm, ids, kind, words):
     lm = _tiny_of(kind, tiny_lm.tokenizer)
     with pytest.raises(KNNLMError, match=words):
         windowed(lm, ids, AttentionMemoryConfig(layers="all", k=8))
+
+
+def test_attention_memory_refuses_a_rotation_it_does_not_reproduce(tiny_lm, ids, monkeypatch):
+    """A model file whose apply_rotary_pos_emb pairs dimensions in neither known way is refused before any pass,
+    rather than read with keys rotated wrongly."""
+    import transformers.models.llama.modeling_llama as llama
+
+    def reversed_rotation(q, k, cos, sin, unsqueeze_dim=1):  # Llama's, on the dimensions in reverse order
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return tuple((x.flip(-1) * cos + llama.rotate_half(x.flip(-1)) * sin).flip(-1) for x in (q, k))
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", reversed_rotation)
+    with pytest.raises(KNNLMError, match="neither Llama's halves nor interleaved pairs"):
+        windowed(tiny_lm, ids, AttentionMemoryConfig(layers="all", k=8))
+    assert tiny_lm.model.config._attn_implementation == "sdpa"  # left as it was

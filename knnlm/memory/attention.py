@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..errors import KNNLMError, settle
-from .rotary import cos_sin, find_rotary, rotate, unrotate
+from .rotary import Rope, find_rotary
 
 if TYPE_CHECKING:
     from ..lm import LM
@@ -105,8 +105,8 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
 class AttentionMemory:
     """One document's memory: per retrieving layer, keys before rotation and values, with absolute positions."""
 
-    def __init__(self, cfg: AttentionMemoryConfig, layers: tuple[int, ...], rotary: torch.nn.Module):
-        self.cfg, self.layers, self.rotary = cfg, frozenset(layers), rotary
+    def __init__(self, cfg: AttentionMemoryConfig, layers: tuple[int, ...], rope: Rope):
+        self.cfg, self.layers, self.rope = cfg, frozenset(layers), rope
         self.window = 0
         self.keys: dict[int, torch.Tensor] = {}  # layer -> (H_kv, N, D) keys without rotation
         self.values: dict[int, torch.Tensor] = {}  # layer -> (H_kv, N, D)
@@ -196,9 +196,11 @@ def _base_function(implementation: str, module: torch.nn.Module):
 
 
 def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Layer number -> self-attention module, for decoders whose attention modules carry layer_idx."""
+    """Layer number -> self-attention module, for decoders whose attention modules carry layer_idx (and
+    num_key_value_groups, or is_causal: GPT-NeoX's carry no groups; a decoder layer carries neither)."""
     return {m.layer_idx: m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "num_key_value_groups")}
+            if isinstance(getattr(m, "layer_idx", None), int)
+            and (hasattr(m, "num_key_value_groups") or getattr(m, "is_causal", None) is True)}
 
 
 @contextmanager
@@ -216,10 +218,10 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
     rotary = find_rotary(model)  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
     modules = _attention_modules(model)
     if not modules:
-        raise KNNLMError(f"{type(model).__name__}'s attention modules carry no layer_idx and num_key_value_groups, "
-                         "so attention memory cannot route them; it needs a Llama-style transformers decoder such as "
-                         "Llama, Qwen, Mistral, Gemma or SmolLM2.")
-    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), rotary)
+        raise KNNLMError(f"{type(model).__name__}'s attention modules carry no layer_idx (with num_key_value_groups "
+                         "or is_causal), so attention memory cannot route them; it needs a Llama-style transformers "
+                         "decoder such as Llama, Qwen, Mistral, Gemma, GPT-NeoX or SmolLM2.")
+    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), Rope(model, rotary, modules))
     before = model.config._attn_implementation
     if before.startswith(_NAME):
         raise KNNLMError("This model already has an attention memory attached; use one at a time.")
@@ -283,8 +285,9 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     b, h, t, d = query.shape
     h_kv, s, g = key.shape[1], key.shape[2], query.shape[1] // key.shape[1]
     if memory.capture:  # this pass's new keys are the last T: keep them without rotation
-        cos, sin = cos_sin(memory.rotary, memory.frame, key)
-        memory.captured[layer] = (unrotate(key[0, :, s - t:], cos, sin).detach(), value[0, :, s - t:].detach())
+        cos, sin = memory.rope.cos_sin(layer, memory.frame, key)
+        memory.captured[layer] = (memory.rope.unrotate(key[0, :, s - t:], cos, sin).detach(),
+                                  value[0, :, s - t:].detach())
     if len(memory) == 0 or layer not in memory.keys:
         return hooked.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     mem_k, mem_v = memory.keys[layer], memory.values[layer]  # (H_kv, N, D) each
@@ -292,12 +295,12 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q = query[0].reshape(h_kv, g, t, d)  # (H_kv, g, T, D): query heads grouped by their KV head
     q_mem = q
     if memory.cfg.positions == Positions.EXACT:  # keys at their true distance from the queries
-        cos, sin = cos_sin(memory.rotary, memory.positions - memory.offset, mem_k)
-        mem_k = rotate(mem_k, cos, sin)
+        cos, sin = memory.rope.cos_sin(layer, memory.positions - memory.offset, mem_k)
+        mem_k = memory.rope.rotate(mem_k, cos, sin)
     else:  # queries moved to position W, keys left at 0: every key a window's length before its query
-        cos, sin = cos_sin(memory.rotary, memory.frame, q)
-        cw, sw = cos_sin(memory.rotary, torch.full_like(memory.frame, memory.window), q)
-        q_mem = rotate(unrotate(q, cos, sin), cw, sw)
+        cos, sin = memory.rope.cos_sin(layer, memory.frame, q)
+        cw, sw = memory.rope.cos_sin(layer, torch.full_like(memory.frame, memory.window), q)
+        q_mem = memory.rope.rotate(memory.rope.unrotate(q, cos, sin), cw, sw)
     mem_scores = _capped(torch.matmul(q_mem, mem_k[:, None].transpose(-1, -2)) * scaling, kwargs)  # (H_kv, g, T, N)
     sliding = kwargs.get("sliding_window")
     if sliding:  # a layer that sees its last `sliding` tokens only: so from memory too

@@ -16,7 +16,6 @@ import torch
 
 from ..windows import Owned, Window
 from .attention import AttentionMemory, AttentionMemoryConfig, attached
-from .rotary import cos_sin, unrotate
 
 if TYPE_CHECKING:
     from ..lm import LM
@@ -65,7 +64,10 @@ class CutCacheReader:
         from transformers import DynamicCache
 
         self.lm, self.memory, self.context, self.stride = lm, memory, context, stride
-        self.cache = DynamicCache(config=lm.model.config)
+        # Plain layers only: a model's sliding cache layers (Mistral's, Gemma's) keep a count of their own that
+        # cut() would not move, which shifts their masks. The cut already bounds what a layer sees, and the
+        # model's mask still slides within the cache.
+        self.cache = DynamicCache()
         params = inspect.signature(lm.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
         # Only the last position's logits are needed; not every model's forward takes logits_to_keep.
@@ -97,8 +99,9 @@ class CutCacheReader:
         entries = {}
         for layer, cached in enumerate(self.cache.layers):
             if layer in self.memory.layers:
-                cos, sin = cos_sin(self.memory.rotary, positions, cached.keys)
-                entries[layer] = (unrotate(cached.keys[0, :, :drop], cos, sin), cached.values[0, :, :drop])
+                cos, sin = self.memory.rope.cos_sin(layer, positions, cached.keys)
+                entries[layer] = (self.memory.rope.unrotate(cached.keys[0, :, :drop], cos, sin),
+                                  cached.values[0, :, :drop])
             cached.keys, cached.values = cached.keys[:, :, drop:], cached.values[:, :, drop:]
         self.memory.append(entries, positions)
         self.first += drop

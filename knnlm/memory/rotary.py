@@ -2,10 +2,14 @@
 
 Attention memory keeps keys without their rotation and rotates them again where they are read: at their
 true positions (exact) or all at one fixed distance before the query (InfLLM). The cosines and sines
-come from the model's own rotary module, so its base, scaling and rope type are the model's.
+come from the model's own rotary module, so its base, scaling and rope type are the model's; the pairing
+of dimensions (halves, as Llama's; interleaved, as Cohere's) is checked against the model's own
+`apply_rotary_pos_emb` when the memory is attached.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -13,39 +17,100 @@ from ..errors import KNNLMError
 
 
 def find_rotary(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's rotary-embedding module (the one transformers calls as `rotary_emb(x, position_ids)`)."""
+    """The model's rotary-embedding module (the one transformers calls as `rotary_emb(x, position_ids)`, or
+    `rotary_emb(x, position_ids, layer_type)` where layer types have rotations of their own, as Gemma 3's)."""
     for name, module in model.named_modules():
-        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
+        if name.endswith("rotary_emb") and (hasattr(module, "inv_freq") or hasattr(module, "layer_types")):
             return module
-    raise KNNLMError(f"{type(model).__name__} has no rotary position embedding (rotary_emb); attention memory "
-                     "needs a RoPE model such as Llama, Qwen or SmolLM2.")
+    raise KNNLMError(f"{type(model).__name__} has no rotary-embedding module (rotary_emb) of the kind transformers' "
+                     "Llama-style decoders share; attention memory needs a RoPE model such as Llama, Qwen, Gemma, "
+                     "GPT-NeoX or SmolLM2.")
 
 
-def cos_sin(rotary: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (N, D), of the rotary module at positions (N,) (negative ones too), in like's dtype."""
-    cos, sin = rotary(like, positions.to(like.device)[None].long())  # (1, N, D) each
+def cos_sin(rotary: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor,
+            layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (N, D), of the rotary module at positions (N,) (negative ones too), in like's dtype; for
+    the layer type's own rotation where the module has one per type."""
+    extra = (layer_type,) if hasattr(rotary, "layer_types") else ()
+    cos, sin = rotary(like, positions.to(like.device)[None].long(), *extra)  # (1, N, D) each
     return cos[0], sin[0]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The second half of the last axis, negated, before the first (RoPE's pairing of dimensions)."""
+    """The second half of the last axis, negated, before the first (Llama's pairing of dimensions)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """Each pair of neighbouring dimensions (x1, x2) turned to (−x2, x1) (Cohere's pairing)."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pair=rotate_half) -> torch.Tensor:
     """x (..., N, D) rotated by the angles of cos, sin (N, R): what apply_rotary_pos_emb does to a key. With R < D
     (partial rotary, as Phi and GPT-NeoX) only the first R dimensions turn."""
     r = cos.shape[-1]
     if r < x.shape[-1]:
-        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
-    return x * cos + rotate_half(x) * sin
+        return torch.cat([rotate(x[..., :r], cos, sin, pair), x[..., r:]], dim=-1)
+    return x * cos + pair(x) * sin
 
 
-def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pair=rotate_half) -> torch.Tensor:
     """The inverse of rotate: x (..., N, D) rotated back by cos, sin (N, R), also when they carry a scale."""
     r = cos.shape[-1]
     if r < x.shape[-1]:
-        return torch.cat([unrotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+        return torch.cat([unrotate(x[..., :r], cos, sin, pair), x[..., r:]], dim=-1)
     # cos² + sin² is the squared attention scaling of scaled rope types (1 for plain RoPE).
-    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+    return (x * cos - pair(x) * sin) / (cos * cos + sin * sin)
+
+
+class Rope:
+    """A model's rotation of keys: its rotary module, each layer's type where types turn differently (Gemma 3,
+    OLMo 3), and its pairing of dimensions."""
+
+    def __init__(self, model: torch.nn.Module, rotary: torch.nn.Module, attention: dict[int, torch.nn.Module]):
+        """model: the decoder; rotary: its find_rotary; attention: its attention modules by layer (the model file
+        they come from says how the model applies its rotation)."""
+        self.module = rotary
+        self.layer_types: dict[int, str] = {}
+        if hasattr(self.module, "layer_types"):  # the decoder picks each layer's rotation by config.layer_types
+            types = list(getattr(model.config, "layer_types", None) or [])
+            if len(types) != len(attention) or not set(types) <= set(self.module.layer_types):
+                raise KNNLMError(f"{type(model).__name__} turns each layer type by a rotation of its own, but its "
+                                 "config's layer_types do not name one for every layer; attention memory cannot "
+                                 "rotate their keys as the model does.")
+            self.layer_types = dict(enumerate(types))
+        self.pair = self._pairing(model, next(iter(attention.values())))
+
+    def _pairing(self, model: torch.nn.Module, attention: torch.nn.Module):
+        """rotate_half or rotate_interleaved: the one that reproduces the model file's apply_rotary_pos_emb."""
+        apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+        cos, sin = self.cos_sin(next(iter(self.layer_types), 0), torch.arange(3, 9), torch.zeros(1))
+        # as many dimensions as turn (all, or the first R of a partial rotary)
+        x = torch.randn(1, 1, 6, cos.shape[-1], generator=torch.Generator().manual_seed(0))
+        want = None
+        if apply is not None:
+            try:
+                want = apply(x, x, cos[None], sin[None])[0]
+            except (TypeError, ValueError, RuntimeError, IndexError):
+                want = None
+        for pair in (rotate_half, rotate_interleaved):
+            if want is not None and want.shape == x.shape and torch.allclose(rotate(x, cos, sin, pair), want,
+                                                                               atol=1e-5):
+                return pair
+        raise KNNLMError(f"{type(model).__name__} applies its rotary embedding in a way attention memory does not "
+                         "reproduce (neither Llama's halves nor interleaved pairs), so its memory keys would be "
+                         "rotated wrongly; use a Llama-style decoder such as Llama, Qwen, Gemma or SmolLM2.")
+
+    def cos_sin(self, layer: int, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (N, R), of the layer's rotation at positions (N,), in like's dtype."""
+        return cos_sin(self.module, positions, like, self.layer_types.get(layer))
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (..., N, D) rotated as the model rotates a key (see rotate)."""
+        return rotate(x, cos, sin, self.pair)
+
+    def unrotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The inverse of self.rotate."""
+        return unrotate(x, cos, sin, self.pair)
