@@ -76,24 +76,26 @@ class Rope:
         self.layer_types: dict[int, str] = {}
         if hasattr(self.module, "layer_types"):  # the decoder picks each layer's rotation by config.layer_types
             types = list(getattr(model.config, "layer_types", None) or [])
-            if len(types) != len(attention) or not set(types) <= set(self.module.layer_types):
+            self.layer_types = {i: types[i] for i in attention if i < len(types)}
+            if len(self.layer_types) < len(attention) or not set(self.layer_types.values()) <= set(
+                    self.module.layer_types):
                 raise KNNLMError(f"{type(model).__name__} turns each layer type by a rotation of its own, but its "
-                                 "config's layer_types do not name one for every layer; attention memory cannot "
-                                 "rotate their keys as the model does.")
-            self.layer_types = dict(enumerate(types))
+                                 "config's layer_types do not name one for every attention layer; attention memory "
+                                 "cannot rotate their keys as the model does.")
         self.pair = self._pairing(model, next(iter(attention.values())))
 
     def _pairing(self, model: torch.nn.Module, attention: torch.nn.Module):
         """rotate_half or rotate_interleaved: the one that reproduces the model file's apply_rotary_pos_emb."""
         apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-        cos, sin = self.cos_sin(next(iter(self.layer_types), 0), torch.arange(3, 9), torch.zeros(1))
+        device = next(iter(self.module.buffers()), torch.zeros(0)).device  # the model's (cuda too)
+        cos, sin = self.cos_sin(next(iter(self.layer_types), 0), torch.arange(3, 9), torch.zeros(1, device=device))
         # as many dimensions as turn (all, or the first R of a partial rotary)
-        x = torch.randn(1, 1, 6, cos.shape[-1], generator=torch.Generator().manual_seed(0))
+        x = torch.randn(1, 1, 6, cos.shape[-1], generator=torch.Generator().manual_seed(0)).to(device)
         want = None
         if apply is not None:
             try:
                 want = apply(x, x, cos[None], sin[None])[0]
-            except (TypeError, ValueError, RuntimeError, IndexError):
+            except Exception:  # a probe of the model file's own function: any failure means it cannot be checked
                 want = None
         for pair in (rotate_half, rotate_interleaved):
             if want is not None and want.shape == x.shape and torch.allclose(rotate(x, cos, sin, pair), want,
