@@ -303,12 +303,21 @@ def _tiny_of(kind: str, tokenizer):
         # Cohere pairs neighbouring dimensions (Llama pairs the two halves of a head)
         "cohere": ("CohereConfig", "CohereForCausalLM", dict(size, num_key_value_heads=2, pad_token_id=0,
                                                                bos_token_id=0, eos_token_id=0)),
-        # OLMo 3: each layer's type (config.layer_types) picks its rotation; its modules name it attention_type
+        # OLMo 3: each layer's type (config.layer_types) picks its rotation (bases 10^4 and 10^6 here)
         "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
                   dict(size, num_key_value_heads=2, sliding_window=40, pad_token_id=0, bos_token_id=0,
-                       eos_token_id=0, layer_types=["sliding_attention", "full_attention"])),
-        # GPT-NeoX (Pythia): a quarter of each head turns; its attention modules carry no num_key_value_groups
-        "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(size, rotary_pct=0.25)),
+                       eos_token_id=0, layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                        "full_attention": {"rope_type": "default", "rope_theta": 1e6}})),
+        # SmolLM3 leaves every fourth layer without rotary positions (NoPE)
+        "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                    dict(size, num_hidden_layers=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                         eos_token_id=0)),
+        # Falcon's attention is its own code, not transformers' attention interface
+        "falcon": ("FalconConfig", "FalconForCausalLM",
+                   dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+        # GPT-NeoX (Pythia): half of each head turns; its attention modules carry no num_key_value_groups
+        "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(size, rotary_pct=0.5)),
         "gpt2": ("GPT2Config", "GPT2LMHeadModel",
                  dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512)),
         # GPT-J turns interleaved pairs of dimensions inside its attention, with no rotary module of its own
@@ -317,17 +326,20 @@ def _tiny_of(kind: str, tokenizer):
     }
     config_cls, model_cls, kw = configs[kind]
     config = getattr(transformers, config_cls)(**kw)
-    model = getattr(transformers, model_cls)._from_config(config, attn_implementation="eager").eval()
-    if kind == "gemma2":  # scores of a few units, as a trained model's, so that the cap of 1 bites
+    # eager, but Falcon as it loads by default: sdpa, which it runs in code of its own
+    model = getattr(transformers, model_cls)._from_config(
+        config, attn_implementation="sdpa" if kind == "falcon" else "eager").eval()
+    if kind in ("gemma2", "gemma3", "cohere", "olmo3"):  # scores of a few units, as a trained model's: Gemma 2's
+        # cap of 1 bites, and a wrong rotation shows
         with torch.no_grad():
             for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(20)
-                layer.self_attn.k_proj.weight.mul_(20)
-    if kind == "gemma3":  # its queries and keys are RMS-normed: scale the norms, so that a wrong rotation shows
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.fill_(3.0)
-                layer.self_attn.k_norm.weight.fill_(3.0)
+                attn = layer.self_attn
+                if hasattr(attn, "q_norm"):  # queries and keys RMS-normed after the projection: scale the norms
+                    attn.q_norm.weight.fill_(3.0)
+                    attn.k_norm.weight.fill_(3.0)
+                else:
+                    attn.q_proj.weight.mul_(20)
+                    attn.k_proj.weight.mul_(20)
     return LM(model=model, tokenizer=tokenizer, name=kind, device="cpu")
 
 
@@ -364,7 +376,8 @@ def test_cut_cache_with_full_memory_is_full_attention_with_sliding_layers(tiny_l
             scores = reader.scores(ids[:n])
 
 
-@pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module")])
+@pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module"),
+                                         ("smollm3", "layer 3 first"), ("falcon", "attention interface")])
 def test_attention_memory_refuses_what_it_cannot_reproduce(tiny_lm, ids, kind, words):
     lm = _tiny_of(kind, tiny_lm.tokenizer)
     with pytest.raises(KNNLMError, match=words):
@@ -381,6 +394,6 @@ def test_attention_memory_refuses_a_rotation_it_does_not_reproduce(tiny_lm, ids,
         return tuple((x.flip(-1) * cos + llama.rotate_half(x.flip(-1)) * sin).flip(-1) for x in (q, k))
 
     monkeypatch.setattr(llama, "apply_rotary_pos_emb", reversed_rotation)
-    with pytest.raises(KNNLMError, match="neither Llama's halves nor interleaved pairs"):
+    with pytest.raises(KNNLMError, match="keys do not turn as attention memory turns them"):
         windowed(tiny_lm, ids, AttentionMemoryConfig(layers="all", k=8))
     assert tiny_lm.model.config._attn_implementation == "sdpa"  # left as it was

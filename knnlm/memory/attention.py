@@ -190,17 +190,73 @@ def _base_function(implementation: str, module: torch.nn.Module):
     # eager is each model file's own eager_attention_forward
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
-        raise KNNLMError(f"Attention memory cannot run next to the model's {implementation!r} attention; load "
-                         "it with attn_implementation='sdpa' or 'eager'.")
+        raise KNNLMError(f"Attention memory cannot run next to the model's {implementation!r} attention (its model "
+                         "file has no eager_attention_forward); load it with attn_implementation='sdpa'.")
     return fn
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The text decoder of a causal LM (not a multimodal model's vision tower)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
 def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Layer number -> self-attention module, for decoders whose attention modules carry layer_idx (and
     num_key_value_groups, or is_causal: GPT-NeoX's carry no groups; a decoder layer carries neither)."""
-    return {m.layer_idx: m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int)
-            and (hasattr(m, "num_key_value_groups") or getattr(m, "is_causal", None) is True)}
+    found = [m for m in _decoder(model).modules() if isinstance(getattr(m, "layer_idx", None), int)
+             and (hasattr(m, "num_key_value_groups") or getattr(m, "is_causal", None) is True)]
+    modules = {m.layer_idx: m for m in found}
+    if len(modules) < len(found):  # e.g. cross-attention beside self-attention in one layer
+        raise KNNLMError(f"{type(model).__name__} has several attention modules with one layer number, so attention "
+                         "memory cannot tell its self-attention apart; use a decoder-only Llama-style model.")
+    return modules
+
+
+_PROBE_SHIFT = 37  # positions between the two passes of _pick_pairing
+
+
+def _pick_pairing(lm: LM, memory: AttentionMemory) -> None:
+    """Set memory.rope.pair to the pairing under which each retrieving layer's keys, rotation taken off, are the
+    same for the same tokens at two positions (rotary attention is relative, so the model's states are). A layer
+    the model does not rotate (no rotary there, or its own function), a model that never calls the attention
+    function, or one that rotates another way is refused in one sentence rather than read with keys turned
+    wrongly."""
+    from .rotary import rotate_half, rotate_interleaved
+
+    model = lm.model
+    n = 8
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(n) * 7 + 3) % vocab
+    shift = max(0, min(_PROBE_SHIFT, (lm.max_positions or n + _PROBE_SHIFT) - n))
+    if shift == 0:
+        return
+    worst: dict = {}
+    for pair in (rotate_half, rotate_interleaved):
+        memory.rope.pair = pair
+        keys = []
+        for at in (0, shift):
+            positions = torch.arange(n) + at
+            memory.begin_forward(0, positions, capture=True)
+            with torch.inference_mode():
+                model(input_ids=ids[None].to(lm.device), position_ids=positions[None].to(lm.device), use_cache=False)
+            keys.append(memory.captured)
+        memory.begin_forward(0, torch.zeros(0, dtype=torch.long), capture=False)
+        if set(keys[0]) != set(memory.layers):
+            raise KNNLMError(f"{type(model).__name__} did not run its attention through transformers' attention "
+                             "interface, so attention memory cannot take part in it; use a Llama-style decoder "
+                             "such as Llama, Qwen, Gemma or SmolLM2.")
+        gaps = {layer: float((keys[0][layer][0].float() - keys[1][layer][0].float()).norm()
+                             / keys[0][layer][0].float().norm().clamp_min(1e-30)) for layer in memory.layers}
+        tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2  # bf16/fp16 round coarsely
+        if max(gaps.values()) <= tolerance:
+            return
+        worst[pair.__name__] = max(gaps, key=gaps.get)
+    raise KNNLMError(f"{type(model).__name__}'s keys do not turn as attention memory turns them (layer "
+                     f"{worst['rotate_half']} first: no rotary embedding there, or one of another kind), so its "
+                     "memory keys would sit at wrong positions; use a Llama-style decoder such as Llama, Qwen, "
+                     "Gemma or SmolLM2.")
 
 
 @contextmanager
@@ -215,7 +271,7 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     model = lm.model
-    rotary = find_rotary(model)  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
+    rotary = find_rotary(_decoder(model))  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
     modules = _attention_modules(model)
     if not modules:
         raise KNNLMError(f"{type(model).__name__}'s attention modules carry no layer_idx (with num_key_value_groups "
@@ -234,6 +290,7 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
         _HOOKED[id(module)] = _Hooked(memory, _base_function(before, module))
     model.set_attn_implementation(name)
     try:
+        _pick_pairing(lm, memory)
         yield memory
     finally:
         model.set_attn_implementation(before)

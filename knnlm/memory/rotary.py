@@ -3,13 +3,11 @@
 Attention memory keeps keys without their rotation and rotates them again where they are read: at their
 true positions (exact) or all at one fixed distance before the query (InfLLM). The cosines and sines
 come from the model's own rotary module, so its base, scaling and rope type are the model's; the pairing
-of dimensions (halves, as Llama's; interleaved, as Cohere's) is checked against the model's own
-`apply_rotary_pos_emb` when the memory is attached.
+of dimensions (halves, as Llama's; interleaved, as Cohere's) is the one under which the model's own keys
+turn, found when the memory is attached.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 
@@ -67,12 +65,12 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pair=rotate_
 
 class Rope:
     """A model's rotation of keys: its rotary module, each layer's type where types turn differently (Gemma 3,
-    OLMo 3), and its pairing of dimensions."""
+    OLMo 3), and its pairing of dimensions (`pair`: rotate_half, or rotate_interleaved where the model pairs
+    neighbours; attention.attached picks the one under which the model's keys turn as it computes them)."""
 
     def __init__(self, model: torch.nn.Module, rotary: torch.nn.Module, attention: dict[int, torch.nn.Module]):
-        """model: the decoder; rotary: its find_rotary; attention: its attention modules by layer (the model file
-        they come from says how the model applies its rotation)."""
-        self.module = rotary
+        """model: the causal LM; rotary: its find_rotary; attention: its attention modules by layer."""
+        self.module, self.pair = rotary, rotate_half
         self.layer_types: dict[int, str] = {}
         if hasattr(self.module, "layer_types"):  # the decoder picks each layer's rotation by config.layer_types
             types = list(getattr(model.config, "layer_types", None) or [])
@@ -82,28 +80,6 @@ class Rope:
                 raise KNNLMError(f"{type(model).__name__} turns each layer type by a rotation of its own, but its "
                                  "config's layer_types do not name one for every attention layer; attention memory "
                                  "cannot rotate their keys as the model does.")
-        self.pair = self._pairing(model, next(iter(attention.values())))
-
-    def _pairing(self, model: torch.nn.Module, attention: torch.nn.Module):
-        """rotate_half or rotate_interleaved: the one that reproduces the model file's apply_rotary_pos_emb."""
-        apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-        device = next(iter(self.module.buffers()), torch.zeros(0)).device  # the model's (cuda too)
-        cos, sin = self.cos_sin(next(iter(self.layer_types), 0), torch.arange(3, 9), torch.zeros(1, device=device))
-        # as many dimensions as turn (all, or the first R of a partial rotary)
-        x = torch.randn(1, 1, 6, cos.shape[-1], generator=torch.Generator().manual_seed(0)).to(device)
-        want = None
-        if apply is not None:
-            try:
-                want = apply(x, x, cos[None], sin[None])[0]
-            except Exception:  # a probe of the model file's own function: any failure means it cannot be checked
-                want = None
-        for pair in (rotate_half, rotate_interleaved):
-            if want is not None and want.shape == x.shape and torch.allclose(rotate(x, cos, sin, pair), want,
-                                                                               atol=1e-5):
-                return pair
-        raise KNNLMError(f"{type(model).__name__} applies its rotary embedding in a way attention memory does not "
-                         "reproduce (neither Llama's halves nor interleaved pairs), so its memory keys would be "
-                         "rotated wrongly; use a Llama-style decoder such as Llama, Qwen, Gemma or SmolLM2.")
 
     def cos_sin(self, layer: int, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (N, R), of the layer's rotation at positions (N,), in like's dtype."""
