@@ -313,6 +313,16 @@ def _tiny_of(kind: str, tokenizer):
         "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
                     dict(size, num_hidden_layers=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
                          eos_token_id=0)),
+        # the same with 8 positions only: the probe's two passes must still be apart
+        "smollm3-short": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                          dict(size, num_hidden_layers=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                               eos_token_id=0, max_position_embeddings=8)),
+        # longrope: another set of frequencies for any pass that reads past position 32
+        "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM",
+                          dict(size, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                               original_max_position_embeddings=32,
+                               rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                                "long_factor": [4.0] * 4, "original_max_position_embeddings": 32})),
         # Falcon's attention is its own code, not transformers' attention interface
         "falcon": ("FalconConfig", "FalconForCausalLM",
                    dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
@@ -329,14 +339,16 @@ def _tiny_of(kind: str, tokenizer):
     # eager, but Falcon as it loads by default: sdpa, which it runs in code of its own
     model = getattr(transformers, model_cls)._from_config(
         config, attn_implementation="sdpa" if kind == "falcon" else "eager").eval()
-    if kind in ("gemma2", "gemma3", "cohere", "olmo3"):  # scores of a few units, as a trained model's: Gemma 2's
-        # cap of 1 bites, and a wrong rotation shows
+    if kind in ("gemma2", "gemma3", "cohere", "olmo3", "phi3-longrope"):  # scores of a few units, as a trained
+        # model's: Gemma 2's cap of 1 bites, and a wrong rotation shows
         with torch.no_grad():
             for layer in model.model.layers:
                 attn = layer.self_attn
                 if hasattr(attn, "q_norm"):  # queries and keys RMS-normed after the projection: scale the norms
                     attn.q_norm.weight.fill_(3.0)
                     attn.k_norm.weight.fill_(3.0)
+                elif hasattr(attn, "qkv_proj"):  # one projection for all three (Phi-3)
+                    attn.qkv_proj.weight.mul_(20)
                 else:
                     attn.q_proj.weight.mul_(20)
                     attn.k_proj.weight.mul_(20)
@@ -377,11 +389,22 @@ def test_cut_cache_with_full_memory_is_full_attention_with_sliding_layers(tiny_l
 
 
 @pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module"),
-                                         ("smollm3", "layer 3 first"), ("falcon", "attention interface")])
+                                         ("smollm3", "layer 3 first"), ("smollm3-short", "layer 3 first"),
+                                         ("falcon", "attention interface")])
 def test_attention_memory_refuses_what_it_cannot_reproduce(tiny_lm, ids, kind, words):
     lm = _tiny_of(kind, tiny_lm.tokenizer)
     with pytest.raises(KNNLMError, match=words):
         windowed(lm, ids, AttentionMemoryConfig(layers="all", k=8))
+
+
+def test_the_rotation_check_stays_where_the_rotation_does_not_depend_on_length(tiny_lm):
+    """longrope turns by other frequencies in a pass that reads past original_max_position_embeddings (32 here): the
+    check's two passes stay inside it, so the model is not refused for that."""
+    from knnlm.memory.rotary import rotate_half
+
+    lm = _tiny_of("phi3-longrope", tiny_lm.tokenizer)
+    with attached(lm, AttentionMemoryConfig(layers="all", k=8)) as memory:
+        assert memory.rope.pair is rotate_half and len(memory) == 0 and not memory.captured
 
 
 def test_attention_memory_refuses_a_rotation_it_does_not_reproduce(tiny_lm, ids, monkeypatch):

@@ -196,9 +196,11 @@ def _base_function(implementation: str, module: torch.nn.Module):
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The text decoder of a causal LM (not a multimodal model's vision tower)."""
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
+    """The text decoder of a causal LM (not a multimodal model's vision tower); the model itself where it names none."""
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # no get_decoder, or remote code's that raises
+        return model
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
@@ -214,10 +216,20 @@ def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return modules
 
 
-_PROBE_SHIFT = 37  # positions between the two passes of _pick_pairing
+def _probe_span(lm: LM, decoder: torch.nn.Module) -> tuple[int, int]:
+    """(tokens, shift) of _pick_pairing's two passes: 8 tokens 37 positions apart, less where the model reads fewer
+    positions or its rotation changes with the length read (longrope past original_max_position_embeddings)."""
+    limits = [lm.max_positions or 8 + 37]
+    params = getattr(decoder.config, "rope_parameters", None)
+    for p in ([params] + list(params.values())) if isinstance(params, dict) else []:
+        if isinstance(p, dict) and isinstance(p.get("original_max_position_embeddings"), int):
+            limits.append(p["original_max_position_embeddings"])
+    limit = min(limits)
+    n = min(8, limit // 2)
+    return n, min(37, limit - n)
 
 
-def _pick_pairing(lm: LM, memory: AttentionMemory) -> None:
+def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> None:
     """Set memory.rope.pair to the pairing under which each retrieving layer's keys, rotation taken off, are the
     same for the same tokens at two positions (rotary attention is relative, so the model's states are). A layer
     the model does not rotate (no rotary there, or its own function), a model that never calls the attention
@@ -226,13 +238,13 @@ def _pick_pairing(lm: LM, memory: AttentionMemory) -> None:
     from .rotary import rotate_half, rotate_interleaved
 
     model = lm.model
-    n = 8
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = (torch.arange(n) * 7 + 3) % vocab
-    shift = max(0, min(_PROBE_SHIFT, (lm.max_positions or n + _PROBE_SHIFT) - n))
-    if shift == 0:
-        return
-    worst: dict = {}
+    n, shift = _probe_span(lm, decoder)
+    if n < 1:
+        raise KNNLMError(f"{type(model).__name__} reads {lm.max_positions} position(s), too few for attention memory "
+                         "to check how it rotates its keys; use a model with a longer context.")
+    ids = (torch.arange(n) * 7 + 3) % model.get_input_embeddings().num_embeddings
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2  # bf16/fp16 round coarsely
+    tried = []
     for pair in (rotate_half, rotate_interleaved):
         memory.rope.pair = pair
         keys = []
@@ -249,14 +261,15 @@ def _pick_pairing(lm: LM, memory: AttentionMemory) -> None:
                              "such as Llama, Qwen, Gemma or SmolLM2.")
         gaps = {layer: float((keys[0][layer][0].float() - keys[1][layer][0].float()).norm()
                              / keys[0][layer][0].float().norm().clamp_min(1e-30)) for layer in memory.layers}
-        tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2  # bf16/fp16 round coarsely
         if max(gaps.values()) <= tolerance:
             return
-        worst[pair.__name__] = max(gaps, key=gaps.get)
-    raise KNNLMError(f"{type(model).__name__}'s keys do not turn as attention memory turns them (layer "
-                     f"{worst['rotate_half']} first: no rotary embedding there, or one of another kind), so its "
-                     "memory keys would sit at wrong positions; use a Llama-style decoder such as Llama, Qwen, "
-                     "Gemma or SmolLM2.")
+        tried.append(gaps)
+    # the pairing most layers agree with (then the nearer one): name its first layer that does not turn so
+    gaps = max(tried, key=lambda g: (sum(x <= tolerance for x in g.values()), -max(g.values())))
+    layer = min(x for x, g in gaps.items() if g > tolerance)
+    raise KNNLMError(f"{type(model).__name__}'s keys do not turn as attention memory turns them (layer {layer} "
+                     "first: no rotary embedding there, or one of another kind), so its memory keys would sit at "
+                     "wrong positions; use a Llama-style decoder such as Llama, Qwen, Gemma or SmolLM2.")
 
 
 @contextmanager
@@ -271,13 +284,14 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     model = lm.model
-    rotary = find_rotary(_decoder(model))  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
+    decoder = _decoder(model)
+    rotary = find_rotary(decoder)  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
     modules = _attention_modules(model)
     if not modules:
         raise KNNLMError(f"{type(model).__name__}'s attention modules carry no layer_idx (with num_key_value_groups "
                          "or is_causal), so attention memory cannot route them; it needs a Llama-style transformers "
                          "decoder such as Llama, Qwen, Mistral, Gemma, GPT-NeoX or SmolLM2.")
-    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), Rope(model, rotary, modules))
+    memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), Rope(decoder, rotary, modules))
     before = model.config._attn_implementation
     if before.startswith(_NAME):
         raise KNNLMError("This model already has an attention memory attached; use one at a time.")
@@ -290,7 +304,7 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
         _HOOKED[id(module)] = _Hooked(memory, _base_function(before, module))
     model.set_attn_implementation(name)
     try:
-        _pick_pairing(lm, memory)
+        _pick_pairing(lm, memory, decoder)
         yield memory
     finally:
         model.set_attn_implementation(before)

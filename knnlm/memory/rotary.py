@@ -69,7 +69,8 @@ class Rope:
     neighbours; attention.attached picks the one under which the model's keys turn as it computes them)."""
 
     def __init__(self, model: torch.nn.Module, rotary: torch.nn.Module, attention: dict[int, torch.nn.Module]):
-        """model: the causal LM; rotary: its find_rotary; attention: its attention modules by layer."""
+        """model: the text decoder (its config's layer_types); rotary: its find_rotary; attention: its attention
+        modules by layer."""
         self.module, self.pair = rotary, rotate_half
         self.layer_types: dict[int, str] = {}
         if hasattr(self.module, "layer_types"):  # the decoder picks each layer's rotation by config.layer_types
