@@ -237,6 +237,8 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      use_datastore=not no_datastore, attention=attention, overwrite=overwrite)
     if no_datastore and report_file:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
+    if report_file is not None and not report_file.strip():
+        raise click.BadParameter("is empty; pass a file path such as report.html.", param_hint="--report")
     refuse_stray(bool(report_file), "--report", "report_tokens")
     refuse_stray(bool(report_file or save_scores), "--save-scores or --report", "overwrite")
     if report_tokens < 0:

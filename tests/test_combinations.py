@@ -19,6 +19,7 @@ from knnlm.evaluate import NO_DATASTORE_WINDOW, EvalConfig
 from knnlm.generate import generate
 from knnlm.index import IndexConfig, train_index
 from knnlm.memory.attention import AttentionMemoryConfig
+from knnlm.memory.document import MemoryConfig
 from knnlm.report import report_eval
 from knnlm.retrieval import RetrievalConfig
 from knnlm.update import remove_documents
@@ -61,12 +62,27 @@ def test_no_tuned_values_note_on_a_datastore_never_tuned(tmp_path):
     assert "retomaton off" in resolve_combiner("0.25", ds, search=search).mismatch  # its tuned T is
 
 
-@pytest.mark.parametrize("cfg", [EvalConfig(retrieval=RetrievalConfig(retomaton=True)),
-                                 EvalConfig(attention=AttentionMemoryConfig())])
-def test_report_refuses_what_it_would_show_wrongly(cfg, tmp_path):
-    with pytest.raises(KNNLMError, match="--retomaton and --attention-memory"):
+@pytest.mark.parametrize("cfg, flag", [(EvalConfig(retrieval=RetrievalConfig(retomaton=True)), "--retomaton"),
+                                       (EvalConfig(attention=AttentionMemoryConfig()), "--attention-memory"),
+                                       (EvalConfig(memory=MemoryConfig("document")), "--memory document")])
+def test_report_refuses_what_it_would_show_wrongly(cfg, flag, tmp_path):
+    """The page shows a plain search's neighbours and mix (before: --memory document's perplexity in the JSON, the
+    datastore-only mix on the page, silently)."""
+    with pytest.raises(KNNLMError, match=f"drop {flag} to write it"):
         report_eval(None, None, cfg, tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("path, words", [("", "is empty"), ("newdir/", "is a folder"),
+                                         ("/proc/r.html", "no file can be made")])
+def test_report_refuses_a_path_it_cannot_write_before_any_work(path, words, tmp_path):
+    """Before: '' and 'newdir/' went on (no report; a file named newdir), /proc a traceback after all the work, and
+    a negative count of detailed tokens was taken from the API."""
+    with pytest.raises(KNNLMError, match=words):
+        report_eval(None, None, EvalConfig(), path)
+    with pytest.raises(KNNLMError, match="not a number of tokens"):
+        report_eval(None, None, EvalConfig(), tmp_path / "r.html", detail_tokens=-5)
+    assert list(tmp_path.iterdir()) == []  # the check's own file is gone
 
 
 def test_updates_refuse_an_index_that_is_neither_ivf_nor_flat(tmp_path):

@@ -22,7 +22,7 @@ from knnlm.evaluate import EvalConfig, search_settings
 from knnlm.interpolate import interpolate, knn_log_prob, masked_distances, neighbor_log_weights
 from knnlm.neighbors import neighbors
 from knnlm.report import report_eval, write_neighbors_html
-from knnlm.report.data import build_report_data, knn_top, shown_count, shown_rows
+from knnlm.report.data import build_report_data, knn_top, shown_count, shown_rows, token_pieces
 from knnlm.report.gather import lm_top_tokens, neighbor_contexts, neighbor_ids
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import Scores
@@ -81,6 +81,11 @@ def test_data_against_the_scores(evaluated):
     assert [(d["start"], d["end"]) for d in data["docs"]] == list(zip(edges[:-1], edges[1:]))
     assert shown < n  # tokens past ten times the detailed ones are left out of the text
     assert all(d["first"] == docs[d["doc"]][1][:1] for d in data["docs"])
+    # The text shown: each document's tokens before and among the shown ones, decoded, split by token.
+    assert len(data["pieces"]) == shown
+    for d in data["docs"]:
+        shown_ids = docs[d["doc"]][1][: len(d["first"]) + d["end"] - d["start"]]
+        assert d["first_text"] + "".join(data["pieces"][d["start"]: d["end"]]) == lm.decode(shown_ids)
     # Gains: the brute-force mix minus the LM.
     ref = interpolate(s.lm_logp, knn_log_prob(s.dists, s.vals, s.targets, 1.0), 0.25) - s.lm_logp
     np.testing.assert_allclose(data["gain"], ref[:shown], atol=6e-4)
@@ -96,7 +101,8 @@ def test_data_against_the_scores(evaluated):
     # Only the rows shown are in the table, each with the datastore's own document, offset and context.
     assert len(data["rows"]) == len(set(ids[:detail, :8][ids[:detail, :8] >= 0].tolist()))
     for row, (name, offset, ctx, nxt) in zip(rows.tolist(), data["rows"]):
-        assert (name, offset, ctx) == ds.context_tokens(row, 20)
+        want_name, want_offset, want_ctx = ds.context_tokens(row, 20)
+        assert (name, offset, ctx) == (want_name, want_offset, lm.decode(want_ctx))
         assert nxt == int(ds.vals[row])
     # p_kNN's top 5: the brute-force sum of neighbour weights per token.
     for i in range(0, detail, 37):
@@ -121,19 +127,60 @@ def test_data_of_handmade_scores():
                np.array([1, 2, 1], np.int32))
     mixed = np.log([0.6, 0.2, 0.1])
     ids = np.array([[10, 11, -1]])
+    decode = lambda t: "".join(f"<{x}>" for x in t)  # noqa: E731
     data = build_report_data(s, [("a", [4, 5, 6]), ("b", [3, 7])], mixed, np.array([0.5, 0.5, 0.0]), ids,
-                             {10: ("a", 3, [1, 2]), 11: ("b", 0, [3])}, lambda t: "".join(f"<{x}>" for x in t),
-                             1.0, detail_tokens=1, neighbors=2)
+                             {10: ("a", 3, [1, 2], 5), 11: ("b", 0, [3], 9)}, decode, 1.0, detail_tokens=1,
+                             neighbors=2)
     np.testing.assert_allclose(data["gain"], np.log([0.6 / 0.5, 0.2 / 0.25, 1.0]), atol=1e-3)
-    assert data["docs"] == [{"doc": 0, "name": "a", "first": [4], "start": 0, "end": 2},
-                            {"doc": 1, "name": "b", "first": [3], "start": 2, "end": 3}]
+    assert data["docs"] == [{"doc": 0, "name": "a", "first": [4], "first_text": "<4>", "start": 0, "end": 2},
+                            {"doc": 1, "name": "b", "first": [3], "first_text": "<3>", "start": 2, "end": 3}]
+    assert data["pieces"] == ["<5>", "<6>", "<7>"]
     assert data["detail"]["nbrs"] == [[[0, 1.0, 1], [1, 2.0, 0]]]
-    assert data["rows"] == [["a", 3, [1, 2], 5], ["b", 0, [3], 9]]
+    assert data["rows"] == [["a", 3, "<1><2>", 5], ["b", 0, "<3>", 9]]
+    # A search again may order tied neighbours otherwise than the scores: each row shows the datastore's own next
+    # token, and ✓ says whether that is the target (before: the scores' value at the row's rank, another row's).
+    swapped = build_report_data(s, [("a", [4, 5, 6]), ("b", [3, 7])], mixed, np.array([0.5, 0.5, 0.0]),
+                                np.array([[11, 10, -1]]), {10: ("a", 3, [1, 2], 5), 11: ("b", 0, [3], 9)}, decode,
+                                1.0, detail_tokens=1, neighbors=2)
+    assert swapped["rows"] == data["rows"] and swapped["detail"]["nbrs"] == [[[1, 1.0, 0], [0, 2.0, 1]]]
     w = np.exp([-1.0, -2.0]) / np.exp([-1.0, -2.0]).sum()
     assert data["detail"]["knn_top"] == [[[5, round(w[0], 4)], [9, round(w[1], 4)]]]
     assert data["vocab"]["5"] == "<5>" and data["detail"]["lm_top"] is None
     assert knn_top(s.dists[2], s.vals[2], 1.0) == [(1, pytest.approx(2 / 3)), (7, pytest.approx(1 / 3))]
     assert sum(data["hist"]["lambda"]["count"]) == 3
+
+
+def test_token_pieces_keep_characters_split_across_tokens():
+    """Each token's share of the text: a character whose bytes span tokens shows whole, on the token that ends it
+    (before: every token decoded alone, an emoji became four replacement characters)."""
+    text = "a🐍b 👨\u200d👩 é\r\n中文\t</script>"
+    ids = list(text.encode("utf-8"))  # a byte-level vocabulary of one token per byte
+
+    def decode(t):
+        return bytes(t).decode("utf-8", errors="replace")
+
+    pieces = token_pieces(decode, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert pieces[1:5] == ["", "", "", "🐍"] and "\ufffd" not in "".join(pieces)
+    assert token_pieces(decode, ids[:3]) == ["a", "", "\ufffd"]  # cut short: the bytes there show as they decode
+    # A decoder that drops a leading space (SentencePiece's) keeps the spaces between tokens.
+    words = {1: " the", 2: " cat", 3: "s"}
+
+    def sp_decode(t):
+        return "".join(words[x] for x in t).lstrip(" ")
+
+    assert token_pieces(sp_decode, [1, 2, 3]) == ["the", " cat", "s"]
+
+
+def test_placeholders_in_the_title_or_text_are_left_as_they_are(tmp_path):
+    """A corpus named "__DATA__" (the title) or text holding "__TITLE__" stays as it is (before: the data went
+    into the title and the page was blank)."""
+    from knnlm.report.render import render_html
+
+    page = render_html({"text": "__TITLE__ and __DATA__"}, "report of __DATA__")
+    (tmp_path / "p.html").write_text(page)
+    assert _page_data(tmp_path / "p.html") == {"text": "__TITLE__ and __DATA__", "title": "report of __DATA__"}
+    assert "<title>report of __DATA__" in page
 
 
 def test_page_is_self_contained(evaluated):
@@ -171,6 +218,9 @@ def test_report_in_a_real_browser(evaluated, tmp_path):
         page.goto(evaluated["path"].resolve().as_uri())
         page.wait_for_selector("body[data-ready='1']")
         assert page.locator("span.t").count() == len(s)
+        # The page's text is the documents' decoded tokens, character for character.
+        ids = evaluated["lm"].encode(evaluated["docs"][0][1])
+        assert page.locator("pre.body").first.inner_text() == evaluated["lm"].decode(ids[: data["docs"][0]["end"] + 1])
         # A token whose target is among its neighbours shows that neighbour with a ✓.
         i = next(i for i, nb in enumerate(data["detail"]["nbrs"]) if any(ok for _, _, ok in nb))
         rank = next(j for j, (_, _, ok) in enumerate(data["detail"]["nbrs"][i]) if ok) + 1

@@ -87,11 +87,17 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
     """
     check_report_path(path)
     refuse_existing(path, cfg.overwrite)
-    # The page searches the detailed tokens' queries again, and reads the LM's top tokens from a plain forward:
-    # neither is what RetoMaton's pointers or the attention memory scored.
-    if (retriever.cfg if retriever is not None else cfg.retrieval).retomaton or cfg.attention is not None:
+    if isinstance(detail_tokens, bool) or not isinstance(detail_tokens, (int, np.integer)) or detail_tokens < 0:
+        raise KNNLMError(f"--report-tokens {detail_tokens!r} is not a number of tokens; pass one, e.g. 5000.")
+    # The page searches the detailed tokens' queries again, and reads the LM's top tokens and mix from a plain
+    # forward and the datastore's neighbours: none is what RetoMaton's pointers, the attention memory or the
+    # document memory scored.
+    given = [flag for flag, on in (("--retomaton", (retriever.cfg if retriever is not None else cfg.retrieval).retomaton),
+                                   ("--attention-memory", cfg.attention is not None),
+                                   ("--memory document", cfg.memory.on)) if on]
+    if given:
         raise KNNLMError("The report shows a plain search's neighbours and the LM's own top tokens; drop "
-                         "--retomaton and --attention-memory to write it.")
+                         f"{' and '.join(given)} to write it.")
     run = open_eval(datastore, corpus, cfg, lm, split, documents, retriever)
     # The page searches the detailed tokens' queries again for their neighbours' rows.
     result, scores = score_run(run, replace(cfg, keep_features=True), progress)

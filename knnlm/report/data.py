@@ -1,7 +1,9 @@
 """What the HTML report shows, as plain JSON-ready data: a pure function of the scores and what was looked up.
 
-Tokens are referred to by id; `vocab` maps each id the page shows to its text, so a token that
-recurs (or a neighbour's context) costs its text once.
+The scored text is given as each token's share of the decoded text (`pieces`), so that a character
+split across tokens (an emoji in a byte-level vocabulary) shows whole; a neighbour's context is its
+decoded text. Elsewhere (top tokens, next tokens) tokens are referred to by id, and `vocab` maps each id
+the page shows to its text, so a token that recurs costs its text once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,27 @@ def detail_count(n: int, detail_tokens: int) -> int:
 def shown_count(n: int, detail_tokens: int) -> int:
     """How many tokens (the first ones) are shown coloured: ten times the detailed ones, at least 1,000."""
     return min(n, max(10 * detail_tokens, 1000))
+
+
+def token_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Each token's share of decode(ids), in order; joined, they are the decoded text (for decoders whose text of
+    a token does not depend on what follows, such as byte-level BPE). A token that ends inside a character
+    gives what it completes, and the token that completes the character gives the character; each token is
+    decoded after the one before it, so a decoder that drops a leading space sees that it is not leading."""
+    pieces: list[str] = []
+    start, given = 0, 0  # the first token of the run not yet given out in full; characters of its text given
+    for i in range(len(ids)):
+        c = max(0, start - 1)
+        base, text = decode(ids[c:start]), decode(ids[c:i + 1])
+        run = text[len(base):] if text.startswith(base) else decode(ids[start:i + 1])
+        # a character cut by this token's end (UTF-8 takes at most 4 bytes): wait for the tokens that end it
+        waiting = run.endswith("\ufffd") and i + 1 < len(ids) and i - start < 3
+        upto = len(run.rstrip("\ufffd")) if waiting else len(run)
+        pieces.append(run[given:upto])
+        given = upto
+        if not waiting:
+            start, given = i + 1, 0
+    return pieces
 
 
 def shown_rows(neighbor_ids: np.ndarray, neighbors: int = 8) -> np.ndarray:
@@ -82,8 +105,8 @@ def build_report_data(scores: Scores, docs: list[tuple[str, list[int]]], mixed: 
         lambdas: (n,) λ per token.
         neighbor_ids: (m, ≥ neighbors) datastore rows of the first m ≥ detail tokens' neighbours, in
             the order of scores.dists (−1 where missing).
-        contexts: row → (document name, offset, context token ids ending at the row's token), for
-            at least the rows of `shown_rows(neighbor_ids[:detail], neighbors)`.
+        contexts: row → (document name, offset, context token ids ending at the row's token, the token
+            after it), for at least the rows of `shown_rows(neighbor_ids[:detail], neighbors)`.
         decode: token ids → text.
         temperature: T of p_kNN (for its top 5).
         lm_top: (ids (m, 5), probabilities (m, 5)) of p_LM's top tokens for the detailed tokens, or None.
@@ -93,9 +116,11 @@ def build_report_data(scores: Scores, docs: list[tuple[str, list[int]]], mixed: 
         neighbors: neighbours listed per token.
 
     Returns:
-        JSON-ready dict: docs [{name, first, start, end}], tokens (ids of the shown targets), gain
-        (nats, per shown token), detail {lam, lm_p, mix_p, lm_top, knn_top, nbrs [[row index, distance
-        (4 significant digits), ✓ as 1/0]], searched}, rows [[document, offset, context ids, next id]], hist, vocab {id: text}.
+        JSON-ready dict: docs [{name, first (ids before the first scored token), first_text, start, end}],
+        tokens (ids of the shown targets), pieces (their text: token_pieces of each document), gain (nats, per
+        shown token), detail {lam, lm_p, mix_p, lm_top, knn_top, nbrs [[row index, distance (4 significant
+        digits), ✓ as 1/0: the row's next token is the target]], searched}, rows [[document, offset, context
+        text, next id]], hist, vocab {id: text}.
     """
     n = len(scores)
     detail, shown = detail_count(n, detail_tokens), shown_count(n, detail_tokens)
@@ -109,32 +134,34 @@ def build_report_data(scores: Scores, docs: list[tuple[str, list[int]]], mixed: 
         if not out_docs or out_docs[-1]["doc"] != d:
             name, ids = docs[d]
             first = ids[: int(scores.pos[i])]  # tokens before the first scored one (the document's first)
-            used.update(first)
             out_docs.append({"doc": d, "name": name, "first": [int(t) for t in first], "start": i, "end": i + 1})
         else:
             out_docs[-1]["end"] = i + 1
     targets = [int(t) for t in scores.targets[:shown]]
     used.update(targets)
+    pieces: list[str] = []
+    for doc in out_docs:  # the text of each document's tokens before and among the shown ones, split by token
+        n_first = len(doc["first"])
+        split = token_pieces(decode, doc["first"] + targets[doc["start"]: doc["end"]])
+        doc["first_text"] = "".join(split[:n_first])
+        pieces.extend(split[n_first:])
 
     ids8 = np.asarray(neighbor_ids)[:detail, :neighbors]  # (detail, ≤ neighbors)
-    stored = dict(zip(ids8.ravel().tolist(), scores.vals[:detail, :ids8.shape[1]].ravel().tolist()))
     rows = [int(r) for r in shown_rows(ids8, neighbors)]
     row_index = {r: j for j, r in enumerate(rows)}
-    row_table = []
+    row_table, next_of = [], {}
     for r in rows:
-        name, offset, ctx = contexts[r]
-        nxt = int(stored[r])
-        used.update(int(t) for t in ctx)
-        used.add(nxt)
-        row_table.append([name, int(offset), [int(t) for t in ctx], nxt])
+        name, offset, ctx, nxt = contexts[r]
+        next_of[r] = int(nxt)  # the datastore's own: a search again may order tied neighbours otherwise
+        used.add(int(nxt))
+        row_table.append([name, int(offset), decode([int(t) for t in ctx]), int(nxt)])
 
     searched = scores.searched if scores.searched is not None else np.ones(n, bool)
     nbrs, knn_tops, lm_tops = [], [], []
     for i in range(detail):
-        ids, d, v = neighbor_ids[i, :neighbors], scores.dists[i, :neighbors], scores.vals[i, :neighbors]
+        ids, d = neighbor_ids[i, :neighbors], scores.dists[i, :neighbors]
         tgt = int(scores.targets[i])
-        nbrs.append([[row_index[int(r)], _sig(dist), int(int(val) == tgt)]
-                     for r, dist, val in zip(ids, d, v) if r >= 0])
+        nbrs.append([[row_index[int(r)], _sig(dist), int(next_of[int(r)] == tgt)] for r, dist in zip(ids, d) if r >= 0])
         top = knn_top(scores.dists[i], scores.vals[i], temperature)
         used.update(t for t, _ in top)
         knn_tops.append([[t, round(p, 4)] for t, p in top])
@@ -151,7 +178,7 @@ def build_report_data(scores: Scores, docs: list[tuple[str, list[int]]], mixed: 
         "summary": summary or {}, "tuned": _tuned_view(tuned),
         "tokens_scored": n, "tokens_shown": shown, "tokens_detailed": detail, "neighbors": neighbors,
         "temperature": temperature, "mean_gain": float(gain.mean()) if n else 0.0,
-        "docs": out_docs, "tokens": targets, "gain": np.round(gain[:shown], 3).tolist(),
+        "docs": out_docs, "tokens": targets, "pieces": pieces, "gain": np.round(gain[:shown], 3).tolist(),
         "detail": {"lam": np.round(lambdas[:detail], 4).tolist(),
                    "lm_p": np.round(np.exp(scores.lm_logp[:detail]), 5).tolist(),
                    "mix_p": np.round(np.exp(np.asarray(mixed[:detail], np.float64)), 5).tolist(),

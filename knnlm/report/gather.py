@@ -33,8 +33,10 @@ def neighbor_ids(retriever: Retriever, scores: Scores, m: int) -> np.ndarray:
     return ids
 
 
-def neighbor_contexts(ds: Datastore, rows: np.ndarray, max_tokens: int = 20) -> dict[int, tuple[str, int, list[int]]]:
-    """row → (document name, offset, up to max_tokens token ids ending at the row's token), one locate for all rows."""
+def neighbor_contexts(ds: Datastore, rows: np.ndarray,
+                      max_tokens: int = 20) -> dict[int, tuple[str, int, list[int], int]]:
+    """row → (document name, offset, up to max_tokens token ids ending at the row's token, the token after it: the
+    row's value), one locate for all rows."""
     rows = np.asarray(rows, np.int64)
     docs = ds.documents
     vals = ds.vals
@@ -45,7 +47,7 @@ def neighbor_contexts(ds: Datastore, rows: np.ndarray, max_tokens: int = 20) -> 
         lo = max(0, pos - max_tokens + 1)
         # Token j > 0 of a document is vals[start + j - 1]; token 0 is stored in the document table.
         toks = [int(v) for v in vals[start + max(lo, 1) - 1: start + pos]]
-        out[row] = (str(name), int(pos), [int(first)] + toks if lo == 0 else toks)
+        out[row] = (str(name), int(pos), [int(first)] + toks if lo == 0 else toks, int(vals[row]))
     return out
 
 

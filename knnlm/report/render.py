@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
+import tempfile
 from importlib import resources
 
 from ..arrays import atomic_path, json_safe
@@ -22,18 +24,28 @@ def render_html(data: dict, title: str) -> str:
                          allow_nan=False)
     # Inside <script> only "</" (and HTML comments) could end the element early; \u escapes keep JSON valid.
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    page = template()
-    return page.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload, 1)
+    # One pass over the template: a title or text holding "__DATA__" or "__TITLE__" is not replaced in its turn.
+    fill = {"__TITLE__": html.escape(title), "__DATA__": payload}
+    return re.sub("__TITLE__|__DATA__", lambda m: fill[m.group(0)], template())
 
 
 def check_report_path(path: str | os.PathLike) -> None:
-    """Refuse, before any work, a report path that cannot be written: a folder, or in a missing folder."""
-    if os.path.isdir(path):
+    """Refuse, before any work, a report path that cannot be written: empty, a folder (or named as one), in a
+    missing folder, or in one where no file can be made."""
+    if not str(path).strip():
+        raise KNNLMError("The report path is empty; pass a file path such as report.html.")
+    if os.path.isdir(path) or str(path).endswith(("/", os.sep)):
         raise KNNLMError(f"The report path {path} is a folder; pass a file path such as report.html.")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise KNNLMError(f"Cannot write the report {path}: the folder {parent} does not exist; create it or pass "
                          "another path.")
+    try:  # a file made and removed at once: what the page's own (atomic) write will need
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise KNNLMError(f"Cannot write the report {path}: no file can be made in {parent} ({e.strerror or e}); "
+                         "pass a path in a folder you can write.") from None
 
 
 def write_html(path: str | os.PathLike, data: dict, title: str) -> int:
