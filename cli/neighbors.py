@@ -11,6 +11,7 @@ from knnlm.corpus import read_stdin
 from knnlm.arrays import refuse_existing
 from knnlm.neighbors import check_top
 from knnlm.report import write_neighbors_html
+from knnlm.report.render import check_report_path
 
 from .common import (datastore_option, device_option, json_option, model_option, print_json, refuse_stray,
                      trust_option, typed)
@@ -68,7 +69,8 @@ def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwr
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
     refuse_stray(bool(html_file), "--html", "overwrite")
     if html_file:
-        refuse_existing(html_file, overwrite)  # before the model loads
+        check_report_path(html_file)  # before the model loads
+        refuse_existing(html_file, overwrite)
     check_top(top)
     if typed("k") and top > k:  # a typed --k is what is searched: --top shows no more than it finds
         if typed("top"):

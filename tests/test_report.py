@@ -163,6 +163,19 @@ def test_token_pieces_keep_characters_split_across_tokens():
     assert len(pieces) == len(ids) and "".join(pieces) == text
     assert pieces[1:5] == ["", "", "", "🐍"] and "\ufffd" not in "".join(pieces)
     assert token_pieces(decode, ids[:3]) == ["a", "", "\ufffd"]  # cut short: the bytes there show as they decode
+    # Byte fallback (Llama's, Mistral's): a run of raw bytes that is not whole UTF-8 decodes to one "\ufffd" per
+    # byte, the bytes before it too (before: "👍🏽" became "👍����"); a literal "\ufffd" is a character of its own.
+    def fallback(t):
+        try:
+            return bytes(t).decode("utf-8")
+        except UnicodeDecodeError:
+            return "\ufffd" * len(t)
+
+    for text in ("👍🏽", "a🐍\ufffdb", "\ufffd 🐍", "x🐍"):
+        ids = list(text.encode("utf-8"))
+        for dec in (decode, fallback):
+            assert "".join(token_pieces(dec, ids)) == text, (text, dec)
+    assert token_pieces(fallback, list("👍🏽".encode("utf-8"))) == ["", "", "", "👍", "", "", "", "🏽"]
     # A decoder that drops a leading space (SentencePiece's) keeps the spaces between tokens.
     words = {1: " the", 2: " cat", 3: "s"}
 

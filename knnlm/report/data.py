@@ -31,23 +31,24 @@ def shown_count(n: int, detail_tokens: int) -> int:
 
 
 def token_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
-    """Each token's share of decode(ids), in order; joined, they are the decoded text (for decoders whose text of
-    a token does not depend on what follows, such as byte-level BPE). A token that ends inside a character
-    gives what it completes, and the token that completes the character gives the character; each token is
-    decoded after the one before it, so a decoder that drops a leading space sees that it is not leading."""
+    """Each token's share of decode(ids), in order; joined, they are the decoded text (for decoders whose text of a
+    token does not depend on what follows: byte-level BPE, byte fallback). A token that ends inside a character
+    gives what it completes, and the token that ends the character gives it whole (a run whose text ends in
+    "\ufffd" waits for up to 3 more tokens: UTF-8 takes at most 4 bytes). Each run of tokens is decoded after
+    the run before it, so a decoder that drops a leading space sees that it is not leading, and one that decodes
+    raw bytes together sees whole characters before it. A literal "\ufffd" in the text followed within 3 tokens
+    by a split character is the one case where the pieces may not join to the text."""
     pieces: list[str] = []
-    start, given = 0, 0  # the first token of the run not yet given out in full; characters of its text given
+    prev = start = given = 0  # ids[prev:start]: the last finished run (context); ids[start:]: the open run
     for i in range(len(ids)):
-        c = max(0, start - 1)
-        base, text = decode(ids[c:start]), decode(ids[c:i + 1])
+        base, text = decode(ids[prev:start]), decode(ids[prev:i + 1])
         run = text[len(base):] if text.startswith(base) else decode(ids[start:i + 1])
-        # a character cut by this token's end (UTF-8 takes at most 4 bytes): wait for the tokens that end it
         waiting = run.endswith("\ufffd") and i + 1 < len(ids) and i - start < 3
         upto = len(run.rstrip("\ufffd")) if waiting else len(run)
         pieces.append(run[given:upto])
         given = upto
-        if not waiting:
-            start, given = i + 1, 0
+        if not waiting:  # the run is given out whole: the next token starts one
+            prev, start, given = start, i + 1, 0
     return pieces
 
 
