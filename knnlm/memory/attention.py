@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..errors import KNNLMError, settle
-from .rotary import Rope, find_rotary
+from .rotary import Rope, find_rotary, rotate_half, rotate_interleaved
 
 if TYPE_CHECKING:
     from ..lm import LM
@@ -235,8 +235,6 @@ def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> 
     the model does not rotate (no rotary there, or its own function), a model that never calls the attention
     function, or one that rotates another way is refused in one sentence rather than read with keys turned
     wrongly."""
-    from .rotary import rotate_half, rotate_interleaved
-
     model = lm.model
     n, shift = _probe_span(lm, decoder)
     if n < 1:

@@ -92,8 +92,8 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
     # The page searches the detailed tokens' queries again, and reads the LM's top tokens and mix from a plain
     # forward and the datastore's neighbours: none is what RetoMaton's pointers, the attention memory or the
     # document memory scored.
-    given = [flag for flag, on in (("--retomaton", (retriever.cfg if retriever is not None else cfg.retrieval).retomaton),
-                                   ("--attention-memory", cfg.attention is not None),
+    search = retriever.cfg if retriever is not None else cfg.retrieval
+    given = [flag for flag, on in (("--retomaton", search.retomaton), ("--attention-memory", cfg.attention is not None),
                                    ("--memory document", cfg.memory.on)) if on]
     if given:
         raise KNNLMError("The report shows a plain search's neighbours and the LM's own top tokens; drop "

@@ -162,7 +162,8 @@ def build_report_data(scores: Scores, docs: list[tuple[str, list[int]]], mixed: 
     for i in range(detail):
         ids, d = neighbor_ids[i, :neighbors], scores.dists[i, :neighbors]
         tgt = int(scores.targets[i])
-        nbrs.append([[row_index[int(r)], _sig(dist), int(next_of[int(r)] == tgt)] for r, dist in zip(ids, d) if r >= 0])
+        nbrs.append([[row_index[int(r)], _sig(dist), int(next_of[int(r)] == tgt)]
+                     for r, dist in zip(ids, d) if r >= 0])
         top = knn_top(scores.dists[i], scores.vals[i], temperature)
         used.update(t for t, _ in top)
         knn_tops.append([[t, round(p, 4)] for t, p in top])
