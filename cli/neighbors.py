@@ -67,10 +67,10 @@ def format_neighbors(r: dict, width: int = 72) -> str:
 def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwrite, k, nprobe, rerank, rerank_depth,
                   exact, search_device, model, device, trust_remote_code, as_json):
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
-    refuse_stray(bool(html_file), "--html", "overwrite")
-    if html_file:
-        check_report_path(html_file)  # before the model loads
+    if html_file is not None:  # before the model loads; an empty path is refused, not taken for no --html
+        check_report_path(html_file)
         refuse_existing(html_file, overwrite)
+    refuse_stray(html_file is not None, "--html", "overwrite")
     check_top(top)
     if typed("k") and top > k:  # a typed --k is what is searched: --top shows no more than it finds
         if typed("top"):
@@ -82,7 +82,7 @@ def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwr
     knn = KNNLM.open(datastore, model, device, retrieval_config(k, nprobe, rerank, rerank_depth, exact, search_device),
                      trust_remote_code)
     r = knn.neighbors(text, position, top, temperature)
-    if html_file:
+    if html_file is not None:
         write_neighbors_html(html_file, r, overwrite)
     if as_json:
         print_json(r)

@@ -73,16 +73,35 @@ def test_report_refuses_what_it_would_show_wrongly(cfg, flag, tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
-@pytest.mark.parametrize("path, words", [("", "is empty"), ("newdir/", "is a folder"),
-                                         ("/proc/r.html", "no file can be made")])
-def test_report_refuses_a_path_it_cannot_write_before_any_work(path, words, tmp_path):
-    """Before: '' and 'newdir/' went on (no report; a file named newdir), /proc a traceback after all the work, and
-    a negative count of detailed tokens was taken from the API."""
+@pytest.mark.parametrize("name, words", [("", "is empty"), ("newdir/", "is a folder"),
+                                         ("b" * 250 + ".html", "no file can be made")])
+def test_report_refuses_a_path_it_cannot_write_before_any_work(name, words, tmp_path, monkeypatch):
+    """Before: '' and 'newdir/' went on (no report; a file named newdir); a name too long for the write's temporary
+    name, or a folder where no file can be made (/proc), failed after all the work, with a traceback; a negative
+    count of detailed tokens was taken from the API."""
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(KNNLMError, match=words):
-        report_eval(None, None, EvalConfig(), path)
+        report_eval(None, None, EvalConfig(), name)
     with pytest.raises(KNNLMError, match="not a number of tokens"):
         report_eval(None, None, EvalConfig(), tmp_path / "r.html", detail_tokens=-5)
     assert list(tmp_path.iterdir()) == []  # the check's own file is gone
+
+
+def test_report_path_check_names_why_no_file_can_be_made(tmp_path, monkeypatch):
+    """A folder where creating a file fails (as /proc does, with ENOENT) is refused in one sentence naming why."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if "x" in mode:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(KNNLMError, match=r"no file can be made in .* \(No such file or directory\); pass another path"):
+        report_eval(None, None, EvalConfig(), tmp_path / "r.html")
 
 
 def test_updates_refuse_an_index_that_is_neither_ivf_nor_flat(tmp_path):

@@ -369,7 +369,7 @@ def test_full_memory_is_full_attention_with_capped_scores_sliding_windows_and_pa
     assert max_gap(windowed(lm, ids, cfg), full) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["mistral-sliding", "gemma2", "gemma3", "gpt-neox"])
+@pytest.mark.parametrize("kind", ["mistral-sliding", "gemma2", "gemma3", "gpt-neox", "olmo3"])
 @pytest.mark.parametrize("context", [24, 64])
 def test_cut_cache_with_full_memory_is_full_attention_with_sliding_layers(tiny_lm, ids, kind, context):
     """Generation's cut KV cache, with every cut entry in memory, gives the full-context logits also where layers

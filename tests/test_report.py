@@ -328,6 +328,12 @@ def test_cli_eval_report_and_neighbors_html(store, tmp_path):
     assert r.exit_code == 0 and f"{store.count} neighbours found, fewer than --top {store.count + 5}" in r.output
 
 
+def test_neighbors_refuses_an_empty_html_path(store):
+    """Before: `--html ""` was taken for no --html (the model loaded, no page written)."""
+    r = CliRunner().invoke(cli, ["neighbors", "-d", str(store.path), "abc", "--html", ""])
+    assert r.exit_code != 0 and "The report path is empty" in r.output and "Traceback" not in r.output
+
+
 def test_report_flags_reach_report_eval(monkeypatch):
     seen = {}
 

@@ -6,10 +6,10 @@ import html
 import json
 import os
 import re
-import tempfile
 from importlib import resources
+from pathlib import Path
 
-from ..arrays import atomic_path, json_safe
+from ..arrays import atomic_path, json_safe, own_name
 from ..errors import KNNLMError
 
 
@@ -40,12 +40,14 @@ def check_report_path(path: str | os.PathLike) -> None:
     if not os.path.isdir(parent):
         raise KNNLMError(f"Cannot write the report {path}: the folder {parent} does not exist; create it or pass "
                          "another path.")
-    try:  # a file made and removed at once: what the page's own (atomic) write will need
-        with tempfile.TemporaryFile(dir=parent):
+    probe = own_name(Path(os.path.abspath(path)), "tmp")  # the name the page's own (atomic) write will make
+    try:
+        with open(probe, "x"):
             pass
+        os.unlink(probe)
     except OSError as e:
         raise KNNLMError(f"Cannot write the report {path}: no file can be made in {parent} ({e.strerror or e}); "
-                         "pass a path in a folder you can write.") from None
+                         "pass another path: a shorter name, in a folder you can write.") from None
 
 
 def write_html(path: str | os.PathLike, data: dict, title: str) -> int:
