@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import struct
-import tempfile
 import uuid
 import zlib
 from contextlib import contextmanager
@@ -225,11 +224,19 @@ def not_writable(folder: str | os.PathLike, reason: str, cls: type[KNNLMError] =
     return cls(f"{folder} cannot be written ({reason}), and this command writes there; {os_error_fix(errno.EACCES)}.")
 
 
+def try_create(path: str | os.PathLike) -> None:
+    """Make and remove the temporary file an atomic write of path makes (own_name(path, "tmp")); raises the OSError
+    of a folder where it cannot be made (permissions, a read-only mount, /proc, a name too long)."""
+    probe = own_name(Path(os.path.abspath(path)), "tmp")
+    with open(probe, "x"):
+        pass
+    os.unlink(probe)
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Refuse, before any work, a folder this process cannot create files in (permissions, a read-only mount)."""
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        try_create(Path(folder) / "probe")
     except OSError as e:
         raise not_writable(folder, e.strerror or str(e)) from None
 

@@ -562,12 +562,12 @@ def test_a_datastore_set_aside_by_an_interrupted_replacement_is_named(tmp_path):
 
 
 def test_tune_lambda_refuses_a_datastore_it_cannot_write_before_scoring(built, monkeypatch):
-    import tempfile
+    import knnlm.arrays
 
     def refused(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(knnlm.arrays, "try_create", refused)
     r = invoke("tune-lambda", "--datastore", built, "--no-plot")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "cannot be written (Permission denied), and this command writes there" in r.output

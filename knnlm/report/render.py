@@ -7,9 +7,8 @@ import json
 import os
 import re
 from importlib import resources
-from pathlib import Path
 
-from ..arrays import atomic_path, json_safe, own_name
+from ..arrays import atomic_path, json_safe, try_create
 from ..errors import KNNLMError
 
 
@@ -40,11 +39,8 @@ def check_report_path(path: str | os.PathLike) -> None:
     if not os.path.isdir(parent):
         raise KNNLMError(f"Cannot write the report {path}: the folder {parent} does not exist; create it or pass "
                          "another path.")
-    probe = own_name(Path(os.path.abspath(path)), "tmp")  # the name the page's own (atomic) write will make
     try:
-        with open(probe, "x"):
-            pass
-        os.unlink(probe)
+        try_create(path)  # the name the page's own (atomic) write will make
     except OSError as e:
         raise KNNLMError(f"Cannot write the report {path}: no file can be made in {parent} ({e.strerror or e}); "
                          "pass another path: a shorter name, in a folder you can write.") from None
