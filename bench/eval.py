@@ -133,8 +133,9 @@ def eval_docs(lm, tokens: int, real: Path | None = None) -> list[tuple[str, str]
     return docs
 
 
-def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
-    """Build the real datastore (once) and tune its mixing on files beside its documents that eval_docs never reads."""
+def prepare_real(path: Path = REAL, keys: int = 1_000_000, tune: bool = True) -> None:
+    """Build the real datastore (once) and (tune) tune its mixing on files beside its documents that eval_docs
+    never reads."""
     import sysconfig
 
     from common import BENCH_DEVICE, BENCH_MODEL
@@ -150,8 +151,8 @@ def prepare_real(path: Path = REAL, keys: int = 1_000_000) -> None:
         build_datastore(site, path, BuildConfig(model=BENCH_MODEL, device=BENCH_DEVICE, glob="**/*.py", holdout=0,
                                                 shuffle_seed=0, max_tokens=keys,
                                                 resume=partial_dir(path).exists()))
-    if not (path / "lambda.json").exists():
-        dev = HERE / "results" / "real-dev"
+    if tune and not (path / "lambda.json").exists():
+        dev = path.parent / f"{path.name}-dev"
         dev.mkdir(parents=True, exist_ok=True)
         chars = 0
         for i, (name, text) in enumerate(sibling_texts(path, seed=1, skip=100)):  # eval_docs reads fewer than 100

@@ -46,9 +46,14 @@ def test_keys_built_on_the_gpu_equal_the_cpus(stores):
     assert np.array_equal(np.asarray(cpu.vals), np.asarray(gpu.vals))
     a, b = np.asarray(cpu.keys, np.float32), np.asarray(gpu.keys, np.float32)
     assert a.shape == b.shape
-    # fp16 keys: a float32 difference in the last digits may round one fp16 step apart; two at most, key by key
+    # fp16 keys of float32 states. The GPU's float32 sums differ from the CPU's in their last digits, about 1e-5
+    # of a key's scale (as float32 against float64 does on the CPU), which rounds an element one fp16 step apart,
+    # or several where the element is near zero and its steps are tiny (an H200 failed two steps alone): two steps
+    # or 1e-4 of the key's root mean square, element by element. A key of another position misses by far more.
     step = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float32)
-    assert np.all(np.abs(a - b) <= 2 * step)
+    tol = 2 * step + 1e-4 * np.sqrt(np.mean(a * a, axis=1, keepdims=True))
+    err = np.abs(a - b)
+    assert np.all(err <= tol), f"{np.sum(err > tol)} of {err.size} key elements differ, by up to {err.max():.3g}"
 
 
 @pytest.mark.parametrize("search", [{}, {"search_device": "cuda"}, {"retomaton": True, "min_knns": 8}],
