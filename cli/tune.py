@@ -99,6 +99,8 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     lm = None
     if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
         lm = datastore_lm(ds, model, device, trust_remote_code)
+        if spalm:
+            lm.output_head.check()  # a model SPALM cannot project for: refused now, not after the scoring
     if scores_path:
         scores, what = load_scores(scores_path), scores_path
         if scores.attrs.get("datastore") != ds.fingerprint:
@@ -114,7 +116,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
         if cached:
             click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
         what = f"dev part of {ds.path}"
-    result = tune(scores, cfg, description=str(what), head=lm.model.get_output_embeddings() if lm else None)
+    result = tune(scores, cfg, description=str(what), head=lm.output_head if lm else None)
     if memory == "document":
         result["memory"] = tune_memory(scores, result, MemoryConfig(memory=memory, k=memory_neighbors))
     save_lambda(ds.path, result, result.pop("tensors", None))

@@ -240,6 +240,8 @@ class KNNLM:
         expect(cfg, TuneConfig, "cfg", "TuneConfig()")  # before the dev part's scoring, not after
         expect(memory, MemoryConfig, "memory", "MemoryConfig('document')", optional=True)
         check_writable(self.datastore.path)  # where the tuned values (and the dev scores' cache) go
+        if cfg.spalm:
+            self.lm.output_head.check()  # a model SPALM cannot project for: refused before the scoring
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         if text is None:
             scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
@@ -247,7 +249,7 @@ class KNNLM:
         else:
             report, scores = self._score(text, ecfg)
             what = report["corpus"]
-        result = tune(scores, cfg, description=what, head=self.lm.model.get_output_embeddings())
+        result = tune(scores, cfg, description=what, head=self.lm.output_head)
         if memory is not None and memory.on:
             result["memory"] = tune_memory(scores, result, memory)
         save_lambda(self.datastore.path, result, result.pop("tensors", None))

@@ -282,6 +282,8 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     search = search_settings(ds, retriever)
     combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature, search)
     lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
+    if combiner.kind == "spalm":
+        lm.output_head.check()  # a model SPALM cannot project for is refused before the scoring, not after
     context, stride = datastore_window(cfg, ds)
     check_window(context, stride, lm.max_positions)
     if documents is not None:
@@ -357,11 +359,11 @@ def score_run(run: EvalRun, cfg: EvalConfig, progress=None) -> tuple[dict, Score
     if cfg.attention is not None:
         scores.attrs["attention_memory"] = json.dumps(cfg.attention.describe)
     t0 = time.perf_counter()
-    out = report(scores, run.combiner, run.lm.model.get_output_embeddings())
+    out = report(scores, run.combiner, run.lm.output_head)
     mixing = time.perf_counter() - t0  # SPALM projects every token again: that is part of its cost
     if cfg.memory.on:  # its own search and mixing: its search_seconds says how much searched
         out["memory"] = memory_report(scores, run.combiner, cfg.memory, run.ds.path if run.ds else None,
-                                      run.lm.model.get_output_embeddings(), out["knn_lm_ppl"])
+                                      run.lm.output_head, out["knn_lm_ppl"])
     seconds += time.perf_counter() - t0
     out.update(corpus=run.what, documents=len(run.docs), lam=cfg.lam, lambda_kind=run.combiner.kind,
                lambda_source=run.combiner.source, combine=cfg.combine, skip_below=cfg.skip_below,

@@ -77,7 +77,9 @@ class KNNLogitsProcessor(QueryHook, LogitsProcessor):
         self.combiner = resolve_combiner(lam, retriever.ds.path, combine, skip_below, temperature,
                                          search_settings(retriever.ds, retriever))
         self.temperature = self.combiner.temperature
-        self.head = lm.model.get_output_embeddings()
+        self.head = lm.output_head
+        if self.combiner.kind == "spalm":
+            self.head.check()  # its probe is a forward pass: before this processor's hook reads them
         self.retrieval_seconds = 0.0
         self.searches = self.skipped = 0  # queries searched and skipped so far
         self.saved = 0  # queries whose search RetoMaton's pointers saved
@@ -196,7 +198,8 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
             datastore: p_mem with its λ_m, T_m). None or memory "none": no memory.
         attention: kNN-augmented attention: the KV cache is cut to the window's context (the
             prompt read in chunks of its stride, then a token per step), and what leaves the cache
-            joins the memory the chosen layers retrieve from. Without a window or datastore: eval's (512, 256).
+            joins the memory the chosen layers retrieve from. Without a window or datastore: eval's (512, 256), or
+            (P, P // 2) for a model of P < 512 positions.
 
     Returns:
         The Generation.
@@ -228,7 +231,9 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
     if attention is not None and window is None:
         from .evaluate import NO_DATASTORE_WINDOW
 
-        window = NO_DATASTORE_WINDOW  # attention memory reads through a window: eval's without a datastore
+        # attention memory reads through a window: eval's without a datastore, halved for a model of fewer positions
+        context = min(NO_DATASTORE_WINDOW[0], limit or NO_DATASTORE_WINDOW[0])
+        window = NO_DATASTORE_WINDOW if context == NO_DATASTORE_WINDOW[0] else (context, max(1, context // 2))
     if window is None:
         if limit and len(ids) + max_new_tokens > limit:
             raise KNNLMError(f"The prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "

@@ -140,6 +140,67 @@ class _KeysCaptured(Exception):
     """Raised by the lm_head hook to skip the output projection when only keys are needed."""
 
 
+class OutputHead(torch.nn.Module):
+    """The model's output layer as a function of the lm_head's input z: lm_head(z), then what the model's own forward
+    does to its logits after it, so that SPALM, which projects vectors of its own, gets the distribution the model
+    would give. Read from the config: a scale (Cohere's logit_scale, Granite's 1 / logits_scaling, Falcon-H1's
+    lm_head_multiplier) and Gemma's soft-capping, cap · tanh(x / cap). Checked once (`check`, at the first use)
+    against the model's own logits on a few tokens; a model that does anything else is refused in one sentence.
+    """
+
+    def __init__(self, lm: LM):
+        super().__init__()
+        self.linear = lm.model.get_output_embeddings()
+        self._lm, self.scale, self.softcap, self.checked = lm, 1.0, None, False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(V, d) the output embedding: row v is token v's vector."""
+        return self.linear.weight
+
+    def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to lm_head's output: scale, then soft-cap."""
+        self.check()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.linear(z))
+
+    def check(self) -> None:
+        """Find the model's scale and cap among its config's, on 8 tokens' keys and logits (once; run it before
+        any hook reads the model's forward passes)."""
+        if self.checked:
+            return
+        lm, cfg = self._lm, self._lm.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        ids = torch.arange(1, 9)[None] % lm.vocab_size
+        keys, logits = lm.forward(ids, torch.ones_like(ids))
+        with torch.inference_mode():
+            raw = self.linear(keys)
+        scales, caps = {1.0}, {None}
+        for c in {id(cfg): cfg, id(text): text}.values():
+            for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
+                if isinstance(getattr(c, name, None), (int, float)) and getattr(c, name):
+                    scales.add(float(getattr(c, name)))
+            if isinstance(getattr(c, "logits_scaling", None), (int, float)) and c.logits_scaling:
+                scales.add(1.0 / float(c.logits_scaling))
+            if isinstance(getattr(c, "final_logit_softcapping", None), (int, float)) and c.final_logit_softcapping:
+                caps.add(float(c.final_logit_softcapping))
+        if raw.shape == logits.shape:
+            bound = 1e-4 * (1.0 + float(logits.abs().max()))
+            for scale in sorted(scales, key=lambda x: x == 1.0):  # the config's own first: where the probe's
+                for cap in sorted(caps, key=lambda x: x is None):  # logits are too small to tell, it is the model's
+                    self.scale, self.softcap, self.checked = scale, cap, True
+                    if float((self.finish(raw) - logits).abs().max()) <= bound:
+                        return
+        self.scale, self.softcap, self.checked = 1.0, None, False
+        raise KNNLMError(f"Model {lm.name} turns its output layer's scores into logits in a way knnlm cannot "
+                         "follow (not a scale or soft-capping its config names), which SPALM's projection needs; "
+                         "leave SPALM out (--combine mix; tune-lambda --no-spalm).")
+
+
 @dataclass
 class LM:
     """A frozen causal LM with its tokenizer, in eval mode on one device."""
@@ -151,6 +212,14 @@ class LM:
     _fingerprint: str | None = field(default=None, repr=False)
     _tokenizer_fingerprint: str | None = field(default=None, repr=False)
     _projects_a_tail: bool | None = field(default=None, repr=False)
+    _output_head: OutputHead | None = field(default=None, repr=False)
+
+    @property
+    def output_head(self) -> OutputHead:
+        """The output layer as the model applies it (lm_head, then its scale or soft-capping): SPALM's projection."""
+        if self._output_head is None:
+            self._output_head = OutputHead(self)
+        return self._output_head
 
     @property
     def dim(self) -> int:

@@ -15,12 +15,12 @@ from knnlm.cli.main import cli
 from knnlm.combine import FixedLambda, GateLambda, SpalmMix, resolve_combiner, save_lambda
 from knnlm.combine.features import POST_FEATURES, knn_value_stats, lm_stats, post_features, pre_features
 from knnlm.combine.gate import GateConfig, LambdaGate, fit_gate, mix_nll
-from knnlm.combine.spalm import SpalmGate, memory_vectors, spalm_log_probs
+from knnlm.combine.spalm import SpalmGate, memory_vectors, nll_grid, spalm_log_probs
 from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import KNNLogitsProcessor
 from knnlm.interpolate import knn_log_prob
-from knnlm.lm import QueryHook
+from knnlm.lm import LM, QueryHook
 from knnlm.datastore import foreign_entries
 from knnlm.retrieval import RetrievalConfig, Retriever
 from knnlm.scores import load_scores, save_scores
@@ -332,6 +332,67 @@ def test_spalm_memory_matches_numpy_and_g_one_is_the_lm(dev, tiny_lm):
         gate.linear.bias.fill_(torch.inf)  # g ≡ 1
     logp = SpalmMix(gate, 1.0, "test").target_log_probs(dev, head)
     assert np.allclose(logp, dev.lm_logp, atol=1e-5, rtol=0)
+
+
+def _after_head(kind: str, tokenizer) -> LM:
+    """A seeded 2-layer model that changes its logits after lm_head: Gemma 2 caps them (3 · tanh(x / 3), below the
+    raw scores' reach), Cohere scales them by 0.25, Granite divides them by 4."""
+    import transformers
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    name, settings = {
+        "gemma2": ("Gemma2", dict(head_dim=8, final_logit_softcapping=3.0)),
+        "cohere": ("Cohere", dict(logit_scale=0.25, pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+        "granite": ("Granite", dict(logits_scaling=4.0)),
+    }[kind]
+    config = getattr(transformers, f"{name}Config")(**size, **settings)
+    model = getattr(transformers, f"{name}ForCausalLM")._from_config(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)  # raw scores of several units: the cap and scales bite
+    return LM(model=model, tokenizer=tokenizer, name=kind, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
+def test_spalm_projects_through_what_the_model_does_after_its_head(kind, tiny_lm, corpus_texts):
+    """SPALM at g = 1 is the model's own distribution, soft-capped or scaled as the model does it, in its mixing
+    and in the table tuning fits on; the bare lm_head is far from it."""
+    lm = _after_head(kind, tiny_lm.tokenizer)
+    ids = torch.tensor([lm.encode(corpus_texts["textwrap.py"])[:64]])
+    keys, logits = lm.forward(ids, torch.ones_like(ids))
+    h, want = keys[0], torch.log_softmax(logits[0], dim=-1)
+    assert float((torch.log_softmax(lm.model.get_output_embeddings()(h), -1) - want).abs().max()) > 0.5
+    no_neighbours = -np.ones((len(h), 4), np.int64)  # m = h: any g gives p_LM
+    with torch.no_grad():
+        got = spalm_log_probs(h, no_neighbours, lm.output_head, torch.ones(len(h)))
+    assert float((got - want).abs().max()) < 1e-5
+    targets = ids[0, 1:].numpy()
+    table = nll_grid(h[:-1].numpy(), no_neighbours[:-1], targets, lm.output_head, np.linspace(0, 1, 3))
+    assert np.allclose(table, -want[:-1].gather(1, torch.as_tensor(targets)[:, None]).numpy(), atol=1e-5)
+
+
+def test_spalm_refuses_a_model_whose_logits_it_cannot_follow(tiny_model_dir):
+    """A model that changes its logits in a way its config does not name (here a hook doubling them): SPALM is
+    refused in one sentence, at its first use, and the head is not taken for checked."""
+    from knnlm.lm import load_lm
+
+    lm = load_lm(str(tiny_model_dir), device="cpu")
+
+    def double(_module, _args, out):
+        out.logits = out.logits * 2
+        return out
+
+    handle = lm.model.register_forward_hook(double)
+    try:
+        for _ in range(2):
+            with pytest.raises(KNNLMError, match=r"^Model .* in a way knnlm cannot follow .* leave SPALM out "
+                                                 r"\(--combine mix; tune-lambda --no-spalm\)\.$"):
+                lm.output_head.check()
+    finally:
+        handle.remove()
+    lm.output_head.check()  # the model as it is: its own lm_head, nothing after
+    assert (lm.output_head.scale, lm.output_head.softcap) == (1.0, None)
 
 
 def test_eval_and_api_with_gate_spalm_and_tuned_skip(store, tiny_lm, tuned):

@@ -150,6 +150,31 @@ def test_attention_memory_without_a_window_reads_through_eval_s(tiny_lm, corpus_
                                   attention=cfg).tokens
 
 
+def test_attention_memory_without_a_window_fits_a_model_of_fewer_positions(tiny_lm, corpus_texts):
+    """generate has no --context: a model of 128 positions reads through (128, 64), not a refusal naming --context;
+    a model with no rotation is refused for that, not for its window."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from knnlm.generate import generate
+    from knnlm.lm import LM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_lm.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    lm = LM(model=LlamaForCausalLM(config).eval().requires_grad_(False), tokenizer=tiny_lm.tokenizer, name="short",
+            device="cpu")
+    prompt = corpus_texts["bisect.py"][:3000]
+    assert len(lm.encode(prompt)) > 128  # past the window: the memory fills
+    cfg = AttentionMemoryConfig(k=8)
+    got = generate(lm, prompt, None, max_new_tokens=3, attention=cfg)
+    assert got.tokens == generate(lm, prompt, None, max_new_tokens=3, window=(128, 64), attention=cfg).tokens
+    gpt2 = _tiny_of("gpt2", tiny_lm.tokenizer)
+    gpt2.model.config.n_positions = 128  # max_position_embeddings reads it
+    with pytest.raises(KNNLMError, match="no rotary-embedding module"):
+        generate(gpt2, prompt, None, max_new_tokens=3, attention=cfg)
+
+
 # --- eval, the API and the command line -----------------------------------------------------------------------
 
 

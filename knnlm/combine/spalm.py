@@ -2,11 +2,12 @@
 
     m_t = Σ_i softmax_i(e(v_i)ᵀ h_t) · e(v_i)     over the k neighbours, e(v) = row v of the output embedding
     g_t = σ(wᵀ h_t + b)
-    z_t = (1 − g_t) · m_t + g_t · h_t,   p = softmax(lm_head(z_t))
+    z_t = (1 − g_t) · m_t + g_t · h_t,   p = softmax(f(lm_head(z_t)))
 
-lm_head is affine, so lm_head(z_t) = (1 − g)·lm_head(m) + g·lm_head(h): the loss of a token is a
-convex function of its scalar g. Training tabulates it on a grid of g once (one pass of two
-output projections per token) and interpolates, instead of projecting every token at every step.
+with f what the model does to its logits after lm_head (`lm.OutputHead`: a scale, Gemma's soft-capping; else
+nothing). lm_head is affine, so lm_head(z_t) = (1 − g)·lm_head(m) + g·lm_head(h): the loss of a token is a
+function of its scalar g alone (convex where f is the identity). Training tabulates it on a grid of g once (one
+pass of two output projections per token) and interpolates, instead of projecting every token at every step.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ def memory_vectors(h: torch.Tensor, vals: np.ndarray, weight: torch.Tensor) -> t
     return torch.where(valid.any(1, keepdim=True), m, h)
 
 
+def _parts(head: torch.nn.Module):
+    """(lm_head, f) of an output head: an `lm.OutputHead`'s own, or a plain projection and the identity."""
+    return (head.linear, head.finish) if hasattr(head, "finish") else (head, lambda x: x)
+
+
 def spalm_log_probs(h: torch.Tensor, vals: np.ndarray, head: torch.nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """log softmax(lm_head((1 − g)·m + g·h)): (n, V) float32, on the CPU."""
+    """log softmax(f(lm_head((1 − g)·m + g·h))): (n, V) float32, on the CPU (head: the LM's `output_head`)."""
     w = head.weight
     h = h.to(w.device, w.dtype)
     m = memory_vectors(h, vals, w)
@@ -64,14 +70,16 @@ def nll_grid(keys: np.ndarray, vals: np.ndarray, targets: np.ndarray, head: torc
              grid: np.ndarray, chunk: int = 256) -> np.ndarray:
     """(n, G) −log p(target) at each gate value of grid, for every token."""
     out = np.empty((len(targets), len(grid)))
+    linear, finish = _parts(head)
     with torch.no_grad():
         for lo in range(0, len(targets), chunk):
             h = torch.as_tensor(np.asarray(keys[lo:lo + chunk], np.float32)).to(head.weight.device)  # (c, d)
             m = memory_vectors(h, vals[lo:lo + chunk], head.weight)
-            a, b = head(m).cpu(), head(h).cpu()  # (c, V) each
+            a, b = linear(m).cpu(), linear(h).cpu()  # (c, V) each
             t = torch.as_tensor(np.asarray(targets[lo:lo + chunk], np.int64))[:, None]
             for j, g in enumerate(grid):
-                out[lo:lo + chunk, j] = -torch.log_softmax((1 - g) * a + g * b, dim=-1).gather(1, t)[:, 0].numpy()
+                logp = torch.log_softmax(finish((1 - g) * a + g * b), dim=-1)
+                out[lo:lo + chunk, j] = -logp.gather(1, t)[:, 0].numpy()
     return out
 
 

@@ -55,7 +55,7 @@ def write_report(path: str | os.PathLike, scores: Scores, docs: list[tuple[str, 
     """
     ids = [(name, lm.encode(text)) for name, text in docs]
     m = detail_count(len(scores), detail_tokens)
-    head = lm.model.get_output_embeddings()
+    head = lm.output_head
     lambdas = combiner.lambdas(scores)
     mixed = combiner.target_log_probs(scores, head, lambdas)
     nbr = neighbor_ids(retriever, scores, m)
