@@ -7,16 +7,17 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, journal
 from .arrays import NpyAppender, json_safe, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
-from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, foreign_entries, open_datastore,
-                        parse_holdout, partial_dir)
+from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing, foreign_entries,
+                        open_datastore, parse_holdout, partial_dir)
 from .errors import KNNLMError, settle
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm, model_reference
@@ -122,13 +123,44 @@ def _check_replaceable(out: Path) -> bool:
     return bool(names)
 
 
+@contextmanager
+def claimed(out: Path):
+    """Hold the work folder of a build of out (OUT.partial, made if missing) for the whole build, its index
+    training included, so that a second build of out, or --resume of this one, is refused while this one runs
+    (a killed build's hold ends with its process). A work folder left holding nothing but its lock is removed."""
+    work = partial_dir(out)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KNNLMError(f"{work} cannot be made ({e.strerror}); pass --out a folder in a place you can write.") from None
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(journal.hold(work))
+        except journal.ReadOnly:
+            raise
+        except KNNLMError:
+            raise KNNLMError(f"Another build of {out} is running (it holds {work}); wait for it to finish, or build "
+                             "into another --out.") from None
+        try:
+            yield work
+        finally:
+            if work.is_dir() and os.listdir(work) == [journal.LOCK]:  # nothing built: leave nothing behind
+                shutil.rmtree(work)
+
+
+def _started(work: Path) -> bool:
+    """Whether a build's work folder holds anything of a build (not only the lock claimed() takes)."""
+    return work.is_dir() and any(name != journal.LOCK for name in os.listdir(work))
+
+
 def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
-    """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan."""
+    """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan. Called
+    inside claimed(out)."""
     work = partial_dir(out)
     if _check_replaceable(out) and not cfg.overwrite:  # an empty folder holds nothing to lose
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
-    if work.exists():
+    if _started(work):
         ckpt = work / ("shards.json" if sharded else "progress.json")
         other = work / ("progress.json" if sharded else "shards.json")  # the other kind of build's checkpoint
         if cfg.resume and other.exists() and not ckpt.exists():
@@ -140,11 +172,18 @@ def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[P
         if not cfg.resume and not cfg.overwrite:
             raise KNNLMError(f"An interrupted build is in {work}; pass --resume to continue it or "
                              "--overwrite to start over.")
-        shutil.rmtree(work)
+        clear_work(work)
     elif cfg.resume:
         log.info("nothing to resume in %s; starting a new build", work)
-    work.mkdir(parents=True)
     return work, None
+
+
+def clear_work(work: Path) -> None:
+    """Empty a claimed work folder but for its lock (removing the folder would end claimed()'s hold)."""
+    for name in os.listdir(work):
+        if name != journal.LOCK:
+            path = work / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 _PROGRESS_KEYS = ("seq", "window", "rows", "scheduled", "docs_bytes", "holdout_bytes", "skipped", "heldout", "seconds")
@@ -306,6 +345,12 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
     out, src, lm = open_build(corpus, out, cfg, lm)
+    with claimed(out):
+        return _build(lm, src, cfg, out, progress)
+
+
+def _build(lm: LM, src: Corpus, cfg: BuildConfig, out: Path, progress) -> Datastore:
+    """build_datastore's work, inside claimed(out)."""
     work, ckpt = _prepare_dirs(out, cfg)
     settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
     if ckpt is not None:
@@ -328,7 +373,7 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     finally:
         w.close()
     if s["rows"] == 0:
-        shutil.rmtree(work)
+        clear_work(work)
         raise src.no_tokens()
     return _finish(lm, src, cfg, w.work, w.state, out)
 
@@ -430,13 +475,14 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
                                "transformers": transformers.__version__, "faiss": faiss.__version__}},
     }
     write_json(work / "meta.json", meta)
-    ds = open_datastore(work)
-    if cfg.build_index:
-        try:
-            train_index(ds, cfg.index, runner=index_runner, fallback=True)
-        except KNNLMError as e:
-            raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
-                             "or --no-index and `knnlm train-index` later.") from e
+    with finishing(work):  # a datastore to this process alone until it is moved to out
+        ds = open_datastore(work)
+        if cfg.build_index:
+            try:
+                train_index(ds, cfg.index, runner=index_runner, fallback=True)
+            except KNNLMError as e:
+                raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
+                                 "or --no-index and `knnlm train-index` later.") from e
     try:
         _check_replaceable(out)  # again: files may have appeared there during the build
     except KNNLMError as e:

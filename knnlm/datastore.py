@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from functools import cached_property
@@ -37,6 +38,27 @@ def foreign_entries(path: Path, names: list[str] | None = None) -> list[str]:
 def partial_dir(out: Path) -> Path:
     """Where a build of the datastore out lives until it is whole."""
     return out.with_name(out.name + ".partial")
+
+
+_BUILD_FILES = ("settings.json", "shards.json", "progress.json")  # a build's own bookkeeping, in its work folder
+_FINISHING: set[str] = set()  # work folders this process's builds are finishing (meta.json written, index next)
+
+
+@contextmanager
+def finishing(work: Path):
+    """Let this process open the work folder of its own build as a datastore (to train its index) meanwhile."""
+    key = str(Path(work).resolve())
+    _FINISHING.add(key)
+    try:
+        yield
+    finally:
+        _FINISHING.discard(key)
+
+
+def _interrupted_build(path: Path) -> bool:
+    """Whether path is the work folder of a build (OUT.partial with a build's bookkeeping) no build here finishes."""
+    return (path.name.endswith(".partial") and any((path / name).exists() for name in _BUILD_FILES)
+            and str(path.resolve()) not in _FINISHING)
 
 
 def datastore_path(path: str | os.PathLike | None) -> Path:
@@ -210,6 +232,10 @@ def read_meta(path: Path) -> dict:
                     f"{kept[0]} back to {path} to keep the old one)")
         raise KNNLMError(f"Datastore {path} does not exist{hint}; build one with `knnlm build-datastore CORPUS`"
                          " or name the folder of an existing one.")
+    if _interrupted_build(path):
+        out = path.with_name(path.name[:-len(".partial")])
+        raise KNNLMError(f"{path} is an interrupted build of {out}, not a datastore; finish it with `knnlm "
+                         f"build-datastore CORPUS --out {out} --resume` (the same corpus and settings), or remove it.")
     if not mp.exists():
         raise KNNLMError(f"{path} has no meta.json, so it is not a datastore; pass the folder of one, or build "
                          "one into a new folder with `knnlm build-datastore CORPUS --out NEW_FOLDER`.")

@@ -168,7 +168,8 @@ def choose_params(n: int, d: int, cfg: IndexConfig, check: bool = True) -> dict:
         return _factory_params(n, d, cfg)
     nlist = cfg.nlist or max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
     if cfg.exact or n < ivf_min_keys(nlist):
-        reason = "forced by --exact" if cfg.exact else f"{n} keys are too few for IVF-PQ (needs {ivf_min_keys(nlist)})"
+        reason = ("forced by --exact" if cfg.exact  # the count when trained: adds and removes change it since
+                  else f"trained over {n} keys, too few for IVF-PQ (needs {ivf_min_keys(nlist)})")
         return {"factory": "Flat", "kind": "exact", "reason": reason, "nlist": None, "code_size": None,
                 "train_size": 0}
     m = max(c for c in range(1, min(cfg.code_size, d) + 1) if d % c == 0)

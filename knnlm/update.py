@@ -140,6 +140,7 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         many = f" ({len(mixed)} documents are)" if len(mixed) > 1 else ""
         raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text{many}; a datastore "
                          "never holds what eval and tune-lambda score, so add other documents.")
+    _index_or_none(ds)  # an index add cannot change is refused now, not after the LM pass
     lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
     leftover = ds.path / _ADDED

@@ -68,6 +68,74 @@ def test_keys_and_values_align(tiny_lm, tiny_model_dir, corpus_dir, context, str
     assert total == ds.count
 
 
+def test_a_second_build_of_a_datastore_is_refused_while_one_runs(tiny_lm, tiny_model_dir, corpus_dir, tmp_path):
+    """Two builds writing one OUT.partial doubled its document table: a build holds its work folder until it ends
+    (a killed one's hold ends with its process), and a second one, resumed, restarted or sharded, is refused."""
+    import subprocess
+    import sys
+
+    from knnlm.datastore import partial_dir
+    from knnlm.scale import ShardConfig, build_sharded
+
+    out = tmp_path / "ds"
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", build_index=False,
+                      max_tokens=2_000)
+    work = partial_dir(out)
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_CREAT | os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); "
+                               "time.sleep(120)", str(work / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"  # the other build holds it
+        for kw in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(KNNLMError, match=rf"^Another build of {out} is running \(it holds {work}\); wait "
+                                                 r"for it to finish, or build into another --out\.$"):
+                build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, **kw}), lm=tiny_lm)
+        with pytest.raises(KNNLMError, match="^Another build of"):
+            build_sharded(str(corpus_dir), out, cfg, ShardConfig(shards=2), lm=tiny_lm)
+        assert sorted(p.name for p in work.iterdir()) == [".lock"] and not out.exists()  # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    ds = build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)  # its process gone: the build goes ahead
+    assert ds.count == 2_000 and not work.exists()
+
+
+def test_a_build_killed_while_training_its_index_is_not_taken_for_a_datastore(tiny_lm, tiny_model_dir, corpus_dir,
+                                                                              tmp_path, monkeypatch):
+    """meta.json is written into OUT.partial before the index is trained: killed then, the folder is an interrupted
+    build that --resume finishes, not a datastore that eval, neighbors or info read."""
+    from click.testing import CliRunner
+
+    import knnlm.build
+    from knnlm.cli.main import cli
+    from knnlm.datastore import partial_dir
+
+    out = tmp_path / "ds"
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", max_tokens=2_000,
+                      index=IndexConfig(exact=True))
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(knnlm.build, "train_index", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
+    work = partial_dir(out)
+    assert (work / "meta.json").exists() and not out.exists()
+    sentence = (rf"^{work} is an interrupted build of {out}, not a datastore; finish it with `knnlm build-datastore "
+                rf"CORPUS --out {out} --resume` \(the same corpus and settings\), or remove it\.$")
+    with pytest.raises(KNNLMError, match=sentence):
+        open_datastore(work)
+    for command in (["info", str(work)], ["eval", "-d", str(work), "--exact"], ["neighbors", "-d", str(work),
+                                                                                  "--exact", "def f(x):"]):
+        r = CliRunner().invoke(cli, command)
+        assert r.exit_code == 1 and "Traceback" not in r.output and "is an interrupted build of" in r.output, command
+    ds = build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, "resume": True}), lm=tiny_lm)
+    assert ds.count == 2_000 and (out / "index.faiss").exists() and not work.exists()
+
+
 def test_resume_gives_identical_arrays(tiny_lm, tiny_model_dir, corpus_dir):
     cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, batch_size=2,
                       block_windows=8, glob="*.txt", build_index=False, max_tokens=6_000)

@@ -168,6 +168,22 @@ def test_add_clears_what_an_interrupted_clean_up_left(ds3, three, tiny_lm):
     assert r["documents"] == 1 and not left.exists()
 
 
+def test_add_refuses_an_index_it_cannot_change_before_its_lm_pass(three, tmp_path, monkeypatch):
+    """An index with its lists on disk: refused before the model is loaded, with nothing built left behind."""
+    path = ivf_datastore(tmp_path / "ivf")
+    with without_polysemous_training():
+        train_index(open_datastore(path), IndexConfig(nlist=16, code_size=8, on_disk=True))
+    before = sorted(os.listdir(path))
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("knnlm.lm.datastore_lm", no_model)
+    with pytest.raises(KNNLMError, match="keeps its lists on disk"):
+        add_documents(path, str(three[1]))
+    assert sorted(os.listdir(path)) == before
+
+
 def test_add_refuses_another_model_and_documents_already_there(ds3, three, tiny_lm, tmp_path):
     other = make_datastore(tmp_path / "other", clustered(50, tiny_lm.dim), np.zeros(50), model_fp="another")
     with pytest.raises(KNNLMError, match="another model"):

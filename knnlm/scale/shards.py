@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..arrays import write_json
 from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs,
-                     check_resume_settings, open_build, _read_progress, _stream, _Writer)
+                     check_resume_settings, claimed, clear_work, open_build, _read_progress, _stream, _Writer)
 from ..datastore import Datastore
 from ..errors import KNNLMError
 from ..lm import LM
@@ -123,6 +123,12 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     if shard_cfg.engine is Engine.RAY and shard_cfg.ray_address is not None:
         ensure_ray(shard_cfg.ray_address)  # join the cluster first: an address with no cluster stops nothing begun
     out, src, lm = open_build(corpus, out, cfg, lm)
+    with claimed(out):
+        return _build_sharded(lm, src, cfg, shard_cfg, out, progress, total)
+
+
+def _build_sharded(lm: LM, src, cfg: BuildConfig, shard_cfg: ShardConfig, out: Path, progress, total) -> Datastore:
+    """build_sharded's work, inside claimed(out)."""
     work, plan = _prepare_dirs(out, cfg, sharded=True)
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
                 | {"model": lm.fingerprint, "corpus": src.files, "shards": shard_cfg.shards})
@@ -130,7 +136,7 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
         try:
             plan = plan_shards(lm, src, cfg, shard_cfg.shards)
         except KNNLMError:  # nothing planned, nothing to resume: no OUT.partial left to refuse the next build
-            shutil.rmtree(work)
+            clear_work(work)
             raise
         write_json(work / "settings.json", settings)
         write_json(work / "shards.json", plan)
