@@ -134,13 +134,16 @@ def claimed(out: Path):
     except OSError as e:
         raise KNNLMError(f"{work} cannot be made ({e.strerror}); pass --out a folder in a place you can write.") from None
     with ExitStack() as stack:
+        busy = KNNLMError(f"Another build of {out} is running (it holds {work}); wait for it to finish, or build "
+                          "into another --out.")
         try:
             stack.enter_context(journal.hold(work))
         except journal.ReadOnly:
             raise
         except KNNLMError:
-            raise KNNLMError(f"Another build of {out} is running (it holds {work}); wait for it to finish, or build "
-                             "into another --out.") from None
+            raise busy from None
+        if not journal.holds_current_lock(work):  # taken as a build that held it let go: it moved or removed it
+            raise busy
         try:
             yield work
         finally:
@@ -487,7 +490,7 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
         _check_replaceable(out)  # again: files may have appeared there during the build
     except KNNLMError as e:
         raise KNNLMError(f"{e} The new datastore is kept in {work}: rerun with --resume to finish it there.") from None
+    for name in ("progress.json", "settings.json", "docs.jsonl", "shards.json"):  # before the move: a datastore
+        (work / name).unlink(missing_ok=True)  # never holds them (a reader takes them for an interrupted build)
     replace_dir(work, out)
-    for name in ("progress.json", "settings.json", "docs.jsonl", "shards.json"):
-        (out / name).unlink(missing_ok=True)
     return open_datastore(out)

@@ -57,6 +57,16 @@ def _try_lock(root: Path) -> int | None:
     return fd
 
 
+def holds_current_lock(root: Path) -> bool:
+    """Whether the lock this process holds on root is root's .lock now (not one of a folder since removed or
+    moved away, which a process that opened it just before took when its holder let go)."""
+    fd = _HELD.get(str(Path(root).resolve()))
+    try:
+        return fd is not None and os.fstat(fd).st_ino == os.stat(Path(root) / LOCK).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _unlock(fd: int) -> None:
     """Release a lock _try_lock took."""
     fcntl.flock(fd, fcntl.LOCK_UN)

@@ -188,12 +188,13 @@ class OutputHead(torch.nn.Module):
                 scales.add(1.0 / float(c.logits_scaling))
             if isinstance(getattr(c, "final_logit_softcapping", None), (int, float)) and c.final_logit_softcapping:
                 caps.add(float(c.final_logit_softcapping))
-        if raw.shape == logits.shape:
-            bound = 1e-4 * (1.0 + float(logits.abs().max()))
+        finite = logits[torch.isfinite(logits)]
+        if raw.shape == logits.shape and finite.numel():
+            bound = 1e-4 * (1.0 + float(finite.abs().max()))  # a logit the model masks (±inf) must be ours too
             for scale in sorted(scales, key=lambda x: x == 1.0):  # the config's own first: where the probe's
                 for cap in sorted(caps, key=lambda x: x is None):  # logits are too small to tell, it is the model's
                     self.scale, self.softcap, self.checked = scale, cap, True
-                    if float((self.finish(raw) - logits).abs().max()) <= bound:
+                    if bool(torch.isclose(self.finish(raw), logits, rtol=0.0, atol=bound).all()):
                         return
         self.scale, self.softcap, self.checked = 1.0, None, False
         raise KNNLMError(f"Model {lm.name} turns its output layer's scores into logits in a way knnlm cannot "

@@ -136,6 +136,46 @@ def test_a_build_killed_while_training_its_index_is_not_taken_for_a_datastore(ti
     assert ds.count == 2_000 and (out / "index.faiss").exists() and not work.exists()
 
 
+def test_a_datastore_named_partial_killed_after_its_last_move_opens(tiny_lm, tiny_model_dir, corpus_dir, tmp_path,
+                                                                    monkeypatch):
+    """A build's bookkeeping leaves its work folder before the folder becomes the datastore: killed right after that
+    move, a datastore whose own name ends in .partial is still a datastore, holding none of it."""
+    import knnlm.build
+
+    real = knnlm.build.replace_dir
+
+    def moved_then_killed(work, out):
+        real(work, out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(knnlm.build, "replace_dir", moved_then_killed)
+    out = tmp_path / "ds.partial"
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", build_index=False,
+                      max_tokens=2_000)
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
+    assert open_datastore(out).count == 2_000
+    assert not [p.name for p in out.iterdir() if p.name in ("settings.json", "progress.json", "docs.jsonl")]
+
+
+def test_a_lock_of_a_folder_moved_away_is_not_the_build_s(tiny_lm, tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+    """A build that took the lock of a work folder another build had just moved or removed holds nothing: refused."""
+    from knnlm import journal
+
+    d = tmp_path / "d"
+    d.mkdir()
+    with journal.hold(d):
+        assert journal.holds_current_lock(d)
+        (d / journal.LOCK).rename(d / "moved")
+        (d / journal.LOCK).touch()  # the folder's lock now: another file
+        assert not journal.holds_current_lock(d)
+    monkeypatch.setattr(journal, "holds_current_lock", lambda _root: False)
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", build_index=False,
+                      max_tokens=2_000)
+    with pytest.raises(KNNLMError, match="^Another build of"):
+        build_datastore(str(corpus_dir), tmp_path / "ds", cfg, lm=tiny_lm)
+
+
 def test_resume_gives_identical_arrays(tiny_lm, tiny_model_dir, corpus_dir):
     cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0.2, batch_size=2,
                       block_windows=8, glob="*.txt", build_index=False, max_tokens=6_000)

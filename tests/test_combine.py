@@ -395,6 +395,53 @@ def test_spalm_refuses_a_model_whose_logits_it_cannot_follow(tiny_model_dir):
     assert (lm.output_head.scale, lm.output_head.softcap) == (1.0, None)
 
 
+def test_spalm_refuses_a_model_that_masks_logits_after_its_head(tiny_model_dir):
+    """Logits the model sets to −inf after its lm_head (a mask SPALM's projection would not make) are a mismatch,
+    not a tolerance made infinite."""
+    from knnlm.lm import load_lm
+
+    lm = load_lm(str(tiny_model_dir), device="cpu")
+
+    def mask(_module, _args, out):
+        out.logits[..., :5] = -torch.inf
+        return out
+
+    handle = lm.model.register_forward_hook(mask)
+    try:
+        with pytest.raises(KNNLMError, match="in a way knnlm cannot follow"):
+            lm.output_head.check()
+    finally:
+        handle.remove()
+
+
+def test_spalm_checks_its_head_before_any_forward_pass_is_read(store, tuned, tiny_model_dir, corpus_texts,
+                                                               monkeypatch):
+    """On a model loaded afresh the head's probe is a forward pass of its own: a SPALM processor runs it before its
+    hook reads the model's passes (else generation saw three passes for one step), and eval refuses a model it
+    cannot follow before scoring anything."""
+    import knnlm.evaluate
+    from knnlm.generate import generate
+    from knnlm.lm import load_lm
+
+    fresh = load_lm(str(tiny_model_dir), device="cpu")
+    prompt = corpus_texts["textwrap.py"][:300]
+    with KNNLogitsProcessor(fresh, Retriever(store), combine="spalm"):
+        pass
+    assert fresh.output_head.checked
+    out = generate(load_lm(str(tiny_model_dir), device="cpu"), prompt, Retriever(store), combine="spalm",
+                   max_new_tokens=4)
+    assert len(out.tokens) == 4
+    odd = load_lm(str(tiny_model_dir), device="cpu")
+    odd.model.register_forward_hook(lambda _m, _a, out: setattr(out, "logits", out.logits * 2) or out)
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("scored before the head was checked")
+
+    monkeypatch.setattr(knnlm.evaluate, "score_documents", never)
+    with pytest.raises(KNNLMError, match="in a way knnlm cannot follow"):
+        run_eval(store, None, EvalConfig(combine="spalm"), lm=odd)
+
+
 def test_eval_and_api_with_gate_spalm_and_tuned_skip(store, tiny_lm, tuned):
     from knnlm.api import KNNLM
 

@@ -281,7 +281,7 @@ def test_train_index_refuses_an_nlist_its_keys_cannot_train(tmp_path, caplog):
     assert not (ds.path / "index.faiss").exists()
     with caplog.at_level("WARNING", logger="knnlm.index"):
         assert train_index(ds, IndexConfig(nlist=4096), fallback=True)["factory"] == "Flat"
-    assert any("exact (flat) index: 12000 keys are too few" in r.getMessage() for r in caplog.records)
+    assert any("exact (flat) index: trained over 12000 keys, too few" in r.getMessage() for r in caplog.records)
 
 
 def test_few_lists_still_get_enough_training_keys(tmp_path, capfd):
