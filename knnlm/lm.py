@@ -270,8 +270,20 @@ class LM:
             raise
 
     def decode(self, ids) -> str:
-        """Text of token ids."""
-        return self.tokenizer.decode(list(map(int, ids)))
+        """Text of token ids. An id past the tokenizer's vocabulary (a row an output layer is padded with, which a
+        prediction may name) decodes to nothing there, so it reads as a mark saying what it is."""
+        ids, known = list(map(int, ids)), len(self.tokenizer)
+        if all(i < known for i in ids):
+            return self.tokenizer.decode(ids)
+        parts, run = [], []
+        for i in ids:
+            if i < known:
+                run.append(i)
+                continue
+            parts += [self.tokenizer.decode(run)] if run else []
+            parts.append(f"<id {i}: past the tokenizer's {known} tokens>")
+            run = []
+        return "".join(parts + ([self.tokenizer.decode(run)] if run else []))
 
     @property
     def projects_a_tail(self) -> bool:

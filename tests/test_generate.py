@@ -224,6 +224,22 @@ def test_neighbors_of_a_stored_position_include_itself(store, tiny_lm, corpus_di
         assert sum(t["prob"] for t in r["knn"]) <= 1 + 1e-9
 
 
+def test_predictions_past_the_tokenizer_are_marked(tiny_lm):
+    """An output layer with rows past the tokenizer's vocabulary (padding): those ids decode to nothing, so neighbors
+    names them instead of showing an empty token."""
+    from knnlm.neighbors import _top
+
+    known = len(tiny_lm.tokenizer)
+    logp = torch.full((known + 12,), -10.0, dtype=torch.float64)
+    logp[known + 3], logp[5] = -0.1, -1.0
+    top = _top(logp, 2, tiny_lm)
+    assert [t["token"] for t in top] == [known + 3, 5]
+    assert top[0]["text"] == f"<id {known + 3}: past the tokenizer's {known} tokens>"
+    assert top[1]["text"] == tiny_lm.tokenizer.decode([5]) and top[1]["text"]
+    assert tiny_lm.decode([5, known, 6]) == (f"{tiny_lm.tokenizer.decode([5])}<id {known}: past the tokenizer's "
+                                             f"{known} tokens>{tiny_lm.tokenizer.decode([6])}")
+
+
 def test_neighbors_bad_position(store, tiny_lm):
     retriever = Retriever(store, RetrievalConfig(k=4, exact=True))
     with pytest.raises(KNNLMError, match="outside the text"):
