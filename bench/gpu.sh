@@ -9,7 +9,8 @@
 # sibling is indexed, then times eval and greedy decoding as bench/eval.py and bench/generate.py do, each against the
 # LM alone on the same device. Every step's log (its JSON at the end) goes to OUT [bench/results/gpu]; a step that
 # fails is logged and the next one runs. $KNNLM_BENCH_DEVICE [cuda] is the LM's device, $KNNLM_BENCH_MODEL the
-# model [smollm2-135m], $PYTHON [python3] the interpreter. About 12 minutes on one H200 with 16 CPU cores (estimated from its steps' times).
+# model [smollm2-135m], $PYTHON [python3] the interpreter. About 12 minutes on one H200 with 16 CPU cores
+# (estimated from its steps' times).
 set -u
 out=${1:-bench/results/gpu}
 ds=${KNNLM_GPU_DATASTORE:-bench/results/real-1m}
