@@ -16,8 +16,8 @@ import numpy as np
 from . import __version__, journal
 from .arrays import NpyAppender, json_safe, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
-from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing, foreign_entries,
-                        open_datastore, parse_holdout, partial_dir)
+from .datastore import (BUILD_FILES, FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing,
+                        foreign_entries, open_datastore, parse_holdout, partial_dir)
 from .errors import KNNLMError, settle
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm, model_reference
@@ -156,13 +156,20 @@ def _started(work: Path) -> bool:
     return work.is_dir() and any(name != journal.LOCK for name in os.listdir(work))
 
 
-def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
-    """Check what exists at out, and return (work dir, checkpoint or None); a sharded build's is its plan. Called
-    inside claimed(out)."""
+WHOLE = {"whole": True}  # _prepare_dirs' checkpoint of a build killed after its last step but before its move
+
+
+def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False,
+                  check_only: bool = False) -> tuple[Path, dict | None]:
+    """Check what exists at out, and return (work dir, checkpoint or None, or WHOLE); a sharded build's checkpoint
+    is its plan. Called inside claimed(out); check_only: refuse what must be refused, and change nothing."""
     work = partial_dir(out)
     if _check_replaceable(out) and not cfg.overwrite:  # an empty folder holds nothing to lose
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
+    if cfg.resume and _started(work) and (work / "meta.json").is_file() \
+            and not any((work / name).exists() for name in BUILD_FILES):
+        return work, WHOLE  # its bookkeeping already gone: the datastore is whole, only its move is left
     if _started(work):
         ckpt = work / ("shards.json" if sharded else "progress.json")
         other = work / ("progress.json" if sharded else "shards.json")  # the other kind of build's checkpoint
@@ -175,8 +182,10 @@ def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[P
         if not cfg.resume and not cfg.overwrite:
             raise KNNLMError(f"An interrupted build is in {work}; pass --resume to continue it or "
                              "--overwrite to start over.")
+        if check_only:
+            return work, None
         clear_work(work)
-    elif cfg.resume:
+    elif cfg.resume and not check_only:
         log.info("nothing to resume in %s; starting a new build", work)
     return work, None
 
@@ -347,8 +356,11 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     Returns:
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
-    out, src, lm = open_build(corpus, out, cfg, lm)
-    with claimed(out):
+    with claimed(datastore_path(out)):
+        work, ckpt = _prepare_dirs(datastore_path(out), cfg, check_only=True)  # its refusals need no model
+        if ckpt is WHOLE:
+            return _move_in(work, datastore_path(out))
+        out, src, lm = open_build(corpus, out, cfg, lm)
         return _build(lm, src, cfg, out, progress)
 
 
@@ -486,11 +498,18 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
             except KNNLMError as e:
                 raise KNNLMError(f"{e} The keys are kept in {work}: rerun with --resume and other index settings, "
                                  "or --no-index and `knnlm train-index` later.") from e
+    return _move_in(work, out)
+
+
+def _move_in(work: Path, out: Path) -> Datastore:
+    """Make the finished build in work the datastore out."""
     try:
         _check_replaceable(out)  # again: files may have appeared there during the build
     except KNNLMError as e:
         raise KNNLMError(f"{e} The new datastore is kept in {work}: rerun with --resume to finish it there.") from None
-    for name in ("progress.json", "settings.json", "docs.jsonl", "shards.json"):  # before the move: a datastore
-        (work / name).unlink(missing_ok=True)  # never holds them (a reader takes them for an interrupted build)
+    # Before the move, a datastore never holds them (a reader takes them for an interrupted build); settings.json
+    # last: until it goes, readers refuse the folder, and once it has, --resume only moves it.
+    for name in ("docs.jsonl", "shards.json", "progress.json", "settings.json"):
+        (work / name).unlink(missing_ok=True)
     replace_dir(work, out)
     return open_datastore(out)

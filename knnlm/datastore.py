@@ -40,7 +40,7 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-_BUILD_FILES = ("settings.json", "shards.json", "progress.json")  # a build's own bookkeeping, in its work folder
+BUILD_FILES = ("settings.json", "shards.json", "progress.json")  # a build's own bookkeeping, in its work folder
 _FINISHING: set[str] = set()  # work folders this process's builds are finishing (meta.json written, index next)
 
 
@@ -57,7 +57,7 @@ def finishing(work: Path):
 
 def _interrupted_build(path: Path) -> bool:
     """Whether path is the work folder of a build (OUT.partial with a build's bookkeeping) no build here finishes."""
-    return (path.name.endswith(".partial") and any((path / name).exists() for name in _BUILD_FILES)
+    return (path.name.endswith(".partial") and any((path / name).exists() for name in BUILD_FILES)
             and str(path.resolve()) not in _FINISHING)
 
 
@@ -224,7 +224,8 @@ def read_meta(path: Path) -> dict:
         raise KNNLMError(f"{path} is a file, not a datastore folder; pass the folder `knnlm build-datastore` wrote "
                          "(its --out).")
     if not path.is_dir():
-        resume = partial_dir(path).exists()
+        work = partial_dir(path)
+        resume = work.is_dir() and any(name != ".lock" for name in os.listdir(work))  # not only a lock
         hint = " (an interrupted build can be continued with --resume)" if resume else ""
         kept = own_names(path, "old")  # set aside by a replacement cut short
         if kept:
@@ -234,8 +235,9 @@ def read_meta(path: Path) -> dict:
                          " or name the folder of an existing one.")
     if _interrupted_build(path):
         out = path.with_name(path.name[:-len(".partial")])
-        raise KNNLMError(f"{path} is an interrupted build of {out}, not a datastore; finish it with `knnlm "
-                         f"build-datastore CORPUS --out {out} --resume` (the same corpus and settings), or remove it.")
+        raise KNNLMError(f"{path} is an interrupted build of {out} (or one still running), not a datastore; once no "
+                         f"build of {out} runs, finish it with `knnlm build-datastore CORPUS --out {out} --resume` (the "
+                         "same corpus and settings), or remove it.")
     if not mp.exists():
         raise KNNLMError(f"{path} has no meta.json, so it is not a datastore; pass the folder of one, or build "
                          "one into a new folder with `knnlm build-datastore CORPUS --out NEW_FOLDER`.")

@@ -68,7 +68,8 @@ def test_keys_and_values_align(tiny_lm, tiny_model_dir, corpus_dir, context, str
     assert total == ds.count
 
 
-def test_a_second_build_of_a_datastore_is_refused_while_one_runs(tiny_lm, tiny_model_dir, corpus_dir, tmp_path):
+def test_a_second_build_of_a_datastore_is_refused_while_one_runs(tiny_lm, tiny_model_dir, corpus_dir, tmp_path,
+                                                                  monkeypatch):
     """Two builds writing one OUT.partial doubled its document table: a build holds its work folder until it ends
     (a killed one's hold ends with its process), and a second one, resumed, restarted or sharded, is refused."""
     import subprocess
@@ -85,14 +86,21 @@ def test_a_second_build_of_a_datastore_is_refused_while_one_runs(tiny_lm, tiny_m
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
                                "os.O_CREAT | os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); "
                                "time.sleep(120)", str(work / ".lock")], stdout=subprocess.PIPE, text=True)
+    import knnlm.build
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
     try:
         assert holder.stdout.readline().strip() == "1"  # the other build holds it
-        for kw in ({}, {"resume": True}, {"overwrite": True}):
-            with pytest.raises(KNNLMError, match=rf"^Another build of {out} is running \(it holds {work}\); wait "
-                                                 r"for it to finish, or build into another --out\.$"):
-                build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, **kw}), lm=tiny_lm)
-        with pytest.raises(KNNLMError, match="^Another build of"):
-            build_sharded(str(corpus_dir), out, cfg, ShardConfig(shards=2), lm=tiny_lm)
+        with monkeypatch.context() as m:
+            m.setattr(knnlm.build, "load_lm", no_model)  # refused before any model is loaded
+            for kw in ({}, {"resume": True}, {"overwrite": True}):
+                with pytest.raises(KNNLMError, match=rf"^Another build of {out} is running \(it holds {work}\); "
+                                                     r"wait for it to finish, or build into another --out\.$"):
+                    build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, **kw}))
+            with pytest.raises(KNNLMError, match="^Another build of"):
+                build_sharded(str(corpus_dir), out, cfg, ShardConfig(shards=2))
         assert sorted(p.name for p in work.iterdir()) == [".lock"] and not out.exists()  # nothing touched
     finally:
         holder.kill()
@@ -124,8 +132,9 @@ def test_a_build_killed_while_training_its_index_is_not_taken_for_a_datastore(ti
             build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
     work = partial_dir(out)
     assert (work / "meta.json").exists() and not out.exists()
-    sentence = (rf"^{work} is an interrupted build of {out}, not a datastore; finish it with `knnlm build-datastore "
-                rf"CORPUS --out {out} --resume` \(the same corpus and settings\), or remove it\.$")
+    sentence = (rf"^{work} is an interrupted build of {out} \(or one still running\), not a datastore; once no "
+                rf"build of {out} runs, finish it with `knnlm build-datastore CORPUS --out {out} --resume` \(the same "
+                r"corpus and settings\), or remove it\.$")
     with pytest.raises(KNNLMError, match=sentence):
         open_datastore(work)
     for command in (["info", str(work)], ["eval", "-d", str(work), "--exact"], ["neighbors", "-d", str(work),
@@ -156,6 +165,51 @@ def test_a_datastore_named_partial_killed_after_its_last_move_opens(tiny_lm, tin
         build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
     assert open_datastore(out).count == 2_000
     assert not [p.name for p in out.iterdir() if p.name in ("settings.json", "progress.json", "docs.jsonl")]
+
+
+def test_a_build_killed_between_its_last_step_and_its_move_is_moved_by_resume(tiny_lm, tiny_model_dir, corpus_dir,
+                                                                              tmp_path, monkeypatch):
+    """Killed after its bookkeeping went but before the move, the work folder is a whole datastore: --resume moves it
+    in, loading no model and running no LM pass, and it equals an uninterrupted build."""
+    import knnlm.build
+    from knnlm.datastore import partial_dir
+
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", max_tokens=2_000,
+                      index=IndexConfig(exact=True))
+    whole = build_datastore(str(corpus_dir), tmp_path / "whole", cfg, lm=tiny_lm)
+    out = tmp_path / "ds"
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(knnlm.build, "replace_dir", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
+    work = partial_dir(out)
+    assert (work / "index.faiss").exists() and not (work / "settings.json").exists()
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded: only the move is left")
+
+    monkeypatch.setattr(knnlm.build, "load_lm", no_model)
+    ds = build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, "resume": True}))
+    assert not work.exists() and ds.documents == whole.documents
+    assert np.array_equal(np.asarray(ds.keys), np.asarray(whole.keys))
+
+
+def test_a_work_folder_holding_only_its_lock_is_no_build_to_resume(tmp_path):
+    """A build killed as it took its lock leaves DIR.partial/.lock alone: nothing to resume, and readers say so."""
+    from knnlm.datastore import partial_dir
+
+    work = partial_dir(tmp_path / "ds")
+    work.mkdir()
+    (work / ".lock").touch()
+    with pytest.raises(KNNLMError, match=r"does not exist; build one") as e:
+        open_datastore(tmp_path / "ds")
+    assert "--resume" not in str(e.value)
+    (work / "progress.json").write_text("{}")
+    with pytest.raises(KNNLMError, match=r"an interrupted build can be continued with --resume"):
+        open_datastore(tmp_path / "ds")
 
 
 def test_a_lock_of_a_folder_moved_away_is_not_the_build_s(tiny_lm, tiny_model_dir, corpus_dir, tmp_path, monkeypatch):

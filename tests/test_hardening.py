@@ -554,6 +554,7 @@ def test_leftovers_of_killed_writes_go_with_the_next_write(tmp_path):
 
 def test_a_datastore_set_aside_by_an_interrupted_replacement_is_named(tmp_path):
     (tmp_path / "ds.partial").mkdir()
+    (tmp_path / "ds.partial" / "meta.json").write_text("{}")  # the new datastore, whole, not yet moved in
     kept = tmp_path / ".ds.old-1-abcd0badc0de"
     kept.mkdir()
     with pytest.raises(KNNLMError, match=r"a build replacing it was interrupted: --resume finishes it, or move .*"

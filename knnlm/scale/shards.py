@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..arrays import write_json
-from ..build import (_RESUME_KEYS, BuildConfig, _check_partial, _fill, _finish, _new_state, _prepare_dirs,
-                     check_resume_settings, claimed, clear_work, open_build, _read_progress, _stream, _Writer)
-from ..datastore import Datastore
+from ..build import (_RESUME_KEYS, WHOLE, BuildConfig, _check_partial, _fill, _finish, _move_in, _new_state,
+                     _prepare_dirs, check_resume_settings, claimed, clear_work, open_build, _read_progress, _stream,
+                     _Writer)
+from ..datastore import Datastore, datastore_path
 from ..errors import KNNLMError
 from ..lm import LM
 from .engines import Engine, ensure_ray, index_runner, run_shards
@@ -122,8 +123,11 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     """
     if shard_cfg.engine is Engine.RAY and shard_cfg.ray_address is not None:
         ensure_ray(shard_cfg.ray_address)  # join the cluster first: an address with no cluster stops nothing begun
-    out, src, lm = open_build(corpus, out, cfg, lm)
-    with claimed(out):
+    with claimed(datastore_path(out)):
+        work, plan = _prepare_dirs(datastore_path(out), cfg, sharded=True, check_only=True)  # refusals: no model
+        if plan is WHOLE:
+            return _move_in(work, datastore_path(out))
+        out, src, lm = open_build(corpus, out, cfg, lm)
         return _build_sharded(lm, src, cfg, shard_cfg, out, progress, total)
 
 
