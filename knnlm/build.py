@@ -358,10 +358,27 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     """
     with claimed(datastore_path(out)):
         work, ckpt = _prepare_dirs(datastore_path(out), cfg, check_only=True)  # its refusals need no model
-        if ckpt is WHOLE:
-            return _move_in(work, datastore_path(out))
         out, src, lm = open_build(corpus, out, cfg, lm)
+        if ckpt is WHOLE:
+            return _move_in(check_whole(work, cfg, src, lm), out)
         return _build(lm, src, cfg, out, progress)
+
+
+def check_whole(work: Path, cfg: BuildConfig, src: Corpus, lm: LM) -> Path:
+    """Refuse to move in the whole build in work (its bookkeeping gone: see _move_in) where its meta.json says it was
+    of other settings, documents or another model than this build's; returns work."""
+    meta = json.loads((work / "meta.json").read_text())
+    c = meta["corpus"]
+    then = {"context": meta["context"], "stride": meta["stride"], "holdout": meta["holdout"]["share"],
+            "glob": c["glob"], "fmt": c["format"], "text_field": c["text_field"], "shuffle_seed": c["shuffle_seed"],
+            "max_tokens": c["max_tokens"], "model": meta["model"]["fingerprint"], "corpus": c["files"]}
+    now = json.loads(json.dumps(json_safe({k: getattr(cfg, k) for k in then if hasattr(cfg, k)}
+                                          | {"model": lm.fingerprint, "corpus": src.files})))
+    differ = [_RESUME_NAMES.get(k, "--" + k.replace("_", "-")) for k in then if then[k] != now.get(k)]
+    if differ:
+        raise CannotResume(f"The finished build in {work} used other settings: {', '.join(differ)}; pass the same "
+                           "ones to --resume, or --overwrite to start over.")
+    return work
 
 
 def _build(lm: LM, src: Corpus, cfg: BuildConfig, out: Path, progress) -> Datastore:

@@ -170,7 +170,7 @@ def test_a_datastore_named_partial_killed_after_its_last_move_opens(tiny_lm, tin
 def test_a_build_killed_between_its_last_step_and_its_move_is_moved_by_resume(tiny_lm, tiny_model_dir, corpus_dir,
                                                                               tmp_path, monkeypatch):
     """Killed after its bookkeeping went but before the move, the work folder is a whole datastore: --resume moves it
-    in, loading no model and running no LM pass, and it equals an uninterrupted build."""
+    in with no LM pass (where its meta.json says it was this build's), and it equals an uninterrupted build."""
     import knnlm.build
     from knnlm.datastore import partial_dir
 
@@ -188,11 +188,15 @@ def test_a_build_killed_between_its_last_step_and_its_move_is_moved_by_resume(ti
             build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
     work = partial_dir(out)
     assert (work / "index.faiss").exists() and not (work / "settings.json").exists()
-    def no_model(*_args, **_kwargs):
-        raise AssertionError("the model was loaded: only the move is left")
+    def no_pass(*_args, **_kwargs):
+        raise AssertionError("an LM pass ran: only the move is left")
 
-    monkeypatch.setattr(knnlm.build, "load_lm", no_model)
-    ds = build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, "resume": True}))
+    monkeypatch.setattr(knnlm.build, "_fill", no_pass)
+    with pytest.raises(KNNLMError, match=r"^The finished build in .* used other settings: --max-tokens; pass the "
+                                         r"same ones to --resume, or --overwrite to start over\.$"):
+        build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, "resume": True, "max_tokens": 1_000}),
+                        lm=tiny_lm)  # another build's (an add of other documents would start afresh)
+    ds = build_datastore(str(corpus_dir), out, BuildConfig(**{**cfg.__dict__, "resume": True}), lm=tiny_lm)
     assert not work.exists() and ds.documents == whole.documents
     assert np.array_equal(np.asarray(ds.keys), np.asarray(whole.keys))
 

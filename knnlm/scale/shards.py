@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..arrays import write_json
 from ..build import (_RESUME_KEYS, WHOLE, BuildConfig, _check_partial, _fill, _finish, _move_in, _new_state,
-                     _prepare_dirs, check_resume_settings, claimed, clear_work, open_build, _read_progress, _stream,
+                     _prepare_dirs, check_resume_settings, check_whole, claimed, clear_work, open_build, _read_progress, _stream,
                      _Writer)
 from ..datastore import Datastore, datastore_path
 from ..errors import KNNLMError
@@ -125,9 +125,9 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
         ensure_ray(shard_cfg.ray_address)  # join the cluster first: an address with no cluster stops nothing begun
     with claimed(datastore_path(out)):
         work, plan = _prepare_dirs(datastore_path(out), cfg, sharded=True, check_only=True)  # refusals: no model
-        if plan is WHOLE:
-            return _move_in(work, datastore_path(out))
         out, src, lm = open_build(corpus, out, cfg, lm)
+        if plan is WHOLE:
+            return _move_in(check_whole(work, cfg, src, lm), out)
         return _build_sharded(lm, src, cfg, shard_cfg, out, progress, total)
 
 
