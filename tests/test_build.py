@@ -68,6 +68,19 @@ def test_keys_and_values_align(tiny_lm, tiny_model_dir, corpus_dir, context, str
     assert total == ds.count
 
 
+def _build_killed_in(monkeypatch, name: str, *args, **kwargs) -> None:
+    """build_datastore(*args, **kwargs) killed (KeyboardInterrupt) where it calls knnlm.build's function `name`."""
+    import knnlm.build
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(knnlm.build, name, killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_datastore(*args, **kwargs)
+
+
 def test_a_second_build_of_a_datastore_is_refused_while_one_runs(tiny_lm, tiny_model_dir, corpus_dir, tmp_path,
                                                                   monkeypatch):
     """Two builds writing one OUT.partial doubled its document table: a build holds its work folder until it ends
@@ -115,7 +128,6 @@ def test_a_build_killed_while_training_its_index_is_not_taken_for_a_datastore(ti
     build that --resume finishes, not a datastore that eval, neighbors or info read."""
     from click.testing import CliRunner
 
-    import knnlm.build
     from knnlm.cli.main import cli
     from knnlm.datastore import partial_dir
 
@@ -123,13 +135,7 @@ def test_a_build_killed_while_training_its_index_is_not_taken_for_a_datastore(ti
     cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", max_tokens=2_000,
                       index=IndexConfig(exact=True))
 
-    def killed(*_args, **_kwargs):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(knnlm.build, "train_index", killed)
-        with pytest.raises(KeyboardInterrupt):
-            build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
+    _build_killed_in(monkeypatch, "train_index", str(corpus_dir), out, cfg, lm=tiny_lm)
     work = partial_dir(out)
     assert (work / "meta.json").exists() and not out.exists()
     sentence = (rf"^{work} is an interrupted build of {out} \(or one still running\), not a datastore; once no "
@@ -179,15 +185,10 @@ def test_a_build_killed_between_its_last_step_and_its_move_is_moved_by_resume(ti
     whole = build_datastore(str(corpus_dir), tmp_path / "whole", cfg, lm=tiny_lm)
     out = tmp_path / "ds"
 
-    def killed(*_args, **_kwargs):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(knnlm.build, "replace_dir", killed)
-        with pytest.raises(KeyboardInterrupt):
-            build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
+    _build_killed_in(monkeypatch, "replace_dir", str(corpus_dir), out, cfg, lm=tiny_lm)
     work = partial_dir(out)
     assert (work / "index.faiss").exists() and not (work / "settings.json").exists()
+
     def no_pass(*_args, **_kwargs):
         raise AssertionError("an LM pass ran: only the move is left")
 
