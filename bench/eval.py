@@ -134,7 +134,7 @@ def eval_docs(lm, tokens: int, real: Path | None = None) -> list[tuple[str, str]
 
 
 def prepare_real(path: Path = REAL, keys: int = 1_000_000, tune: bool = True) -> None:
-    """Build the real datastore (once) and (tune) tune its mixing on files beside its documents that eval_docs
+    """Build the real datastore (once) and, with tune, tune its mixing on files beside its documents that eval_docs
     never reads."""
     import sysconfig
 
