@@ -9,6 +9,7 @@ from knnlm.corpus import DEFAULT_GLOB, FORMATS
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.memory.document import MIX_KINDS, MemoryConfig
 from knnlm.report import REPORT_TOKENS, report_eval
+from knnlm.report.render import check_report_path
 from knnlm.retrieval import RetrievalConfig
 
 from .attention import attention_options
@@ -235,17 +236,18 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
                      memory=memory_config(memory, memory_mix, memory_lambda, memory_temperature, memory_neighbors,
                                           no_datastore),
                      use_datastore=not no_datastore, attention=attention, overwrite=overwrite)
-    if no_datastore and report_file:
+    report = report_file is not None  # an empty path is refused, not taken for no --report
+    if no_datastore and report:
         raise click.UsageError("--report shows the datastore's neighbours; drop it with --no-datastore.")
-    if report_file is not None and not report_file.strip():
-        raise click.BadParameter("is empty; pass a file path such as report.html.", param_hint="--report")
-    refuse_stray(bool(report_file), "--report", "report_tokens")
-    refuse_stray(bool(report_file or save_scores), "--save-scores or --report", "overwrite")
+    if report:
+        check_report_path(report_file)  # before the progress bar (report_eval checks again, for the API's callers)
+    refuse_stray(report, "--report", "report_tokens")
+    refuse_stray(report or bool(save_scores), "--save-scores or --report", "overwrite")
     if report_tokens < 0:
         raise click.BadParameter(f"{report_tokens} is negative; pass a number of tokens, e.g. 5000.",
                                  param_hint="--report-tokens")
     with progress_bar(None, "scoring") as bar:
-        if report_file:
+        if report:
             result, _ = report_eval(datastore, corpus, cfg, report_file, report_tokens, progress=bar.update)
         else:
             result, _ = run_eval(datastore, corpus, cfg, progress=bar.update)
@@ -253,7 +255,7 @@ def eval_cmd(datastore, corpus, glob, fmt, text_field, lam, combine, skip_below,
         print_json(result)
     else:
         click.echo(format_report(result))
-        if report_file:
+        if report:
             click.echo(f"report written to {result['report_file']} ({result['report_bytes'] / 1e6:.2f} MB)")
 
 

@@ -16,8 +16,8 @@ import numpy as np
 from . import __version__, journal
 from .arrays import NpyAppender, json_safe, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
-from .datastore import (BUILD_FILES, FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing,
-                        foreign_entries, open_datastore, parse_holdout, partial_dir)
+from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing, foreign_entries,
+                        has_build_files, open_datastore, parse_holdout, partial_dir, work_started)
 from .errors import KNNLMError, settle
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm, model_reference
@@ -147,30 +147,25 @@ def claimed(out: Path):
         try:
             yield work
         finally:
-            if work.is_dir() and os.listdir(work) == [journal.LOCK]:  # nothing built: leave nothing behind
+            if work.is_dir() and not work_started(work):  # nothing built: leave nothing behind
                 shutil.rmtree(work)
-
-
-def _started(work: Path) -> bool:
-    """Whether a build's work folder holds anything of a build (not only the lock claimed() takes)."""
-    return work.is_dir() and any(name != journal.LOCK for name in os.listdir(work))
 
 
 WHOLE = {"whole": True}  # _prepare_dirs' checkpoint of a build killed after its last step but before its move
 
 
-def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False,
-                  check_only: bool = False) -> tuple[Path, dict | None]:
-    """Check what exists at out, and return (work dir, checkpoint or None, or WHOLE); a sharded build's checkpoint
-    is its plan. Called inside claimed(out); check_only: refuse what must be refused, and change nothing."""
+def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False) -> tuple[Path, dict | None]:
+    """Check what exists at out, changing nothing (its refusals need no model), and return (work dir, checkpoint,
+    or WHOLE, or None: start afresh, see _fresh); a sharded build's checkpoint is its plan. Called inside
+    claimed(out)."""
     work = partial_dir(out)
     if _check_replaceable(out) and not cfg.overwrite:  # an empty folder holds nothing to lose
         raise KNNLMError(f"{out} already exists; pass --overwrite to replace it (the old one is kept until "
                          "the new one is whole) or --out for another place.")
-    if cfg.resume and _started(work) and (work / "meta.json").is_file() \
-            and not any((work / name).exists() for name in BUILD_FILES):
+    started = work_started(work)
+    if cfg.resume and started and (work / "meta.json").is_file() and not has_build_files(work):
         return work, WHOLE  # its bookkeeping already gone: the datastore is whole, only its move is left
-    if _started(work):
+    if started:
         ckpt = work / ("shards.json" if sharded else "progress.json")
         other = work / ("progress.json" if sharded else "shards.json")  # the other kind of build's checkpoint
         if cfg.resume and other.exists() and not ckpt.exists():
@@ -182,16 +177,14 @@ def _prepare_dirs(out: Path, cfg: BuildConfig, sharded: bool = False,
         if not cfg.resume and not cfg.overwrite:
             raise KNNLMError(f"An interrupted build is in {work}; pass --resume to continue it or "
                              "--overwrite to start over.")
-        if check_only:
-            return work, None
-        clear_work(work)
-    elif cfg.resume and not check_only:
+    elif cfg.resume:
         log.info("nothing to resume in %s; starting a new build", work)
     return work, None
 
 
 def clear_work(work: Path) -> None:
-    """Empty a claimed work folder but for its lock (removing the folder would end claimed()'s hold)."""
+    """Empty a claimed work folder but for its lock (removing the folder would end claimed()'s hold): a build
+    started afresh (_prepare_dirs' checkpoint None) does so once its model is loaded."""
     for name in os.listdir(work):
         if name != journal.LOCK:
             path = work / name
@@ -357,11 +350,11 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
     with claimed(datastore_path(out)):
-        work, ckpt = _prepare_dirs(datastore_path(out), cfg, check_only=True)  # its refusals need no model
+        work, ckpt = _prepare_dirs(datastore_path(out), cfg)  # before the model loads
         out, src, lm = open_build(corpus, out, cfg, lm)
         if ckpt is WHOLE:
             return _move_in(check_whole(work, cfg, src, lm), out)
-        return _build(lm, src, cfg, out, progress)
+        return _build(lm, src, cfg, work, ckpt, out, progress)
 
 
 def check_whole(work: Path, cfg: BuildConfig, src: Corpus, lm: LM) -> Path:
@@ -381,9 +374,8 @@ def check_whole(work: Path, cfg: BuildConfig, src: Corpus, lm: LM) -> Path:
     return work
 
 
-def _build(lm: LM, src: Corpus, cfg: BuildConfig, out: Path, progress) -> Datastore:
-    """build_datastore's work, inside claimed(out)."""
-    work, ckpt = _prepare_dirs(out, cfg)
+def _build(lm: LM, src: Corpus, cfg: BuildConfig, work: Path, ckpt: dict | None, out: Path, progress) -> Datastore:
+    """build_datastore's work, inside claimed(out), from _prepare_dirs' work dir and checkpoint."""
     settings = {k: getattr(cfg, k) for k in _RESUME_KEYS} | {"model": lm.fingerprint, "corpus": src.files}
     if ckpt is not None:
         check_resume_settings(work, settings)
@@ -391,6 +383,7 @@ def _build(lm: LM, src: Corpus, cfg: BuildConfig, out: Path, progress) -> Datast
         if ckpt.get("done"):
             log.info("arrays already complete; finishing")
     else:
+        clear_work(work)
         write_json(work / "settings.json", settings)
 
     w = _Writer(work, lm.dim, ckpt)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import own_names
+from .journal import LOCK
 from .errors import KNNLMError
 from .journal import recover
 
@@ -55,10 +56,19 @@ def finishing(work: Path):
         _FINISHING.discard(key)
 
 
+def has_build_files(work: Path) -> bool:
+    """Whether a folder holds a build's bookkeeping (BUILD_FILES)."""
+    return any((work / name).exists() for name in BUILD_FILES)
+
+
+def work_started(work: Path) -> bool:
+    """Whether a build's work folder holds anything of a build: not only the lock a running build takes."""
+    return work.is_dir() and any(name != LOCK for name in os.listdir(work))
+
+
 def _interrupted_build(path: Path) -> bool:
     """Whether path is the work folder of a build (OUT.partial with a build's bookkeeping) no build here finishes."""
-    return (path.name.endswith(".partial") and any((path / name).exists() for name in BUILD_FILES)
-            and str(path.resolve()) not in _FINISHING)
+    return path.name.endswith(".partial") and has_build_files(path) and str(path.resolve()) not in _FINISHING
 
 
 def datastore_path(path: str | os.PathLike | None) -> Path:
@@ -224,8 +234,7 @@ def read_meta(path: Path) -> dict:
         raise KNNLMError(f"{path} is a file, not a datastore folder; pass the folder `knnlm build-datastore` wrote "
                          "(its --out).")
     if not path.is_dir():
-        work = partial_dir(path)
-        resume = work.is_dir() and any(name != ".lock" for name in os.listdir(work))  # not only a lock
+        resume = work_started(partial_dir(path))
         hint = " (an interrupted build can be continued with --resume)" if resume else ""
         kept = own_names(path, "old")  # set aside by a replacement cut short
         if kept:

@@ -334,6 +334,13 @@ def test_neighbors_refuses_an_empty_html_path(store):
     assert r.exit_code != 0 and "The report path is empty" in r.output and "Traceback" not in r.output
 
 
+def test_eval_refuses_an_empty_report_path(store):
+    """`--report ""` is refused by the report's own path check, before any work, not taken for no --report."""
+    r = CliRunner().invoke(cli, ["eval", "-d", str(store.path), "--exact", "--report", ""])
+    assert r.exit_code != 0 and "The report path is empty" in r.output and "Traceback" not in r.output
+    assert "scoring" not in r.output
+
+
 def test_report_flags_reach_report_eval(monkeypatch):
     seen = {}
 

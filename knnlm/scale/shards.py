@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..arrays import write_json
 from ..build import (_RESUME_KEYS, WHOLE, BuildConfig, _check_partial, _fill, _finish, _move_in, _new_state,
-                     _prepare_dirs, check_resume_settings, check_whole, claimed, clear_work, open_build, _read_progress, _stream,
-                     _Writer)
+                     _prepare_dirs, _read_progress, _stream, _Writer, check_resume_settings, check_whole, claimed,
+                     clear_work, open_build)
 from ..datastore import Datastore, datastore_path
 from ..errors import KNNLMError
 from ..lm import LM
@@ -124,19 +124,20 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     if shard_cfg.engine is Engine.RAY and shard_cfg.ray_address is not None:
         ensure_ray(shard_cfg.ray_address)  # join the cluster first: an address with no cluster stops nothing begun
     with claimed(datastore_path(out)):
-        work, plan = _prepare_dirs(datastore_path(out), cfg, sharded=True, check_only=True)  # refusals: no model
+        work, plan = _prepare_dirs(datastore_path(out), cfg, sharded=True)  # before the model loads
         out, src, lm = open_build(corpus, out, cfg, lm)
         if plan is WHOLE:
             return _move_in(check_whole(work, cfg, src, lm), out)
-        return _build_sharded(lm, src, cfg, shard_cfg, out, progress, total)
+        return _build_sharded(lm, src, cfg, shard_cfg, work, plan, out, progress, total)
 
 
-def _build_sharded(lm: LM, src, cfg: BuildConfig, shard_cfg: ShardConfig, out: Path, progress, total) -> Datastore:
-    """build_sharded's work, inside claimed(out)."""
-    work, plan = _prepare_dirs(out, cfg, sharded=True)
+def _build_sharded(lm: LM, src, cfg: BuildConfig, shard_cfg: ShardConfig, work: Path, plan: dict | None, out: Path,
+                   progress, total) -> Datastore:
+    """build_sharded's work, inside claimed(out), from _prepare_dirs' work dir and plan."""
     settings = ({k: getattr(cfg, k) for k in _RESUME_KEYS}
                 | {"model": lm.fingerprint, "corpus": src.files, "shards": shard_cfg.shards})
     if plan is None:
+        clear_work(work)
         try:
             plan = plan_shards(lm, src, cfg, shard_cfg.shards)
         except KNNLMError:  # nothing planned, nothing to resume: no OUT.partial left to refuse the next build
