@@ -263,33 +263,44 @@ def test_every_attention_flag_reaches_its_config(monkeypatch):
 
 @pytest.mark.parametrize("retrieval", ["head", "group"])
 @pytest.mark.parametrize("positions", ["exact", "fixed"])
-def test_memory_attention_matches_a_loop_reference(tiny_lm, retrieval, positions):
-    """One call of the attention function against a query-by-query reference: top-k by score, one softmax."""
+@pytest.mark.parametrize("kind", ["llama", "llama-yarn", "phi3-longrope", "llama-dynamic"])
+def test_memory_attention_matches_a_loop_reference(tiny_lm, retrieval, positions, kind):
+    """One call of the attention function against a query-by-query reference: top-k by score, one softmax; keys
+    turned by the rotation the model gives the pass's own tokens (YaRN's scale included; longrope's long
+    frequencies and dynamic NTK's larger base, as the pass reads past position 32) (before: fixed positions left
+    YaRN's scale off memory keys, and longrope and dynamic NTK turned them by their short frequencies, silently)."""
     from knnlm.memory.attention import _attention_modules, memory_attention
     from knnlm.memory.rotary import cos_sin, rotate
 
+    lm = tiny_lm if kind == "llama" else _tiny_of(kind, tiny_lm.tokenizer)
     g = torch.Generator().manual_seed(0)
-    h, h_kv, t, d, n, k, offset, window = 4, 2, 5, 8, 30, 6, 40, 16
+    h, h_kv, t, d, n, k, offset, window = 4, 2, 5, 8, 30, 6, 40, 48
+    frame = torch.arange(t) + window - t  # the pass's tokens: the last of a window that reads past position 32
     query, key, value = (torch.randn(1, heads, t, d, generator=g) for heads in (h, h_kv, h_kv))
     mem_k, mem_v = torch.randn(h_kv, n, d, generator=g), torch.randn(h_kv, n, d, generator=g)
     mem_pos = torch.arange(n) + 3  # absolute positions, all before the window's start at `offset`
     cfg = AttentionMemoryConfig(layers="0", k=k, positions=positions, retrieval=retrieval)
-    with attached(tiny_lm, cfg) as memory:
+    with attached(lm, cfg) as memory:
         memory.start(window)
         memory.append({0: (mem_k, mem_v)}, mem_pos)
-        memory.begin_forward(offset, torch.arange(t), capture=False)
-        got = memory_attention(_attention_modules(tiny_lm.model)[0], query, key, value, None, scaling=d ** -0.5)[0]
+        memory.begin_forward(offset, frame, capture=False)
+        got = memory_attention(_attention_modules(lm.model)[0], query, key, value, None, scaling=d ** -0.5)[0]
         rotary = memory.rope.module
+
+    def turned(x, positions):  # x rotated as the pass's own keys are: the frequencies of a pass reading to its end
+        cos, sin = cos_sin(rotary, torch.cat([positions, frame[-1:]]), x)
+        return rotate(x, cos[:-1], sin[:-1])
+
     scale, group = d ** -0.5, h // h_kv
     if positions == "exact":  # each key at its position relative to the window's start
-        rot_k = rotate(mem_k, *cos_sin(rotary, mem_pos - offset, mem_k))
+        rot_k = turned(mem_k, mem_pos - offset)
     for kv in range(h_kv):
         mem_scores = {}
         for head in range(kv * group, (kv + 1) * group):
             for i in range(t):
                 q = query[0, head, i]
-                if positions == "fixed":  # the key W positions before the query: its rotation at i − W
-                    keys = rotate(mem_k, *cos_sin(rotary, torch.full((n,), i - window), mem_k))
+                if positions == "fixed":  # the key W positions before the query: its rotation there
+                    keys = turned(mem_k, torch.full((n,), int(frame[i]) - window))
                 else:
                     keys = rot_k
                 mem_scores[head, i] = keys[kv] @ q * scale  # (n,)
@@ -348,6 +359,21 @@ def _tiny_of(kind: str, tokenizer):
                                original_max_position_embeddings=32,
                                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
                                                 "long_factor": [4.0] * 4, "original_max_position_embeddings": 32})),
+        # YaRN: every rotation scaled by its attention factor (1.14 here), so the scale must reach memory keys too
+        "llama-yarn": ("LlamaConfig", "LlamaForCausalLM",
+                       dict(size, num_key_value_heads=2,
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                             "original_max_position_embeddings": 32})),
+        # dynamic NTK: a larger base for any pass that reads past max_position_embeddings (32), grown with the
+        # longest pass so far until a shorter one resets it
+        "llama-dynamic": ("LlamaConfig", "LlamaForCausalLM",
+                          dict(size, num_key_value_heads=2, max_position_embeddings=32,
+                               rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0})),
+        # longrope in a Llama (separate key projection): long frequencies for a pass reading past position 32
+        "llama-longrope": ("LlamaConfig", "LlamaForCausalLM",
+                           dict(size, num_key_value_heads=2,
+                                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                                 "long_factor": [4.0] * 4, "original_max_position_embeddings": 32})),
         # Falcon's attention is its own code, not transformers' attention interface
         "falcon": ("FalconConfig", "FalconForCausalLM",
                    dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
@@ -380,7 +406,8 @@ def _tiny_of(kind: str, tokenizer):
     return LM(model=model, tokenizer=tokenizer, name=kind, device="cpu")
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "mistral-sliding", "phi", "gemma3", "gpt-neox", "cohere", "olmo3"])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral-sliding", "phi", "gemma3", "gpt-neox", "cohere", "olmo3",
+                                  "phi3-longrope", "llama-yarn"])
 def test_full_memory_is_full_attention_with_capped_scores_sliding_windows_and_partial_rotary(tiny_lm, ids, kind):
     """The memory's scores are capped as the model caps its own (Gemma 2), a sliding-window layer sees no memory key
     farther back than its window, a partial rotary turns only its dimensions, each layer type turns by its own
@@ -411,6 +438,32 @@ def test_cut_cache_with_full_memory_is_full_attention_with_sliding_layers(tiny_l
             assert reader.cache.get_seq_length() <= context
             torch.testing.assert_close(scores[0], full[n - 2], atol=1e-4, rtol=1e-4)
             scores = reader.scores(ids[:n])
+
+
+@pytest.mark.parametrize("kind", ["llama-longrope", "llama-dynamic"])
+def test_cut_cache_takes_off_the_rotation_each_key_was_given(tiny_lm, ids, kind):
+    """Keys cut from generation's cache reach the memory exactly as the model projected them, before rotation, also
+    where a pass's frequencies depend on how far it reads: the prompt's one pass reads to position 39 (long
+    frequencies; dynamic NTK's base then grows with every later pass), the cut keys sit before position 32 (before:
+    they were turned back by the short frequencies, silently)."""
+    from knnlm.memory.reading import reading_with_memory
+
+    lm = _tiny_of(kind, tiny_lm.tokenizer)
+    projected = []
+    cfg = AttentionMemoryConfig(layers="1", k=8, positions="exact")
+    with torch.inference_mode(), reading_with_memory(lm, cfg, 40, 40) as reader:
+        hook = lm.model.model.layers[1].self_attn.k_proj.register_forward_hook(
+            lambda m, args, out: projected.append(out[0].detach()))
+        try:
+            reader.scores(ids[:40])  # the prompt in one pass
+            reader.scores(ids[:52])  # then a token per pass: cuts the first 12 to the memory, one at a time
+        finally:
+            hook.remove()
+        kept = reader.memory.keys[1]  # (H_kv, 12, D)
+        assert reader.memory.positions.tolist() == list(range(12))
+    raw = torch.cat(projected)[:12].reshape(12, 2, 8).transpose(0, 1)  # (H_kv, 12, D)
+    assert kept.shape == raw.shape
+    torch.testing.assert_close(kept, raw, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module"),

@@ -363,13 +363,16 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     n = mem_k.shape[1]
     q = query[0].reshape(h_kv, g, t, d)  # (H_kv, g, T, D): query heads grouped by their KV head
     q_mem = q
+    reach = int(memory.frame.max())  # memory keys turn by the frequencies of this pass's own keys
     if memory.cfg.positions == Positions.EXACT:  # keys at their true distance from the queries
-        cos, sin = memory.rope.cos_sin(layer, memory.positions - memory.offset, mem_k)
+        cos, sin = memory.rope.cos_sin(layer, memory.positions - memory.offset, mem_k, reach)
         mem_k = memory.rope.rotate(mem_k, cos, sin)
-    else:  # queries moved to position W, keys left at 0: every key a window's length before its query
-        cos, sin = memory.rope.cos_sin(layer, memory.frame, q)
-        cw, sw = memory.rope.cos_sin(layer, torch.full_like(memory.frame, memory.window), q)
-        q_mem = memory.rope.rotate(memory.rope.unrotate(q, cos, sin), cw, sw)
+    else:  # queries moved to the pass's last position, keys W before it: every key a window's length before its query
+        cos, sin = memory.rope.cos_sin(layer, memory.frame, q, reach)
+        cr, sr = memory.rope.cos_sin(layer, torch.full_like(memory.frame, reach), q, reach)
+        q_mem = memory.rope.rotate(memory.rope.unrotate(q, cos, sin), cr, sr)
+        ck, sk = memory.rope.cos_sin(layer, torch.full((n,), reach - memory.window), mem_k, reach)
+        mem_k = memory.rope.rotate(mem_k, ck, sk)  # rotated, not left at 0: scaled rope types scale keys too
     mem_scores = _capped(torch.matmul(q_mem, mem_k[:, None].transpose(-1, -2)) * scaling, kwargs)  # (H_kv, g, T, N)
     sliding = kwargs.get("sliding_window")
     if sliding:  # a layer that sees its last `sliding` tokens only: so from memory too

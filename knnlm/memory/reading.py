@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from ..errors import KNNLMError
 from ..windows import Owned, Window
 from .attention import AttentionMemory, AttentionMemoryConfig, attached
 
@@ -57,12 +58,17 @@ class CutCacheReader:
     The prompt goes in chunks of `stride` tokens, then one token per step; before each chunk the
     cache's oldest entries are cut so that no query sees more than `context` local tokens, and the
     cut keys (rotation taken off) and values of the retrieving layers join the memory. Positions are
-    absolute: the cache's keys keep the rotation of their true positions.
+    absolute: the cache's keys keep the rotation of their true positions. Each pass takes the rotation
+    off its own new keys as it runs (the memory's capture), so that a key leaves the cache turned back
+    by the very frequencies that turned it, also where a rope type picks them by the length a pass
+    reads (longrope, dynamic NTK).
     """
 
     def __init__(self, lm: LM, memory: AttentionMemory, context: int, stride: int):
         from transformers import DynamicCache
 
+        if not 0 < stride <= context:
+            raise ValueError(f"stride {stride} must be in 1..context ({context})")
         self.lm, self.memory, self.context, self.stride = lm, memory, context, stride
         # Plain layers only: a model's sliding cache layers (Mistral's, Gemma's) keep a count of their own that
         # cut() would not move, which shifts their masks. The cut already bounds what a layer sees, and the
@@ -74,6 +80,10 @@ class CutCacheReader:
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.fed = 0  # tokens read so far: the absolute position of the next one
         self.first = 0  # absolute position of the cache's oldest entry
+        # the cache's entries, rotation taken off, of the retrieving layers: a {layer: (keys, values)} per pass,
+        # each (H_kv, n, D), oldest first (the first one's first `self.taken` entries already in the memory)
+        self.held: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.taken = 0
         memory.start(context)
 
     def scores(self, ids: list[int]) -> torch.Tensor:
@@ -83,10 +93,15 @@ class CutCacheReader:
             n = min(self.stride if self.fed < len(ids) - 1 else 1, len(ids) - self.fed)
             self.cut(self.context - n)
             positions = torch.arange(self.fed, self.fed + n)
-            self.memory.begin_forward(0, positions, capture=False)
+            self.memory.begin_forward(0, positions, capture=True)
             out = self.lm.model(input_ids=torch.tensor([ids[self.fed: self.fed + n]], device=self.lm.device),
                                 position_ids=positions[None].to(self.lm.device), use_cache=True,
                                 **{self.cache_arg: self.cache}, **self.keep)
+            if set(self.memory.captured) != set(self.memory.layers):
+                raise KNNLMError("Attention memory captured nothing in the last forward pass; the model's attention "
+                                 "did not run through the memory's function.")
+            # values are views of the cache's whole tensor: copied, not to keep each pass's cache alive
+            self.held.append({layer: (k, v.clone()) for layer, (k, v) in self.memory.captured.items()})
             self.fed += n
         return out.logits[:, -1, :].float()
 
@@ -95,15 +110,23 @@ class CutCacheReader:
         drop = self.fed - self.first - keep
         if drop <= 0:
             return
-        positions = torch.arange(self.first, self.first + drop)
-        entries = {}
-        for layer, cached in enumerate(self.cache.layers):
-            if layer in self.memory.layers:
-                cos, sin = self.memory.rope.cos_sin(layer, positions, cached.keys)
-                entries[layer] = (self.memory.rope.unrotate(cached.keys[0, :, :drop], cos, sin),
-                                  cached.values[0, :, :drop])
+        parts, need = [], drop  # the held entries of the `drop` oldest tokens, pass by pass
+        while need:
+            held, at = self.held[0], self.taken
+            left = next(iter(held.values()))[0].shape[1] - at
+            m = min(left, need)
+            parts.append({layer: (k[:, at: at + m], v[:, at: at + m]) for layer, (k, v) in held.items()})
+            need -= m
+            if m == left:  # this pass's entries have all gone
+                self.held.pop(0)
+                self.taken = 0
+            else:
+                self.taken += m
+        entries = {layer: tuple(torch.cat([p[layer][i] for p in parts], dim=1) for i in (0, 1))
+                   for layer in parts[0]}
+        for cached in self.cache.layers:
             cached.keys, cached.values = cached.keys[:, :, drop:], cached.values[:, :, drop:]
-        self.memory.append(entries, positions)
+        self.memory.append(entries, torch.arange(self.first, self.first + drop))
         self.first += drop
 
 

@@ -25,13 +25,21 @@ def find_rotary(model: torch.nn.Module) -> torch.nn.Module:
                      "GPT-NeoX or SmolLM2.")
 
 
-def cos_sin(rotary: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor,
-            layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(rotary: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor, layer_type: str | None = None,
+            reach: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (N, D), of the rotary module at positions (N,) (negative ones too), in like's dtype; for
-    the layer type's own rotation where the module has one per type."""
+    the layer type's own rotation where the module has one per type.
+
+    reach: the last position of the forward pass these rotations go with. Some rope types pick their frequencies
+    by the largest position a call is given (longrope's long factors past original_max_position_embeddings,
+    dynamic NTK's base), so it is given with the positions: memory keys then turn as the pass's own keys do.
+    """
     extra = (layer_type,) if hasattr(rotary, "layer_types") else ()
-    cos, sin = rotary(like, positions.to(like.device)[None].long(), *extra)  # (1, N, D) each
-    return cos[0], sin[0]
+    n = positions.numel()
+    if reach is not None:
+        positions = torch.cat([positions.reshape(-1).long(), torch.tensor([reach])])
+    cos, sin = rotary(like, positions.to(like.device)[None].long(), *extra)  # (1, N[+1], D) each
+    return cos[0, :n], sin[0, :n]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +90,11 @@ class Rope:
                                  "config's layer_types do not name one for every attention layer; attention memory "
                                  "cannot rotate their keys as the model does.")
 
-    def cos_sin(self, layer: int, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (N, R), of the layer's rotation at positions (N,), in like's dtype."""
-        return cos_sin(self.module, positions, like, self.layer_types.get(layer))
+    def cos_sin(self, layer: int, positions: torch.Tensor, like: torch.Tensor,
+                reach: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (N, R), of the layer's rotation at positions (N,), in like's dtype, with the frequencies
+        of a pass that reads to position `reach` (see cos_sin)."""
+        return cos_sin(self.module, positions, like, self.layer_types.get(layer), reach)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (..., N, D) rotated as the model rotates a key (see rotate)."""
