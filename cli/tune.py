@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from knnlm import journal
 from knnlm.combine import PLOT_FILE, save_lambda
 from knnlm.combine.gate import GateConfig
 from knnlm.datastore import open_datastore
@@ -96,30 +97,32 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
                                                                           search_device),
                       context=context, stride=stride, batch_size=batch_size, model=model, device=device,
                       trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, keep_features=True)
-    lm = None
-    if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
-        lm = datastore_lm(ds, model, device, trust_remote_code)
-        if spalm:
-            lm.output_head.check()  # a model SPALM cannot project for: refused now, not after the scoring
-    if scores_path:
-        scores, what = load_scores(scores_path), scores_path
-        if scores.attrs.get("datastore") != ds.fingerprint:
-            raise click.ClickException(f"{scores_path} was scored against another datastore; score again with "
-                                       f"`knnlm eval --datastore {ds.path} --save-scores`.")
-    elif corpus:
-        with progress_bar(None, "scoring") as bar:
-            _, scores = run_eval(ds, corpus, ecfg, lm=lm, progress=bar.update)
-        what = corpus
-    else:
-        with progress_bar(None, "scoring dev part") as bar:
-            scores, cached = dev_scores(ds, ecfg, lm=lm, progress=bar.update)
-        if cached:
-            click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
-        what = f"dev part of {ds.path}"
-    result = tune(scores, cfg, description=str(what), head=lm.output_head if lm else None)
-    if memory == "document":
-        result["memory"] = tune_memory(scores, result, MemoryConfig(memory=memory, k=memory_neighbors))
-    save_lambda(ds.path, result, result.pop("tensors", None))
+    # one tune of a datastore at a time, and no add, remove or compact under its scoring (refused in one sentence)
+    with journal.hold(ds.path):
+        lm = None
+        if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
+            lm = datastore_lm(ds, model, device, trust_remote_code)
+            if spalm:
+                lm.output_head.check()  # a model SPALM cannot project for: refused now, not after the scoring
+        if scores_path:
+            scores, what = load_scores(scores_path), scores_path
+            if scores.attrs.get("datastore") != ds.fingerprint:
+                raise click.ClickException(f"{scores_path} was scored against another datastore; score again with "
+                                           f"`knnlm eval --datastore {ds.path} --save-scores`.")
+        elif corpus:
+            with progress_bar(None, "scoring") as bar:
+                _, scores = run_eval(ds, corpus, ecfg, lm=lm, progress=bar.update)
+            what = corpus
+        else:
+            with progress_bar(None, "scoring dev part") as bar:
+                scores, cached = dev_scores(ds, ecfg, lm=lm, progress=bar.update)
+            if cached:
+                click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
+            what = f"dev part of {ds.path}"
+        result = tune(scores, cfg, description=str(what), head=lm.output_head if lm else None)
+        if memory == "document":
+            result["memory"] = tune_memory(scores, result, MemoryConfig(memory=memory, k=memory_neighbors))
+        save_lambda(ds.path, result, result.pop("tensors", None))
     if not no_plot:
         t = result["temperature"]
         curves = heldout_curves(scores, cfg, [t / 10, t / 3, t, 3 * t, 10 * t], np.linspace(0, 0.95, 20))

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import replace
 
+from . import journal
 from .arrays import check_writable
 from .datastore import Datastore, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
@@ -243,16 +244,17 @@ class KNNLM:
         if cfg.spalm:
             self.lm.output_head.check()  # a model SPALM cannot project for: refused before the scoring
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
-        if text is None:
-            scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
-            what = f"dev part of {self.datastore.path}"
-        else:
-            report, scores = self._score(text, ecfg)
-            what = report["corpus"]
-        result = tune(scores, cfg, description=what, head=self.lm.output_head)
-        if memory is not None and memory.on:
-            result["memory"] = tune_memory(scores, result, memory)
-        save_lambda(self.datastore.path, result, result.pop("tensors", None))
+        with journal.hold(self.datastore.path):  # one tune at a time; no add, remove or compact under its scoring
+            if text is None:
+                scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
+                what = f"dev part of {self.datastore.path}"
+            else:
+                report, scores = self._score(text, ecfg)
+                what = report["corpus"]
+            result = tune(scores, cfg, description=what, head=self.lm.output_head)
+            if memory is not None and memory.on:
+                result["memory"] = tune_memory(scores, result, memory)
+            save_lambda(self.datastore.path, result, result.pop("tensors", None))
         return result
 
     def with_retrieval(self, **changes) -> "KNNLM":

@@ -74,8 +74,8 @@ def _unlock(fd: int) -> None:
 
 
 def _busy(root: Path) -> KNNLMError:
-    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove, compact or train-index); wait "
-                      "for it to finish, then try again.")
+    return KNNLMError(f"{root} is being changed by another process (knnlm add, remove, compact, train-index or "
+                      "tune-lambda); wait for it to finish, then try again.")
 
 
 def _lock(root: Path, key: str) -> None:
@@ -168,9 +168,9 @@ def recover(root: Path) -> None:
                 log.info("%s holds an interrupted change that only a user who can write there can undo; reading "
                          "its last committed state", root)
                 return
-            raise ReadOnly(f"{root} holds a change (knnlm add, remove, compact or train-index) that was interrupted "
-                           "after its commit and that only a user who can write there can finish; run `knnlm info "
-                           f"{root}` once as such a user.") from None
+            raise ReadOnly(f"{root} holds a change (knnlm add, remove, compact, train-index or tune-lambda) that was "
+                           "interrupted after its commit and that only a user who can write there can finish; run "
+                           f"`knnlm info {root}` once as such a user.") from None
         if fd is None:
             log.info("%s is being changed by another process; reading its last committed state", root)
             return

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,16 +69,26 @@ class QueryHook:
     a context manager that removes the hook. Logits processors call `take_query` in their __call__."""
 
     def __init__(self, lm: "LM"):
-        self._query: torch.Tensor | None = None
-        self._passes = 0  # forward passes of the model since the last step took its query
+        # per thread, (the last forward pass's query, forward passes since the last step took its query): the
+        # processor's generation runs in one thread; passes of the model in others are not its steps
+        self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+        self._lock = threading.Lock()
+        self._thread: int | None = None  # the thread whose steps it takes (the first to take one)
         self._rows: np.ndarray | None = None  # the last step's input_ids
         self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
 
     def _capture(self, _module, args) -> None:
         if args[0].dim() != 3:  # a projection of (n, d) rows (SPALM's mixing), not a forward pass of the model
             return
-        self._query = args[0][:, -1, :].detach()
-        self._passes += 1
+        thread = threading.get_ident()
+        if self._thread is not None and thread != self._thread:
+            return
+        with self._lock:
+            self._seen[thread] = (args[0][:, -1, :].detach(), self._seen.get(thread, (None, 0))[1] + 1)
+
+    def seen(self) -> tuple[torch.Tensor | None, int]:
+        """(the last forward pass's query, the passes since the last step) in this thread, not taken."""
+        return self._seen.get(threading.get_ident(), (None, 0))
 
     def take_query(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
         """This step's query (B, d), each row's row in the last step (B,) where input_ids continues it (else None),
@@ -92,10 +103,18 @@ class QueryHook:
         name = type(self).__name__
         if self._handle is None:
             raise KNNLMError(f"This {name} is closed (its hook is off the model); make a new one to generate.")
+        thread = threading.get_ident()
+        with self._lock:
+            if self._thread is None:
+                self._thread = thread
+                self._seen = {thread: self._seen[thread]} if thread in self._seen else {}
+            elif thread != self._thread:
+                raise KNNLMError(f"This {name} serves the generation of the thread that first used it, and holds "
+                                 "that generation's state; make one per thread that generates.")
+            query, passes = self._seen.pop(thread, (None, 0))
         rows = input_ids.detach().cpu().numpy()
         parents = continued_rows(self._rows, rows)
-        query, passes = self._query, self._passes
-        self._query, self._passes, self._rows = None, 0, rows
+        self._rows = rows
         if query is None or passes == 0:
             raise KNNLMError(f"{name} saw no forward pass of its model for this step; use it with model.generate of "
                              "the model it was made for, and not with assisted or prompt-lookup decoding, which "
@@ -115,7 +134,7 @@ class QueryHook:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._query = None
+        self._seen = {}
 
     def __enter__(self):
         return self
@@ -315,7 +334,11 @@ class LM:
             raise ValueError(f"first position {first} is outside a batch of {width} positions")
         tail = {"logits_to_keep": width - first} if first and logits and self.projects_a_tail else {}
 
+        caller = threading.get_ident()
+
         def hook(_module, args):
+            if threading.get_ident() != caller:  # another thread's pass of the same model: not this call's
+                return
             captured["keys"] = args[0]
             if not logits:
                 raise _KeysCaptured

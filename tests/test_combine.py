@@ -659,8 +659,45 @@ def test_spalm_beside_another_processor_on_the_model(store, tiny_lm, tuned):
                     tiny_lm.model(input_ids=x)
                     outs.append(spalm(x, logits))
                     if other is not None:  # its query is still the forward pass's, the only pass it saw
-                        assert other._passes == 1 and torch.equal(other.take_query(x)[0], reference.take_query(x)[0])
+                        assert other.seen()[1] == 1 and torch.equal(other.take_query(x)[0], reference.take_query(x)[0])
             finally:
                 if other is not None:
                     other.close()
     assert torch.equal(outs[0], outs[1])
+
+
+def test_tuned_files_change_together_and_one_tune_at_a_time(store, tuned, tiny_lm, tiny_model_dir, monkeypatch):
+    """lambda.json and mixing.safetensors are one change of the datastore: a save that fails between the two
+    leaves both as they were, and a tune while another process changes (or tunes) the datastore is refused
+    before any work (before: a second tune-lambda could leave lambda.json naming the other run's weights, and
+    every gate unusable; mixing.safetensors was readable by its owner only)."""
+    import os
+
+    import knnlm.combine as combine
+    from knnlm.api import KNNLM
+    from knnlm.journal import PENDING, _try_lock, _unlock
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files = {name: (store.path / name).read_bytes() for name in ("lambda.json", "mixing.safetensors")}
+    assert (store.path / "mixing.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    result, tensors = tuned
+    monkeypatch.setattr(combine, "write_json", boom)  # lambda.json's write fails after the weights were staged
+    with pytest.raises(OSError, match="disk full"):
+        save_lambda(store.path, result, {k: v + 1 for k, v in tensors.items()})
+    monkeypatch.undo()
+    assert {name: (store.path / name).read_bytes() for name in files} == files and not (store.path / PENDING).exists()
+    assert resolve_combiner("gate", store.path).kind == "gate"  # still the pair tune-lambda wrote
+    fd = _try_lock(store.path)  # another process changing the datastore: an add, or another tune-lambda
+    try:
+        _sentence(run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--no-plot"),
+                  "is being changed by another process", "tune-lambda")
+        with pytest.raises(KNNLMError, match="being changed by another process"):
+            KNNLM.open(store.path, lm=tiny_lm).tune()
+    finally:
+        _unlock(fd)
+    assert {name: (store.path / name).read_bytes() for name in files} == files

@@ -101,7 +101,7 @@ def test_processor_equals_eval_interpolation(store, tiny_lm):
             x = torch.tensor([ids[: p + 1]])
             with torch.inference_mode():
                 logits = tiny_lm.model(input_ids=x).logits[:, -1]  # the hook takes the query
-            query = proc._query
+            query = proc.seen()[0]
             mixed.clear()
             out = proc(x, logits)
             assert out.dtype == logits.dtype and mixed == [np.float32]
@@ -379,7 +379,7 @@ def test_processor_adaptive_lambda_missing_neighbours_and_masks(store, tiny_lm):
     with KNNLogitsProcessor(tiny_lm, retriever, choice, 2.0) as proc:
         with torch.inference_mode():
             logits = tiny_lm.model(input_ids=x).logits[:, -1]  # the hook takes the query
-        q = proc._query
+        q = proc.seen()[0]
         out = proc.distribution(q, logits)
         nearest = proc.last["dists"][0, 0]
         lam = 0.9 if nearest < 1.0 else 0.1

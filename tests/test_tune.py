@@ -253,7 +253,8 @@ def test_save_load_round_trip(tmp_path, tuned, split_by_distance):
     assert load_lambda(tmp_path) is None
     path = save_lambda(tmp_path, tuned)
     assert path == tmp_path / "lambda.json" and load_lambda(tmp_path) == tuned
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lambda.json"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "lambda.json"]  # no temp file left (.lock: the
+    # journal's, which every datastore holds)
     fixed = resolve_combiner("tuned", tmp_path)
     assert (fixed.kind, fixed.lam, fixed.temperature) == ("tuned", tuned["lambda"], tuned["temperature"])
     nn = split_by_distance.nn_dist

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..arrays import atomic_path, write_json
+from ..arrays import write_json
 from ..errors import KNNLMError, expect
 from .gate import LambdaGate, gate_from_tensors
 from .policies import AdaptiveLambda, Combiner, FixedLambda, GateLambda, LambdaMix, Skip, SpalmMix
@@ -38,20 +38,31 @@ SEARCH_DEFAULTS = {"retomaton": "off"}  # absent from settings recorded before R
 
 
 def save_lambda(datastore_dir, result: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write lambda.json (and the gates' weights beside it) atomically; returns lambda.json's path."""
-    from safetensors.torch import save_file
+    """Write lambda.json and the gates' weights beside it as one change of the datastore (its journal: both files or
+    neither, also after a kill; refused while another process changes the datastore); returns lambda.json's path."""
+    from safetensors.torch import save
+
+    from .. import journal
 
     directory = Path(datastore_dir)
     if not directory.is_dir():
         raise KNNLMError(f"Datastore directory {directory} does not exist; pass the directory of a built datastore.")
-    result = dict(result)
-    if tensors:
-        with atomic_path(directory / MIXING_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        result["mixing_file"] = {"name": MIXING_FILE, "sha256": _sha256(directory / MIXING_FILE)}
-    path = directory / LAMBDA_FILE
-    write_json(path, result)
-    return path
+    result, files = dict(result), [LAMBDA_FILE]
+    with journal.hold(directory):  # (nested in tune-lambda's own) let go also where the write fails
+        pending = journal.begin(directory)
+        try:
+            if tensors:
+                # bytes written here, not by safetensors' save_file, which makes its file readable by its owner only
+                data = save({k: v.contiguous() for k, v in tensors.items()})
+                (pending / MIXING_FILE).write_bytes(data)
+                result["mixing_file"] = {"name": MIXING_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+                files.append(MIXING_FILE)
+            write_json(pending / LAMBDA_FILE, result)
+        except BaseException:
+            journal.recover(directory)  # uncommitted: thrown away
+            raise
+        journal.commit(directory, files)
+    return directory / LAMBDA_FILE
 
 
 def _sha256(path: Path) -> str:

@@ -22,6 +22,7 @@ function unchanged, so an empty memory gives exactly today's numbers.
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -175,6 +176,7 @@ class _Hooked:
 
     memory: AttentionMemory
     base: object  # the model's own attention function, run where nothing is retrieved
+    thread: int  # the thread reading through the memory; the model's passes in other threads are not its document's
 
 
 _HOOKED: dict[int, _Hooked] = {}  # id(attention module) -> its memory and base function
@@ -292,14 +294,15 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
     memory = AttentionMemory(cfg, parse_layers(cfg.layers, len(modules)), Rope(decoder, rotary, modules))
     before = model.config._attn_implementation
     if before.startswith(_NAME):
-        raise KNNLMError("This model already has an attention memory attached; use one at a time.")
+        raise KNNLMError("This model already has an attention memory attached (in this thread or another); use "
+                         "one at a time, or a model loaded for each thread.")
     name = f"{_NAME}_{before}"
     AttentionInterface.register(name, memory_attention)
     # The masks stay those of the model's own implementation, so its function can run unchanged.
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[before] if before in
                                     ALL_MASK_ATTENTION_FUNCTIONS else ALL_MASK_ATTENTION_FUNCTIONS["eager"])
     for module in modules.values():
-        _HOOKED[id(module)] = _Hooked(memory, _base_function(before, module))
+        _HOOKED[id(module)] = _Hooked(memory, _base_function(before, module), threading.get_ident())
     model.set_attn_implementation(name)
     try:
         _pick_pairing(lm, memory, decoder)
@@ -347,7 +350,7 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise KNNLMError("The knnlm attention memory function ran outside `attached`; restore the model's "
                          "attention implementation with model.set_attn_implementation('sdpa').")
     memory, layer = hooked.memory, module.layer_idx
-    if layer not in memory.layers:
+    if layer not in memory.layers or threading.get_ident() != hooked.thread:
         return hooked.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.shape[0] != 1:
         raise KNNLMError("Attention memory reads one document at a time; pass batches of one sequence.")
