@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -361,6 +362,7 @@ def test_every_memory_flag_reaches_its_config(monkeypatch):
     monkeypatch.setattr(cli_tune, "dev_scores", lambda *a, **k: (None, False))
     monkeypatch.setattr(cli_tune, "datastore_lm", lambda *a, **k: None)
     monkeypatch.setattr(cli_tune, "check_writable", lambda path: None)  # the fake datastore "d" is no folder
+    monkeypatch.setattr(cli_tune.journal, "hold", lambda path: contextlib.nullcontext())  # so it has no lock either
     with pytest.raises(Stop):
         run("tune-lambda", "--datastore", "d", "--model", "m", "--no-spalm", "--memory", "document", "--memory-neighbors", 11)
     assert seen["tune"] == MemoryConfig("document", k=11)
