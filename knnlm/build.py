@@ -477,8 +477,9 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
     seconds = s["seconds"]
     meta = {
         "format": FORMAT_VERSION,
-        "model": {"name": model_reference(cfg.model), "fingerprint": lm.fingerprint, "vocab_size": lm.vocab_size},
-        "tokenizer": {"fingerprint": lm.tokenizer_fingerprint},
+        "model": {"name": model_reference(cfg.model), "fingerprint": lm.fingerprint, "vocab_size": lm.vocab_size,
+                  "settings": lm.key_settings},
+        "tokenizer": {"fingerprint": lm.tokenizer_fingerprint, "pipeline": lm.tokenizer_pipeline},
         "key_source": KEY_SOURCE,
         "dim": lm.dim,
         "dtype": {"keys": "float16", "vals": "int32"},

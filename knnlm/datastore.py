@@ -188,9 +188,18 @@ class Datastore:
             raise KNNLMError(f"Datastore {self.path} was built with another model ({m['model']['name']}, "
                              f"fingerprint {m['model']['fingerprint']}, not {lm.fingerprint}); "
                              "pass that model with --model, or rebuild the datastore.")
-        if lm.tokenizer_fingerprint != m["tokenizer"]["fingerprint"]:
-            raise KNNLMError(f"Datastore {self.path} was built with another tokenizer; pass the model it "
-                             f"was built with ({m['model']['name']}) or rebuild the datastore.")
+        then, now = m["model"].get("settings") or {}, lm.key_settings  # absent before settings were recorded
+        for key in sorted(set(then) & set(now)):
+            if then[key] != now[key]:
+                raise KNNLMError(f"Datastore {self.path} was built with the same weights but {key} = "
+                                 f"{json.dumps(then[key])}, not {json.dumps(now[key])}, which gives other keys; pass "
+                                 f"the model as it was built with ({m['model']['name']}), or rebuild the datastore.")
+        pipeline = m["tokenizer"].get("pipeline")
+        if lm.tokenizer_fingerprint != m["tokenizer"]["fingerprint"] or (
+                pipeline is not None and lm.tokenizer_pipeline not in (None, pipeline)):
+            raise KNNLMError(f"Datastore {self.path} was built with another tokenizer (another vocabulary, or another "
+                             "normaliser, pre-tokeniser or merges); pass the model it was built with "
+                             f"({m['model']['name']}) or rebuild the datastore.")
 
 
 def parse_holdout(data: bytes) -> list[tuple[str, str, str]]:

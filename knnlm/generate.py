@@ -27,6 +27,7 @@ from .lm import LM, QueryHook
 from .memory.attention import AttentionMemoryConfig
 from .memory.document import DocumentMemory, MemoryConfig, MemoryProcessor, join_neighbors, prompt_memory, resolve_memory
 from .memory.reading import reading_with_memory
+from .memory.rotary import longrope_switch
 from .retomaton import next_pointers, open_automaton
 from .retomaton import step as retomaton_step
 from .retrieval import Retriever
@@ -258,7 +259,7 @@ def generate(lm: LM, prompt: str, retriever: Retriever | None = None, lam: str |
         for p in (processor, mem_processor):
             if p is not None:
                 p.close()
-    return Generation(text=lm.tokenizer.decode(new, skip_special_tokens=True), tokens=new,
+    return Generation(text=lm.decode(new, skip_special_tokens=True), tokens=new,
                       seconds=time.perf_counter() - t0,
                       retrieval_seconds=processor.retrieval_seconds if processor else 0.0,
                       searches_skipped=processor.skipped if processor else 0,
@@ -292,6 +293,7 @@ def _decode(lm: LM, ids: list[int], processors: list[LogitsProcessor], max_new_t
     cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
     new: list[int] = []
     begin, cache = -1, None
+    switch = longrope_switch(model)  # a window's pass reading past it turns every key by other frequencies
     memory = reading_with_memory(lm, attention, context, stride) if attention is not None else nullcontext()
     with torch.inference_mode(), memory as reader:
         for _ in range(max_new_tokens):
@@ -302,6 +304,8 @@ def _decode(lm: LM, ids: list[int], processors: list[LogitsProcessor], max_new_t
                 if begin < 0 or pos - begin >= context:
                     # A new window, prefilled without a cache: positions count from its first token, as in build.
                     begin = window_begin(pos, context, stride)
+                    feed, cache = ids[begin:], None
+                elif pos - begin == switch:  # the window read again as the model's own generate does (Phi-3)
                     feed, cache = ids[begin:], None
                 else:
                     feed = ids[-1:]

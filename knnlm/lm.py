@@ -221,6 +221,17 @@ class OutputHead(torch.nn.Module):
                          "leave SPALM out (--combine mix; tune-lambda --no-spalm).")
 
 
+# Config settings that change a model's keys (the lm_head's input) where the weights are the same: its rotation,
+# attention windows and caps, activations, norms' epsilons and scales. Logit-only settings (final soft-capping,
+# logit scales) and max_position_embeddings (often raised to read further, keys unchanged) are not among them.
+KEY_SETTINGS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rotary_pct", "rotary_dim",
+                "rotary_emb_base", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+                "attn_logit_softcapping", "query_pre_attn_scalar", "attention_multiplier", "embedding_multiplier",
+                "residual_multiplier", "hidden_act", "hidden_activation", "activation_function", "rms_norm_eps",
+                "layer_norm_eps", "layer_norm_epsilon", "no_rope_layers", "no_rope_layer_interval", "use_qk_norm",
+                "qk_layernorm")
+
+
 @dataclass
 class LM:
     """A frozen causal LM with its tokenizer, in eval mode on one device."""
@@ -270,6 +281,26 @@ class LM:
         return self._fingerprint
 
     @property
+    def key_settings(self) -> dict:
+        """The config's settings that shape its keys besides the weights (KEY_SETTINGS present in it), JSON values:
+        the same weights with another rotation, window or activation give other keys."""
+        get_text = getattr(self.model.config, "get_text_config", None)
+        config = (get_text() if callable(get_text) else self.model.config).to_dict()
+        return json.loads(json.dumps({k: config[k] for k in KEY_SETTINGS if k in config}, default=str, sort_keys=True))
+
+    @property
+    def tokenizer_pipeline(self) -> str | None:
+        """Hash of what a fast tokenizer does to text besides its vocabulary (normaliser, pre-tokeniser, model kind
+        and merges); None for a tokenizer without that pipeline."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        spec = json.loads(backend.to_str())
+        model = spec.get("model") or {}
+        parts = [spec.get("normalizer"), spec.get("pre_tokenizer"), model.get("type"), model.get("merges")]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+    @property
     def tokenizer_fingerprint(self) -> str:
         """Hash of the tokenizer's vocabulary and special tokens (computed once: 60 ms at 49k tokens)."""
         if self._tokenizer_fingerprint is None:
@@ -288,21 +319,22 @@ class LM:
                 raise error from None
             raise
 
-    def decode(self, ids) -> str:
-        """Text of token ids. An id past the tokenizer's vocabulary (a row an output layer is padded with, which a
-        prediction may name) decodes to nothing there, so it reads as a mark saying what it is."""
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of token ids (special tokens left out where asked). An id past the tokenizer's vocabulary (a row an
+        output layer is padded with, which a prediction may name) decodes to nothing there, so it reads as a mark
+        saying what it is."""
         ids, known = list(map(int, ids)), len(self.tokenizer)
         if all(i < known for i in ids):
-            return self.tokenizer.decode(ids)
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         parts, run = [], []
-        for i in ids:
+        for i in ids + [known]:  # the last: ends the last run
             if i < known:
                 run.append(i)
                 continue
-            parts += [self.tokenizer.decode(run)] if run else []
+            parts += [self.tokenizer.decode(run, skip_special_tokens=skip_special_tokens)] if run else []
             parts.append(f"<id {i}: past the tokenizer's {known} tokens>")
             run = []
-        return "".join(parts + ([self.tokenizer.decode(run)] if run else []))
+        return "".join(parts[:-1])
 
     @property
     def projects_a_tail(self) -> bool:

@@ -217,6 +217,37 @@ def test_other_model_tokenizer_or_width_is_refused(tmp_path, tiny_lm):
         wide.check_compatible(tiny_lm)
 
 
+def test_same_weights_with_another_rotation_or_tokenizer_pipeline_are_refused(store, tiny_lm, tiny_model_dir,
+                                                                               tmp_path):
+    """A model whose weights match but whose config turns keys otherwise (another rope base), or whose tokenizer has
+    the same vocabulary but another normaliser, is refused (before: accepted, silently: other keys, other tokens)."""
+    import json
+    import shutil
+
+    from knnlm.lm import load_lm
+
+    assert store.meta["model"]["settings"]["rope_parameters"]["rope_theta"] == 10000.0
+    assert store.meta["tokenizer"]["pipeline"] == tiny_lm.tokenizer_pipeline is not None
+    store.check_compatible(load_lm(str(tiny_model_dir), device="cpu"))  # the same model, loaded again
+    theta, lower = tmp_path / "theta", tmp_path / "lower"
+    for d in (theta, lower):
+        shutil.copytree(tiny_model_dir, d)
+    config = json.loads((theta / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 1e6
+    (theta / "config.json").write_text(json.dumps(config))
+    spec = json.loads((lower / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (lower / "tokenizer.json").write_text(json.dumps(spec))
+    other = load_lm(str(theta), device="cpu")
+    assert other.fingerprint == tiny_lm.fingerprint  # the weights alone cannot tell
+    with pytest.raises(KNNLMError, match=r"same weights but rope_parameters = .*10000.0.*, not .*1000000.0"):
+        store.check_compatible(other)
+    other = load_lm(str(lower), device="cpu")
+    assert other.tokenizer_fingerprint == tiny_lm.tokenizer_fingerprint
+    with pytest.raises(KNNLMError, match="another tokenizer .*normaliser"):
+        store.check_compatible(other)
+
+
 def test_scores_cache_round_trip(store, tiny_lm, tmp_path):
     path = str(tmp_path / "scores.h5")
     r, scores = run_eval(store, cfg=EvalConfig(lam="0.25", retrieval=RetrievalConfig(k=32, exact=True),

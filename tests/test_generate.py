@@ -240,6 +240,20 @@ def test_predictions_past_the_tokenizer_are_marked(tiny_lm):
                                              f"{known} tokens>{tiny_lm.tokenizer.decode([6])}")
 
 
+def test_generated_ids_past_the_tokenizer_are_named_in_the_text(tiny_lm, monkeypatch):
+    """A continuation naming an output row past the tokenizer's vocabulary shows it as a mark (before: the text left
+    it out, silently); special tokens are still left out."""
+    import knnlm.generate as gen
+
+    known, eos = len(tiny_lm.tokenizer), tiny_lm.tokenizer.eos_token_id
+    picked = [5, known + 3, 6] + ([eos] if eos is not None else [])
+    monkeypatch.setattr(gen, "_decode", lambda lm, ids, *a, **k: ids.extend(picked) or list(picked))
+    out = gen.generate(tiny_lm, "import os", None, max_new_tokens=len(picked))
+    assert out.tokens == picked
+    assert out.text == (f"{tiny_lm.tokenizer.decode([5])}<id {known + 3}: past the tokenizer's {known} tokens>"
+                        f"{tiny_lm.tokenizer.decode([6])}")
+
+
 def test_neighbors_bad_position(store, tiny_lm):
     retriever = Retriever(store, RetrievalConfig(k=4, exact=True))
     with pytest.raises(KNNLMError, match="outside the text"):

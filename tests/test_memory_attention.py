@@ -81,6 +81,10 @@ def test_parse_layers():
     for bad in ("4", "x", "1-", ""):
         with pytest.raises(KNNLMError, match="--memory-layers"):
             parse_layers(bad, 4)
+    # before a model is known: the syntax only, in words that name no layer count (before: "layers 0 to 9999")
+    assert parse_layers("10000", None) == parse_layers("all", None) == ()
+    with pytest.raises(KNNLMError, match=r"'1-0' names no layer \(a range runs from its lower number"):
+        AttentionMemoryConfig(layers="1-0")
     with pytest.raises(KNNLMError, match="--memory-k"):
         AttentionMemoryConfig(k=0)
     with pytest.raises(KNNLMError, match="exact or fixed"):
@@ -464,6 +468,25 @@ def test_cut_cache_takes_off_the_rotation_each_key_was_given(tiny_lm, ids, kind)
     raw = torch.cat(projected)[:12].reshape(12, 2, 8).transpose(0, 1)  # (H_kv, 12, D)
     assert kept.shape == raw.shape
     torch.testing.assert_close(kept, raw, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_generation_with_longrope_is_the_models_own_greedy_decoding(tiny_lm, ids, attention):
+    """A longrope model (original length 32) turns every key by other frequencies once a pass reads past position
+    32; its own generate recomputes its cache there (Phi-3), and so do knnlm's decoding windows and attention
+    memory's cut cache (before: the cached keys kept the short frequencies: another continuation, silently)."""
+    from knnlm.generate import generate
+
+    lm = _tiny_of("phi3-longrope", tiny_lm.tokenizer)
+    prompt = lm.decode(ids[:18])
+    x = torch.tensor([lm.encode(prompt)])
+    with torch.inference_mode():
+        own = lm.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30,
+                                min_new_tokens=30, pad_token_id=0)[0, x.shape[1]:].tolist()
+    cfg = AttentionMemoryConfig(layers="all", k=len(ids), positions="exact") if attention else None
+    out = generate(lm, prompt, None, max_new_tokens=30, window=(64, 32), attention=cfg)
+    assert x.shape[1] < 32 < x.shape[1] + 30 and len(own) == 30
+    assert out.tokens == own[: len(out.tokens)] and len(out.tokens) >= 15
 
 
 @pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module"),

@@ -71,7 +71,7 @@ class AttentionMemoryConfig:
             object.__setattr__(self, "retrieval", Retrieval(self.retrieval))
         except ValueError as e:
             raise KNNLMError(f"{e}; --memory-positions takes exact or fixed, --memory-retrieval head or group.") from e
-        parse_layers(self.layers, 10_000)  # syntax now; the range when a model is known
+        parse_layers(self.layers, None)  # syntax now; the range when a model is known
 
     @property
     def describe(self) -> dict:
@@ -80,9 +80,12 @@ class AttentionMemoryConfig:
                 "retrieval": self.retrieval.value}
 
 
-def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """Layer numbers of a --memory-layers spec: "all", "top-third", "top-half", or numbers and ranges "3,7,10-12"."""
+def parse_layers(spec: str, n_layers: int | None) -> tuple[int, ...]:
+    """Layer numbers of a --memory-layers spec: "all", "top-third", "top-half", or numbers and ranges "3,7,10-12".
+    n_layers None checks the spec alone, before a model is loaded, and returns ()."""
     spec = str(spec).strip()
+    if spec in ("all", "top-third", "top-half") and n_layers is None:
+        return ()
     if spec == "all":
         return tuple(range(n_layers))
     if spec in ("top-third", "top-half"):
@@ -96,9 +99,14 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
     except ValueError:
         raise KNNLMError(f"--memory-layers {spec!r} is not a layer list; pass e.g. 'all', 'top-third' or "
                          "'20,24-29' (layers count from 0).") from None
+    if not out:
+        raise KNNLMError(f"--memory-layers {spec!r} names no layer (a range runs from its lower number to its higher, "
+                         "as in '24-29'); pass e.g. 'all' or '20,24-29'.")
+    if n_layers is None:
+        return ()
     bad = sorted(x for x in out if not 0 <= x < n_layers)
-    if bad or not out:
-        raise KNNLMError(f"--memory-layers {spec!r} names layers {bad or 'none'}, but the model has layers "
+    if bad:
+        raise KNNLMError(f"--memory-layers {spec!r} names layers {bad}, but the model has layers "
                          f"0 to {n_layers - 1}; pass layers in that range.")
     return tuple(sorted(out))
 
@@ -269,7 +277,8 @@ def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> 
     layer = min(x for x, g in gaps.items() if g > tolerance)
     raise KNNLMError(f"{type(model).__name__}'s keys do not turn as attention memory turns them (layer {layer} "
                      "first: no rotary embedding there, or one of another kind), so its memory keys would sit at "
-                     "wrong positions; use a Llama-style decoder such as Llama, Qwen, Gemma or SmolLM2.")
+                     "wrong positions; leave such layers out of --memory-layers, or use a Llama-style decoder such "
+                     "as Llama, Qwen, Gemma or SmolLM2.")
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import torch
 from ..errors import KNNLMError
 from ..windows import Owned, Window
 from .attention import AttentionMemory, AttentionMemoryConfig, attached
+from .rotary import longrope_switch
 
 if TYPE_CHECKING:
     from ..lm import LM
@@ -84,13 +85,27 @@ class CutCacheReader:
         # each (H_kv, n, D), oldest first (the first one's first `self.taken` entries already in the memory)
         self.held: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
         self.taken = 0
+        self.switch = longrope_switch(lm.model)
         memory.start(context)
+
+    def _restart(self) -> None:
+        """Forget everything read: the next pass reads from the first token."""
+        from transformers import DynamicCache
+
+        self.cache, self.held, self.taken, self.fed, self.first = DynamicCache(), [], 0, 0, 0
+        self.memory.start(self.context)
 
     def scores(self, ids: list[int]) -> torch.Tensor:
         """(1, V) float logits of the token after ids, reading the tokens not read yet."""
         out = None
         while self.fed < len(ids):
             n = min(self.stride if self.fed < len(ids) - 1 else 1, len(ids) - self.fed)
+            if self.switch is not None and 0 < self.fed <= self.switch < self.fed + n and self.first == 0 and \
+                    self.fed + n <= self.context:
+                # the first pass past a longrope model's switch, all read so far in the window: read it again in
+                # this one pass, as the model's own generate recomputes its cache there (Phi-3)
+                n += self.fed
+                self._restart()
             self.cut(self.context - n)
             positions = torch.arange(self.fed, self.fed + n)
             self.memory.begin_forward(0, positions, capture=True)

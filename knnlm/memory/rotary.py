@@ -25,6 +25,19 @@ def find_rotary(model: torch.nn.Module) -> torch.nn.Module:
                      "GPT-NeoX or SmolLM2.")
 
 
+def longrope_switch(model: torch.nn.Module) -> int | None:
+    """The length past which a longrope model (Phi-3, Phi-3.5, Phi-4-mini, PhiMoE) turns by its long frequencies
+    (original_max_position_embeddings), or None for any other rotation. Keys a KV cache holds from passes that read
+    no further were turned by the short ones, so the model's own generate recomputes its cache there."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and getattr(module, "rope_type", None) == "longrope":
+            params = getattr(module.config, "rope_parameters", None) or {}
+            original = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
+            original = original or getattr(module.config, "original_max_position_embeddings", None)
+            return int(original) if original else None
+    return None
+
+
 def cos_sin(rotary: torch.nn.Module, positions: torch.Tensor, like: torch.Tensor, layer_type: str | None = None,
             reach: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (N, D), of the rotary module at positions (N,) (negative ones too), in like's dtype; for
