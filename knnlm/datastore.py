@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,16 +191,29 @@ class Datastore:
                              "pass that model with --model, or rebuild the datastore.")
         then, now = m["model"].get("settings") or {}, lm.key_settings  # absent before settings were recorded
         for key in sorted(set(then) & set(now)):
-            if then[key] != now[key]:
+            if not _same_setting(then[key], now[key]):
                 raise KNNLMError(f"Datastore {self.path} was built with the same weights but {key} = "
                                  f"{json.dumps(then[key])}, not {json.dumps(now[key])}, which gives other keys; pass "
                                  f"the model as it was built with ({m['model']['name']}), or rebuild the datastore.")
-        pipeline = m["tokenizer"].get("pipeline")
+        pipeline = m["tokenizer"].get("pipeline")  # absent before it was recorded
         if lm.tokenizer_fingerprint != m["tokenizer"]["fingerprint"] or (
-                pipeline is not None and lm.tokenizer_pipeline not in (None, pipeline)):
+                pipeline is not None and lm.tokenizer_pipeline != pipeline):
             raise KNNLMError(f"Datastore {self.path} was built with another tokenizer (another vocabulary, or another "
                              "normaliser, pre-tokeniser or merges); pass the model it was built with "
                              f"({m['model']['name']}) or rebuild the datastore.")
+
+
+def _same_setting(a, b) -> bool:
+    """Config values equal, numbers to float32's precision (a GGUF stores an epsilon as float32: 1e-05 reads back as
+    9.999999747378752e-06)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_setting, a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0)
+    return a == b
 
 
 def parse_holdout(data: bytes) -> list[tuple[str, str, str]]:

@@ -232,6 +232,15 @@ KEY_SETTINGS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary
                 "qk_layernorm")
 
 
+# Text whose tokens show a tokenizer's pipeline: case, accents and other scripts, digits, whitespace runs, tabs and
+# newlines, code, punctuation, emoji (a normaliser that lowercases or strips accents, another pre-tokeniser or other
+# merges change its ids).
+TOKENIZER_PROBE = ("The Quick Brown Fox: naïve café, Straße, ÉCOLE, ǅ, ﬁ, Ⅻ, ①, ２０２６, 3.14159e-10, 0x1F;\n"
+                   "def f(x, *args, **kw):\n\treturn {'a': [1, 2, 3]}  # comment   with   spaces\r\n"
+                   "    if x >= 10_000 and not y: raise ValueError(f\"{x!r} ≠ {y}\")\n"
+                   "日本語のテキスト، العربية, русский текст, ελληνικά, 한국어 🐍🎉 👨‍👩‍👧 \u00a0\u200b end.  ")
+
+
 @dataclass
 class LM:
     """A frozen causal LM with its tokenizer, in eval mode on one device."""
@@ -289,16 +298,10 @@ class LM:
         return json.loads(json.dumps({k: config[k] for k in KEY_SETTINGS if k in config}, default=str, sort_keys=True))
 
     @property
-    def tokenizer_pipeline(self) -> str | None:
-        """Hash of what a fast tokenizer does to text besides its vocabulary (normaliser, pre-tokeniser, model kind
-        and merges); None for a tokenizer without that pipeline."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return None
-        spec = json.loads(backend.to_str())
-        model = spec.get("model") or {}
-        parts = [spec.get("normalizer"), spec.get("pre_tokenizer"), model.get("type"), model.get("merges")]
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    def tokenizer_pipeline(self) -> str:
+        """Hash of the ids the tokenizer gives a probe text (TOKENIZER_PROBE): what its normaliser, pre-tokeniser and
+        merges do, which its vocabulary does not say; by behaviour, not by how its files spell them."""
+        return hashlib.sha256(np.asarray(self.encode(TOKENIZER_PROBE), dtype=np.int64).tobytes()).hexdigest()[:16]
 
     @property
     def tokenizer_fingerprint(self) -> str:

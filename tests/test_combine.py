@@ -692,6 +692,14 @@ def test_tuned_files_change_together_and_one_tune_at_a_time(store, tuned, tiny_l
     monkeypatch.undo()
     assert {name: (store.path / name).read_bytes() for name in files} == files and not (store.path / PENDING).exists()
     assert resolve_combiner("gate", store.path).kind == "gate"  # still the pair tune-lambda wrote
+    import knnlm.api as api
+    import knnlm.cli.tune as cli_tune
+
+    def scored(*args, **kwargs):
+        raise AssertionError("scored the dev part under another process's change")
+
+    monkeypatch.setattr(api, "dev_scores", scored)  # refused before any work: the scoring never starts
+    monkeypatch.setattr(cli_tune, "dev_scores", scored)
     fd = _try_lock(store.path)  # another process changing the datastore: an add, or another tune-lambda
     try:
         _sentence(run("tune-lambda", "--datastore", store.path, "--model", tiny_model_dir, "--no-plot"),
@@ -700,4 +708,16 @@ def test_tuned_files_change_together_and_one_tune_at_a_time(store, tuned, tiny_l
             KNNLM.open(store.path, lm=tiny_lm).tune()
     finally:
         _unlock(fd)
+    seen = {}  # and the tune holds the lock while it scores: an add then is refused
+
+    def scoring(ds, *args, **kwargs):
+        from knnlm.journal import _try_lock as try_lock
+
+        seen["other"] = try_lock(ds.path)
+        raise AssertionError("stop after the check")
+
+    monkeypatch.setattr(api, "dev_scores", scoring)
+    with pytest.raises(AssertionError, match="stop after the check"):
+        KNNLM.open(store.path, lm=tiny_lm).tune()
+    assert seen["other"] is None  # another process's lock attempt fails while the tune scores
     assert {name: (store.path / name).read_bytes() for name in files} == files

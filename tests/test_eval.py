@@ -224,6 +224,7 @@ def test_same_weights_with_another_rotation_or_tokenizer_pipeline_are_refused(st
     import json
     import shutil
 
+    from knnlm.datastore import Datastore
     from knnlm.lm import load_lm
 
     assert store.meta["model"]["settings"]["rope_parameters"]["rope_theta"] == 10000.0
@@ -246,6 +247,16 @@ def test_same_weights_with_another_rotation_or_tokenizer_pipeline_are_refused(st
     assert other.tokenizer_fingerprint == tiny_lm.tokenizer_fingerprint
     with pytest.raises(KNNLMError, match="another tokenizer .*normaliser"):
         store.check_compatible(other)
+    # what changes no token is no difference: an offsets-only flag of the pre-tokeniser; an epsilon read back from
+    # float32 (as a GGUF stores it)
+    spec["normalizer"] = None
+    spec["pre_tokenizer"]["trim_offsets"] = not spec["pre_tokenizer"].get("trim_offsets", True)
+    (lower / "tokenizer.json").write_text(json.dumps(spec))
+    store.check_compatible(load_lm(str(lower), device="cpu"))
+    near = json.loads(json.dumps(store.meta))
+    near["model"]["settings"]["rms_norm_eps"] = float(np.float32(near["model"]["settings"]["rms_norm_eps"]))
+    assert near["model"]["settings"]["rms_norm_eps"] != store.meta["model"]["settings"]["rms_norm_eps"]
+    Datastore(store.path, near).check_compatible(tiny_lm)
 
 
 def test_scores_cache_round_trip(store, tiny_lm, tmp_path):

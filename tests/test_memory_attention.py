@@ -489,6 +489,30 @@ def test_generation_with_longrope_is_the_models_own_greedy_decoding(tiny_lm, ids
     assert out.tokens == own[: len(out.tokens)] and len(out.tokens) >= 15
 
 
+def test_cut_cache_past_a_longrope_switch_turns_its_keys_by_the_long_frequencies(tiny_lm, ids):
+    """Where the tokens read no longer fit the window at the switch (context 24 < 32), the cache's keys, turned by
+    short-frequency passes, are turned by the long frequencies, so that local keys sit where the queries expect
+    them (before: the queries turned long, the cached keys short: 0.04-0.67 of a logit off, silently)."""
+    from knnlm.memory.reading import reading_with_memory
+    from knnlm.memory.rotary import cos_sin, rotate
+
+    lm = _tiny_of("llama-longrope", tiny_lm.tokenizer)
+    projected = []
+    cfg = AttentionMemoryConfig(layers="1", k=8, positions="exact")
+    with torch.inference_mode(), reading_with_memory(lm, cfg, 24, 8) as reader:
+        hook = lm.model.model.layers[1].self_attn.k_proj.register_forward_hook(
+            lambda m, args, out: projected.append(out[0].detach()))
+        try:
+            reader.scores(ids[:40])  # passes of 8: the last (positions 32-39) is the first past the switch
+        finally:
+            hook.remove()
+        cached = reader.cache.layers[1].keys[0]  # (H_kv, 24, D): positions 16-39
+        assert reader.first == 16
+        raw = torch.cat(projected)[16:40].reshape(24, 2, 8).transpose(0, 1)
+        cos, sin = cos_sin(reader.memory.rope.module, torch.arange(16, 40), raw, reach=39)
+        torch.testing.assert_close(cached, rotate(raw, cos, sin), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module"),
                                          ("smollm3", "layer 3 first"), ("smollm3-short", "layer 3 first"),
                                          ("falcon", "attention interface")])

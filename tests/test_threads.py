@@ -118,3 +118,26 @@ def test_a_processor_made_in_one_thread_generates_in_another(tiny_lm, batches):
             assert torch.equal(got, reference.take_query(a)[0])
     finally:
         hook.close()
+
+
+def test_the_memory_function_called_after_detaching_runs_the_models_own(tiny_lm):
+    """Another thread's pass that looked the memory's attention function up just before the memory was detached
+    gets the model's own attention (before: a sentence telling it to restore an implementation already restored)."""
+    from knnlm.memory.attention import _attention_modules, _base_function, memory_attention
+
+    module = _attention_modules(tiny_lm.model)[0]
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, heads, 6, 8, generator=g) for heads in (4, 2, 2))
+    with attached(tiny_lm, AttentionMemoryConfig()):
+        pass
+    own = _base_function(tiny_lm.model.config._attn_implementation, module)
+    want = own(module, query, key, value, None, scaling=8 ** -0.5)[0]
+    got = memory_attention(module, query, key, value, None, scaling=8 ** -0.5)[0]
+    assert torch.equal(got, want)
+    before = tiny_lm.model.config._attn_implementation
+    tiny_lm.model.config._attn_implementation = "knnlm_memory_sdpa"  # left switched, outside any attach
+    try:
+        with pytest.raises(KNNLMError, match="ran outside `attached`"):
+            memory_attention(module, query, key, value, None, scaling=8 ** -0.5)
+    finally:
+        tiny_lm.model.config._attn_implementation = before

@@ -356,8 +356,13 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """
     hooked = _HOOKED.get(id(module))
     if hooked is None:
-        raise KNNLMError("The knnlm attention memory function ran outside `attached`; restore the model's "
-                         "attention implementation with model.set_attn_implementation('sdpa').")
+        now = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if now is None or now.startswith(_NAME):
+            raise KNNLMError("The knnlm attention memory function ran outside `attached`; restore the model's "
+                             "attention implementation with model.set_attn_implementation('sdpa').")
+        # another thread's pass that looked this function up just before the memory was detached: the model's own
+        return _base_function(now, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, **kwargs)
     memory, layer = hooked.memory, module.layer_idx
     if layer not in memory.layers or threading.get_ident() != hooked.thread:
         return hooked.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -100,12 +100,15 @@ class CutCacheReader:
         out = None
         while self.fed < len(ids):
             n = min(self.stride if self.fed < len(ids) - 1 else 1, len(ids) - self.fed)
-            if self.switch is not None and 0 < self.fed <= self.switch < self.fed + n and self.first == 0 and \
-                    self.fed + n <= self.context:
-                # the first pass past a longrope model's switch, all read so far in the window: read it again in
-                # this one pass, as the model's own generate recomputes its cache there (Phi-3)
-                n += self.fed
-                self._restart()
+            if self.switch is not None and 0 < self.fed <= self.switch < self.fed + n:
+                # the first pass past a longrope model's switch: its keys turn by the long frequencies now
+                if self.first == 0 and self.fed + n <= self.context:
+                    # all read so far fits the window: read it again in this one pass, as the model's own
+                    # generate recomputes its cache there (Phi-3)
+                    n += self.fed
+                    self._restart()
+                else:
+                    self._turn_cache(self.fed + n - 1)
             self.cut(self.context - n)
             positions = torch.arange(self.fed, self.fed + n)
             self.memory.begin_forward(0, positions, capture=True)
@@ -119,6 +122,19 @@ class CutCacheReader:
             self.held.append({layer: (k, v.clone()) for layer, (k, v) in self.memory.captured.items()})
             self.fed += n
         return out.logits[:, -1, :].float()
+
+    def _turn_cache(self, reach: int) -> None:
+        """Turn the cache's keys, all turned by passes before a longrope switch (short frequencies), by the
+        frequencies of a pass reading to `reach` (long), so that local keys sit where this pass's queries expect
+        them. Their states (computed through short-frequency attention) stay: recomputing them would mean reading
+        past the window."""
+        positions = torch.arange(self.first, self.fed)
+        for layer, cached in enumerate(self.cache.layers):
+            keys = cached.keys[0]  # (H_kv, S, D)
+            cos, sin = self.memory.rope.cos_sin(layer, positions, keys, self.fed - 1)
+            unturned = self.memory.rope.unrotate(keys, cos, sin)
+            cos, sin = self.memory.rope.cos_sin(layer, positions, keys, reach)
+            cached.keys = self.memory.rope.rotate(unturned, cos, sin)[None]
 
     def cut(self, keep: int) -> None:
         """Cut the cache to its newest `keep` entries; the retrieving layers' cut entries go to the memory."""
