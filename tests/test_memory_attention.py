@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -444,25 +446,33 @@ def test_cut_cache_with_full_memory_is_full_attention_with_sliding_layers(tiny_l
             scores = reader.scores(ids[:n])
 
 
+@contextmanager
+def _read_at_layer_1(kind: str, tokenizer, context: int, stride: int):
+    """(a cut-cache reader of a tiny model of the kind, with attention memory at layer 1; the keys layer 1 projects,
+    before rotation, in each pass made inside the block), inference mode on."""
+    from knnlm.memory.reading import reading_with_memory
+
+    lm = _tiny_of(kind, tokenizer)
+    projected = []
+    cfg = AttentionMemoryConfig(layers="1", k=8, positions="exact")
+    with torch.inference_mode(), reading_with_memory(lm, cfg, context, stride) as reader:
+        hook = lm.model.model.layers[1].self_attn.k_proj.register_forward_hook(
+            lambda m, args, out: projected.append(out[0].detach()))
+        try:
+            yield reader, projected
+        finally:
+            hook.remove()
+
+
 @pytest.mark.parametrize("kind", ["llama-longrope", "llama-dynamic"])
 def test_cut_cache_takes_off_the_rotation_each_key_was_given(tiny_lm, ids, kind):
     """Keys cut from generation's cache reach the memory exactly as the model projected them, before rotation, also
     where a pass's frequencies depend on how far it reads: the prompt's one pass reads to position 39 (long
     frequencies; dynamic NTK's base then grows with every later pass), the cut keys sit before position 32 (before:
     they were turned back by the short frequencies, silently)."""
-    from knnlm.memory.reading import reading_with_memory
-
-    lm = _tiny_of(kind, tiny_lm.tokenizer)
-    projected = []
-    cfg = AttentionMemoryConfig(layers="1", k=8, positions="exact")
-    with torch.inference_mode(), reading_with_memory(lm, cfg, 40, 40) as reader:
-        hook = lm.model.model.layers[1].self_attn.k_proj.register_forward_hook(
-            lambda m, args, out: projected.append(out[0].detach()))
-        try:
-            reader.scores(ids[:40])  # the prompt in one pass
-            reader.scores(ids[:52])  # then a token per pass: cuts the first 12 to the memory, one at a time
-        finally:
-            hook.remove()
+    with _read_at_layer_1(kind, tiny_lm.tokenizer, 40, 40) as (reader, projected):
+        reader.scores(ids[:40])  # the prompt in one pass
+        reader.scores(ids[:52])  # then a token per pass: cuts the first 12 to the memory, one at a time
         kept = reader.memory.keys[1]  # (H_kv, 12, D)
         assert reader.memory.positions.tolist() == list(range(12))
     raw = torch.cat(projected)[:12].reshape(12, 2, 8).transpose(0, 1)  # (H_kv, 12, D)
@@ -493,19 +503,10 @@ def test_cut_cache_past_a_longrope_switch_turns_its_keys_by_the_long_frequencies
     """Where the tokens read no longer fit the window at the switch (context 24 < 32), the cache's keys, turned by
     short-frequency passes, are turned by the long frequencies, so that local keys sit where the queries expect
     them (before: the queries turned long, the cached keys short: 0.04-0.67 of a logit off, silently)."""
-    from knnlm.memory.reading import reading_with_memory
     from knnlm.memory.rotary import cos_sin, rotate
 
-    lm = _tiny_of("llama-longrope", tiny_lm.tokenizer)
-    projected = []
-    cfg = AttentionMemoryConfig(layers="1", k=8, positions="exact")
-    with torch.inference_mode(), reading_with_memory(lm, cfg, 24, 8) as reader:
-        hook = lm.model.model.layers[1].self_attn.k_proj.register_forward_hook(
-            lambda m, args, out: projected.append(out[0].detach()))
-        try:
-            reader.scores(ids[:40])  # passes of 8: the last (positions 32-39) is the first past the switch
-        finally:
-            hook.remove()
+    with _read_at_layer_1("llama-longrope", tiny_lm.tokenizer, 24, 8) as (reader, projected):
+        reader.scores(ids[:40])  # passes of 8: the last (positions 32-39) is the first past the switch
         cached = reader.cache.layers[1].keys[0]  # (H_kv, 24, D): positions 16-39
         assert reader.first == 16
         raw = torch.cat(projected)[16:40].reshape(24, 2, 8).transpose(0, 1)
