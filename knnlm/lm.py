@@ -69,26 +69,41 @@ class QueryHook:
     a context manager that removes the hook. Logits processors call `take_query` in their __call__."""
 
     def __init__(self, lm: "LM"):
-        # per thread, (the last forward pass's query, forward passes since the last step took its query): the
-        # processor's generation runs in one thread; passes of the model in others are not its steps
-        self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+        # per thread, (the last forward pass's query, forward passes since the last step took its query, that
+        # pass's last input tokens or None): the processor's generation runs in one thread; passes of the model in
+        # others are not its steps
+        self._seen: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+        self._reads: dict[int, torch.Tensor] = {}  # per thread, the last input tokens of the pass under way
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread whose steps it takes (the first to take one)
         self._rows: np.ndarray | None = None  # the last step's input_ids
-        self._handle = lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)
+        self._handles = [lm.model.get_output_embeddings().register_forward_pre_hook(self._capture),
+                         lm.model.get_input_embeddings().register_forward_pre_hook(self._read)]
+        self._handle = self._handles[0]
+
+    def _ours(self) -> int | None:
+        """This thread, where its passes are this hook's to take; else None."""
+        thread = threading.get_ident()
+        return thread if self._thread is None or thread == self._thread else None
+
+    def _read(self, _module, args) -> None:
+        thread = self._ours()
+        if thread is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            self._reads[thread] = args[0][:, -1].detach()
 
     def _capture(self, _module, args) -> None:
         if args[0].dim() != 3:  # a projection of (n, d) rows (SPALM's mixing), not a forward pass of the model
             return
-        thread = threading.get_ident()
-        if self._thread is not None and thread != self._thread:
+        thread = self._ours()
+        if thread is None:
             return
         with self._lock:
-            self._seen[thread] = (args[0][:, -1, :].detach(), self._seen.get(thread, (None, 0))[1] + 1)
+            self._seen[thread] = (args[0][:, -1, :].detach(), self._seen.get(thread, (None, 0, None))[1] + 1,
+                                  self._reads.pop(thread, None))
 
     def seen(self) -> tuple[torch.Tensor | None, int]:
         """(the last forward pass's query, the passes since the last step) in this thread, not taken."""
-        return self._seen.get(threading.get_ident(), (None, 0))
+        return self._seen.get(threading.get_ident(), (None, 0, None))[:2]
 
     def take_query(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
         """This step's query (B, d), each row's row in the last step (B,) where input_ids continues it (else None),
@@ -97,8 +112,10 @@ class QueryHook:
         A step continues the last one when each of its rows is a row of the last step's input_ids with
         one token more (beam search reorders them; the parents say how); that step must follow exactly
         one forward pass. Otherwise it starts a new generation (parents None), which takes the last
-        pass: a prefill read in chunks runs several. (Classifier-free guidance's own pass comes after the
-        step's, so a one-step guided generation is not caught; from its second step it is refused.)
+        pass: a prefill read in chunks runs several, the last ending with the step's last tokens (a last
+        pass over other tokens, as another processor's call of the model, is refused). (Classifier-free
+        guidance's own pass comes after the step's: over a negative prompt it is refused at once, over the
+        step's last token only from the second step.)
         """
         name = type(self).__name__
         if self._handle is None:
@@ -111,7 +128,7 @@ class QueryHook:
             elif thread != self._thread:
                 raise KNNLMError(f"This {name} serves the generation of the thread that first used it, and holds "
                                  "that generation's state; make one per thread that generates.")
-            query, passes = self._seen.pop(thread, (None, 0))
+            query, passes, last = self._seen.pop(thread, (None, 0, None))
         rows = input_ids.detach().cpu().numpy()
         parents = continued_rows(self._rows, rows)
         self._rows = rows
@@ -127,14 +144,21 @@ class QueryHook:
         if query.shape[0] != rows.shape[0]:
             raise KNNLMError(f"{name} took a query of {query.shape[0]} rows for a step of {rows.shape[0]}; "
                              "use it with model.generate of the model it was made for.")
+        if parents is None and passes > 1 and last is not None and rows.ndim == 2 and not np.array_equal(
+                last.cpu().numpy(), rows[:, -1]):  # a prefill's last chunk ends where the step does
+            raise KNNLMError(f"{name} saw {passes} forward passes of its model before its first step, the last of "
+                             "other tokens than the step's (classifier-free guidance's own pass, or the model called "
+                             "by another processor), and cannot tell which one is the step's; generate without "
+                             "guidance_scale, and call the model between steps only with the processor closed.")
         return query, parents, rows
 
     def close(self) -> None:
         """Remove the hook from the model."""
         if self._handle is not None:
-            self._handle.remove()
+            for handle in self._handles:
+                handle.remove()
             self._handle = None
-        self._seen = {}
+        self._seen, self._reads = {}, {}
 
     def __enter__(self):
         return self

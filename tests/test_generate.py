@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from knnlm.api import KNNLM
 from knnlm.build import BuildConfig, build_datastore
@@ -435,9 +435,13 @@ def test_processor_refuses_forward_passes_it_cannot_tell_from_the_steps(store, t
     ids = tiny_lm.encode("import os\nimport sys\nimport os\nimport sys\nimport os\n")
     x = torch.tensor([ids])
     with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
-        with pytest.raises(KNNLMError, match="classifier-free guidance"):
+        with pytest.raises(KNNLMError, match="classifier-free guidance"):  # its pass over the negative prompt
             tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=4, do_sample=False,
                                    guidance_scale=1.5, negative_prompt_ids=torch.tensor([ids[:3]]), pad_token_id=0)
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
+        with pytest.raises(KNNLMError, match="classifier-free guidance"):  # over the last token: at the second step
+            tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=4, do_sample=False,
+                                   guidance_scale=1.5, pad_token_id=0)
     with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
         with pytest.raises(KNNLMError, match="prompt-lookup"):
             tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=8, do_sample=False,
@@ -448,6 +452,24 @@ def test_processor_refuses_forward_passes_it_cannot_tell_from_the_steps(store, t
     p.close()
     with pytest.raises(KNNLMError, match="is closed"):
         p(x, logits)
+    # a processor of the user's, before ours, that runs the model on other text at the first step (before: its pass's
+    # query was taken for the step's, silently); a prefill in chunks, the last ending where the step does, is not
+    class Side(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            tiny_lm.forward(torch.tensor([ids[:7]]), torch.ones(1, 7, dtype=torch.long))
+            return scores
+
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
+        with pytest.raises(KNNLMError, match="before its first step, the last of other tokens than the step's"):
+            tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([Side(), p]), max_new_tokens=1,
+                                   do_sample=False, pad_token_id=0)
+    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p, KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) \
+            as whole, torch.inference_mode():
+        out = tiny_lm.model(input_ids=x[:, :5], use_cache=True)
+        logits = tiny_lm.model(input_ids=x[:, 5:], past_key_values=out.past_key_values).logits[:, -1]
+        chunked = p(x, logits)
+        p.close()
+        assert torch.allclose(chunked, whole(x, tiny_lm.model(input_ids=x).logits[:, -1]), atol=1e-5)
     # the plain case, one forward pass a step, as the processor's own distribution
     with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
         out = tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=3, do_sample=False,
