@@ -77,8 +77,11 @@ class QueryHook:
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread whose steps it takes (the first to take one)
         self._rows: np.ndarray | None = None  # the last step's input_ids
-        self._handles = [lm.model.get_output_embeddings().register_forward_pre_hook(self._capture),
-                         lm.model.get_input_embeddings().register_forward_pre_hook(self._read)]
+        self._handles = [lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)]
+        try:  # a model that names no input embedding: its passes' tokens go unchecked
+            self._handles.append(lm.model.get_input_embeddings().register_forward_pre_hook(self._read))
+        except (AttributeError, NotImplementedError):
+            pass
         self._handle = self._handles[0]
 
     def _ours(self) -> int | None:
