@@ -205,10 +205,10 @@ class Datastore:
 
 def _same_setting(a, b) -> bool:
     """Config values equal, numbers to float32's precision (a GGUF stores an epsilon as float32: 1e-05 reads back as
-    9.999999747378752e-06), dicts in the entries both hold (a field a later transformers adds, as it moved rope_theta
-    into rope_parameters, is no difference; a changed rope_type or factor is)."""
+    9.999999747378752e-06). Dicts hold the same entries: rope_parameters names only what was set, and an entry on one
+    side (YaRN's beta_fast, attention_factor) changes the keys."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return all(_same_setting(a[k], b[k]) for k in a.keys() & b.keys())
+        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(map(_same_setting, a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \

@@ -70,10 +70,10 @@ class QueryHook:
 
     def __init__(self, lm: "LM"):
         # per thread, (the last forward pass's query, forward passes since the last step took its query, that
-        # pass's last input tokens or None): the processor's generation runs in one thread; passes of the model in
+        # pass's input tokens or None): the processor's generation runs in one thread; passes of the model in
         # others are not its steps
         self._seen: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
-        self._reads: dict[int, torch.Tensor] = {}  # per thread, the last input tokens of the pass under way
+        self._reads: dict[int, torch.Tensor] = {}  # per thread, the input tokens of the pass under way
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread whose steps it takes (the first to take one)
         self._rows: np.ndarray | None = None  # the last step's input_ids
@@ -92,7 +92,7 @@ class QueryHook:
     def _read(self, _module, args) -> None:
         thread = self._ours()
         if thread is not None and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
-            self._reads[thread] = args[0][:, -1].detach()
+            self._reads[thread] = args[0].detach()
 
     def _capture(self, _module, args) -> None:
         if args[0].dim() != 3:  # a projection of (n, d) rows (SPALM's mixing), not a forward pass of the model
@@ -115,8 +115,8 @@ class QueryHook:
         A step continues the last one when each of its rows is a row of the last step's input_ids with
         one token more (beam search reorders them; the parents say how); that step must follow exactly
         one forward pass. Otherwise it starts a new generation (parents None), which takes the last
-        pass: a prefill read in chunks runs several, the last ending with the step's last tokens (a last
-        pass over other tokens, as another processor's call of the model, is refused). (Classifier-free
+        pass: a prefill read in chunks runs several, the last reading the step's last tokens (a last pass
+        over other tokens, as another processor's call of the model, is refused). (Classifier-free
         guidance's own pass comes after the step's: over a negative prompt it is refused at once, over the
         step's last token only from the second step.)
         """
@@ -147,8 +147,10 @@ class QueryHook:
         if query.shape[0] != rows.shape[0]:
             raise KNNLMError(f"{name} took a query of {query.shape[0]} rows for a step of {rows.shape[0]}; "
                              "use it with model.generate of the model it was made for.")
-        if parents is None and passes > 1 and last is not None and rows.ndim == 2 and not np.array_equal(
-                last.cpu().numpy(), rows[:, -1]):  # a prefill's last chunk ends where the step does
+        if parents is None and passes > 1 and last is not None and rows.ndim == 2 and not (
+                last.shape[0] == rows.shape[0] and last.shape[1] <= rows.shape[1]
+                and np.array_equal(last.cpu().numpy(), rows[:, rows.shape[1] - last.shape[1]:])):
+            # a prefill's last chunk reads the step's last tokens
             raise KNNLMError(f"{name} saw {passes} forward passes of its model before its first step, the last of "
                              "other tokens than the step's (classifier-free guidance's own pass, or the model called "
                              "by another processor), and cannot tell which one is the step's; generate without "

@@ -255,9 +255,11 @@ def test_same_weights_with_another_rotation_or_tokenizer_pipeline_are_refused(st
     store.check_compatible(load_lm(str(lower), device="cpu"))
     near = json.loads(json.dumps(store.meta))
     near["model"]["settings"]["rms_norm_eps"] = float(np.float32(near["model"]["settings"]["rms_norm_eps"]))
-    near["model"]["settings"]["rope_parameters"]["field_of_a_later_version"] = 1  # one side only: no difference
     assert near["model"]["settings"]["rms_norm_eps"] != store.meta["model"]["settings"]["rms_norm_eps"]
     Datastore(store.path, near).check_compatible(tiny_lm)
+    near["model"]["settings"]["rope_parameters"]["attention_factor"] = 1.0  # an entry on one side: YaRN's, say
+    with pytest.raises(KNNLMError, match="rope_parameters"):
+        Datastore(store.path, near).check_compatible(tiny_lm)
 
 
 def test_scores_cache_round_trip(store, tiny_lm, tmp_path):

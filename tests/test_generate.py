@@ -455,14 +455,20 @@ def test_processor_refuses_forward_passes_it_cannot_tell_from_the_steps(store, t
     # a processor of the user's, before ours, that runs the model on other text at the first step (before: its pass's
     # query was taken for the step's, silently); a prefill in chunks, the last ending where the step does, is not
     class Side(LogitsProcessor):
+        def __init__(self, side):
+            self.side = torch.tensor([side])
+
         def __call__(self, input_ids, scores):
-            tiny_lm.forward(torch.tensor([ids[:7]]), torch.ones(1, 7, dtype=torch.long))
+            tiny_lm.forward(self.side, torch.ones_like(self.side))
             return scores
 
-    with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
-        with pytest.raises(KNNLMError, match="before its first step, the last of other tokens than the step's"):
-            tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([Side(), p]), max_new_tokens=1,
-                                   do_sample=False, pad_token_id=0)
+    other = ids[2:5] + ids[-1:]  # other text ending in the prompt's last token (a newline, as most prompts)
+    assert other != ids[-4:]
+    for side in (ids[:7], other):
+        with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p:
+            with pytest.raises(KNNLMError, match="before its first step, the last of other tokens than the step's"):
+                tiny_lm.model.generate(x, logits_processor=LogitsProcessorList([Side(side), p]), max_new_tokens=1,
+                                       do_sample=False, pad_token_id=0)
     with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p, KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) \
             as whole, torch.inference_mode():
         out = tiny_lm.model(input_ids=x[:, :5], use_cache=True)
