@@ -472,7 +472,8 @@ def test_processor_refuses_forward_passes_it_cannot_tell_from_the_steps(store, t
     with KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) as p, KNNLogitsProcessor(tiny_lm, retriever, 0.5, 2.0) \
             as whole, torch.inference_mode():
         out = tiny_lm.model(input_ids=x[:, :5], use_cache=True)
-        logits = tiny_lm.model(input_ids=x[:, 5:], past_key_values=out.past_key_values).logits[:, -1]
+        named = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5
+        logits = tiny_lm.model(input_ids=x[:, 5:], **{named: out[named]}).logits[:, -1]
         chunked = p(x, logits)
         p.close()
         assert torch.allclose(chunked, whole(x, tiny_lm.model(input_ids=x).logits[:, -1]), atol=1e-5)
