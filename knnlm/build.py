@@ -349,8 +349,9 @@ def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: Buil
     Returns:
         The opened datastore. Interrupted, it leaves OUT.partial/ for `resume=True`.
     """
-    with claimed(datastore_path(out)):
-        work, ckpt = _prepare_dirs(datastore_path(out), cfg)  # before the model loads
+    path = datastore_path(out)
+    with claimed(path):
+        work, ckpt = _prepare_dirs(path, cfg)  # before the model loads
         out, src, lm = open_build(corpus, out, cfg, lm)
         if ckpt is WHOLE:
             return _move_in(check_whole(work, cfg, src, lm), out)

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import own_names
-from .journal import LOCK
 from .errors import KNNLMError
-from .journal import recover
+from .journal import LOCK, recover
 
 FORMAT_VERSION = 1
 DEFAULT_DATASTORE = os.path.join("datastores", "default")  # used when neither a path nor $KNNLM_DATASTORE is given

@@ -301,11 +301,10 @@ def _decode(lm: LM, ids: list[int], processors: list[LogitsProcessor], max_new_t
             if reader is not None:
                 scores = reader.scores(ids)  # (1, V): a KV cache cut to the window, what left it in memory
             else:
-                if begin < 0 or pos - begin >= context:
-                    # A new window, prefilled without a cache: positions count from its first token, as in build.
+                new_window = begin < 0 or pos - begin >= context
+                if new_window:  # prefilled without a cache: positions count from its first token, as in build
                     begin = window_begin(pos, context, stride)
-                    feed, cache = ids[begin:], None
-                elif pos - begin == switch:  # the window read again as the model's own generate does (Phi-3)
+                if new_window or pos - begin == switch:  # (past a longrope switch: read again, as Phi-3's generate)
                     feed, cache = ids[begin:], None
                 else:
                     feed = ids[-1:]

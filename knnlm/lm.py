@@ -77,12 +77,11 @@ class QueryHook:
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread whose steps it takes (the first to take one)
         self._rows: np.ndarray | None = None  # the last step's input_ids
-        self._handles = [lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)]
+        self._handles = [lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)]  # none: closed
         try:  # a model that names no input embedding: its passes' tokens go unchecked
             self._handles.append(lm.model.get_input_embeddings().register_forward_pre_hook(self._read))
         except (AttributeError, NotImplementedError):
             pass
-        self._handle = self._handles[0]
 
     def _ours(self) -> int | None:
         """This thread, where its passes are this hook's to take; else None."""
@@ -121,7 +120,7 @@ class QueryHook:
         step's last token only from the second step.)
         """
         name = type(self).__name__
-        if self._handle is None:
+        if not self._handles:
             raise KNNLMError(f"This {name} is closed (its hook is off the model); make a new one to generate.")
         thread = threading.get_ident()
         with self._lock:
@@ -159,11 +158,9 @@ class QueryHook:
 
     def close(self) -> None:
         """Remove the hook from the model."""
-        if self._handle is not None:
-            for handle in self._handles:
-                handle.remove()
-            self._handle = None
-        self._seen, self._reads = {}, {}
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._seen, self._reads = [], {}, {}
 
     def __enter__(self):
         return self
@@ -222,7 +219,7 @@ class OutputHead(torch.nn.Module):
         if self.checked:
             return
         lm, cfg = self._lm, self._lm.model.config
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        text = lm.text_config
         ids = torch.arange(1, 9)[None] % lm.vocab_size
         keys, logits = lm.forward(ids, torch.ones_like(ids))
         with torch.inference_mode():
@@ -319,11 +316,16 @@ class LM:
         return self._fingerprint
 
     @property
+    def text_config(self):
+        """The config of the text decoder (a multimodal model's text_config; the model's own otherwise)."""
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
     def key_settings(self) -> dict:
         """The config's settings that shape its keys besides the weights (KEY_SETTINGS present in it), JSON values:
         the same weights with another rotation, window or activation give other keys."""
-        get_text = getattr(self.model.config, "get_text_config", None)
-        config = (get_text() if callable(get_text) else self.model.config).to_dict()
+        config = self.text_config.to_dict()
         return json.loads(json.dumps({k: config[k] for k in KEY_SETTINGS if k in config}, default=str, sort_keys=True))
 
     @property

@@ -124,8 +124,8 @@ class AttentionMemory:
         self.frame = torch.zeros(0, dtype=torch.long)  # (T,) positions (as the model sees them) of its tokens
         self.capture = False  # keep this pass's new keys and values, for stash()
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ((H_kv, T, D), (H_kv, T, D))
-        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # stashed, not yet left the window
-        self.pending_positions: list[torch.Tensor] = []
+        # stashed, not yet left the window: (absolute positions (n,), {layer: (keys, values)}) per stash, in order
+        self.pending: list[tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = []
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -133,7 +133,7 @@ class AttentionMemory:
     def start(self, window: int) -> None:
         """Empty the memory for a new document read in windows of `window` tokens."""
         self.window = window
-        self.keys, self.values, self.captured, self.pending, self.pending_positions = {}, {}, {}, {}, []
+        self.keys, self.values, self.captured, self.pending = {}, {}, {}, []
         self.positions = torch.zeros(0, dtype=torch.long)
 
     def begin_forward(self, offset: int, positions: torch.Tensor, capture: bool) -> None:
@@ -150,32 +150,37 @@ class AttentionMemory:
         self.positions = torch.cat([self.positions, positions.long().cpu()])
 
     def stash(self, lo: int, hi: int) -> None:
-        """Keep tokens [lo, hi) of the last forward pass until they leave the window (see release).
+        """Keep tokens [lo, hi) of the last forward pass until they leave the window (see release); each stash holds
+        later positions than the one before (a document is read forward).
 
         Eval stashes each window's owned tokens, the ones it saw with the most left context: a token
         at the very start of a window attends only to itself and becomes an attention sink, a key
-        that retrieval would keep finding.
+        that retrieval would keep finding. Generation's cut cache stashes every pass's tokens.
         """
         if set(self.captured) != set(self.layers):
             raise KNNLMError("Attention memory captured nothing in the last forward pass; call begin_forward "
                              "with capture=True before the pass, inside `attached`.")
-        for layer, (k, v) in self.captured.items():
-            self.pending.setdefault(layer, []).append((k[:, lo:hi], v[:, lo:hi]))
-        self.pending_positions.append(self.frame[lo:hi] + self.offset)
+        if hi > lo:
+            self.pending.append((self.frame[lo:hi] + self.offset, _part(self.captured, slice(lo, hi))))
 
     def release(self, before: int) -> None:
-        """Move the stashed tokens at absolute positions before `before` (they left the window) into the memory."""
-        if not self.pending_positions:
-            return
-        positions = torch.cat(self.pending_positions)
-        gone = positions < before
-        entries, rest = {}, {}
-        for layer, parts in self.pending.items():
-            k, v = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-            entries[layer] = (k[:, gone], v[:, gone])
-            rest[layer] = [(k[:, ~gone], v[:, ~gone])]
-        self.append(entries, positions[gone])
-        self.pending, self.pending_positions = rest, [positions[~gone]]
+        """Move the stashed tokens at absolute positions before `before` (they left the window) into the memory:
+        the oldest stashes', so only those are touched (a decoding step releases one token of a window's)."""
+        gone = []
+        while self.pending and self.pending[0][0][0] < before:
+            positions, entries = self.pending.pop(0)
+            n = int((positions < before).sum())  # a prefix: positions ascend
+            if n < len(positions):  # the rest stays
+                self.pending.insert(0, (positions[n:], _part(entries, slice(n, None))))
+            gone.append((positions[:n], _part(entries, slice(n))))
+        if gone:
+            self.append({layer: tuple(torch.cat([g[1][layer][i] for g in gone], dim=1) for i in (0, 1))
+                         for layer in gone[0][1]}, torch.cat([g[0] for g in gone]))
+
+
+def _part(entries: dict[int, tuple[torch.Tensor, torch.Tensor]], part: slice) -> dict:
+    """The entries' (keys, values) of each layer, cut to the tokens `part`."""
+    return {layer: (k[:, part], v[:, part]) for layer, (k, v) in entries.items()}
 
 
 @dataclass
@@ -372,8 +377,9 @@ def memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     h_kv, s, g = key.shape[1], key.shape[2], query.shape[1] // key.shape[1]
     if memory.capture:  # this pass's new keys are the last T: keep them without rotation
         cos, sin = memory.rope.cos_sin(layer, memory.frame, key)
+        # values after a cache are copied: a view would keep the cache's whole tensor alive until released
         memory.captured[layer] = (memory.rope.unrotate(key[0, :, s - t:], cos, sin).detach(),
-                                  value[0, :, s - t:].detach())
+                                  value[0, :, s - t:].detach().contiguous())
     if len(memory) == 0 or layer not in memory.keys:
         return hooked.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     mem_k, mem_v = memory.keys[layer], memory.values[layer]  # (H_kv, N, D) each

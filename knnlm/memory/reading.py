@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..errors import KNNLMError
 from ..windows import Owned, Window
 from .attention import AttentionMemory, AttentionMemoryConfig, attached
 from .rotary import longrope_switch
@@ -66,34 +65,27 @@ class CutCacheReader:
     """
 
     def __init__(self, lm: LM, memory: AttentionMemory, context: int, stride: int):
-        from transformers import DynamicCache
-
         if not 0 < stride <= context:
             raise ValueError(f"stride {stride} must be in 1..context ({context})")
         self.lm, self.memory, self.context, self.stride = lm, memory, context, stride
-        # Plain layers only: a model's sliding cache layers (Mistral's, Gemma's) keep a count of their own that
-        # cut() would not move, which shifts their masks. The cut already bounds what a layer sees, and the
-        # model's mask still slides within the cache.
-        self.cache = DynamicCache()
         params = inspect.signature(lm.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
         # Only the last position's logits are needed; not every model's forward takes logits_to_keep.
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.fed = 0  # tokens read so far: the absolute position of the next one
-        self.first = 0  # absolute position of the cache's oldest entry
-        # the cache's entries, rotation taken off, of the retrieving layers: a {layer: (keys, values)} per pass,
-        # each (H_kv, n, D), oldest first (the first one's first `self.taken` entries already in the memory)
-        self.held: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
-        self.taken = 0
         self.switch = longrope_switch(lm.model)
-        memory.start(context)
+        self._restart()
 
     def _restart(self) -> None:
-        """Forget everything read: the next pass reads from the first token."""
+        """Nothing read yet: the next pass reads from the first token."""
         from transformers import DynamicCache
 
-        self.cache, self.held, self.taken, self.fed, self.first = DynamicCache(), [], 0, 0, 0
-        self.memory.start(self.context)
+        # Plain layers only: a model's sliding cache layers (Mistral's, Gemma's) keep a count of their own that
+        # cut() would not move, which shifts their masks. The cut already bounds what a layer sees, and the
+        # model's mask still slides within the cache.
+        self.cache = DynamicCache()
+        self.fed = 0  # tokens read so far: the absolute position of the next one
+        self.first = 0  # absolute position of the cache's oldest entry
+        self.memory.start(self.context)  # each pass's entries wait in its stash until the cut (see cut)
 
     def scores(self, ids: list[int]) -> torch.Tensor:
         """(1, V) float logits of the token after ids, reading the tokens not read yet."""
@@ -115,11 +107,7 @@ class CutCacheReader:
             out = self.lm.model(input_ids=torch.tensor([ids[self.fed: self.fed + n]], device=self.lm.device),
                                 position_ids=positions[None].to(self.lm.device), use_cache=True,
                                 **{self.cache_arg: self.cache}, **self.keep)
-            if set(self.memory.captured) != set(self.memory.layers):
-                raise KNNLMError("Attention memory captured nothing in the last forward pass; the model's attention "
-                                 "did not run through the memory's function.")
-            # values are views of the cache's whole tensor: copied, not to keep each pass's cache alive
-            self.held.append({layer: (k, v.clone()) for layer, (k, v) in self.memory.captured.items()})
+            self.memory.stash(0, n)  # its keys with the rotation this pass gave them taken off, until the cut
             self.fed += n
         return out.logits[:, -1, :].float()
 
@@ -141,24 +129,10 @@ class CutCacheReader:
         drop = self.fed - self.first - keep
         if drop <= 0:
             return
-        parts, need = [], drop  # the held entries of the `drop` oldest tokens, pass by pass
-        while need:
-            held, at = self.held[0], self.taken
-            left = next(iter(held.values()))[0].shape[1] - at
-            m = min(left, need)
-            parts.append({layer: (k[:, at: at + m], v[:, at: at + m]) for layer, (k, v) in held.items()})
-            need -= m
-            if m == left:  # this pass's entries have all gone
-                self.held.pop(0)
-                self.taken = 0
-            else:
-                self.taken += m
-        entries = {layer: tuple(torch.cat([p[layer][i] for p in parts], dim=1) for i in (0, 1))
-                   for layer in parts[0]}
         for cached in self.cache.layers:
             cached.keys, cached.values = cached.keys[:, :, drop:], cached.values[:, :, drop:]
-        self.memory.append(entries, torch.arange(self.first, self.first + drop))
         self.first += drop
+        self.memory.release(self.first)
 
 
 @contextmanager

@@ -123,8 +123,9 @@ def build_sharded(corpus: str, out: str | os.PathLike | None = None, cfg: BuildC
     """
     if shard_cfg.engine is Engine.RAY and shard_cfg.ray_address is not None:
         ensure_ray(shard_cfg.ray_address)  # join the cluster first: an address with no cluster stops nothing begun
-    with claimed(datastore_path(out)):
-        work, plan = _prepare_dirs(datastore_path(out), cfg, sharded=True)  # before the model loads
+    path = datastore_path(out)
+    with claimed(path):
+        work, plan = _prepare_dirs(path, cfg, sharded=True)  # before the model loads
         out, src, lm = open_build(corpus, out, cfg, lm)
         if plan is WHOLE:
             return _move_in(check_whole(work, cfg, src, lm), out)
