@@ -64,6 +64,13 @@ def bundled_gguf() -> Path:
     return path
 
 
+def compiled(model: torch.nn.Module) -> bool:
+    """Whether model's forward runs compiled code: torch.compile of its forward or of the module, or the compiled call
+    transformers' generate makes for a static cache. Such code skips forward hooks added after it was compiled."""
+    return (hasattr(model, "_compiled_call") or hasattr(getattr(model, "forward", None), "_torchdynamo_orig_callable")
+            or hasattr(model, "_orig_mod"))
+
+
 class QueryHook:
     """Captures each forward's query (the lm_head's input at the last position) with a forward pre-hook;
     a context manager that removes the hook. Logits processors call `take_query` in their __call__."""
@@ -77,6 +84,8 @@ class QueryHook:
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread whose steps it takes (the first to take one)
         self._rows: np.ndarray | None = None  # the last step's input_ids
+        lm.check_causal()
+        self._model = lm.model
         self._handles = [lm.model.get_output_embeddings().register_forward_pre_hook(self._capture)]  # none: closed
         try:  # a model that names no input embedding: its passes' tokens go unchecked
             self._handles.append(lm.model.get_input_embeddings().register_forward_pre_hook(self._read))
@@ -134,6 +143,11 @@ class QueryHook:
         rows = input_ids.detach().cpu().numpy()
         parents = continued_rows(self._rows, rows)
         self._rows = rows
+        if (query is None or passes == 0) and compiled(self._model):
+            raise KNNLMError(f"{name} saw no forward pass of its model for this step: the model's forward was compiled "
+                             "(torch.compile, or generate's own compilation with a static cache) before the "
+                             "processor's hook was added, and compiled code runs no hook added after it; make the "
+                             "processor before the model's first compiled call, or load the model again.")
         if query is None or passes == 0:
             raise KNNLMError(f"{name} saw no forward pass of its model for this step; use it with model.generate of "
                              "the model it was made for, and not with assisted or prompt-lookup decoding, which "
@@ -279,6 +293,7 @@ class LM:
     _tokenizer_fingerprint: str | None = field(default=None, repr=False)
     _projects_a_tail: bool | None = field(default=None, repr=False)
     _output_head: OutputHead | None = field(default=None, repr=False)
+    _causal: bool | None = field(default=None, repr=False)  # check_causal's finding (True while it probes)
 
     @property
     def output_head(self) -> OutputHead:
@@ -370,6 +385,30 @@ class LM:
             run = []
         return "".join(parts[:-1])
 
+    def check_causal(self) -> None:
+        """Refuse, in one sentence, a model whose positions see later tokens (a prefix-LM, as PaliGemma is without
+        token_type_ids): its keys would hold text that comes after them. Probed once: 12 tokens, then the same with
+        the last one changed; the earlier positions' hidden states must not move."""
+        if self._causal is not None:
+            return
+        self._causal = True  # the probe's own passes
+        try:
+            n = max(2, min(12, self.max_positions or 12))
+            ids = ((torch.arange(n) * 7 + 3) % self.vocab_size)[None]
+            other = ids.clone()
+            other[0, -1] = (other[0, -1] + 1) % self.vocab_size
+            a, b = (self.forward(x, torch.ones_like(x), logits=False)[0][0, :-1] for x in (ids, other))
+        except BaseException:
+            self._causal = None
+            raise
+        gap = float((a - b).abs().max())
+        if not gap <= 1e-3 * (1.0 + float(a.abs().max())):  # bf16's rounding at most; NaN fails too
+            self._causal = None
+            raise KNNLMError(f"Model {self.name} lets a position see later tokens (changing the last of 12 tokens "
+                             f"moved the earlier positions' hidden states by up to {gap:.3g}), so its keys would hold "
+                             "text that comes after them; use a causal LM (a prefix-LM such as PaliGemma attends "
+                             "both ways over its input).")
+
     @property
     def projects_a_tail(self) -> bool:
         """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs since 4.50): the
@@ -393,6 +432,7 @@ class LM:
         Returns:
             (keys (B, T − first, d) float32, logits (B, T − first, V) float32 or None).
         """
+        self.check_causal()
         captured = {}
         head = self.model.get_output_embeddings()
         width = input_ids.shape[1]
@@ -542,6 +582,12 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | None = None, trust_remote_c
     except KNNLMError:
         raise
     except (OSError, ValueError) as e:
+        if path.is_dir() and "Unrecognized configuration class" in str(e):  # a class AutoModelForCausalLM has not
+            kind = json.loads((path / "config.json").read_text()).get("model_type", "?")
+            raise KNNLMError(f"Cannot load a causal LM from directory {name}: transformers' AutoModelForCausalLM "
+                             f"does not load its model type {kind!r} (as for most image-and-text models); pass a "
+                             "causal LM, or in Python load the model yourself and pass knnlm.LM(model=..., "
+                             "tokenizer=..., name=..., device=...).") from e
         if path.is_dir():
             raise KNNLMError(f"Cannot load a causal LM from directory {name} ({str(e).splitlines()[0]}); "
                              "it needs config.json, weights and a tokenizer.") from e

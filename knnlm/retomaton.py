@@ -3,8 +3,9 @@
 Entry i's successor is entry i+1 of the same document. After position t, the neighbours whose
 stored value is the token that actually came next hand their successors to t+1 as pointers. With
 at least `min_knns` pointers the search at t+1 is skipped: the pointers and the other members of
-their IVF lists are the candidates, ranked by exact distance from keys.npy. With fewer, t+1 is
-searched as plain kNN-LM would (so `min_knns` above k gives plain kNN-LM exactly).
+their IVF lists (the lists whose centroids are nearest the query first) are the candidates, ranked
+by exact distance from keys.npy. With fewer, t+1 is searched as plain kNN-LM would (so `min_knns`
+above k gives plain kNN-LM exactly).
 
 Pure functions over numpy arrays; id arrays are (B, width) padded with -1. A chain is the
 sequence of positions one pointer state runs over (a window's owned positions in eval, the
@@ -33,6 +34,9 @@ class Automaton:
     list_of: np.ndarray | None  # (N,) int32 IVF list of each key; None: no clusters (exact index)
     offsets: np.ndarray | None  # (nlist + 1,) int64: list l's members are members[offsets[l]:offsets[l+1]]
     members: np.ndarray | None  # (N,) int32 key ids grouped by list (those the index holds)
+    # (nlist, d') float32: list l's centroid, where the index's quantizer gives them; None: lists by pointers held
+    centroids: np.ndarray | None = None
+    transforms: tuple = ()  # faiss VectorTransforms that take a query into the centroids' space (a PCA, OPQ)
 
 
 def document_starts(documents: list) -> np.ndarray:
@@ -57,6 +61,22 @@ def invlist_members(index, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return list_of, offsets, members
 
 
+def list_centroids(index) -> tuple[np.ndarray, tuple] | None:
+    """(centroids (nlist, d') float32, the transforms before the IVF index) of an IVF index whose quantizer holds its
+    centroids (flat, or HNSW over flat storage); None otherwise."""
+    ivf = faiss.try_extract_index_ivf(index) if isinstance(index, faiss.Index) else None
+    if ivf is None:
+        return None
+    try:
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    except RuntimeError:  # a quantizer that keeps codes, not vectors
+        return None
+    transforms = ()
+    if isinstance(index, faiss.IndexPreTransform):
+        transforms = tuple(faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size()))
+    return np.ascontiguousarray(centroids, dtype=np.float32), transforms
+
+
 _AUTOMATA: "weakref.WeakKeyDictionary[Retriever, Automaton]" = weakref.WeakKeyDictionary()
 
 
@@ -66,7 +86,9 @@ def open_automaton(retriever: Retriever) -> Automaton:
         return _AUTOMATA[retriever]
     clusters = invlist_members(retriever.index, retriever.ds.count)
     list_of, offsets, members = clusters if clusters is not None else (None, None, None)
-    auto = Automaton(retriever.ds.count, document_starts(retriever.ds.documents), list_of, offsets, members)
+    centroids, transforms = (list_centroids(retriever.index) or (None, ())) if clusters is not None else (None, ())
+    auto = Automaton(retriever.ds.count, document_starts(retriever.ds.documents), list_of, offsets, members,
+                     centroids, transforms)
     _AUTOMATA[retriever] = auto
     return auto
 
@@ -95,11 +117,27 @@ def pack_rows(row: np.ndarray, ids: np.ndarray, n_rows: int) -> np.ndarray:
     return out
 
 
-def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int) -> np.ndarray:
+def list_distances(queries: np.ndarray, auto: Automaton, row: np.ndarray, lst: np.ndarray) -> np.ndarray:
+    """‖c‖² − 2 q·c of each (row, list) pair: the squared distance from row's query to the list's centroid, less
+    ‖q‖² (the same for every list of a row, so the lists' order is the distances' order)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    for transform in auto.transforms:
+        q = transform.apply(q)
+    lists, at = np.unique(lst, return_inverse=True)
+    cents = auto.centroids[lists]  # (U, d'): only the lists some row names
+    return (cents * cents).sum(axis=1)[at] - 2 * (q @ cents.T)[row, at]
+
+
+def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int, queries: np.ndarray | None = None
+                      ) -> np.ndarray:
     """(B, C) the pointers and the other members of their IVF lists, unique, at most max(cap, pointers) per row.
 
-    Lists holding more of a row's pointers come first; whole lists are taken until the cap is
-    reached, the last one cut. Without clusters the candidates are the pointers.
+    Whole lists are taken until the cap is reached, the last one cut: the lists whose centroids are nearest the
+    row's query first (queries (B, d), where the automaton has the centroids), else the lists holding more of the
+    row's pointers. Without clusters the candidates are the pointers.
+
+    On the code benchmark (100,000 keys, 512 lists, 53,356 tokens) the nearest lists first gave the full search's
+    perplexity or better at 1000 candidates, where more pointers first was 0.4-0.7% worse (bench/retomaton.py).
     """
     b, p = np.nonzero(pointers >= 0)  # flat (row, pointer) pairs, grouped by row
     ptr = pointers[b, p]
@@ -109,7 +147,10 @@ def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int) -> np.nda
     listed = auto.list_of[ptr] >= 0  # a key in no list (removed from the index) brings no members
     pair, counts = np.unique(b[listed] * n_lists + auto.list_of[ptr[listed]], return_counts=True)
     row, lst = pair // n_lists, pair % n_lists
-    order = np.lexsort((-counts, row))  # by row, then lists with more pointers first
+    if queries is not None and auto.centroids is not None:
+        order = np.lexsort((list_distances(queries, auto, row, lst), row))  # by row, then nearest lists first
+    else:
+        order = np.lexsort((-counts, row))  # by row, then lists with more pointers first
     row, lst = row[order], lst[order]
     size = auto.offsets[lst + 1] - auto.offsets[lst]
     room = np.maximum(cap - np.bincount(b, minlength=len(pointers)), 0)[row]  # candidates left after the pointers
@@ -152,7 +193,7 @@ def step(retriever: Retriever, auto: Automaton, queries: np.ndarray, pointers: n
     if search.any():
         dists[search], ids[search] = retriever.search(q[search])
     if saved.any():
-        cand = expand_candidates(pointers[saved], auto, max(cfg.max_candidates, k))
+        cand = expand_candidates(pointers[saved], auto, max(cfg.max_candidates, k), q[saved])
         dists[saved], ids[saved] = rank_candidates(q[saved], retriever.ds.keys, cand, k)
     return dists, ids, retriever.ds.values_of(ids), saved
 

@@ -418,7 +418,9 @@ class Retriever:
         if self.cfg.search_device is not None:  # only when set: the faiss searches' descriptions stay as they were
             out["search_device"] = str(self.index.device)
         if self.cfg.retomaton:  # only when on: caches made before RetoMaton existed still match a full search
-            out["retomaton"] = f"min_knns {self.cfg.min_knns}, candidates {self.cfg.max_candidates}"
+            # the lists nearest the query first (knnlm/retomaton.py): another ranking than the earlier "more pointers
+            # first", so scores and tuned values made with that one no longer match
+            out["retomaton"] = f"min_knns {self.cfg.min_knns}, candidates {self.cfg.max_candidates}, nearest lists first"
         return out
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -428,6 +428,24 @@ def test_decoding_asks_transformers_for_nothing_deprecated(tiny_lm, caplog):
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the causal probe's hook, compiled
+def test_a_processor_made_after_the_forward_was_compiled_names_the_compilation(store, tiny_model_dir):
+    """Compiled code runs no forward hook added after it was compiled, so the processor sees no pass: it says so
+    (before: it blamed assisted or prompt-lookup decoding). The eager backend compiles in seconds, with the same
+    hook rule."""
+    from knnlm.lm import load_lm
+
+    lm = load_lm(str(tiny_model_dir), device="cpu")  # a copy of its own: its forward stays compiled
+    retriever = Retriever(store, RetrievalConfig(k=8, exact=True))
+    x = torch.tensor([lm.encode("import os\n")])
+    lm.model.forward = torch.compile(lm.model.forward, backend="eager")
+    lm.model.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with KNNLogitsProcessor(lm, retriever, 0.5, 2.0) as p:
+        with pytest.raises(KNNLMError, match="forward was compiled .* before the processor's hook was added"):
+            lm.model.generate(x, logits_processor=LogitsProcessorList([p]), max_new_tokens=2, do_sample=False,
+                              pad_token_id=0)
+
+
 def test_processor_refuses_forward_passes_it_cannot_tell_from_the_steps(store, tiny_lm):
     """Classifier-free guidance runs a forward pass of its own; prompt lookup scores several positions in one pass;
     a closed processor takes no query (before: the first two used the wrong query, the last a stale one)."""

@@ -605,3 +605,40 @@ def test_a_full_disk_under_an_index_write_is_one_sentence(built, monkeypatch):
     assert r.output.strip().splitlines()[-1].endswith("index.faiss: No space left on device; free some space, or write "
                                                        "elsewhere (files being written were left as they were).")
     assert not (built / ".pending").exists() and open_datastore(built).count > 0  # the old index stays
+
+
+def test_a_model_whose_positions_see_later_tokens_is_refused(tiny_lm, tmp_path):
+    """PaliGemma without token_type_ids attends both ways over its input (a prefix-LM): its keys would hold the text
+    after them (before: accepted silently, its kNN-LM perplexity far too good). Build, eval, generation and
+    attention memory each refuse it in one sentence; the causal models pass the same probe."""
+    import transformers
+
+    from knnlm.lm import LM, QueryHook, load_lm
+    from knnlm.memory.attention import AttentionMemoryConfig, attached
+
+    n = len(tiny_lm.tokenizer)
+    text = dict(vocab_size=n + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=0, eos_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, projection_dim=32)
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(
+        text_config=text, vision_config=vision, image_token_index=n + 1, projection_dim=32)).eval()
+    lm = LM(model=model, tokenizer=tiny_lm.tokenizer, name="paligemma", device="cpu")
+    ids = torch.tensor([lm.encode("import os\n")])
+    words = "lets a position see later tokens"
+    with pytest.raises(KNNLMError, match=words):
+        lm.forward(ids, torch.ones_like(ids))
+    with pytest.raises(KNNLMError, match=words):  # every decoding processor's hook (a datastore's would be refused
+        QueryHook(lm)  # first as another model's; a document memory's processor has none)
+    with pytest.raises(KNNLMError, match=words):
+        with attached(lm, AttentionMemoryConfig(k=8)):
+            pass
+    assert not model.config._attn_implementation.startswith("knnlm")  # the memory never attached
+    tiny_lm.check_causal()  # the causal model of every other test
+    # by directory it is not loaded at all: AutoModelForCausalLM has no class for it (before: "it needs config.json,
+    # weights and a tokenizer", which the directory has)
+    model.save_pretrained(tmp_path / "paligemma")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "paligemma")
+    with pytest.raises(KNNLMError, match="does not load its model type 'paligemma'"):
+        load_lm(str(tmp_path / "paligemma"), device="cpu")

@@ -380,6 +380,10 @@ def _tiny_of(kind: str, tokenizer):
                            dict(size, num_key_value_heads=2,
                                 rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
                                                  "long_factor": [4.0] * 4, "original_max_position_embeddings": 32})),
+        # Mllama's text model: layer 1 is a cross-attention layer, which attends over image states only
+        "mllama": ("MllamaTextConfig", "MllamaForCausalLM",
+                   dict(size, num_hidden_layers=3, num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=0,
+                        bos_token_id=0, eos_token_id=0)),
         # Falcon's attention is its own code, not transformers' attention interface
         "falcon": ("FalconConfig", "FalconForCausalLM",
                    dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
@@ -516,7 +520,8 @@ def test_cut_cache_past_a_longrope_switch_turns_its_keys_by_the_long_frequencies
 
 @pytest.mark.parametrize("kind, words", [("gpt2", "no rotary-embedding module"), ("gptj", "no rotary-embedding module"),
                                          ("smollm3", "layer 3 first"), ("smollm3-short", "layer 3 first"),
-                                         ("falcon", "attention interface")])
+                                         ("falcon", "attention interface"),
+                                         ("mllama", r"Layer\(s\) 1 of .*--memory-layers 0,2\)")])
 def test_attention_memory_refuses_what_it_cannot_reproduce(tiny_lm, ids, kind, words):
     lm = _tiny_of(kind, tiny_lm.tokenizer)
     with pytest.raises(KNNLMError, match=words):

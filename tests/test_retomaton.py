@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -19,8 +20,8 @@ from knnlm.errors import KNNLMError
 from knnlm.evaluate import EvalConfig, run_eval
 from knnlm.generate import KNNLogitsProcessor, generate
 from knnlm.index import IndexConfig, train_index
-from knnlm.retomaton import (Automaton, chain_neighbors, document_starts, expand_candidates, next_pointers,
-                             open_automaton, split_chains, successors)
+from knnlm.retomaton import (Automaton, chain_neighbors, document_starts, expand_candidates, list_centroids,
+                             list_distances, next_pointers, open_automaton, split_chains, successors)
 from knnlm.retrieval import RetrievalConfig, Retriever, exact_distances
 
 from helpers import build_corpus_store, clustered, make_datastore
@@ -88,6 +89,47 @@ def test_candidates_are_the_pointers_and_their_lists_members():
     cand = expand_candidates(pointers, auto, cap=len(a) + 5)
     got = set(cand[0][cand[0] >= 0].tolist())
     assert set(a.tolist()) | {int(b[0])} <= got and len(got) <= len(a) + 5 and len(got) > len(a) + 1
+
+
+def test_a_cap_takes_the_lists_nearest_the_query_first():
+    """Where the automaton has the lists' centroids, whole lists are taken nearest the row's query first, whatever
+    the pointers they hold (before: lists holding more pointers first, 0.4-0.7% worse on the code benchmark)."""
+    auto = _fake_lists(200, 12)
+    rng = np.random.default_rng(2)
+    centroids = rng.normal(0, 1, (12, 4)).astype(np.float32)
+    auto = Automaton(auto.count, auto.starts, auto.list_of, auto.offsets, auto.members, centroids)
+    lst = np.nonzero(np.bincount(auto.list_of, minlength=12) > 15)[0][:2]
+    a, b = np.nonzero(auto.list_of == lst[0])[0], np.nonzero(auto.list_of == lst[1])[0]
+    pointers = np.array([[b[0], a[0], a[1]], [b[0], a[0], a[1]]])
+    queries = centroids[[lst[1], lst[0]]] + 0.01  # row 0 by b's list, row 1 by a's
+    cand = expand_candidates(pointers, auto, len(b) + 5, queries)
+    assert set(b.tolist()) | {int(a[0]), int(a[1])} <= set(cand[0][cand[0] >= 0].tolist())  # b's list first
+    assert set(a.tolist()) | {int(b[0])} <= set(cand[1][cand[1] >= 0].tolist())  # a's (more pointers too)
+    assert (cand >= 0).sum(axis=1).max() <= max(len(a), len(b)) + 5
+    # without the queries (or the centroids): more pointers first, a's list for both rows
+    cand = expand_candidates(pointers, auto, len(b) + 5)
+    assert set(a.tolist()) <= set(cand[0][cand[0] >= 0].tolist())
+
+
+def test_list_distances_are_the_quantizers_own_through_a_transform():
+    """Behind a PCA the centroids live in the reduced space: each query goes through the index's transform first,
+    so the lists come in the order the index's own quantizer ranks them."""
+    rng = np.random.default_rng(3)
+    x = clustered(3000, 16, seed=3)
+    index = faiss.index_factory(16, "PCA8,IVF16,Flat")
+    index.train(x)
+    centroids, transforms = list_centroids(index)
+    assert centroids.shape == (16, 8) and len(transforms) == 1
+    auto = Automaton(3000, np.array([0]), None, None, None, centroids, transforms)
+    q = x[:5] + rng.normal(0, 0.1, (5, 16)).astype(np.float32)
+    row, lst = np.repeat(np.arange(5), 16), np.tile(np.arange(16), 5)
+    got = list_distances(q, auto, row, lst).reshape(5, 16)
+    ref_d, ref_lists = faiss.extract_index_ivf(index).quantizer.search(transforms[0].apply(q), 16)
+    assert (np.argsort(got, axis=1, kind="stable") == ref_lists).all()
+    qt = transforms[0].apply(q)
+    np.testing.assert_allclose(np.take_along_axis(got, ref_lists, 1) + (qt * qt).sum(1, keepdims=True), ref_d,
+                               rtol=1e-4, atol=1e-4)
+    assert list_centroids(faiss.IndexFlatL2(16)) is None
 
 
 @pytest.fixture
@@ -168,7 +210,7 @@ def test_min_knns_above_k_equals_plain_knn_lm(ivf_store):
     t = int(np.nonzero(saved[:100])[0][5])
     _, prev_ids, prev_vals, _ = chain_neighbors(r, auto, q[:t], targets[:t], np.array([0]))
     ptr = next_pointers(prev_ids[-1:], prev_vals[-1:], targets[t - 1: t], auto)
-    cand = expand_candidates(ptr, auto, 300)
+    cand = expand_candidates(ptr, auto, 300, q[t: t + 1])
     d_ref = exact_distances(q[t: t + 1], ds.keys, cand)[0]
     order = np.argsort(d_ref, kind="stable")[:20]
     assert set(ids[t].tolist()) == set(cand[0][order].tolist())

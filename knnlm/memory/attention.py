@@ -268,7 +268,13 @@ def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> 
                 model(input_ids=ids[None].to(lm.device), position_ids=positions[None].to(lm.device), use_cache=False)
             keys.append(memory.captured)
         memory.begin_forward(0, torch.zeros(0, dtype=torch.long), capture=False)
-        if set(keys[0]) != set(memory.layers):
+        silent = sorted(set(memory.layers) - set(keys[0]))
+        if silent and len(silent) < len(memory.layers):  # e.g. Mllama's cross-attention layers, which read images only
+            raise KNNLMError(f"Layer(s) {','.join(map(str, silent))} of {type(model).__name__} did not attend over the "
+                             "text through transformers' attention interface (a cross-attention layer reads other "
+                             "inputs), so attention memory cannot take part there; leave them out with --memory-layers "
+                             f"(e.g. --memory-layers {','.join(str(x) for x in memory.layers if x not in silent)}).")
+        if silent:
             raise KNNLMError(f"{type(model).__name__} did not run its attention through transformers' attention "
                              "interface, so attention memory cannot take part in it; use a Llama-style decoder "
                              "such as Llama, Qwen, Gemma or SmolLM2.")
@@ -297,6 +303,7 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    lm.check_causal()  # before the model's attention is ours: its probe runs the model as it is
     model = lm.model
     decoder = _decoder(model)
     rotary = find_rotary(decoder)  # first: a model without RoPE (GPT-2, OPT, Bloom) is told that
