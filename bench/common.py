@@ -122,10 +122,12 @@ def code_bench_inputs(datastore: str, split: str, threads: int):
 # A speed variant is "knn" (none) or some of these joined by "+"; "torch" is exact search in torch on
 # KNNLM_BENCH_SEARCH_DEVICE (default: the LM's device), --search-device; "rerank-R" re-ranks the first R
 # candidates only (--rerank-depth R); "nprobe-N" visits N lists (default 8); "k-N" takes N neighbours, not 1000
-# (another model: its perplexity against the exact search at k 1000 says how far).
+# (another model: its perplexity against the exact search at k 1000 says how far); "candidates-N" ranks N of
+# RetoMaton's candidates (--max-candidates N, with retomaton).
 FEATURES = ("skip", "retomaton", "no-rerank", "torch")
-NUMBERED = ("rerank-", "nprobe-", "k-")  # FEATURES with a positive number after them
-VARIANTS_HELP = f"comma-separated: knn, or some of {', '.join(FEATURES)}, rerank-R, nprobe-N, k-N joined by '+'"
+NUMBERED = ("rerank-", "nprobe-", "k-", "candidates-")  # FEATURES with a positive number after them
+VARIANTS_HELP = (f"comma-separated: knn, or some of {', '.join(FEATURES)}, rerank-R, nprobe-N, k-N, candidates-N "
+                 "joined by '+'")
 BENCH_SEARCH_DEVICE = os.environ.get("KNNLM_BENCH_SEARCH_DEVICE", BENCH_DEVICE)
 
 
@@ -138,8 +140,9 @@ def variant_retrieval(on: set[str]):
     """The RetrievalConfig of a speed variant's features (defaults otherwise: k 1000, nprobe 8)."""
     from knnlm.retrieval import RetrievalConfig
 
-    depth, nprobe, k = _number(on, "rerank-"), _number(on, "nprobe-"), _number(on, "k-")
-    return RetrievalConfig(k=k[0] if k else 1000, retomaton="retomaton" in on, rerank="no-rerank" not in on,
+    depth, nprobe, k, cands = (_number(on, p) for p in NUMBERED)
+    more = {"max_candidates": cands[0]} if cands else {}
+    return RetrievalConfig(k=k[0] if k else 1000, retomaton="retomaton" in on, rerank="no-rerank" not in on, **more,
                            rerank_depth=depth[0] if depth else None, nprobe=nprobe[0] if nprobe else 8,
                            search_device=BENCH_SEARCH_DEVICE if "torch" in on else None)
 
@@ -152,7 +155,9 @@ def parse_variant(name: str) -> set[str]:
     if not all(p in FEATURES or any(n > 0 for prefix in NUMBERED for n in _number({p}, prefix)) for p in parts):
         sys.exit(f"Unknown variant {name!r}: {VARIANTS_HELP}.")
     if any(len(_number(parts, prefix)) > 1 for prefix in NUMBERED):
-        sys.exit(f"Variant {name!r}: one rerank-R, one nprobe-N and one k-N at most.")
+        sys.exit(f"Variant {name!r}: one rerank-R, one nprobe-N, one k-N and one candidates-N at most.")
+    if _number(parts, "candidates-") and "retomaton" not in parts:
+        sys.exit(f"Variant {name!r}: candidates-N is RetoMaton's (--max-candidates); add retomaton.")
     if _number(parts, "rerank-") and {"no-rerank", "torch"} & parts:
         sys.exit(f"Variant {name!r}: rerank-R not with no-rerank or torch.")
     if "torch" in parts and ("no-rerank" in parts or _number(parts, "nprobe-")):  # its search is exact: no lists

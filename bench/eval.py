@@ -21,7 +21,8 @@ perplexity compared with an exact (brute-force) full search under the same λ po
 "torch" searches exactly in torch (--search-device) on $KNNLM_BENCH_SEARCH_DEVICE (default: the LM's,
 $KNNLM_BENCH_DEVICE, e.g. cuda); "rerank-R" re-ranks the first R candidates (--rerank-depth), "nprobe-N"
 visits N lists (default 8), "k-N" takes N neighbours instead of 1000 (another model: the perplexity against the
-exact search, at k 1000, says what it costs), e.g. --variants nprobe-4+rerank-128,k-256+rerank-128. The λ policy
+exact search, at k 1000, says what it costs), "candidates-N" ranks N of RetoMaton's candidates (--max-candidates),
+e.g. --variants nprobe-4+rerank-128,k-256+rerank-128,retomaton+candidates-2048. The λ policy
 is the learned gate where the datastore is tuned (its LM statistics and token statistics are then part of the kNN-LM's time), else
 0.25; --lambda sets another, e.g. tuned (the fitted fixed λ and T, knnlm eval's cheapest mixing).
 """

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 from faiss.contrib.inspect_tools import get_invlist
 
 from .arrays import sort_rows, unique_sorted
@@ -36,7 +37,9 @@ class Automaton:
     members: np.ndarray | None  # (N,) int32 key ids grouped by list (those the index holds)
     # (nlist, d') float32: list l's centroid, where the index's quantizer gives them; None: lists by pointers held
     centroids: np.ndarray | None = None
-    transforms: tuple = ()  # faiss VectorTransforms that take a query into the centroids' space (a PCA, OPQ)
+    # the faiss IndexPreTransform whose chain (a PCA, OPQ) takes a query into the centroids' space, or None; held
+    # here, as its chain's transforms live only as long as it does
+    pretransform: object = None
 
 
 def document_starts(documents: list) -> np.ndarray:
@@ -61,20 +64,21 @@ def invlist_members(index, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return list_of, offsets, members
 
 
-def list_centroids(index) -> tuple[np.ndarray, tuple] | None:
-    """(centroids (nlist, d') float32, the transforms before the IVF index) of an IVF index whose quantizer holds its
-    centroids (flat, or HNSW over flat storage); None otherwise."""
+def list_centroids(index, coarse=None) -> tuple[np.ndarray, object] | None:
+    """(centroids (nlist, d') float32, the IndexPreTransform in front of the IVF index or None) of an IVF index whose
+    quantizer holds its centroids (flat, or HNSW over flat storage); None otherwise. coarse: the retriever's
+    CoarseAssigner, whose copy of the centroids is shared rather than made again."""
     ivf = faiss.try_extract_index_ivf(index) if isinstance(index, faiss.Index) else None
     if ivf is None:
         return None
+    if coarse is not None:  # it applies only to a bare IVF index: no transform in front
+        return coarse.centroids.numpy(), None
     try:
         centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     except RuntimeError:  # a quantizer that keeps codes, not vectors
         return None
-    transforms = ()
-    if isinstance(index, faiss.IndexPreTransform):
-        transforms = tuple(faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size()))
-    return np.ascontiguousarray(centroids, dtype=np.float32), transforms
+    pretransform = index if isinstance(index, faiss.IndexPreTransform) else None
+    return np.ascontiguousarray(centroids, dtype=np.float32), pretransform
 
 
 _AUTOMATA: "weakref.WeakKeyDictionary[Retriever, Automaton]" = weakref.WeakKeyDictionary()
@@ -86,9 +90,10 @@ def open_automaton(retriever: Retriever) -> Automaton:
         return _AUTOMATA[retriever]
     clusters = invlist_members(retriever.index, retriever.ds.count)
     list_of, offsets, members = clusters if clusters is not None else (None, None, None)
-    centroids, transforms = (list_centroids(retriever.index) or (None, ())) if clusters is not None else (None, ())
+    centroids, pretransform = ((list_centroids(retriever.index, retriever._coarse) or (None, None))
+                               if clusters is not None else (None, None))
     auto = Automaton(retriever.ds.count, document_starts(retriever.ds.documents), list_of, offsets, members,
-                     centroids, transforms)
+                     centroids, pretransform)
     _AUTOMATA[retriever] = auto
     return auto
 
@@ -121,11 +126,14 @@ def list_distances(queries: np.ndarray, auto: Automaton, row: np.ndarray, lst: n
     """‖c‖² − 2 q·c of each (row, list) pair: the squared distance from row's query to the list's centroid, less
     ‖q‖² (the same for every list of a row, so the lists' order is the distances' order)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    for transform in auto.transforms:
-        q = transform.apply(q)
+    if auto.pretransform is not None:
+        chain = auto.pretransform.chain
+        for i in range(chain.size()):
+            q = faiss.downcast_VectorTransform(chain.at(i)).apply(q)
     lists, at = np.unique(lst, return_inverse=True)
-    cents = auto.centroids[lists]  # (U, d'): only the lists some row names
-    return (cents * cents).sum(axis=1)[at] - 2 * (q @ cents.T)[row, at]
+    cents = torch.from_numpy(np.ascontiguousarray(auto.centroids[lists]))  # (U, d'): only the lists some row names
+    dots = (torch.from_numpy(q) @ cents.T).numpy()  # torch's: numpy's would wake OpenBLAS's threads against torch's
+    return (cents * cents).sum(dim=1).numpy()[at] - 2 * dots[row, at]
 
 
 def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int, queries: np.ndarray | None = None

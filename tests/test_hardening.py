@@ -611,6 +611,8 @@ def test_a_model_whose_positions_see_later_tokens_is_refused(tiny_lm, tmp_path):
     """PaliGemma without token_type_ids attends both ways over its input (a prefix-LM): its keys would hold the text
     after them (before: accepted silently, its kNN-LM perplexity far too good). Build, eval, generation and
     attention memory each refuse it in one sentence; the causal models pass the same probe."""
+    from copy import deepcopy as copy_module
+
     import transformers
 
     from knnlm.lm import LM, QueryHook, load_lm
@@ -635,7 +637,10 @@ def test_a_model_whose_positions_see_later_tokens_is_refused(tiny_lm, tmp_path):
         with attached(lm, AttentionMemoryConfig(k=8)):
             pass
     assert not model.config._attn_implementation.startswith("knnlm")  # the memory never attached
-    tiny_lm.check_causal()  # the causal model of every other test
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the causal model of every other test, probed
+        copy = LM(model=copy_module(tiny_lm.model).to(dtype), tokenizer=tiny_lm.tokenizer, name="tiny", device="cpu")
+        copy.check_causal()  # afresh (tiny_lm itself was probed by whichever test ran first), in each dtype
+        assert copy._causal is True
     # by directory it is not loaded at all: AutoModelForCausalLM has no class for it (before: "it needs config.json,
     # weights and a tokenizer", which the directory has)
     model.save_pretrained(tmp_path / "paligemma")

@@ -528,6 +528,15 @@ def test_attention_memory_refuses_what_it_cannot_reproduce(tiny_lm, ids, kind, w
         windowed(lm, ids, AttentionMemoryConfig(layers="all", k=8))
 
 
+def test_a_refusal_of_layers_that_attend_over_no_text_names_the_others(tiny_lm, ids):
+    """Mllama's layer 1 attends over image states only: named alone, the refusal says which layers may serve (before:
+    "use a Llama-style decoder"), and those do."""
+    lm = _tiny_of("mllama", tiny_lm.tokenizer)
+    with pytest.raises(KNNLMError, match=r"Layer\(s\) 1 of .*--memory-layers 0,2\)"):
+        windowed(lm, ids, AttentionMemoryConfig(layers="1", k=8))
+    windowed(lm, ids, AttentionMemoryConfig(layers="0,2", k=8))
+
+
 def test_the_rotation_check_stays_where_the_rotation_does_not_depend_on_length(tiny_lm):
     """longrope turns by other frequencies in a pass that reads past original_max_position_embeddings (32 here): the
     check's two passes stay inside it, so the model is not refused for that."""

@@ -118,15 +118,15 @@ def test_list_distances_are_the_quantizers_own_through_a_transform():
     x = clustered(3000, 16, seed=3)
     index = faiss.index_factory(16, "PCA8,IVF16,Flat")
     index.train(x)
-    centroids, transforms = list_centroids(index)
-    assert centroids.shape == (16, 8) and len(transforms) == 1
-    auto = Automaton(3000, np.array([0]), None, None, None, centroids, transforms)
+    centroids, pretransform = list_centroids(index)
+    assert centroids.shape == (16, 8) and pretransform is index
+    auto = Automaton(3000, np.array([0]), None, None, None, centroids, pretransform)
     q = x[:5] + rng.normal(0, 0.1, (5, 16)).astype(np.float32)
     row, lst = np.repeat(np.arange(5), 16), np.tile(np.arange(16), 5)
     got = list_distances(q, auto, row, lst).reshape(5, 16)
-    ref_d, ref_lists = faiss.extract_index_ivf(index).quantizer.search(transforms[0].apply(q), 16)
+    qt = faiss.downcast_VectorTransform(index.chain.at(0)).apply(q)
+    ref_d, ref_lists = faiss.extract_index_ivf(index).quantizer.search(qt, 16)
     assert (np.argsort(got, axis=1, kind="stable") == ref_lists).all()
-    qt = transforms[0].apply(q)
     np.testing.assert_allclose(np.take_along_axis(got, ref_lists, 1) + (qt * qt).sum(1, keepdims=True), ref_d,
                                rtol=1e-4, atol=1e-4)
     assert list_centroids(faiss.IndexFlatL2(16)) is None

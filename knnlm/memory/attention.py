@@ -269,11 +269,12 @@ def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> 
             keys.append(memory.captured)
         memory.begin_forward(0, torch.zeros(0, dtype=torch.long), capture=False)
         silent = sorted(set(memory.layers) - set(keys[0]))
-        if silent and len(silent) < len(memory.layers):  # e.g. Mllama's cross-attention layers, which read images only
+        ran = sorted(set(keys[0]) | (set(_attention_modules(model)) - set(memory.layers)))  # those that may
+        if silent and ran:  # e.g. Mllama's cross-attention layers, which attend over image states only
             raise KNNLMError(f"Layer(s) {','.join(map(str, silent))} of {type(model).__name__} did not attend over the "
-                             "text through transformers' attention interface (a cross-attention layer reads other "
-                             "inputs), so attention memory cannot take part there; leave them out with --memory-layers "
-                             f"(e.g. --memory-layers {','.join(str(x) for x in memory.layers if x not in silent)}).")
+                             "text through transformers' attention interface (a cross-attention layer, or a layer of "
+                             "another kind), so attention memory cannot take part there; leave them out with "
+                             f"--memory-layers (e.g. --memory-layers {','.join(map(str, ran))}).")
         if silent:
             raise KNNLMError(f"{type(model).__name__} did not run its attention through transformers' attention "
                              "interface, so attention memory cannot take part in it; use a Llama-style decoder "
