@@ -145,7 +145,7 @@ def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int, queries: 
     row's pointers. Without clusters the candidates are the pointers.
 
     On the code benchmark (100,000 keys, 512 lists, 53,356 tokens) the nearest lists first gave the full search's
-    perplexity or better at 1000 candidates, where more pointers first was 0.4-0.7% worse (bench/retomaton.py).
+    perplexity or better at 1000 candidates (bench/retomaton.py), where more pointers first was 0.4-1.1% worse.
     """
     b, p = np.nonzero(pointers >= 0)  # flat (row, pointer) pairs, grouped by row
     ptr = pointers[b, p]

@@ -421,9 +421,9 @@ class Retriever:
             out["search_device"] = str(self.index.device)
         if self.cfg.retomaton:  # only when on: caches made before RetoMaton existed still match a full search
             out["retomaton"] = f"min_knns {self.cfg.min_knns}, candidates {self.cfg.max_candidates}"
-            if faiss.try_extract_index_ivf(self.index) is not None:  # IVF lists nearest the query first
-                # (knnlm/retomaton.py): another ranking than the earlier "more pointers first", so scores and tuned
-                # values made with that one no longer match
+            # IVF lists nearest the query first (knnlm/retomaton.py): another ranking than the earlier "more pointers
+            # first", so scores and tuned values made with that one no longer match
+            if isinstance(self.index, faiss.Index) and faiss.try_extract_index_ivf(self.index) is not None:
                 out["retomaton"] += ", nearest lists first"
         return out
 
