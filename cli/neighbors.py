@@ -8,6 +8,7 @@ import click
 
 from knnlm.api import KNNLM
 from knnlm.corpus import read_stdin
+from knnlm.datastore import datastore_path, refuse_own_file
 from knnlm.arrays import refuse_existing
 from knnlm.neighbors import check_top
 from knnlm.report import write_neighbors_html
@@ -70,6 +71,7 @@ def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwr
     if html_file is not None:  # before the model loads; an empty path is refused, not taken for no --html
         check_report_path(html_file)
         refuse_existing(html_file, overwrite)
+        refuse_own_file(html_file, datastore_path(datastore), "--html")
     refuse_stray(html_file is not None, "--html", "overwrite")
     check_top(top)
     if typed("k") and top > k:  # a typed --k is what is searched: --top shows no more than it finds

@@ -10,9 +10,9 @@ import numpy as np
 from knnlm import journal
 from knnlm.combine import PLOT_FILE, save_lambda
 from knnlm.combine.gate import GateConfig
-from knnlm.datastore import open_datastore
+from knnlm.datastore import open_datastore, refuse_own_file
 from knnlm.arrays import check_writable, refuse_existing
-from knnlm.evaluate import EvalConfig, dev_scores, run_eval
+from knnlm.evaluate import DEV_SCORES, EvalConfig, dev_scores, run_eval
 from knnlm.lm import datastore_lm
 from knnlm.memory.document import MemoryConfig, tune_memory
 from knnlm.scores import load_scores
@@ -89,6 +89,8 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     if plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve():  # that one is tuning's own
         refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
+    if plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve():
+        refuse_own_file(plot, ds.path, "--plot")
     check_writable(ds.path)  # lambda.json and the dev scores' cache go there: refused now, not after the scoring
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,
@@ -117,7 +119,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
             with progress_bar(None, "scoring dev part") as bar:
                 scores, cached = dev_scores(ds, ecfg, lm=lm, progress=bar.update)
             if cached:
-                click.echo(f"using cached scores {ds.path / 'dev-scores.h5'}", err=True)
+                click.echo(f"using cached scores {ds.path / DEV_SCORES}", err=True)
             what = f"dev part of {ds.path}"
         result = tune(scores, cfg, description=str(what), head=lm.output_head if lm else None)
         if memory == "document":

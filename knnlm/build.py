@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -514,14 +514,17 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
 
 
 def _move_in(work: Path, out: Path) -> Datastore:
-    """Make the finished build in work the datastore out."""
+    """Make the finished build in work the datastore out. A datastore it replaces is locked for the move (refused
+    while add, remove, compact, train-index or tune-lambda changes it: their work would land in the new one)."""
+    kept = f"The new datastore is kept in {work}: rerun with --resume to finish it there."
     try:
-        _check_replaceable(out)  # again: files may have appeared there during the build
+        replaces = _check_replaceable(out)  # again: files may have appeared there during the build
+        with journal.hold(out) if replaces else nullcontext():
+            # Before the move, a datastore never holds them (a reader takes them for an interrupted build);
+            # settings.json last: until it goes, readers refuse the folder, and once it has, --resume only moves it.
+            for name in ("docs.jsonl", "shards.json", "progress.json", "settings.json"):
+                (work / name).unlink(missing_ok=True)
+            replace_dir(work, out)
     except KNNLMError as e:
-        raise KNNLMError(f"{e} The new datastore is kept in {work}: rerun with --resume to finish it there.") from None
-    # Before the move, a datastore never holds them (a reader takes them for an interrupted build); settings.json
-    # last: until it goes, readers refuse the folder, and once it has, --resume only moves it.
-    for name in ("docs.jsonl", "shards.json", "progress.json", "settings.json"):
-        (work / name).unlink(missing_ok=True)
-    replace_dir(work, out)
+        raise KNNLMError(f"{e} {kept}") from None
     return open_datastore(out)

@@ -36,6 +36,15 @@ def foreign_entries(path: Path, names: list[str] | None = None) -> list[str]:
     return sorted(n for n in names if not any(fnmatch(n, pat) for pat in DATASTORE_ENTRIES))
 
 
+def refuse_own_file(path: str | os.PathLike, root: str | os.PathLike, flag: str) -> None:
+    """One sentence for an output file a user named that is one of a datastore's own (a DATASTORE_ENTRIES name in
+    its folder): writing it, even with --overwrite, would break the datastore being read."""
+    p = Path(os.path.abspath(path))
+    if p.parent.resolve() == Path(root).resolve() and any(fnmatch(p.name, pat) for pat in DATASTORE_ENTRIES):
+        raise KNNLMError(f"{flag} {path} is the datastore's own {p.name}, which writing there would replace; name a "
+                         f"file outside {root}.")
+
+
 def partial_dir(out: Path) -> Path:
     """Where a build of the datastore out lives until it is whole."""
     return out.with_name(out.name + ".partial")

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
 from .arrays import refuse_existing
 from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
-from .datastore import Datastore, open_datastore
+from .datastore import Datastore, open_datastore, refuse_own_file
 from .errors import KNNLMError, settle
 from .interpolate import knn_log_prob, perplexity
 from .lm import DEFAULT_MODEL, LM, datastore_lm, load_lm
@@ -27,6 +28,8 @@ from .retomaton import EVAL_CHAIN, chain_neighbors, open_automaton, split_chains
 from .retrieval import RetrievalConfig, Retriever
 from .scores import Scores, as_saved, concat_scores, load_scores, save_scores
 from .windows import check_window, forward_owned, plan_windows
+
+DEV_SCORES = "dev-scores.h5"  # the dev part's scores, cached in the datastore by dev_scores (tune-lambda)
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +281,8 @@ def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalC
     ds = datastore if isinstance(datastore, Datastore) else open_datastore(datastore)
     if cfg.save_scores and os.path.exists(cfg.save_scores) and os.path.isdir(cfg.save_scores):
         raise KNNLMError(f"--save-scores {cfg.save_scores} is a folder; pass a file path.")
+    if cfg.save_scores and not (split == "dev" and Path(cfg.save_scores) == ds.path / DEV_SCORES):  # but the
+        refuse_own_file(cfg.save_scores, ds.path, "--save-scores")  # dev part's cache, which dev_scores writes there
     retriever = retriever or Retriever(ds, cfg.retrieval)
     search = search_settings(ds, retriever)
     combiner = resolve_combiner(cfg.lam, ds.path, cfg.combine, cfg.skip_below, cfg.temperature, search)
@@ -387,7 +392,7 @@ def dev_scores(ds: Datastore, cfg: EvalConfig, lm: LM | None = None, progress=No
     Returns:
         (scores, whether they came from the cache).
     """
-    path = ds.path / "dev-scores.h5"
+    path = ds.path / DEV_SCORES
     retriever = retriever or Retriever(ds, cfg.retrieval)
     context, stride = datastore_window(cfg, ds)
     want = {"datastore": ds.fingerprint, **search_settings(ds, retriever), "context": context, "stride": stride}

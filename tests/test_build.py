@@ -591,3 +591,39 @@ def test_a_build_takes_numpy_integers(tiny_lm, tiny_model_dir, corpus_dir):
     assert ds.count == 500 and ds.meta["context"] == 64 and type(ds.meta["context"]) is int
     again = build_datastore(str(corpus_dir), "np-ints", BuildConfig(**{**cfg.__dict__, "overwrite": True}), lm=tiny_lm)
     assert np.array_equal(np.asarray(again.keys), np.asarray(ds.keys))
+
+
+def test_overwrite_waits_for_no_one_but_refuses_a_datastore_another_command_is_changing(tiny_lm, tiny_model_dir,
+                                                                                       corpus_dir, tmp_path):
+    """add, remove, compact, train-index and tune-lambda hold the datastore's lock while they work; a build with
+    --overwrite must not swap the folder under them (before: tune-lambda's values of the old keys landed in the new
+    datastore, add died with a traceback, train-index committed an index of the old keys). It refuses, keeping its
+    work for --resume, which finishes once the lock is free."""
+    import threading
+
+    from knnlm import journal
+
+    cfg = BuildConfig(model=str(tiny_model_dir), context=64, stride=32, holdout=0, glob="*.txt", build_index=False,
+                      max_tokens=2_000)
+    out = tmp_path / "ds"
+    first = build_datastore(str(corpus_dir), out, cfg, lm=tiny_lm)
+    held, done = threading.Event(), threading.Event()
+
+    def other_command():  # as tune-lambda does, in a thread of its own
+        with journal.hold(out):
+            held.set()
+            done.wait(60)
+
+    worker = threading.Thread(target=other_command)
+    worker.start()
+    held.wait(60)
+    try:
+        again = BuildConfig(**{**cfg.__dict__, "max_tokens": 1_000, "overwrite": True})
+        with pytest.raises(KNNLMError, match=r"being changed by another process.*kept in .*--resume"):
+            build_datastore(str(corpus_dir), out, again, lm=tiny_lm)
+        assert open_datastore(out).count == first.count  # untouched
+    finally:
+        done.set()
+        worker.join()
+    resumed = build_datastore(str(corpus_dir), out, BuildConfig(**{**again.__dict__, "resume": True}), lm=tiny_lm)
+    assert resumed.count < first.count and open_datastore(out).count == resumed.count

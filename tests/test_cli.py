@@ -296,3 +296,23 @@ def test_a_few_documents_are_told_how_many_are_held_out(tiny_model_dir, corpus_d
     r = run("build-datastore", one, "--model", tiny_model_dir, "--context", 64, "--stride", 32, "--no-index",
             "--out", "one-ds")
     assert r.exit_code == 0 and "Note:" not in r.output, r.output
+
+
+def test_an_output_named_as_one_of_the_datastore_s_own_files_is_refused_even_with_overwrite(built, tmp_path):
+    """--save-scores, --report, --plot and --html that name a file the datastore holds (before: written over it with
+    --overwrite, every later command failing), and --save-scores and --report naming one file (before: the page
+    replaced the scores, silently)."""
+    ds = built
+    before = {p.name: p.read_bytes() for p in ds.iterdir() if p.is_file() and p.name != ".lock"}
+    _one_sentence_error(run("eval", "--k", 32, "--save-scores", ds / "keys.npy", "--overwrite"),
+                        "the datastore's own keys.npy", "outside")
+    _one_sentence_error(run("eval", "--k", 32, "--report", ds / "meta.json", "--overwrite"),
+                        "the datastore's own meta.json")
+    _one_sentence_error(run("tune-lambda", "--k", 32, "--plot", ds / "index.faiss", "--overwrite"),
+                        "the datastore's own index.faiss")
+    _one_sentence_error(run("neighbors", "import os", "--html", ds / "vals.npy", "--overwrite"),
+                        "the datastore's own vals.npy")
+    assert {p.name: p.read_bytes() for p in ds.iterdir() if p.is_file() and p.name != ".lock"} == before
+    same = tmp_path / "same.out"
+    _one_sentence_error(run("eval", "--k", 32, "--save-scores", same, "--report", same), "both name", "two files")
+    assert not same.exists()

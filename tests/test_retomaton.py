@@ -455,3 +455,15 @@ def test_a_retomaton_processor_starts_each_generate_call_afresh(store, tiny_lm):
         assert p.saved == 3
     with KNNLogitsProcessor(tiny_lm, r, 0.999, 0.01) as fresh:
         assert torch.equal(again, step(fresh, [prompt]))
+
+
+def test_retomaton_beside_the_torch_search_describes_itself(hand_made):
+    """The torch search is no faiss index (before: describe handed it to faiss, a TypeError traceback in eval,
+    generate and the API); it has no lists, so its description names no list order, and the chains still run."""
+    r = Retriever(hand_made, RetrievalConfig(k=3, retomaton=True, min_knns=1, search_device="cpu"))
+    assert r.describe["retomaton"] == "min_knns 1, candidates 1000"
+    exact = Retriever(hand_made, RetrievalConfig(k=3, exact=True, retomaton=True, min_knns=1))
+    assert exact.describe["retomaton"] == "min_knns 1, candidates 1000"  # no lists either
+    keys = np.asarray(hand_made.keys, np.float32)
+    _, ids, _, saved = chain_neighbors(r, open_automaton(r), keys[:5], np.asarray(hand_made.vals)[:5], np.array([0]))
+    assert (ids[:, 0] == np.arange(5)).all() and saved[1:].all()

@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..combine import Combiner, load_lambda
+from ..datastore import refuse_own_file
 from ..errors import KNNLMError
 from ..arrays import refuse_existing
 from ..evaluate import EvalConfig, open_eval, score_run
@@ -87,6 +88,9 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
     """
     check_report_path(path)
     refuse_existing(path, cfg.overwrite)
+    if cfg.save_scores and os.path.abspath(cfg.save_scores) == os.path.abspath(path):
+        raise KNNLMError(f"--save-scores and --report both name {path}, so the page would replace the scores; name "
+                         "two files.")
     if isinstance(detail_tokens, bool) or not isinstance(detail_tokens, (int, np.integer)) or detail_tokens < 0:
         raise KNNLMError(f"--report-tokens {detail_tokens!r} is not a number of tokens; pass one, e.g. 5000.")
     # The page searches the detailed tokens' queries again, and reads the LM's top tokens and mix from a plain
@@ -99,6 +103,8 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
         raise KNNLMError("The report shows a plain search's neighbours and the LM's own top tokens; drop "
                          f"{' and '.join(given)} to write it.")
     run = open_eval(datastore, corpus, cfg, lm, split, documents, retriever)
+    if run.ds is not None:
+        refuse_own_file(path, run.ds.path, "--report")
     # The page searches the detailed tokens' queries again for their neighbours' rows.
     result, scores = score_run(run, replace(cfg, keep_features=True), progress)
     info = write_report(path, scores, run.docs, run.lm, run.retriever, run.combiner, result, detail_tokens,
