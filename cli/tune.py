@@ -86,10 +86,11 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     if plot and no_plot:
         raise click.UsageError("--plot names the plot that --no-plot skips; pass one of them.")
     refuse_stray(bool(plot), "--plot", "overwrite")
-    if plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve():  # that one is tuning's own
+    named_plot = plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve()  # not tuning's own
+    if named_plot:
         refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
-    if plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve():
+    if named_plot:
         refuse_own_file(plot, ds.path, "--plot")
     check_writable(ds.path)  # lambda.json and the dev scores' cache go there: refused now, not after the scoring
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
