@@ -70,8 +70,8 @@ def neighbors_cmd(datastore, text, position, top, temperature, html_file, overwr
     """Show what the datastore retrieves for one position of TEXT ('-' reads stdin)."""
     if html_file is not None:  # before the model loads; an empty path is refused, not taken for no --html
         check_report_path(html_file)
-        refuse_existing(html_file, overwrite)
         refuse_own_file(html_file, datastore_path(datastore), "--html")
+        refuse_existing(html_file, overwrite)
     refuse_stray(html_file is not None, "--html", "overwrite")
     check_top(top)
     if typed("k") and top > k:  # a typed --k is what is searched: --top shows no more than it finds

@@ -10,7 +10,7 @@ import numpy as np
 from knnlm import journal
 from knnlm.combine import PLOT_FILE, save_lambda
 from knnlm.combine.gate import GateConfig
-from knnlm.datastore import open_datastore, refuse_own_file
+from knnlm.datastore import check_unchanged, open_datastore, refuse_own_file
 from knnlm.arrays import check_writable, refuse_existing
 from knnlm.evaluate import DEV_SCORES, EvalConfig, dev_scores, run_eval
 from knnlm.lm import datastore_lm
@@ -88,10 +88,9 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
     refuse_stray(bool(plot), "--plot", "overwrite")
     named_plot = plot and Path(plot).resolve() != (Path(datastore) / PLOT_FILE).resolve()  # not tuning's own
     if named_plot:
+        refuse_own_file(plot, datastore, "--plot")
         refuse_existing(plot, overwrite)
     ds = open_datastore(datastore)
-    if named_plot:
-        refuse_own_file(plot, ds.path, "--plot")
     check_writable(ds.path)  # lambda.json and the dev scores' cache go there: refused now, not after the scoring
     cfg = TuneConfig(adaptive=adaptive, bins=bins, min_bin_tokens=min_bin_tokens, seed=seed, gate=gate,
                      gate_config=GateConfig(hidden=gate_hidden, rank=gate_rank, seed=seed), skip=skip and gate,
@@ -102,6 +101,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
                       trust_remote_code=trust_remote_code, glob=glob, fmt=fmt, text_field=text_field, keep_features=True)
     # one tune of a datastore at a time, and no add, remove or compact under its scoring (refused in one sentence)
     with journal.hold(ds.path):
+        check_unchanged(ds)  # not rebuilt or changed between its opening and the lock
         lm = None
         if spalm or not scores_path:  # SPALM projects hidden states with the model's own output layer
             lm = datastore_lm(ds, model, device, trust_remote_code)
@@ -130,7 +130,7 @@ def tune_cmd(ctx, datastore, scores_path, corpus, glob, fmt, text_field, adaptiv
         t = result["temperature"]
         curves = heldout_curves(scores, cfg, [t / 10, t / 3, t, 3 * t, 10 * t], np.linspace(0, 0.95, 20))
         plot = plot or str(Path(ds.path) / PLOT_FILE)
-        plot_curves(curves, plot, result)
+        plot_curves(curves, plot, result, overwrite=overwrite or not named_plot)
         result["plot"] = plot
     if as_json:
         print_json(result)

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from . import journal
 from .arrays import check_writable
-from .datastore import Datastore, open_datastore
+from .datastore import Datastore, check_unchanged, open_datastore
 from .evaluate import EvalConfig, dev_scores, run_eval, search_settings
 from .generate import KNNLogitsProcessor, generate
 from .errors import KNNLMError, expect
@@ -245,6 +245,7 @@ class KNNLM:
             self.lm.output_head.check()  # a model SPALM cannot project for: refused before the scoring
         ecfg = EvalConfig(lam="0", temperature=1.0, retrieval=self.retriever.cfg, keep_features=True)
         with journal.hold(self.datastore.path):  # one tune at a time; no add, remove or compact under its scoring
+            check_unchanged(self.datastore)  # the datastore this KNNLM opened, not one rebuilt or changed since
             if text is None:
                 scores, _ = dev_scores(self.datastore, ecfg, lm=self.lm, retriever=self.retriever)
                 what = f"dev part of {self.datastore.path}"

@@ -249,7 +249,7 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, fsync: bool = True, exclusive: bool = False) -> Iterator[Path]:
     """A temporary path beside `path` to write a file or directory to; it replaces `path` only once whole.
 
     On leaving without an error, the written file is fsynced (when fsync; a directory's contents are
@@ -258,6 +258,9 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     Args:
         path: the file or directory to write.
         fsync: make the new file durable before the rename.
+        exclusive: a file is put in place only where none is (a hard link, which fails on an existing name, then the
+            temporary unlinked; a plain rename where the file system has no links): a command told not to overwrite
+            refuses a file another process wrote meanwhile, where checking first and renaming later would not.
 
     Yields:
         The temporary path (nothing exists there yet).
@@ -269,12 +272,33 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         yield tmp
         if fsync and tmp.is_file():
             _fsync(tmp)
-        replace_dir(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
+        if tmp.is_dir():
+            replace_dir(tmp, path)
+        elif exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
     if fsync:
         _fsync(path.parent)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Put the file tmp in place as path only if path does not exist (one sentence if it does), tmp gone after."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise KNNLMError(f"{path} was written by another process while this one ran; pass --overwrite to replace it, "
+                         "or another path.") from None
+    except OSError:  # no hard links here (some network and FUSE file systems): the check before the work stands
+        if os.path.exists(path):
+            raise KNNLMError(f"{path} was written by another process while this one ran; pass --overwrite to "
+                             "replace it, or another path.") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def write_json(path: Path, obj) -> None:

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -519,12 +519,21 @@ def _move_in(work: Path, out: Path) -> Datastore:
     kept = f"The new datastore is kept in {work}: rerun with --resume to finish it there."
     try:
         replaces = _check_replaceable(out)  # again: files may have appeared there during the build
-        with journal.hold(out) if replaces else nullcontext():
-            # Before the move, a datastore never holds them (a reader takes them for an interrupted build);
-            # settings.json last: until it goes, readers refuse the folder, and once it has, --resume only moves it.
-            for name in ("docs.jsonl", "shards.json", "progress.json", "settings.json"):
-                (work / name).unlink(missing_ok=True)
-            replace_dir(work, out)
     except KNNLMError as e:
         raise KNNLMError(f"{e} {kept}") from None
+    with ExitStack() as stack:
+        if replaces:  # the datastore it replaces: locked for the move, against add, remove, compact, train-index and
+            try:  # tune-lambda, whose work would land in the new one
+                stack.enter_context(journal.hold(out))
+            except journal.ReadOnly as e:
+                raise KNNLMError(f"{e} {kept}") from None
+            except KNNLMError:
+                raise KNNLMError(f"{out} is being changed by another process (knnlm add, remove, compact, train-index "
+                                 "or tune-lambda); once it finishes, rerun with --resume to move in the new datastore "
+                                 f"kept in {work}.") from None
+        # Before the move, a datastore never holds them (a reader takes them for an interrupted build); settings.json
+        # last: until it goes, readers refuse the folder, and once it has, --resume only moves it.
+        for name in ("docs.jsonl", "shards.json", "progress.json", "settings.json"):
+            (work / name).unlink(missing_ok=True)
+        replace_dir(work, out)
     return open_datastore(out)

@@ -45,6 +45,19 @@ def refuse_own_file(path: str | os.PathLike, root: str | os.PathLike, flag: str)
                          f"file outside {root}.")
 
 
+def check_unchanged(ds: "Datastore") -> None:
+    """One sentence where the folder of an opened datastore now holds another build or revision (rebuilt with
+    --overwrite, or changed by add, remove or compact since it was opened): for a command that took the datastore's
+    lock after opening it, and would write what it made of the old keys into the new datastore."""
+    try:
+        now = open_datastore(ds.path).fingerprint
+    except KNNLMError:
+        now = None
+    if now != ds.fingerprint:
+        raise KNNLMError(f"{ds.path} was rebuilt or changed by another command after this one opened it; run this "
+                         "command again.")
+
+
 def partial_dir(out: Path) -> Path:
     """Where a build of the datastore out lives until it is whole."""
     return out.with_name(out.name + ".partial")

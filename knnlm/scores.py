@@ -108,7 +108,7 @@ def save_scores(path: str, scores: Scores, overwrite: bool = False) -> None:
     refuse_existing(path, overwrite)
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise KNNLMError(f"Cannot write {path}: its folder does not exist; create it or pass another path.")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path, exclusive=not overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = SCORES_FORMAT
         for key, value in scores.attrs.items():
             f.attrs[key] = "" if value is None else value

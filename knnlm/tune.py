@@ -446,13 +446,14 @@ def heldout_curves(scores: Scores, cfg: TuneConfig = TuneConfig(), temperatures=
             "base_ppl": perplexity(cache.lm), "tokens": int(held.size)}
 
 
-def plot_curves(curves: dict, path, result: dict | None = None) -> None:
+def plot_curves(curves: dict, path, result: dict | None = None, overwrite: bool = True) -> None:
     """Write a PNG of held-out perplexity against λ, one line per T, the base LM dashed.
 
     Args:
         curves: the output of heldout_curves.
         path: the PNG file to write.
         result: a tune result; if given, its held-out adaptive perplexity is drawn too.
+        overwrite: replace a file at path; without it, one another process wrote meanwhile is refused.
     """
     try:
         # Figure + the Agg canvas, not pyplot: no GUI backend, no global state touched.
@@ -481,7 +482,7 @@ def plot_curves(curves: dict, path, result: dict | None = None) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    with atomic_path(path) as tmp:  # a plot cut short never replaces the last one
+    with atomic_path(path, exclusive=not overwrite) as tmp:  # a plot cut short never replaces the last one
         fig.savefig(str(tmp), format="png")
 
 

@@ -619,11 +619,18 @@ def test_overwrite_waits_for_no_one_but_refuses_a_datastore_another_command_is_c
     held.wait(60)
     try:
         again = BuildConfig(**{**cfg.__dict__, "max_tokens": 1_000, "overwrite": True})
-        with pytest.raises(KNNLMError, match=r"being changed by another process.*kept in .*--resume"):
+        with pytest.raises(KNNLMError, match=r"being changed by another process.*once it finishes, rerun with --resume"):
             build_datastore(str(corpus_dir), out, again, lm=tiny_lm)
         assert open_datastore(out).count == first.count  # untouched
     finally:
         done.set()
         worker.join()
+    assert not journal._HELD and not journal._HOLDING  # the refused build kept no lock
     resumed = build_datastore(str(corpus_dir), out, BuildConfig(**{**again.__dict__, "resume": True}), lm=tiny_lm)
     assert resumed.count < first.count and open_datastore(out).count == resumed.count
+    # a command that opened the old datastore and takes the lock after the move (tune-lambda, KNNLM.tune) is told
+    from knnlm.datastore import check_unchanged
+
+    check_unchanged(resumed)
+    with pytest.raises(KNNLMError, match="rebuilt or changed by another command after this one opened it"):
+        check_unchanged(first)

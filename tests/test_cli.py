@@ -306,6 +306,8 @@ def test_an_output_named_as_one_of_the_datastore_s_own_files_is_refused_even_wit
     before = {p.name: p.read_bytes() for p in ds.iterdir() if p.is_file() and p.name != ".lock"}
     _one_sentence_error(run("eval", "--k", 32, "--save-scores", ds / "keys.npy", "--overwrite"),
                         "the datastore's own keys.npy", "outside")
+    _one_sentence_error(run("eval", "--k", 32, "--save-scores", ds / "keys.npy"), "the datastore's own")  # not
+    # "pass --overwrite", which is refused too
     _one_sentence_error(run("eval", "--k", 32, "--report", ds / "meta.json", "--overwrite"),
                         "the datastore's own meta.json")
     _one_sentence_error(run("tune-lambda", "--k", 32, "--plot", ds / "index.faiss", "--overwrite"),

@@ -647,3 +647,32 @@ def test_a_model_whose_positions_see_later_tokens_is_refused(tiny_lm, tmp_path):
     tiny_lm.tokenizer.save_pretrained(tmp_path / "paligemma")
     with pytest.raises(KNNLMError, match="does not load its model type 'paligemma'"):
         load_lm(str(tmp_path / "paligemma"), device="cpu")
+
+
+def test_a_write_told_not_to_overwrite_refuses_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):
+    """Two commands writing one new file without --overwrite both passed the check made before their work, and the
+    later replaced the earlier, silently. The exclusive write puts a file in place only where none is, and the loser
+    says so, its temporary removed; where the file system has no hard links the check at the write stands."""
+    path = tmp_path / "scores.h5"
+    with atomic_path(path, exclusive=True) as tmp:
+        tmp.write_text("first")
+    assert path.read_text() == "first"
+    with pytest.raises(KNNLMError, match="written by another process while this one ran; pass --overwrite"):
+        with atomic_path(path, exclusive=True) as tmp:
+            tmp.write_text("second")
+    assert path.read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.h5"]
+    with atomic_path(path) as tmp:  # with --overwrite: replaced
+        tmp.write_text("third")
+    assert path.read_text() == "third"
+
+    def no_links(*_a):
+        raise PermissionError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with atomic_path(tmp_path / "new.h5", exclusive=True) as tmp:
+        tmp.write_text("fresh")
+    assert (tmp_path / "new.h5").read_text() == "fresh"
+    with pytest.raises(KNNLMError, match="written by another process"):
+        with atomic_path(tmp_path / "new.h5", exclusive=True) as tmp:
+            tmp.write_text("again")
+    assert (tmp_path / "new.h5").read_text() == "fresh" and len(list(tmp_path.iterdir())) == 2

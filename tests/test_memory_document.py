@@ -363,6 +363,7 @@ def test_every_memory_flag_reaches_its_config(monkeypatch):
     monkeypatch.setattr(cli_tune, "datastore_lm", lambda *a, **k: None)
     monkeypatch.setattr(cli_tune, "check_writable", lambda path: None)  # the fake datastore "d" is no folder
     monkeypatch.setattr(cli_tune.journal, "hold", lambda path: contextlib.nullcontext())  # so it has no lock either
+    monkeypatch.setattr(cli_tune, "check_unchanged", lambda ds: None)  # nor a build to compare with
     with pytest.raises(Stop):
         run("tune-lambda", "--datastore", "d", "--model", "m", "--no-spalm", "--memory", "document", "--memory-neighbors", 11)
     assert seen["tune"] == MemoryConfig("document", k=11)

@@ -19,7 +19,7 @@ from ..combine import Combiner, load_lambda
 from ..datastore import refuse_own_file
 from ..errors import KNNLMError
 from ..arrays import refuse_existing
-from ..evaluate import EvalConfig, open_eval, score_run
+from ..evaluate import EvalConfig, ds_folder, open_eval, score_run
 from ..lm import LM
 from ..retrieval import Retriever
 from ..scores import Scores
@@ -36,7 +36,7 @@ CONTEXT_TOKENS = 20  # tokens of a neighbour's preceding context
 
 def write_report(path: str | os.PathLike, scores: Scores, docs: list[tuple[str, str]], lm: LM, retriever: Retriever,
                  combiner: Combiner, summary: dict | None = None, detail_tokens: int = REPORT_TOKENS,
-                 batch_size: int = 4, title: str | None = None) -> dict:
+                 batch_size: int = 4, title: str | None = None, overwrite: bool = True) -> dict:
     """Write the HTML report of scored documents.
 
     Args:
@@ -50,6 +50,7 @@ def write_report(path: str | os.PathLike, scores: Scores, docs: list[tuple[str, 
         detail_tokens: tokens (the first ones) given the full panel.
         batch_size: windows per forward pass when computing the LM's top tokens.
         title: the page title.
+        overwrite: replace a file at path; without it, one another process wrote meanwhile is refused.
 
     Returns:
         {"path", "bytes", "tokens_detailed", "rows"}.
@@ -68,7 +69,7 @@ def write_report(path: str | os.PathLike, scores: Scores, docs: list[tuple[str, 
     data = build_report_data(scores, ids, mixed, lambdas, nbr, contexts, lm.decode, combiner.temperature,
                              lm_top=lm_top, summary=summary, tuned=load_lambda(retriever.ds.path),
                              detail_tokens=detail_tokens, neighbors=REPORT_NEIGHBORS)
-    size = write_html(path, data, title or f"kNN-LM report: {(summary or {}).get('corpus', 'text')}")
+    size = write_html(path, data, title or f"kNN-LM report: {(summary or {}).get('corpus', 'text')}", overwrite)
     return {"path": str(path), "bytes": size, "tokens_detailed": m, "rows": int(len(rows))}
 
 
@@ -87,6 +88,8 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
         run_eval's (report, scores); the report also holds "report_file" and "report_bytes".
     """
     check_report_path(path)
+    if cfg.use_datastore:
+        refuse_own_file(path, ds_folder(datastore), "--report")
     refuse_existing(path, cfg.overwrite)
     if cfg.save_scores and os.path.abspath(cfg.save_scores) == os.path.abspath(path):
         raise KNNLMError(f"--save-scores and --report both name {path}, so the page would replace the scores; name "
@@ -103,12 +106,10 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
         raise KNNLMError("The report shows a plain search's neighbours and the LM's own top tokens; drop "
                          f"{' and '.join(given)} to write it.")
     run = open_eval(datastore, corpus, cfg, lm, split, documents, retriever)
-    if run.ds is not None:
-        refuse_own_file(path, run.ds.path, "--report")
     # The page searches the detailed tokens' queries again for their neighbours' rows.
     result, scores = score_run(run, replace(cfg, keep_features=True), progress)
     info = write_report(path, scores, run.docs, run.lm, run.retriever, run.combiner, result, detail_tokens,
-                        cfg.batch_size)
+                        cfg.batch_size, overwrite=cfg.overwrite)
     result.update(report_file=info["path"], report_bytes=info["bytes"])
     return result, scores
 
@@ -117,4 +118,4 @@ def write_neighbors_html(path: str | os.PathLike, r: dict, overwrite: bool = Fal
     """The neighbour panel of one position (the dict of KNNLM.neighbors) as a page; returns its size in bytes.
     An existing file is replaced only with overwrite."""
     refuse_existing(path, overwrite)
-    return write_html(path, neighbors_panel(r), f"kNN-LM neighbours of position {r['position']}")
+    return write_html(path, neighbors_panel(r), f"kNN-LM neighbours of position {r['position']}", overwrite)

@@ -46,11 +46,12 @@ def check_report_path(path: str | os.PathLike) -> None:
                          "pass another path: a shorter name, in a folder you can write.") from None
 
 
-def write_html(path: str | os.PathLike, data: dict, title: str) -> int:
-    """Write the page atomically; returns its size in bytes."""
+def write_html(path: str | os.PathLike, data: dict, title: str, overwrite: bool = True) -> int:
+    """Write the page atomically; returns its size in bytes. Without overwrite, a page another process wrote there
+    meanwhile is refused, not replaced."""
     check_report_path(path)
     text = render_html(data, title).encode("utf-8")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, exclusive=not overwrite) as tmp:
         tmp.write_bytes(text)
     return len(text)
 
