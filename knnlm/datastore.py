@@ -45,6 +45,11 @@ def refuse_own_file(path: str | os.PathLike, root: str | os.PathLike, flag: str)
                          f"file outside {root}.")
 
 
+def folder_of(datastore) -> Path:
+    """The folder of a datastore given as a Datastore, a path, or None (the default one)."""
+    return datastore.path if isinstance(datastore, Datastore) else datastore_path(datastore)
+
+
 def check_unchanged(ds: "Datastore") -> None:
     """One sentence where the folder of an opened datastore now holds another build or revision (rebuilt with
     --overwrite, or changed by add, remove or compact since it was opened): for a command that took the datastore's

@@ -17,7 +17,7 @@ from .combine import Combiner, resolve_combiner
 from .combine.features import lm_stats
 from .arrays import refuse_existing
 from .corpus import DEFAULT_GLOB, iter_documents, open_corpus
-from .datastore import Datastore, datastore_path, open_datastore, refuse_own_file
+from .datastore import Datastore, folder_of, open_datastore, refuse_own_file
 from .errors import KNNLMError, settle
 from .interpolate import knn_log_prob, perplexity
 from .lm import DEFAULT_MODEL, LM, datastore_lm, load_lm
@@ -267,20 +267,16 @@ class EvalRun:
     search: dict  # search_settings
 
 
-def ds_folder(datastore) -> Path:
-    """The folder of a datastore given as a Datastore, a path, or None (the default one)."""
-    return datastore.path if isinstance(datastore, Datastore) else datastore_path(datastore)
-
-
 def open_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = EvalConfig(), lm: LM | None = None,
               split: str = "test", documents: list[tuple[str, str]] | None = None,
               retriever: Retriever | None = None) -> EvalRun:
     """Open the datastore, model, search, mixing policy and documents of an evaluation (arguments as run_eval)."""
     if corpus is not None and documents is not None:
         raise KNNLMError("run_eval scores a corpus or the given documents, not both; pass one of them.")
-    if cfg.save_scores and cfg.use_datastore and not (split == "dev" and Path(cfg.save_scores) == ds_folder(datastore)
-                                                       / DEV_SCORES):  # but the dev part's cache, dev_scores' own
-        refuse_own_file(cfg.save_scores, ds_folder(datastore), "--save-scores")
+    if cfg.save_scores and cfg.use_datastore:
+        folder = folder_of(datastore)
+        if not (split == "dev" and Path(cfg.save_scores) == folder / DEV_SCORES):  # dev_scores' own cache may
+            refuse_own_file(cfg.save_scores, folder, "--save-scores")
     if cfg.save_scores:  # here, before any work, each time a config runs (it may have written the file before)
         refuse_existing(cfg.save_scores, cfg.overwrite)
     cfg.memory.check_use(cfg.use_datastore)

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import journal
 from .arrays import write_json
-from .datastore import Datastore, datastore_path, open_datastore
+from .datastore import Datastore, folder_of, open_datastore
 from .errors import USER_ERRNOS, KNNLMError, expect, settle
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def train_index(ds: Datastore, cfg: IndexConfig = IndexConfig(), progress=None, 
         The content of index.json.
     """
     expect(cfg, IndexConfig, "cfg", "IndexConfig()")
-    path = ds.path if isinstance(ds, Datastore) else datastore_path(ds)  # a folder, as every other function takes
+    path = folder_of(ds)  # a folder, as every other function takes
     with journal.hold(path):  # no add, remove or compact meanwhile: the index covers the keys it was trained on
         ds = open_datastore(path)  # as the last change before the hold left it
         if fallback:

@@ -16,10 +16,10 @@ from dataclasses import replace
 import numpy as np
 
 from ..combine import Combiner, load_lambda
-from ..datastore import refuse_own_file
+from ..datastore import folder_of, refuse_own_file
 from ..errors import KNNLMError
 from ..arrays import refuse_existing
-from ..evaluate import EvalConfig, ds_folder, open_eval, score_run
+from ..evaluate import EvalConfig, open_eval, score_run
 from ..lm import LM
 from ..retrieval import Retriever
 from ..scores import Scores
@@ -89,7 +89,7 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
     """
     check_report_path(path)
     if cfg.use_datastore:
-        refuse_own_file(path, ds_folder(datastore), "--report")
+        refuse_own_file(path, folder_of(datastore), "--report")
     refuse_existing(path, cfg.overwrite)
     if cfg.save_scores and os.path.abspath(cfg.save_scores) == os.path.abspath(path):
         raise KNNLMError(f"--save-scores and --report both name {path}, so the page would replace the scores; name "
