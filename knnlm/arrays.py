@@ -290,15 +290,18 @@ def _link_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise KNNLMError(f"{path} was written by another process while this one ran; pass --overwrite to replace it, "
-                         "or another path.") from None
+        raise _written_meanwhile(path) from None
     except OSError:  # no hard links here (some network and FUSE file systems): the check before the work stands
         if os.path.exists(path):
-            raise KNNLMError(f"{path} was written by another process while this one ran; pass --overwrite to "
-                             "replace it, or another path.") from None
+            raise _written_meanwhile(path) from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)
+
+
+def _written_meanwhile(path: Path) -> KNNLMError:
+    return KNNLMError(f"{path} was written by another process while this one ran; pass --overwrite to replace it, or "
+                      "another path.")
 
 
 def write_json(path: Path, obj) -> None:

@@ -64,6 +64,11 @@ def bundled_gguf() -> Path:
     return path
 
 
+def probe_ids(n: int, vocab: int) -> torch.Tensor:
+    """(n,) token ids for a probe pass that checks how a model computes (no text's: spread over the vocabulary)."""
+    return (torch.arange(n) * 7 + 3) % vocab
+
+
 def compiled(model: torch.nn.Module) -> bool:
     """Whether model's forward runs compiled code: torch.compile of its forward or of the module, or the compiled call
     transformers' generate makes for a static cache. Such code skips forward hooks added after it was compiled."""
@@ -396,7 +401,7 @@ class LM:
         self._causal = True  # the probe's own passes
         try:
             n = max(2, min(12, self.max_positions or 12))
-            ids = ((torch.arange(n) * 7 + 3) % self.vocab_size)[None]
+            ids = probe_ids(n, self.vocab_size)[None]
             other = ids.clone()
             other[0, -1] = (other[0, -1] + 1) % self.vocab_size
             a, b = (self.forward(x, torch.ones_like(x), logits=False)[0][0] for x in (ids, other))

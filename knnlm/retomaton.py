@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 
 import faiss
 import numpy as np
@@ -40,6 +41,12 @@ class Automaton:
     # the faiss IndexPreTransform whose chain (a PCA, OPQ) takes a query into the centroids' space, or None; held
     # here, as its chain's transforms live only as long as it does
     pretransform: object = None
+
+    @cached_property
+    def centroid_norms(self) -> torch.Tensor:
+        """(nlist,) ‖c‖² of each list's centroid, computed once (each saved step reads some)."""
+        cents = torch.from_numpy(self.centroids)
+        return (cents * cents).sum(dim=1)
 
 
 def document_starts(documents: list) -> np.ndarray:
@@ -133,7 +140,7 @@ def list_distances(queries: np.ndarray, auto: Automaton, row: np.ndarray, lst: n
     lists, at = np.unique(lst, return_inverse=True)
     cents = torch.from_numpy(np.ascontiguousarray(auto.centroids[lists]))  # (U, d'): only the lists some row names
     dots = (torch.from_numpy(q) @ cents.T).numpy()  # torch's: numpy's would wake OpenBLAS's threads against torch's
-    return (cents * cents).sum(dim=1).numpy()[at] - 2 * dots[row, at]
+    return auto.centroid_norms.numpy()[lists][at] - 2 * dots[row, at]
 
 
 def expand_candidates(pointers: np.ndarray, auto: Automaton, cap: int, queries: np.ndarray | None = None

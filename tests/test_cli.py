@@ -318,3 +318,21 @@ def test_an_output_named_as_one_of_the_datastore_s_own_files_is_refused_even_wit
     same = tmp_path / "same.out"
     _one_sentence_error(run("eval", "--k", 32, "--save-scores", same, "--report", same), "both name", "two files")
     assert not same.exists()
+
+
+def test_without_overwrite_a_file_written_meanwhile_is_refused_at_the_write(built, tmp_path, monkeypatch):
+    """--save-scores and --report without --overwrite reach the exclusive write: a file another process wrote after
+    the check before the work (here: the check made blind) is refused at the write, not replaced."""
+    import knnlm.evaluate
+    import knnlm.report
+    import knnlm.scores
+
+    for module in (knnlm.evaluate, knnlm.report, knnlm.scores):
+        monkeypatch.setattr(module, "refuse_existing", lambda path, overwrite: None)
+    for flag, name in (("--save-scores", "s.h5"), ("--report", "r.html")):
+        path = tmp_path / name
+        path.write_text("another process's")
+        _one_sentence_error(run("eval", "--k", 32, flag, path), "written by another process while this one ran")
+        assert path.read_text() == "another process's"
+        assert run("eval", "--k", 32, flag, path, "--overwrite").exit_code == 0  # replaced when asked
+        assert path.read_bytes() != b"another process's"

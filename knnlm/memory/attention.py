@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..errors import KNNLMError, settle
+from ..lm import probe_ids
 from .rotary import Rope, find_rotary, rotate_half, rotate_interleaved
 
 if TYPE_CHECKING:
@@ -244,7 +245,8 @@ def _probe_span(lm: LM, decoder: torch.nn.Module) -> tuple[int, int]:
     return n, min(37, limit - n)
 
 
-def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> None:
+def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module, modules: dict[int, torch.nn.Module]
+                  ) -> None:
     """Set memory.rope.pair to the pairing under which each retrieving layer's keys, rotation taken off, are the
     same for the same tokens at two positions (rotary attention is relative, so the model's states are). A layer
     the model does not rotate (no rotary there, or its own function), a model that never calls the attention
@@ -255,7 +257,7 @@ def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> 
     if n < 1:
         raise KNNLMError(f"{type(model).__name__} reads {lm.max_positions} position(s), too few for attention memory "
                          "to check how it rotates its keys; use a model with a longer context.")
-    ids = (torch.arange(n) * 7 + 3) % model.get_input_embeddings().num_embeddings
+    ids = probe_ids(n, model.get_input_embeddings().num_embeddings)
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2  # bf16/fp16 round coarsely
     tried = []
     for pair in (rotate_half, rotate_interleaved):
@@ -269,7 +271,7 @@ def _pick_pairing(lm: LM, memory: AttentionMemory, decoder: torch.nn.Module) -> 
             keys.append(memory.captured)
         memory.begin_forward(0, torch.zeros(0, dtype=torch.long), capture=False)
         silent = sorted(set(memory.layers) - set(keys[0]))
-        ran = sorted(set(keys[0]) | (set(_attention_modules(model)) - set(memory.layers)))  # those that may
+        ran = sorted(set(keys[0]) | (set(modules) - set(memory.layers)))  # those that may
         if silent and ran:  # e.g. Mllama's cross-attention layers, which attend over image states only
             raise KNNLMError(f"Layer(s) {','.join(map(str, silent))} of {type(model).__name__} did not attend over the "
                              "text through transformers' attention interface (a cross-attention layer, or a layer of "
@@ -327,7 +329,7 @@ def attached(lm: LM, cfg: AttentionMemoryConfig) -> Iterator[AttentionMemory]:
         _HOOKED[id(module)] = _Hooked(memory, _base_function(before, module), threading.get_ident())
     model.set_attn_implementation(name)
     try:
-        _pick_pairing(lm, memory, decoder)
+        _pick_pairing(lm, memory, decoder, modules)
         yield memory
     finally:
         model.set_attn_implementation(before)
