@@ -63,9 +63,9 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
     Returns:
         {"position", "tokens", "context" (the text's tokens up to the position), "target" (the
         text's next token, or None at the end), "lm" and "knn" (top predictions), "corpus" (the
-        datastore's source), "top" (as asked: "neighbors" may hold fewer, where the search reached no more
-        keys), "neighbors": [{"rank",
-        "distance", "row", "document", "offset", "context", "next_token", "next_text", "is_target"}]}.
+        datastore's source), "datastore" (its folder), "top" (as asked: "neighbors" may hold fewer,
+        where the search reached no more keys), "neighbors": [{"rank", "distance", "row", "document",
+        "offset", "context", "next_token", "next_text", "is_target"}]}.
     """
     check_top(top)
     ids = lm.encode(text)
@@ -94,7 +94,8 @@ def neighbors(lm: LM, retriever: Retriever, text: str, position: int = -1, top: 
         "target": None if target is None else {"token": target, "text": lm.decode([target])},
         "lm": _top(torch.log_softmax(logits.double(), -1), predictions, lm),
         "knn": _top(knn, predictions, lm),
-        "temperature": temperature, "corpus": ds.meta.get("corpus", {}).get("source"), "top": top,
+        "temperature": temperature, "corpus": ds.meta.get("corpus", {}).get("source"), "datastore": str(ds.path),
+        "top": top,
         **retriever.describe,
         "neighbors": out,
     }

@@ -277,6 +277,17 @@ def test_neighbors_page_in_a_real_browser(evaluated, tmp_path):
     assert errors == []
 
 
+def test_the_neighbors_page_never_replaces_one_of_the_datastore_s_own_files(evaluated, tmp_path):
+    r = neighbors(evaluated["lm"], evaluated["retriever"], evaluated["docs"][0][1][:200], -1, top=4)
+    assert Path(r["datastore"]) == evaluated["ds"].path
+    meta = evaluated["ds"].path / "meta.json"
+    before = meta.read_bytes()
+    with pytest.raises(KNNLMError, match="the datastore's own meta.json"):
+        write_neighbors_html(meta, r, overwrite=True)
+    assert meta.read_bytes() == before
+    assert write_neighbors_html(tmp_path / "meta.json", r) > 0  # the same name elsewhere is written
+
+
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 

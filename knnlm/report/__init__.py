@@ -116,6 +116,8 @@ def report_eval(datastore=None, corpus: str | None = None, cfg: EvalConfig = Eva
 
 def write_neighbors_html(path: str | os.PathLike, r: dict, overwrite: bool = False) -> int:
     """The neighbour panel of one position (the dict of KNNLM.neighbors) as a page; returns its size in bytes.
-    An existing file is replaced only with overwrite."""
+    An existing file is replaced only with overwrite; one of the datastore's own files (r's "datastore") never is."""
+    if r.get("datastore") is not None:
+        refuse_own_file(path, r["datastore"], "--html")
     refuse_existing(path, overwrite)
     return write_html(path, neighbors_panel(r), f"kNN-LM neighbours of position {r['position']}", overwrite)
