@@ -336,3 +336,15 @@ def test_without_overwrite_a_file_written_meanwhile_is_refused_at_the_write(buil
         assert path.read_text() == "another process's"
         assert run("eval", "--k", 32, flag, path, "--overwrite").exit_code == 0  # replaced when asked
         assert path.read_bytes() != b"another process's"
+    # tune-lambda's --plot, the same way (tuned on the scores just saved, so no LM pass).
+    import knnlm.cli.tune
+
+    monkeypatch.setattr(knnlm.cli.tune, "refuse_existing", lambda path, overwrite: None)
+    plot = tmp_path / "p.png"
+    plot.write_text("another process's")
+    _one_sentence_error(run("tune-lambda", "--scores", tmp_path / "s.h5", "--no-adaptive", "--plot", plot),
+                        "written by another process while this one ran")
+    assert plot.read_text() == "another process's"
+    assert run("tune-lambda", "--scores", tmp_path / "s.h5", "--no-adaptive", "--plot", plot,
+               "--overwrite").exit_code == 0
+    assert plot.read_bytes().startswith(b"\x89PNG")
