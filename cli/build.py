@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from knnlm import journal
 from knnlm.build import BuildConfig, build_datastore
 from knnlm.datastore import DATASTORE_ENV, DEFAULT_DATASTORE, open_datastore
 from knnlm.index import IndexConfig, check_retrain, train_index
@@ -116,7 +117,7 @@ def train_index_cmd(datastore, nlist, code_size, fast_scan, train_size, exact, s
     cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
                       on_disk=on_disk, factory=factory, fast_scan=fast_scan)
     check_retrain(ds, cfg)  # before the progress bar: a refusal is all the output
-    with progress_bar(ds.count, "adding keys", unit="key") as bar:
+    with journal.hold(ds.path), progress_bar(ds.count, "adding keys", unit="key") as bar:  # another change's lock too
         info = train_index(ds, cfg, progress=bar.update)
     click.echo(f"{ds.path}/index.faiss: {info['factory']} over {info['count']} keys in {info['total_seconds']} s.")
 

@@ -17,17 +17,35 @@ def _mib(path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB" if path.exists() else "-"
 
 
+def _documents(ds) -> list[dict]:
+    """The document table: name, first key row, key count, and whether it was removed (its rows await compact)."""
+    gone = {(r[0], r[1]) for r in ds.removed}
+    return [{"name": name, "first_row": start, "keys": count, "removed": (name, start) in gone}
+            for name, start, count, _first in ds.documents]
+
+
 @click.command("info")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
+@click.option("--documents", "list_documents", is_flag=True,
+              help="List the stored documents (the names `knnlm remove` takes) and their keys instead.")
 @json_option
-def info_cmd(datastore, as_json):
+def info_cmd(datastore, list_documents, as_json):
     """Describe DATASTORE: model, size, corpus, index, tuned λ."""
     ds = open_datastore(datastore)
+    if list_documents:
+        docs = _documents(ds)
+        if as_json:
+            print_json({"path": str(ds.path), "documents": docs})
+            return
+        for d in docs:
+            click.echo(f"{d['name']}\t{d['keys']} keys" + ("\tremoved, awaiting `knnlm compact`" if d["removed"] else ""))
+        return
     index, lam = read_index_info(ds), load_lambda(ds.path)
     m = {k: v for k, v in ds.meta.items() if k != "documents"}
+    live = len(ds.documents) - len(ds.removed)
     if as_json:
-        print_json({"path": str(ds.path), "meta": m, "documents": len(ds.documents), "index": index,
-                    "lambda": lam, "updates": describe_updates(ds.meta)})
+        print_json({"path": str(ds.path), "meta": m, "documents": live, "documents_removed": len(ds.removed),
+                    "index": index, "lambda": lam, "updates": describe_updates(ds.meta)})
         return
     c, b = m["corpus"], m["build"]
     rows = [
@@ -38,7 +56,8 @@ def info_cmd(datastore, as_json):
         ("values", f"{ds.count} int32, {_mib(ds.path / 'vals.npy')}"),
         ("key source", m["key_source"]),
         ("windows", f"context {m['context']}, stride {m['stride']}"),
-        ("corpus", f"{c['source']} ({len(c['files'])} files, {len(ds.documents)} documents stored)"),
+        ("corpus", f"{c['source']} ({len(c['files'])} files at the build; {live} documents stored"
+                   + (f", {len(ds.removed)} more removed" if ds.removed else "") + "; `--documents` lists them)"),
         ("held out", f"{m['holdout']['dev_documents']} dev, {m['holdout']['test_documents']} test documents "
                      f"(share {m['holdout']['share']} each)"),
         ("built", f"{b['finished']} in {b['seconds']} s, {b['tokens_per_s']} tokens/s on {b['device']}"

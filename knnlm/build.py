@@ -323,10 +323,12 @@ def _run_block(lm: LM, block: list, batch_size: int) -> tuple[np.ndarray, np.nda
     return k16, v
 
 
-def open_build(corpus: str, out, cfg: BuildConfig, lm: LM | None) -> tuple[Path, Corpus, LM]:
-    """(datastore path, corpus, model) of a build, with every check that can fail before any work."""
+def open_build(corpus: str | Corpus, out, cfg: BuildConfig, lm: LM | None) -> tuple[Path, Corpus, LM]:
+    """(datastore path, corpus, model) of a build, with every check that can fail before any work; a corpus already
+    opened (by `add`, which reads stdin once) is taken as it is."""
     out = datastore_path(out)
-    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
+    src = corpus if isinstance(corpus, Corpus) else \
+        open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, cfg.shuffle_seed, cfg.strict)
     check_documents(src)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.trust_remote_code)
     check_window(cfg.context, cfg.stride, lm.max_positions)
@@ -335,12 +337,13 @@ def open_build(corpus: str, out, cfg: BuildConfig, lm: LM | None) -> tuple[Path,
     return out, src, lm
 
 
-def build_datastore(corpus: str, out: str | os.PathLike | None = None, cfg: BuildConfig = BuildConfig(),
+def build_datastore(corpus: str | Corpus, out: str | os.PathLike | None = None, cfg: BuildConfig = BuildConfig(),
                     lm: LM | None = None, progress=None) -> Datastore:
     """Build a datastore from a corpus.
 
     Args:
-        corpus: a text file, a folder, a JSONL file, or "-" for stdin (see corpus.open_corpus).
+        corpus: a text file, a folder, a JSONL file, or "-" for stdin (see corpus.open_corpus); or a Corpus
+            already opened with cfg's glob, format and text field.
         out: the datastore directory; None means $KNNLM_DATASTORE or datastores/default.
         cfg: build settings.
         lm: an already loaded model (else cfg.model is loaded).
@@ -400,7 +403,7 @@ def _build(lm: LM, src: Corpus, cfg: BuildConfig, work: Path, ckpt: dict | None,
         w.close()
     if s["rows"] == 0:
         clear_work(work)
-        raise src.no_tokens()
+        raise src.no_tokens(cfg.holdout)
     return _finish(lm, src, cfg, w.work, w.state, out)
 
 
@@ -490,8 +493,9 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
         "holdout": {"share": cfg.holdout, "dev_documents": s["heldout"]["dev"],
                     "test_documents": s["heldout"]["test"],
                     "rule": "one document: its tail; several: every round(1/share)-th to dev, the next to test"},
-        "corpus": {"source": src.source, "glob": cfg.glob, "format": cfg.fmt, "text_field": cfg.text_field,
-                   "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
+        # cwd: where relative document names start (update.py compares names as paths from there)
+        "corpus": {"source": src.source, "cwd": os.getcwd(), "glob": cfg.glob, "format": cfg.fmt,
+                   "text_field": cfg.text_field, "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
                    "documents_skipped": s["skipped"],
                    "unreadable": {"count": len(src.unreadable), "names": src.unreadable}},
         "documents": docs,

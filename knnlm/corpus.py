@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class DocRef:
     kind: str = "text"  # "text" (whole file or JSONL line by offset), "parquet" or "arrow" (HF datasets)
 
 
+STDIN_NAME = "<stdin>"  # the name of the one document read from stdin
 SKIP_WARNINGS = 10  # skipped documents named one warning each; the rest are counted (a bad JSONL file has many)
 
 
@@ -82,8 +84,10 @@ class Corpus:
         if name not in self.unreadable:
             self.unreadable.append(name)
 
-    def no_tokens(self) -> KNNLMError:
-        """The error of a corpus that gave the datastore no token, naming the skipped documents' fault if any."""
+    def no_tokens(self, holdout: float = 0.0) -> KNNLMError:
+        """The error of a corpus that gave the datastore no token, naming the skipped documents' fault if any
+        (holdout: the build's held-out share; none for `add`, which has no --holdout)."""
+        held, fix = (", or held out", " or a smaller --holdout") if holdout else ("", "")
         n = len(self.unreadable)
         skipped = "1 document or file was" if n == 1 else f"{n} documents or files were"
         skipped_names = set(self.unreadable)
@@ -94,10 +98,10 @@ class Corpus:
                               f"and none was left (the first: {why}).")
         if n:
             return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore ({skipped} skipped as "
-                              f"unreadable, the first {self.unreadable[0]}, and the rest are empty, one token long, "
-                              "or held out); pass a larger corpus or a smaller --holdout.")
-        return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore (every document is empty, one token "
-                          "long, or held out); pass a larger corpus or a smaller --holdout.")
+                              f"unreadable, the first {self.unreadable[0]}, and the rest are empty or one token "
+                              f"long{held}); pass a larger corpus{fix}.")
+        return KNNLMError(f"Corpus {self.source} gave no tokens for the datastore (every document is empty or one "
+                          f"token long{held}); pass a larger corpus{fix}.")
 
 
 def not_utf8(text: str, what: str) -> KNNLMError | None:
@@ -193,6 +197,11 @@ def _file_refs(path: Path, kind: str, text_field: str) -> list[DocRef]:
     return _jsonl_refs(path) if kind == "jsonl" else [DocRef(str(path), str(path))]
 
 
+def _dangling(path: Path) -> bool:
+    """Whether path is a symbolic link to nothing."""
+    return path.is_symlink() and not path.exists()
+
+
 def _folder_files(path: Path, glob: str, fmt: str) -> list[Path]:
     """The files of a folder corpus; Parquet files when the format (or, by default, the folder) says so."""
     if fmt == "parquet" and glob == DEFAULT_GLOB:
@@ -200,7 +209,7 @@ def _folder_files(path: Path, glob: str, fmt: str) -> list[Path]:
     if not glob or glob.startswith(("/", "\\")) or ".." in Path(glob).parts:
         raise KNNLMError(f"--glob {glob!r} must be a pattern inside the folder {path}, e.g. --glob '**/*.py'.")
     try:
-        files = sorted(p for p in path.glob(glob) if p.is_file())
+        files = sorted(p for p in path.glob(glob) if p.is_file() or _dangling(p))  # a dangling link: skipped, named
     except (ValueError, NotImplementedError) as e:  # pathlib's own refusals, e.g. '**' inside a name
         raise KNNLMError(f"--glob {glob!r} is not a pattern pathlib can match ({e}); pass one such as "
                          "--glob '**/*.py'.") from None
@@ -237,8 +246,8 @@ def open_corpus(
         if fmt != "auto" and fmt != "text":
             raise KNNLMError(f"{fmt} from stdin is not supported; save it to a file and pass its path.")
         text = read_stdin()
-        corpus = Corpus(source, [DocRef("<stdin>", None)], [{
-            "path": "<stdin>", "size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}],
+        corpus = Corpus(source, [DocRef(STDIN_NAME, None)], [{
+            "path": STDIN_NAME, "size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}],
             text_field, stdin_text=text)
     else:
         path = Path(source)
@@ -258,6 +267,9 @@ def open_corpus(
             errors = []
             for f in files:
                 try:
+                    if _dangling(f):
+                        raise KNNLMError(f"{f} is a link to {os.readlink(f)}, which does not exist; fix the link, or "
+                                         "exclude it with --glob.")
                     corpus.docs.extend(_file_refs(f, _kind(f, fmt), text_field))
                 except KNNLMError as e:
                     if len(files) == 1:  # a lone file that cannot be read fails, whatever strict says
@@ -266,7 +278,7 @@ def open_corpus(
                     corpus.skip(str(f), e)
             if errors and len(errors) == len(files):  # none readable: most likely a wrong flag, so say why
                 raise errors[0]
-        corpus.files = [_file_record(f) for f in files]
+        corpus.files = [_file_record(f) for f in files if not _dangling(f)]
     if text_field != "text" and corpus.docs and all(r.kind == "text" and r.offset < 0 for r in corpus.docs):
         if source != "-" and Path(source).is_dir():
             raise KNNLMError(f"--text-field {text_field} names a JSONL field or a table's column, and the files of "

@@ -342,10 +342,10 @@ def flat_l2(index) -> bool:
 
 
 @contextmanager
-def _c_stdout_to_stderr():
-    """Send what C code prints to stdout (fd 1) to stderr meanwhile: faiss prints a notice there when it reads
-    on-disk lists from their new place, and stdout belongs to --json's output. Best effort: with stdout closed
-    or missing there is nothing to protect, and nothing is redirected."""
+def _c_stdout_silenced():
+    """Drop what C code prints to stdout (fd 1) meanwhile: faiss prints "IO_FLAG_ONDISK_SAME_DIR: updating ondisk
+    filename ..." there at every read of on-disk lists (its errors come as exceptions), and stdout belongs to
+    --json's output. Best effort: with stdout closed or missing there is nothing to protect."""
     try:
         if sys.stdout is not None:
             sys.stdout.flush()
@@ -354,14 +354,16 @@ def _c_stdout_to_stderr():
         yield
         return
     libc = ctypes.CDLL(None)
+    null = os.open(os.devnull, os.O_WRONLY)
     try:
         libc.fflush(None)
-        os.dup2(2, 1)
+        os.dup2(null, 1)
         yield
     finally:
         libc.fflush(None)  # C's buffered stdout, before fd 1 is stdout again
         os.dup2(saved, 1)
         os.close(saved)
+        os.close(null)
 
 
 def load_index(ds: Datastore):
@@ -383,7 +385,7 @@ def load_index(ds: Datastore):
         faiss.cvar.precomputed_table_max_bytes = min(table_max, ON_DISK_TABLE_MAX_BYTES)
     try:
         # On-disk inverted lists are found beside index.faiss, wherever the datastore has moved.
-        with _c_stdout_to_stderr() if info.get("lists") == "on-disk" else nullcontext():
+        with _c_stdout_silenced() if info.get("lists") == "on-disk" else nullcontext():
             try:
                 index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
             except (RuntimeError, MemoryError, ValueError, OSError) as e:  # a garbled size: MemoryError

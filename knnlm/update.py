@@ -9,6 +9,7 @@ listed in meta.json's "removed", until `compact` rewrites the arrays without the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ import faiss
 import numpy as np
 
 from .arrays import NpyAppender, write_json
-from .corpus import DEFAULT_GLOB, open_corpus
+from .corpus import DEFAULT_GLOB, STDIN_NAME, open_corpus
 from .datastore import Datastore, open_datastore, partial_dir
 from .errors import KNNLMError, settle
 from .index import load_index, read_index_info, stage_index
@@ -120,25 +121,19 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     from .build import BuildConfig, CannotResume, build_datastore
     from .lm import datastore_lm
 
-    corpus_log = logging.getLogger("knnlm.corpus")
-    level = corpus_log.level
-    corpus_log.setLevel(logging.ERROR)  # the build lists the corpus again and warns then
-    try:
-        src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)
-    finally:
-        corpus_log.setLevel(level)
+    src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)  # the build takes it as it is
     paths = {r.name: _path_of(r.name) for r in src.docs}  # names compared as paths, as remove does
-    live = _by_path(_live_names(ds))
+    live = _by_path(ds, _live_names(ds))
     dup = sorted(name for name, p in paths.items() if p in live)
     if dup:
         many = f" ({len(dup)} documents are)" if len(dup) > 1 else ""
         raise KNNLMError(f"{dup[0]} is already in {ds.path}{many}; remove {'them' if many else 'it'} first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
-    held = {_path_of(name): split for name, split in ds.heldout_names().items()}
-    mixed = sorted(name for name, p in paths.items() if p in held)
+    held = {p: split for name, split in ds.heldout_names().items() for p in _stored_paths(ds, name)}
+    mixed = sorted((name, held[p]) for name, p in paths.items() if p in held) or _heldout_copies(ds, src)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
         many = f" ({len(mixed)} documents are)" if len(mixed) > 1 else ""
-        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text{many}; a datastore "
+        raise KNNLMError(f"{mixed[0][0]} is held out of {ds.path} as its {mixed[0][1]} text{many}; a datastore "
                          "never holds what eval and tune-lambda score, so add other documents.")
     _index_or_none(ds)  # an index add cannot change is refused now, not after the LM pass
     lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
@@ -151,10 +146,10 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
                        fmt=cfg.fmt, text_field=cfg.text_field, strict=cfg.strict, build_index=False,
                        overwrite=True, resume=partial_dir(ds.path / _ADDED).exists())
     try:
-        added = build_datastore(corpus, ds.path / _ADDED, bcfg, lm=lm, progress=progress)
+        added = build_datastore(src, ds.path / _ADDED, bcfg, lm=lm, progress=progress)  # stdin is read once
     except CannotResume as e:  # an interrupted add of other documents (or a damaged one): ours to start over
         log.info("starting the add afresh: %s", e)
-        added = build_datastore(corpus, ds.path / _ADDED, replace(bcfg, resume=False), lm=lm, progress=progress)
+        added = build_datastore(src, ds.path / _ADDED, replace(bcfg, resume=False), lm=lm, progress=progress)
     record = apply_add(ds, added)
     shutil.rmtree(added.path)
     return record
@@ -171,7 +166,7 @@ def apply_add(ds: Datastore, added: Datastore) -> dict:
             out.append(arr[lo: lo + _CHUNK])
         out.flush()
         out.close()
-    docs = [[name, start + n0, count, first] for name, start, count, first in added.documents]
+    docs = [[_name_to_store(ds, added, name), start + n0, count, first] for name, start, count, first in added.documents]
     unreadable = added.meta["corpus"].get("unreadable", [])
     record = {"op": "add", "corpus": added.meta["corpus"]["source"], "documents": len(docs), "keys": n,
               "files": added.meta["corpus"]["files"], "unreadable": unreadable}
@@ -192,12 +187,56 @@ def apply_add(ds: Datastore, added: Datastore) -> dict:
 
 
 def _path_of(name: str) -> str:
-    """A document name as one spelling of its path (relative or absolute, ./ or not name the same file)."""
+    """A document name given to this command as one spelling of its path (relative or absolute, ./ or not name the
+    same file)."""
     return os.path.normpath(os.path.abspath(name))
 
 
-def _by_path(names) -> set[str]:
-    return {_path_of(n) for n in names}
+def _stored_paths(ds: Datastore, name: str) -> list[str]:
+    """The paths a stored document name may spell: from the folder the build ran in (meta.json's corpus "cwd"; an add
+    run from another folder stores its names absolute), and from this command's folder (a datastore built before
+    that folder was recorded, or moved with its corpus)."""
+    roots = dict.fromkeys([ds.meta["corpus"].get("cwd"), os.getcwd()])
+    return [os.path.normpath(os.path.join(root, name)) for root in roots if root is not None]
+
+
+def _by_path(ds: Datastore, names) -> set[str]:
+    return {p for n in names for p in _stored_paths(ds, n)}
+
+
+def _name_to_store(ds: Datastore, added: Datastore, name: str) -> str:
+    """An added document's name as ds stores it: as given, or absolute where the add ran in another folder than the
+    build, so that it names the same file from the build's folder."""
+    root, here = ds.meta["corpus"].get("cwd"), added.meta["corpus"].get("cwd")
+    if root is None or here is None or here == root or os.path.isabs(name) or name == STDIN_NAME:
+        return name
+    return os.path.normpath(os.path.join(here, name))
+
+
+def _file_of(name: str) -> str | None:
+    """The file of a JSONL line's or a table row's document name ("path:N"), else None."""
+    file, sep, n = name.rpartition(":")
+    return file if sep and file and n.isdigit() else None
+
+
+def _heldout_copies(ds: Datastore, src) -> list[tuple[str, str]]:
+    """(name, split) of each of src's documents whose text is a held-out document's, under whatever name."""
+    held = {_digest(text): split for split in ("dev", "test") for _, text in ds.heldout(split)}
+    if not held:
+        return []
+    copies = []
+    for ref in src.docs:
+        try:
+            text = src.read(ref)
+        except (KNNLMError, OSError):  # unreadable: the build skips it (or fails, with --strict)
+            continue
+        if (split := held.get(_digest(text))) is not None:
+            copies.append((ref.name, split))
+    return copies
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _resolve(ds: Datastore, names: list[str]) -> list[list]:
@@ -205,17 +244,21 @@ def _resolve(ds: Datastore, names: list[str]) -> list[list]:
     gone = {(r[0], r[1]) for r in ds.removed}
     live = [d for d in ds.documents if (d[0], d[1]) not in gone]
     by_name: dict[str, list] = {}
+    by_file: dict[str, list] = {}  # a JSONL or table file: all its documents
     for d in live:
-        by_name.setdefault(d[0], []).append(d)
-        by_name.setdefault(_path_of(d[0]), []).append(d)
+        for key in dict.fromkeys([d[0], *_stored_paths(ds, d[0])]):
+            by_name.setdefault(key, []).append(d)
+        if (file := _file_of(d[0])) is not None:
+            for key in dict.fromkeys([file, *_stored_paths(ds, file)]):
+                by_file.setdefault(key, []).append(d)
     picked: dict[tuple, list] = {}
     for name in names:
-        hits = by_name.get(name) or by_name.get(_path_of(name))
-        if not hits and _path_of(name) in _by_path(r[0] for r in ds.removed):
+        hits = by_name.get(name) or by_name.get(_path_of(name)) or by_file.get(name) or by_file.get(_path_of(name))
+        if not hits and _path_of(name) in _by_path(ds, (r[0] for r in ds.removed)):
             raise KNNLMError(f"{name} was removed from {ds.path} already; `knnlm compact {ds.path}` drops its keys.")
         if not hits:
-            raise KNNLMError(f"{name} is not a stored document of {ds.path}; `knnlm info {ds.path} --json` "
-                             "counts them and meta.json's \"documents\" names them.")
+            raise KNNLMError(f"{name} is not a stored document of {ds.path}; `knnlm info {ds.path} --documents` "
+                             "lists them.")
         for d in hits:
             picked[(d[0], d[1])] = d
     return sorted(picked.values(), key=lambda d: d[1])

@@ -127,6 +127,18 @@ def test_unreadable_files_of_a_folder_are_skipped_and_named(tmp_path):
         list(iter_documents(open_corpus(str(d / "2b.txt"), strict=False), 0.0))
 
 
+def test_a_dangling_link_in_a_folder_is_skipped_and_named_not_dropped_silently(tmp_path, caplog):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "a.txt").write_text("x = 1\n")
+    (d / "b.txt").symlink_to(tmp_path / "gone.txt")
+    c = open_corpus(str(d), strict=False)
+    assert [r.name for r in c.docs] == [str(d / "a.txt")] and c.unreadable == [str(d / "b.txt")]
+    assert "b.txt is a link to" in caplog.text and [f["path"] for f in c.files] == [str(d / "a.txt")]
+    with pytest.raises(KNNLMError, match=r"b.txt is a link to .*gone.txt, which does not exist; fix the link"):
+        open_corpus(str(d), strict=True)
+
+
 def test_many_skipped_documents_name_the_first_few_and_count_the_rest(tmp_path, caplog):
     from knnlm.corpus import SKIP_WARNINGS
 

@@ -531,3 +531,67 @@ def test_an_add_interrupted_before_another_corpus_is_added_starts_afresh(ds3, th
     r = add_documents(ds3, str(other), lm=tiny_lm)  # before: "pass the same ones to --resume, or --overwrite"
     assert r["documents"] == 1 and not (ds3 / ".added.partial").exists()
     assert open_datastore(ds3).documents[-1][0].endswith("glob.py.txt")
+
+
+def test_names_are_compared_as_paths_from_the_folder_the_build_ran_in(tiny_lm, tiny_model_dir, corpus_texts, tmp_path,
+                                                                     monkeypatch):
+    """A name stored relative to the build's folder names the same file from any other: adding it again, or a held-out
+    document, from another folder was taken (the same keys twice; the test text in the datastore), and removing it
+    by its path from there was refused."""
+    build_dir = tmp_path / "a"
+    folder(build_dir / "corpus", corpus_texts, DOCS)
+    monkeypatch.chdir(build_dir)
+    ds = build_datastore("corpus", "ds", BuildConfig(model=str(tiny_model_dir), **{**BUILD, "holdout": 0.25}),
+                         lm=tiny_lm)
+    assert ds.meta["corpus"]["cwd"] == str(build_dir) and not os.path.isabs(ds.documents[0][0])
+    stored, held = ds.documents[0][0], ds.heldout("dev")[0][0]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KNNLMError, match="is already in"):
+        add_documents(build_dir / "ds", f"a/{stored}", lm=tiny_lm)
+    with pytest.raises(KNNLMError, match="is held out of .* as its dev text"):
+        add_documents(build_dir / "ds", f"a/{held}", lm=tiny_lm)
+    # A copy of a held-out document, under another name, is its text all the same.
+    (tmp_path / "copy.txt").write_text((build_dir / held).read_text())
+    with pytest.raises(KNNLMError, match="copy.txt is held out of .* as its dev text"):
+        add_documents(build_dir / "ds", "copy.txt", lm=tiny_lm)
+    assert open_datastore(build_dir / "ds").count == ds.count  # nothing added
+    # A document added from here is stored by its absolute path, so it is the same file from the build's folder.
+    folder(tmp_path / "more", {"new": corpus_texts["keyword.py"] + "\n# more\n"}, ["new"])
+    add_documents(build_dir / "ds", "more/new.txt", lm=tiny_lm)
+    assert open_datastore(build_dir / "ds").documents[-1][0] == str(tmp_path / "more" / "new.txt")
+    monkeypatch.chdir(build_dir)
+    with pytest.raises(KNNLMError, match="is already in"):
+        add_documents("ds", "../more/new.txt", lm=tiny_lm)
+    monkeypatch.chdir(tmp_path)
+    r = remove_documents(build_dir / "ds", [f"a/{stored}", "more/new.txt"])
+    assert r["names"] == [stored, str(tmp_path / "more" / "new.txt")]
+
+
+def test_add_reads_stdin_once(ds3, tiny_model_dir, corpus_texts):
+    r = CliRunner().invoke(cli, ["add", str(ds3), "-", "--model", str(tiny_model_dir)], input=corpus_texts["keyword.py"])
+    assert r.exit_code == 0, r.output
+    assert open_datastore(ds3).documents[-1][0] == "<stdin>"
+
+
+def test_remove_takes_a_jsonl_file_for_all_its_lines_and_info_lists_the_documents(ds3, tiny_lm, tmp_path):
+    lines = tmp_path / "j.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(3)))
+    add_documents(ds3, str(lines), lm=tiny_lm)
+    names = [d[0] for d in open_datastore(ds3).documents]
+    assert names[-3:] == [f"{lines}:{i}" for i in (1, 2, 3)]
+    r = remove_documents(ds3, [str(lines)])
+    assert r["documents"] == 3 and r["names"] == names[-3:]
+    info = json.loads(invoke("info", ds3, "--json").stdout)
+    assert info["documents"] == 3 and info["documents_removed"] == 3
+    listed = json.loads(invoke("info", ds3, "--documents", "--json").stdout)["documents"]
+    assert [(d["name"], d["removed"]) for d in listed] == [(n, n in names[-3:]) for n in names]
+    text = invoke("info", ds3, "--documents").output.splitlines()
+    assert len(text) == 6 and text[-1].startswith(f"{lines}:3\t") and text[-1].endswith("awaiting `knnlm compact`")
+    assert "3 documents stored, 3 more removed" in invoke("info", ds3).output
+
+
+def test_an_add_that_gives_no_tokens_does_not_name_holdout(ds3, tiny_model_dir, tmp_path):
+    (tmp_path / "one.txt").write_text("x")  # one token: no next token to store
+    r = invoke("add", ds3, tmp_path / "one.txt", "--model", tiny_model_dir)
+    assert r.exit_code == 1 and "gave no tokens" in r.output and "one token long)" in r.output, r.output
+    assert "holdout" not in r.output and "held out" not in r.output

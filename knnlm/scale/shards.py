@@ -67,7 +67,7 @@ def plan_shards(lm: LM, src, cfg: BuildConfig, n: int) -> dict:
             bounds.append(({"seq": seq, "window": win.index + 1, "scheduled": s["scheduled"],
                             "doc_start": s["doc_start"]}, rows))
     if rows == 0:
-        raise src.no_tokens()
+        raise src.no_tokens(cfg.holdout)
     blocks = math.ceil(windows / cfg.block_windows)
     cuts = sorted({round(j * blocks / n) for j in range(1, n)} - {0, blocks})
     if len(cuts) + 1 < n:
