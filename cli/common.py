@@ -42,9 +42,11 @@ def refuse_stray(on: bool, needs: str, *names: str, fix: str | None = None) -> N
         raise click.UsageError(f"{', '.join(stray)} only appl{'ies' if one else 'y'} with {needs}; {fix}.")
 
 
-def progress_bar(total: int | None, desc: str, unit: str = "tok") -> tqdm:
-    """A tqdm bar on stderr showing rate per second."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)
+def progress_bar(total: int | None, desc: str, unit: str = "tok", lazy: bool = False) -> tqdm:
+    """A tqdm bar on stderr showing rate per second; lazy: shown from its first update on (a command refused by
+    its own checks prints only its sentence)."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False,
+                delay=1e-3 if lazy else 0)
 
 
 def print_json(obj) -> None:

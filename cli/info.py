@@ -19,8 +19,8 @@ def _mib(path) -> str:
 
 def _documents(ds) -> list[dict]:
     """The document table: name, first key row, key count, and whether it was removed (its rows await compact)."""
-    gone = {(r[0], r[1]) for r in ds.removed}
-    return [{"name": name, "first_row": start, "keys": count, "removed": (name, start) in gone}
+    live = {(d[0], d[1]) for d in ds.live_documents}
+    return [{"name": name, "first_row": start, "keys": count, "removed": (name, start) not in live}
             for name, start, count, _first in ds.documents]
 
 
@@ -42,7 +42,7 @@ def info_cmd(datastore, list_documents, as_json):
         return
     index, lam = read_index_info(ds), load_lambda(ds.path)
     m = {k: v for k, v in ds.meta.items() if k != "documents"}
-    live = len(ds.documents) - len(ds.removed)
+    live = len(ds.live_documents)
     if as_json:
         print_json({"path": str(ds.path), "meta": m, "documents": live, "documents_removed": len(ds.removed),
                     "index": index, "lambda": lam, "updates": describe_updates(ds.meta)})

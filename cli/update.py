@@ -27,7 +27,7 @@ def add_cmd(datastore, corpus, model, batch_size, glob, fmt, text_field, strict,
     """Append CORPUS's documents to DATASTORE (keys, values, index; no retraining)."""
     cfg = AddConfig(model=model, device=device, trust_remote_code=trust_remote_code, batch_size=batch_size,
                     glob=glob, fmt=fmt, text_field=text_field, strict=strict)
-    with progress_bar(None, "adding") as bar:
+    with progress_bar(None, "adding", lazy=True) as bar:  # not before add's checks pass
         r = add_documents(datastore, corpus, cfg, progress=bar.update)
     ds = open_datastore(datastore)
     click.echo(f"{ds.path}: added {r['documents']} documents, {r['keys']} keys; {ds.live_count} keys searchable."
@@ -38,7 +38,8 @@ def add_cmd(datastore, corpus, model, batch_size, glob, fmt, text_field, strict,
 @_DATASTORE
 @click.argument("docs", nargs=-1, required=True)
 def remove_cmd(datastore, docs):
-    """Remove documents DOCS (names as stored) from DATASTORE's searches; `compact` drops their rows."""
+    """Remove documents DOCS (names as stored, or any spelling of their paths; a JSONL or table file: all its
+    documents) from DATASTORE's searches; `compact` drops their rows."""
     r = remove_documents(datastore, list(docs))
     click.echo(f"{datastore}: removed {r['documents']} documents, {r['keys']} keys (run `knnlm compact "
                f"{datastore}` to free their space).")

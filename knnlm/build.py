@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__, journal
 from .arrays import NpyAppender, json_safe, npy_header, replace_dir, write_json
-from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus
+from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus, working_folder
 from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing, foreign_entries,
                         has_build_files, open_datastore, parse_holdout, partial_dir, work_started)
 from .errors import KNNLMError, settle
@@ -494,7 +494,7 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
                     "test_documents": s["heldout"]["test"],
                     "rule": "one document: its tail; several: every round(1/share)-th to dev, the next to test"},
         # cwd: where relative document names start (update.py compares names as paths from there)
-        "corpus": {"source": src.source, "cwd": os.getcwd(), "glob": cfg.glob, "format": cfg.fmt,
+        "corpus": {"source": src.source, "cwd": working_folder(), "glob": cfg.glob, "format": cfg.fmt,
                    "text_field": cfg.text_field, "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
                    "documents_skipped": s["skipped"],
                    "unreadable": {"count": len(src.unreadable), "names": src.unreadable}},

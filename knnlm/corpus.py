@@ -197,6 +197,14 @@ def _file_refs(path: Path, kind: str, text_field: str) -> list[DocRef]:
     return _jsonl_refs(path) if kind == "jsonl" else [DocRef(str(path), str(path))]
 
 
+def working_folder() -> str | None:
+    """This process's current folder, where relative document names start; None where it was deleted."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
 def _dangling(path: Path) -> bool:
     """Whether path is a symbolic link to nothing."""
     return path.is_symlink() and not path.exists()

@@ -139,6 +139,12 @@ class Datastore:
         """Number of keys a search may return (count less the removed documents' rows)."""
         return self.count - sum(int(r[2]) for r in self.removed)
 
+    @property
+    def live_documents(self) -> list:
+        """The document table's entries (see documents) not removed."""
+        gone = {(r[0], r[1]) for r in self.removed}
+        return [d for d in self.documents if (d[0], d[1]) not in gone]
+
     def live_ids(self) -> np.ndarray:
         """Row numbers a search may return, ascending."""
         keep = np.ones(self.count, dtype=bool)
@@ -187,14 +193,14 @@ class Datastore:
         """(name, text) of the held-out documents of a split ("dev" or "test")."""
         if split not in ("dev", "test"):
             raise KNNLMError(f"A datastore's held-out split is 'dev' or 'test', not {split!r}.")
-        return [(name, text) for s, name, text in self._holdout() if s == split]
+        return [(name, text) for s, name, text in self.iter_heldout() if s == split]
 
     def heldout_names(self) -> dict[str, str]:
         """{name: split} of every held-out document, read a line at a time (no text kept)."""
-        return {name: s for s, name, _ in self._holdout()}
+        return {name: s for s, name, _ in self.iter_heldout()}
 
-    def _holdout(self):
-        """holdout.jsonl's records, one at a time (none without the file)."""
+    def iter_heldout(self):
+        """(split, name, text) of each held-out document, one at a time from holdout.jsonl (none without it)."""
         path = self.path / "holdout.jsonl"
         if not path.exists():
             return

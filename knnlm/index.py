@@ -353,8 +353,11 @@ def _c_stdout_silenced():
     except (OSError, ValueError):  # a closed stdout, or no fd 1
         yield
         return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no /dev/null: to stderr, as stdout is --json's
+        null = os.dup(2)
     libc = ctypes.CDLL(None)
-    null = os.open(os.devnull, os.O_WRONLY)
     try:
         libc.fflush(None)
         os.dup2(null, 1)

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from .arrays import NpyAppender, write_json
-from .corpus import DEFAULT_GLOB, STDIN_NAME, open_corpus
+from .corpus import DEFAULT_GLOB, STDIN_NAME, open_corpus, working_folder
 from .datastore import Datastore, open_datastore, partial_dir
 from .errors import KNNLMError, settle
 from .index import load_index, read_index_info, stage_index
@@ -59,8 +59,7 @@ def _stamp() -> str:
 
 def _live_names(ds: Datastore) -> set[str]:
     """Names of the stored documents not removed."""
-    gone = {(r[0], r[1]) for r in ds.removed}
-    return {d[0] for d in ds.documents if (d[0], d[1]) not in gone}
+    return {d[0] for d in ds.live_documents}
 
 
 def _next_meta(ds: Datastore, record: dict) -> dict:
@@ -122,7 +121,7 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     from .lm import datastore_lm
 
     src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)  # the build takes it as it is
-    paths = {r.name: _path_of(r.name) for r in src.docs}  # names compared as paths, as remove does
+    paths = {r.name: _path_of(r.name) for r in src.docs if r.name != STDIN_NAME}  # compared as paths, as remove does
     live = _by_path(ds, _live_names(ds))
     dup = sorted(name for name, p in paths.items() if p in live)
     if dup:
@@ -130,11 +129,21 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         raise KNNLMError(f"{dup[0]} is already in {ds.path}{many}; remove {'them' if many else 'it'} first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
     held = {p: split for name, split in ds.heldout_names().items() for p in _stored_paths(ds, name)}
-    mixed = sorted((name, held[p]) for name, p in paths.items() if p in held) or _heldout_copies(ds, src)
+    mixed = sorted(name for name, p in paths.items() if p in held)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
         many = f" ({len(mixed)} documents are)" if len(mixed) > 1 else ""
-        raise KNNLMError(f"{mixed[0][0]} is held out of {ds.path} as its {mixed[0][1]} text{many}; a datastore "
-                         "never holds what eval and tune-lambda score, so add other documents.")
+        raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text{many}; a "
+                         "datastore never holds what eval and tune-lambda score, so add other documents.")
+    copies = _heldout_copies(ds, src)  # the same text under another name (a copy, a boilerplate file): left out
+    if copies:
+        for name, split in copies:
+            log.warning("skipping %s: its text is a held-out (%s) document's, and a datastore never holds what eval "
+                        "and tune-lambda score", name, split)
+        src.docs = [r for r in src.docs if r.name not in dict(copies)]
+        if not src.docs:
+            raise KNNLMError(f"{copies[0][0]} holds the text of a document held out of {ds.path} as its "
+                             f"{copies[0][1]} text{' (every document does)' if len(copies) > 1 else ''}; a datastore "
+                             "never holds what eval and tune-lambda score, so add other documents.")
     _index_or_none(ds)  # an index add cannot change is refused now, not after the LM pass
     lm = datastore_lm(ds, cfg.model, cfg.device, cfg.trust_remote_code, lm)
     # The new keys are built as a small datastore inside this one (an interrupted add resumes its LM pass).
@@ -150,13 +159,14 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     except CannotResume as e:  # an interrupted add of other documents (or a damaged one): ours to start over
         log.info("starting the add afresh: %s", e)
         added = build_datastore(src, ds.path / _ADDED, replace(bcfg, resume=False), lm=lm, progress=progress)
-    record = apply_add(ds, added)
+    record = apply_add(ds, added, [name for name, _ in copies])
     shutil.rmtree(added.path)
     return record
 
 
-def apply_add(ds: Datastore, added: Datastore) -> dict:
-    """Append a built datastore's rows and documents to ds, crash-safely; returns the update record."""
+def apply_add(ds: Datastore, added: Datastore, heldout_copies: list[str] = ()) -> dict:
+    """Append a built datastore's rows and documents to ds, crash-safely; returns the update record (naming
+    heldout_copies, the documents left out as copies of held-out text, where there are any)."""
     n0, n = ds.count, added.count
     index = _index_or_none(ds)
     pending = begin(ds.path)
@@ -168,8 +178,11 @@ def apply_add(ds: Datastore, added: Datastore) -> dict:
         out.close()
     docs = [[_name_to_store(ds, added, name), start + n0, count, first] for name, start, count, first in added.documents]
     unreadable = added.meta["corpus"].get("unreadable", [])
+    files = [{**f, "path": _name_to_store(ds, added, f["path"])} for f in added.meta["corpus"]["files"]]
     record = {"op": "add", "corpus": added.meta["corpus"]["source"], "documents": len(docs), "keys": n,
-              "files": added.meta["corpus"]["files"], "unreadable": unreadable}
+              "files": files, "unreadable": unreadable}
+    if heldout_copies:
+        record["heldout_copies"] = list(heldout_copies)
     meta = {**_next_meta(ds, record), "count": n0 + n, "documents": [*ds.documents, *docs]}
     new = Datastore(ds.path, meta)
     staged = []
@@ -187,17 +200,24 @@ def apply_add(ds: Datastore, added: Datastore) -> dict:
 
 
 def _path_of(name: str) -> str:
-    """A document name given to this command as one spelling of its path (relative or absolute, ./ or not name the
-    same file)."""
-    return os.path.normpath(os.path.abspath(name))
+    """The path a document name given to this command spells: from this folder, links resolved (relative or
+    absolute, ./ or not, through a link or not: the same file)."""
+    if not os.path.isabs(name) and working_folder() is None:  # this folder was deleted: a relative name names nothing
+        return os.path.normpath(name)
+    return os.path.realpath(name)
 
 
 def _stored_paths(ds: Datastore, name: str) -> list[str]:
-    """The paths a stored document name may spell: from the folder the build ran in (meta.json's corpus "cwd"; an add
-    run from another folder stores its names absolute), and from this command's folder (a datastore built before
-    that folder was recorded, or moved with its corpus)."""
-    roots = dict.fromkeys([ds.meta["corpus"].get("cwd"), os.getcwd()])
-    return [os.path.normpath(os.path.join(root, name)) for root in roots if root is not None]
+    """The paths a stored document name may spell, links resolved: from the folder the build ran in (meta.json's
+    corpus "cwd"; an add run from another folder stores its names absolute), and from this command's folder (for a
+    datastore built before that folder was recorded, or moved with its corpus; a different file of the same
+    relative name is then taken for the stored one). stdin's document names no file."""
+    if name == STDIN_NAME:
+        return []
+    if os.path.isabs(name):
+        return [os.path.realpath(name)]
+    roots = dict.fromkeys([ds.meta["corpus"].get("cwd"), working_folder()])
+    return [os.path.realpath(os.path.join(root, name)) for root in roots if root is not None]
 
 
 def _by_path(ds: Datastore, names) -> set[str]:
@@ -205,23 +225,30 @@ def _by_path(ds: Datastore, names) -> set[str]:
 
 
 def _name_to_store(ds: Datastore, added: Datastore, name: str) -> str:
-    """An added document's name as ds stores it: as given, or absolute where the add ran in another folder than the
-    build, so that it names the same file from the build's folder."""
+    """An added document's (or file's) name as ds stores it: as given where the add ran in the build's folder, else
+    absolute (so that it names the same file from the build's folder, or wherever a datastore built before that
+    folder was recorded was built)."""
     root, here = ds.meta["corpus"].get("cwd"), added.meta["corpus"].get("cwd")
-    if root is None or here is None or here == root or os.path.isabs(name) or name == STDIN_NAME:
+    if name == STDIN_NAME or os.path.isabs(name) or here is None or here == root:
         return name
     return os.path.normpath(os.path.join(here, name))
 
 
-def _file_of(name: str) -> str | None:
-    """The file of a JSONL line's or a table row's document name ("path:N"), else None."""
+def _files(ds: Datastore) -> set[str]:
+    """The files the build and every add read, as stored."""
+    records = [ds.meta["corpus"], *(u for u in ds.meta.get("updates", []) if u.get("op") == "add")]
+    return {f["path"] for r in records for f in r.get("files", [])}
+
+
+def _file_of(name: str, files: set[str]) -> str | None:
+    """The file of a JSONL line's or a table row's document name ("path:N", path one of files), else None."""
     file, sep, n = name.rpartition(":")
-    return file if sep and file and n.isdigit() else None
+    return file if sep and n.isdigit() and file in files else None
 
 
 def _heldout_copies(ds: Datastore, src) -> list[tuple[str, str]]:
     """(name, split) of each of src's documents whose text is a held-out document's, under whatever name."""
-    held = {_digest(text): split for split in ("dev", "test") for _, text in ds.heldout(split)}
+    held = {_digest(text): split for split, _, text in ds.iter_heldout()}
     if not held:
         return []
     copies = []
@@ -241,14 +268,13 @@ def _digest(text: str) -> bytes:
 
 def _resolve(ds: Datastore, names: list[str]) -> list[list]:
     """The live document entries named (exactly, or as the same path), in table order."""
-    gone = {(r[0], r[1]) for r in ds.removed}
-    live = [d for d in ds.documents if (d[0], d[1]) not in gone]
     by_name: dict[str, list] = {}
     by_file: dict[str, list] = {}  # a JSONL or table file: all its documents
-    for d in live:
+    files = _files(ds)
+    for d in ds.live_documents:
         for key in dict.fromkeys([d[0], *_stored_paths(ds, d[0])]):
             by_name.setdefault(key, []).append(d)
-        if (file := _file_of(d[0])) is not None:
+        if (file := _file_of(d[0], files)) is not None:
             for key in dict.fromkeys([file, *_stored_paths(ds, file)]):
                 by_file.setdefault(key, []).append(d)
     picked: dict[tuple, list] = {}
@@ -269,7 +295,8 @@ def remove_documents(datastore: str | os.PathLike, names: list[str]) -> dict:
 
     Args:
         datastore: the datastore directory.
-        names: document names as stored (a file path, "path:line", "path:row").
+        names: document names as stored (a file path, "path:line", "path:row"), or any spelling of a stored
+            file's path; a JSONL or table file's path names all its documents.
 
     Returns:
         The update record written to meta.json ("documents", "keys").
@@ -331,13 +358,11 @@ def compact(datastore: str | os.PathLike) -> dict:
         for lo in range(0, len(live), _CHUNK):
             out.append(arr[live[lo: lo + _CHUNK]])
         out.finish()
-    gone = {(r[0], r[1]) for r in ds.removed}
     docs, start = [], 0
-    for name, old, count, first in ds.documents:
-        if (name, old) not in gone:
-            docs.append([name, start, count, first])
-            start += count
-    record = {"op": "compact", "documents": len(gone), "keys": ds.count - len(live), "count": len(live)}
+    for name, _old, count, first in ds.live_documents:
+        docs.append([name, start, count, first])
+        start += count
+    record = {"op": "compact", "documents": len(ds.removed), "keys": ds.count - len(live), "count": len(live)}
     meta = {**_next_meta(ds, record), "count": len(live), "documents": docs, "removed": []}
     new = Datastore(ds.path, meta)
     staged = []

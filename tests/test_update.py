@@ -544,17 +544,27 @@ def test_names_are_compared_as_paths_from_the_folder_the_build_ran_in(tiny_lm, t
     ds = build_datastore("corpus", "ds", BuildConfig(model=str(tiny_model_dir), **{**BUILD, "holdout": 0.25}),
                          lm=tiny_lm)
     assert ds.meta["corpus"]["cwd"] == str(build_dir) and not os.path.isabs(ds.documents[0][0])
-    stored, held = ds.documents[0][0], ds.heldout("dev")[0][0]
+    stored, (held, held_text) = ds.documents[0][0], ds.heldout("dev")[0]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KNNLMError, match="is already in"):
         add_documents(build_dir / "ds", f"a/{stored}", lm=tiny_lm)
     with pytest.raises(KNNLMError, match="is held out of .* as its dev text"):
         add_documents(build_dir / "ds", f"a/{held}", lm=tiny_lm)
-    # A copy of a held-out document, under another name, is its text all the same.
-    (tmp_path / "copy.txt").write_text((build_dir / held).read_text())
-    with pytest.raises(KNNLMError, match="copy.txt is held out of .* as its dev text"):
+    # A held-out file whose text has changed since is still the held-out document, by its path.
+    (build_dir / held).write_text((build_dir / held).read_text() + "\n# changed\n")
+    with pytest.raises(KNNLMError, match="is held out of .* as its dev text"):
+        add_documents(build_dir / "ds", str(build_dir / held), lm=tiny_lm)
+    # A copy of a held-out document's text under another name is left out of an add, with a warning, and named in
+    # its record; alone, it is refused.
+    (tmp_path / "copy.txt").write_text(held_text)
+    with pytest.raises(KNNLMError, match="copy.txt holds the text of a document held out of .* as its dev text"):
         add_documents(build_dir / "ds", "copy.txt", lm=tiny_lm)
     assert open_datastore(build_dir / "ds").count == ds.count  # nothing added
+    mixed = folder(tmp_path / "mixed", {"copy": held_text, "other": "def g(y):\n    return y\n"},
+                   ["copy", "other"])
+    r = add_documents(build_dir / "ds", str(mixed), lm=tiny_lm)
+    assert r["documents"] == 1 and r["heldout_copies"] == [str(mixed / "copy.txt")]
+    assert open_datastore(build_dir / "ds").documents[-1][0] == str(mixed / "other.txt")
     # A document added from here is stored by its absolute path, so it is the same file from the build's folder.
     folder(tmp_path / "more", {"new": corpus_texts["keyword.py"] + "\n# more\n"}, ["new"])
     add_documents(build_dir / "ds", "more/new.txt", lm=tiny_lm)
@@ -565,12 +575,41 @@ def test_names_are_compared_as_paths_from_the_folder_the_build_ran_in(tiny_lm, t
     monkeypatch.chdir(tmp_path)
     r = remove_documents(build_dir / "ds", [f"a/{stored}", "more/new.txt"])
     assert r["names"] == [stored, str(tmp_path / "more" / "new.txt")]
+    # The build's folder through a link is the same folder: a stored file spelled through it is already in.
+    (tmp_path / "link").symlink_to(build_dir)
+    with pytest.raises(KNNLMError, match="is already in"):
+        add_documents(build_dir / "ds", f"link/{ds.documents[1][0]}", lm=tiny_lm)
 
 
-def test_add_reads_stdin_once(ds3, tiny_model_dir, corpus_texts):
-    r = CliRunner().invoke(cli, ["add", str(ds3), "-", "--model", str(tiny_model_dir)], input=corpus_texts["keyword.py"])
-    assert r.exit_code == 0, r.output
-    assert open_datastore(ds3).documents[-1][0] == "<stdin>"
+def test_a_build_from_a_folder_deleted_meanwhile_records_no_folder(tiny_lm, tiny_model_dir, corpus_texts, tmp_path,
+                                                                  monkeypatch):
+    src = folder(tmp_path / "corpus", corpus_texts, DOCS[:2])
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+    ds = build_datastore(str(src), tmp_path / "ds", BuildConfig(model=str(tiny_model_dir), **BUILD), lm=tiny_lm)
+    assert ds.meta["corpus"]["cwd"] is None and len(ds.documents) == 2
+    with pytest.raises(KNNLMError, match="is already in"):  # absolute names need no folder
+        add_documents(ds.path, str(src / "bisect.py.txt"), lm=tiny_lm)
+
+
+def test_a_text_file_named_like_a_jsonl_line_is_no_line_of_another_file(tiny_lm, tiny_model_dir, tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for name in ("log-10:30", "log-10:45"):
+        (src / name).write_text(f"def at_{name[-2:]}(x):\n    return x + {name[-2:]}\n")
+    ds = build_datastore(str(src), tmp_path / "ds", BuildConfig(model=str(tiny_model_dir), glob="*", **BUILD),
+                         lm=tiny_lm)
+    with pytest.raises(KNNLMError, match="is not a stored document"):
+        remove_documents(ds.path, [str(src / "log-10")])
+    assert remove_documents(ds.path, [str(src / "log-10:30")])["names"] == [str(src / "log-10:30")]
+
+
+def test_add_reads_stdin_once_and_takes_stdin_again(ds3, tiny_model_dir, corpus_texts):
+    for text in (corpus_texts["keyword.py"], corpus_texts["keyword.py"] + "\n# more\n"):
+        r = CliRunner().invoke(cli, ["add", str(ds3), "-", "--model", str(tiny_model_dir)], input=text)
+        assert r.exit_code == 0, r.output
+    assert [d[0] for d in open_datastore(ds3).documents[-2:]] == ["<stdin>", "<stdin>"]
 
 
 def test_remove_takes_a_jsonl_file_for_all_its_lines_and_info_lists_the_documents(ds3, tiny_lm, tmp_path):
@@ -595,3 +634,10 @@ def test_an_add_that_gives_no_tokens_does_not_name_holdout(ds3, tiny_model_dir, 
     r = invoke("add", ds3, tmp_path / "one.txt", "--model", tiny_model_dir)
     assert r.exit_code == 1 and "gave no tokens" in r.output and "one token long)" in r.output, r.output
     assert "holdout" not in r.output and "held out" not in r.output
+    # A build names its --holdout as one way out (all of a one-token corpus's documents are held out or too short).
+    for i in range(2):
+        (tmp_path / "short" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "short" / f"{i}.txt").write_text("x")
+    r = invoke("build-datastore", tmp_path / "short", "--model", tiny_model_dir, "--holdout", 0.3, "--out",
+               tmp_path / "new")
+    assert r.exit_code == 1 and "or held out); pass a larger corpus or a smaller --holdout." in r.output, r.output
