@@ -38,7 +38,8 @@ def info_cmd(datastore, list_documents, as_json):
             print_json({"path": str(ds.path), "documents": docs})
             return
         for d in docs:
-            click.echo(f"{d['name']}\t{d['keys']} keys" + ("\tremoved, awaiting `knnlm compact`" if d["removed"] else ""))
+            removed = "\tremoved, awaiting `knnlm compact`" if d["removed"] else ""
+            click.echo(f"{d['name']}\t{d['keys']} keys{removed}")
         return
     index, lam = read_index_info(ds), load_lambda(ds.path)
     m = {k: v for k, v in ds.meta.items() if k != "documents"}

@@ -495,7 +495,8 @@ def _finish(lm: LM, src, cfg: BuildConfig, work: Path, s: dict, out: Path, index
                     "rule": "one document: its tail; several: every round(1/share)-th to dev, the next to test"},
         # cwd: where relative document names start (update.py compares names as paths from there)
         "corpus": {"source": src.source, "cwd": working_folder(), "glob": cfg.glob, "format": cfg.fmt,
-                   "text_field": cfg.text_field, "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens, "files": src.files,
+                   "text_field": cfg.text_field, "shuffle_seed": cfg.shuffle_seed, "max_tokens": cfg.max_tokens,
+                   "files": src.files,
                    "documents_skipped": s["skipped"],
                    "unreadable": {"count": len(src.unreadable), "names": src.unreadable}},
         "documents": docs,

@@ -121,14 +121,15 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
     from .lm import datastore_lm
 
     src = open_corpus(corpus, cfg.glob, cfg.fmt, cfg.text_field, strict=cfg.strict)  # the build takes it as it is
-    paths = {r.name: _path_of(r.name) for r in src.docs if r.name != STDIN_NAME}  # compared as paths, as remove does
-    live = _by_path(ds, _live_names(ds))
+    spell = _Paths(ds)
+    paths = {r.name: spell.given(r.name) for r in src.docs if r.name != STDIN_NAME}  # compared as paths, as remove does
+    live = spell.all_stored(_live_names(ds))
     dup = sorted(name for name, p in paths.items() if p in live)
     if dup:
         many = f" ({len(dup)} documents are)" if len(dup) > 1 else ""
         raise KNNLMError(f"{dup[0]} is already in {ds.path}{many}; remove {'them' if many else 'it'} first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
-    held = {p: split for name, split in ds.heldout_names().items() for p in _stored_paths(ds, name)}
+    held = {p: split for name, split in ds.heldout_names().items() for p in spell.stored(name)}
     mixed = sorted(name for name, p in paths.items() if p in held)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
         many = f" ({len(mixed)} documents are)" if len(mixed) > 1 else ""
@@ -139,7 +140,8 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         for name, split in copies:
             log.warning("skipping %s: its text is a held-out (%s) document's, and a datastore never holds what eval "
                         "and tune-lambda score", name, split)
-        src.docs = [r for r in src.docs if r.name not in dict(copies)]
+        left_out = {name for name, _ in copies}
+        src.docs = [r for r in src.docs if r.name not in left_out]
         if not src.docs:
             raise KNNLMError(f"{copies[0][0]} holds the text of a document held out of {ds.path} as its "
                              f"{copies[0][1]} text{' (every document does)' if len(copies) > 1 else ''}; a datastore "
@@ -176,7 +178,8 @@ def apply_add(ds: Datastore, added: Datastore, heldout_copies: list[str] = ()) -
             out.append(arr[lo: lo + _CHUNK])
         out.flush()
         out.close()
-    docs = [[_name_to_store(ds, added, name), start + n0, count, first] for name, start, count, first in added.documents]
+    docs = [[_name_to_store(ds, added, name), start + n0, count, first]
+            for name, start, count, first in added.documents]
     unreadable = added.meta["corpus"].get("unreadable", [])
     files = [{**f, "path": _name_to_store(ds, added, f["path"])} for f in added.meta["corpus"]["files"]]
     record = {"op": "add", "corpus": added.meta["corpus"]["source"], "documents": len(docs), "keys": n,
@@ -199,29 +202,42 @@ def apply_add(ds: Datastore, added: Datastore, heldout_copies: list[str] = ()) -
     return record
 
 
-def _path_of(name: str) -> str:
-    """The path a document name given to this command spells: from this folder, links resolved (relative or
-    absolute, ./ or not, through a link or not: the same file)."""
-    if not os.path.isabs(name) and working_folder() is None:  # this folder was deleted: a relative name names nothing
-        return os.path.normpath(name)
-    return os.path.realpath(name)
+class _Paths:
+    """Document names as the paths they spell, links in their folders resolved, each folder once (a table of a
+    million names has a few folders; a linked file itself is a name of its own, as a build stores it)."""
 
+    def __init__(self, ds: Datastore):
+        # Stored relative names start in the folder the build ran in (meta.json's corpus "cwd"; an add run from
+        # another folder stores its names absolute), and are also read from this command's folder (a datastore built
+        # before that folder was recorded, or moved with its corpus: a different file of the same relative name is
+        # then taken for the stored one).
+        self.here = working_folder()
+        self.roots = [r for r in dict.fromkeys([ds.meta["corpus"].get("cwd"), self.here]) if r is not None]
+        self._folders: dict[str, str] = {}
 
-def _stored_paths(ds: Datastore, name: str) -> list[str]:
-    """The paths a stored document name may spell, links resolved: from the folder the build ran in (meta.json's
-    corpus "cwd"; an add run from another folder stores its names absolute), and from this command's folder (for a
-    datastore built before that folder was recorded, or moved with its corpus; a different file of the same
-    relative name is then taken for the stored one). stdin's document names no file."""
-    if name == STDIN_NAME:
-        return []
-    if os.path.isabs(name):
-        return [os.path.realpath(name)]
-    roots = dict.fromkeys([ds.meta["corpus"].get("cwd"), working_folder()])
-    return [os.path.realpath(os.path.join(root, name)) for root in roots if root is not None]
+    def _real(self, path: str) -> str:
+        head, tail = os.path.split(os.path.normpath(path))
+        if head not in self._folders:
+            self._folders[head] = os.path.realpath(head)
+        return os.path.join(self._folders[head], tail)
 
+    def given(self, name: str) -> str:
+        """The path a name given to this command spells (relative or absolute, ./ or not, through a linked folder or
+        not: the same file)."""
+        if os.path.isabs(name):
+            return self._real(name)
+        return self._real(os.path.join(self.here, name)) if self.here else os.path.normpath(name)
 
-def _by_path(ds: Datastore, names) -> set[str]:
-    return {p for n in names for p in _stored_paths(ds, n)}
+    def stored(self, name: str) -> list[str]:
+        """The paths a stored name may spell; none for stdin's document."""
+        if name == STDIN_NAME:
+            return []
+        if os.path.isabs(name):
+            return [self._real(name)]
+        return [self._real(os.path.join(root, name)) for root in self.roots]
+
+    def all_stored(self, names) -> set[str]:
+        return {p for n in names for p in self.stored(n)}
 
 
 def _name_to_store(ds: Datastore, added: Datastore, name: str) -> str:
@@ -268,19 +284,21 @@ def _digest(text: str) -> bytes:
 
 def _resolve(ds: Datastore, names: list[str]) -> list[list]:
     """The live document entries named (exactly, or as the same path), in table order."""
+    spell = _Paths(ds)
     by_name: dict[str, list] = {}
     by_file: dict[str, list] = {}  # a JSONL or table file: all its documents
     files = _files(ds)
     for d in ds.live_documents:
-        for key in dict.fromkeys([d[0], *_stored_paths(ds, d[0])]):
+        for key in dict.fromkeys([d[0], *spell.stored(d[0])]):
             by_name.setdefault(key, []).append(d)
         if (file := _file_of(d[0], files)) is not None:
-            for key in dict.fromkeys([file, *_stored_paths(ds, file)]):
+            for key in dict.fromkeys([file, *spell.stored(file)]):
                 by_file.setdefault(key, []).append(d)
     picked: dict[tuple, list] = {}
     for name in names:
-        hits = by_name.get(name) or by_name.get(_path_of(name)) or by_file.get(name) or by_file.get(_path_of(name))
-        if not hits and _path_of(name) in _by_path(ds, (r[0] for r in ds.removed)):
+        path = spell.given(name)
+        hits = by_name.get(name) or by_name.get(path) or by_file.get(name) or by_file.get(path)
+        if not hits and path in spell.all_stored(r[0] for r in ds.removed):
             raise KNNLMError(f"{name} was removed from {ds.path} already; `knnlm compact {ds.path}` drops its keys.")
         if not hits:
             raise KNNLMError(f"{name} is not a stored document of {ds.path}; `knnlm info {ds.path} --documents` "
