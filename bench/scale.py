@@ -139,7 +139,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the datastores under bench/results/scale")
     ap.add_argument("--threads", type=int, default=1, help="threads of this process (each Ray part has one)")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"), help="where the report goes")
-    ap.add_argument("--search-memory", help=argparse.SUPPRESS)  # internal: measure in a fresh process
+    ap.add_argument("--search-memory", metavar="DATASTORE",
+                    help="only measure a search's peak private memory over DATASTORE, in this process (the full "
+                         "run does this in a fresh process)")
     args = ap.parse_args()
     if args.search_memory:
         print(json.dumps(search_memory(args.search_memory, args.queries)))

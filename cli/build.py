@@ -11,7 +11,7 @@ from knnlm.index import IndexConfig, check_retrain, train_index
 from knnlm.lm import DEFAULT_MODEL
 from knnlm.scale import Engine, ShardConfig, build_sharded
 
-from .common import device_option, progress_bar, refuse_stray, trust_option
+from .common import device_option, progress_bar, refuse_stray, trust_option, typed
 from .evaluate import corpus_format_options
 
 
@@ -66,6 +66,7 @@ def build_datastore_cmd(corpus, model, out, context, stride, batch_size, holdout
                         shuffle_seed, max_tokens, build_index, nlist, code_size, fast_scan, train_size, exact, seed,
                         on_disk, factory, overwrite, resume, shards, engine, ray_address, device, trust_remote_code):
     """Run the LM over CORPUS (text file, folder, JSONL, or - for stdin) and store keys and values."""
+    refuse_typed_shape(factory, exact)
     cfg = BuildConfig(
         model=model, device=device, trust_remote_code=trust_remote_code, context=context, stride=stride,
         batch_size=batch_size, holdout=holdout, glob=glob, fmt=fmt, text_field=text_field, strict=strict,
@@ -108,11 +109,20 @@ def unreadable_note(meta: dict) -> str:
     return f" Skipped {bad['count']} unreadable files or documents ({names}; all in meta.json)."
 
 
+def refuse_typed_shape(factory: str | None, exact: bool) -> None:
+    """A typed --code-size equal to its default does nothing beside --factory either; IndexConfig, which sees only
+    values, refuses the others."""
+    if factory is not None and not exact and "--code-size" in typed("code_size"):
+        raise click.UsageError(f"--nlist and --code-size shape the default index; the --factory string {factory!r} "
+                               "names its own lists and codes, so they would do nothing; leave them out.")
+
+
 @click.command("train-index")
 @click.argument("datastore", type=click.Path(file_okay=False), default=DEFAULT_DATASTORE, envvar=DATASTORE_ENV)
 @index_options
 def train_index_cmd(datastore, nlist, code_size, fast_scan, train_size, exact, seed, on_disk, factory):
     """(Re)build the FAISS index of DATASTORE."""
+    refuse_typed_shape(factory, exact)
     ds = open_datastore(datastore)
     cfg = IndexConfig(nlist=nlist, code_size=code_size, train_size=train_size, exact=exact, seed=seed,
                       on_disk=on_disk, factory=factory, fast_scan=fast_scan)

@@ -18,7 +18,7 @@ from .arrays import NpyAppender, json_safe, npy_header, replace_dir, write_json
 from .corpus import DEFAULT_GLOB, STORE, Corpus, check_documents, iter_documents, open_corpus, working_folder
 from .datastore import (FORMAT_VERSION, KEY_SOURCE, Datastore, datastore_path, finishing, foreign_entries,
                         has_build_files, open_datastore, parse_holdout, partial_dir, work_started)
-from .errors import KNNLMError, settle
+from .errors import KNNLMError, settle, settle_text_fields
 from .index import IndexConfig, train_index
 from .lm import DEFAULT_MODEL, LM, load_lm, model_reference
 from .windows import check_window, forward_owned, plan_windows
@@ -57,6 +57,7 @@ class BuildConfig:
         settle(self, "max_tokens", int, "max_tokens", "100000", optional=True)
         settle(self, "shuffle_seed", int, "shuffle_seed", "0", optional=True)
         settle(self, "index", IndexConfig, "index", "IndexConfig()")
+        settle_text_fields(self)
         check_window(self.context, self.stride)
         if not 0 <= self.holdout < 0.34:
             raise KNNLMError(f"--holdout {self.holdout} must be in [0, 0.34): it is the share of each of dev and test.")

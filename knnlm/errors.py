@@ -2,6 +2,7 @@
 
 import errno
 import numbers
+import os
 
 
 class KNNLMError(Exception):
@@ -45,3 +46,14 @@ def settle(obj, field: str, kind: type | tuple[type, ...], name: str, example: s
     expect(value, kind, name, example, optional)
     if isinstance(value, numbers.Number) and hasattr(value, "item"):
         object.__setattr__(obj, field, value.item())
+
+
+def settle_text_fields(cfg) -> None:
+    """The text settings a build or an add shares: model and device (or None), glob, format and text field."""
+    settle(cfg, "model", (str, os.PathLike), "model", "'HuggingFaceTB/SmolLM2-135M'", optional=True)
+    if isinstance(cfg.model, os.PathLike):  # a local folder or .gguf file, named as the CLI names it
+        object.__setattr__(cfg, "model", os.fspath(cfg.model))
+    settle(cfg, "device", str, "device", "'cpu'", optional=True)
+    settle(cfg, "glob", str, "glob", "'**/*.txt'")
+    settle(cfg, "fmt", str, "fmt", "'auto'")
+    settle(cfg, "text_field", str, "text_field", "'text'")

@@ -23,7 +23,7 @@ import numpy as np
 from .arrays import NpyAppender, write_json
 from .corpus import DEFAULT_GLOB, STDIN_NAME, open_corpus, working_folder
 from .datastore import Datastore, open_datastore, partial_dir
-from .errors import KNNLMError, settle
+from .errors import KNNLMError, settle, settle_text_fields
 from .index import load_index, read_index_info, stage_index
 from .journal import PENDING, begin, commit, hold
 
@@ -48,6 +48,7 @@ class AddConfig:
 
     def __post_init__(self):
         settle(self, "batch_size", int, "batch_size", "8")
+        settle_text_fields(self)
         if self.batch_size < 1:
             raise KNNLMError(f"--batch-size {self.batch_size} must be at least 1 window per forward pass.")
 

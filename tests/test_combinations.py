@@ -189,6 +189,8 @@ def test_every_public_name_imports_from_knnlm():
     (["tune-lambda", "--plot", "p.png", "--no-plot"], "--plot names the plot that --no-plot skips"),
     (["tune-lambda", "--overwrite"], "--overwrite only applies with --plot"),
     (["eval", "--overwrite"], "--overwrite only applies with --save-scores or --report"),
+    # a typed --code-size equal to its default beside --factory (the config sees only the value)
+    (["build-datastore", "c.txt", "--factory", "IVF4,Flat", "--code-size", "64"], "names its own lists and codes"),
 ])
 def test_options_that_need_another_are_refused_not_ignored(args, words, tmp_path):
     # Refused before anything is opened: no datastore, model or corpus exists here.
@@ -197,6 +199,13 @@ def test_options_that_need_another_are_refused_not_ignored(args, words, tmp_path
     r = CliRunner().invoke(cli, [*args, *where])
     assert r.exit_code == 2 and words in r.output, r.output
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_train_index_refuses_a_typed_code_size_beside_a_factory(tmp_path):
+    r = CliRunner().invoke(cli, ["train-index", str(tmp_path / "nowhere"), "--factory", "IVF4,Flat", "--code-size", "64"])
+    assert r.exit_code == 2 and "names its own lists and codes, so they would do nothing" in r.output, r.output
+    r = CliRunner().invoke(cli, ["train-index", str(tmp_path / "nowhere"), "--factory", "IVF4,Flat"])
+    assert r.exit_code == 1 and "does not exist" in r.output, r.output  # past the check
 
 
 def test_the_memory_s_own_mix_takes_its_lambda(tmp_path):

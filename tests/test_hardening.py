@@ -20,6 +20,7 @@ from helpers import clustered, make_datastore
 from knnlm import retrieval
 from knnlm.arrays import atomic_path, json_safe, write_json
 from knnlm.build import BuildConfig, build_datastore
+from knnlm.update import AddConfig
 from knnlm.corpus import DEFAULT_GLOB, open_corpus
 from knnlm.datastore import DEFAULT_DATASTORE, datastore_path, open_datastore
 from knnlm.errors import KNNLMError
@@ -497,6 +498,10 @@ def test_info_names_the_index_kind(built):
     (lambda: BuildConfig(holdout="0.1"), r"^holdout takes an int or float"),
     (lambda: BuildConfig(shuffle_seed="1"), r"^shuffle_seed takes None or an int"),
     (lambda: BuildConfig(index=None), r"^index takes an IndexConfig"),
+    (lambda: BuildConfig(glob=3), r"^glob takes a str, e.g. '\*\*/\*.txt', not 3 \(int\)"),
+    (lambda: BuildConfig(model=5), r"^model takes None or a str or PathLike"),
+    (lambda: AddConfig(text_field=None), r"^text_field takes a str"),
+    (lambda: AddConfig(fmt=1), r"^fmt takes a str"),
     (lambda: IndexConfig(nlist="8"), r"^nlist takes None or an int"),
     (lambda: IndexConfig(add_chunk=1.5), r"^add_chunk takes an int"),
     (lambda: IndexConfig(seed=-1), r"^--seed -1 must not be negative"),

@@ -28,7 +28,8 @@ def neighbor_ids(retriever: Retriever, scores: Scores, m: int) -> np.ndarray:
     _d, ids, vals = retriever.neighbors(scores.queries[:m], keep)
     k = min(vals.shape[1], scores.vals.shape[1])
     if not np.array_equal(vals[:, :k], scores.vals[:m, :k]):
-        log.warning("the search found other neighbours than the scores hold for %d of %d tokens",
+        log.warning("the search, run again with the scores' fp16 queries, found other neighbours than the scores "
+                    "hold for %d of %d tokens (near-ties, or their order): the page shows those found again",
                     int((vals[:, :k] != scores.vals[:m, :k]).any(1).sum()), m)
     return ids
 
