@@ -272,10 +272,11 @@ def open_corpus(
                 corpus.docs.extend(arrow_refs(f, text_field))
         else:
             files = _folder_files(path, glob, fmt) if path.is_dir() else [path]
+            dangling = {f for f in files if _dangling(f)}
             errors = []
             for f in files:
                 try:
-                    if _dangling(f):
+                    if f in dangling:
                         raise KNNLMError(f"{f} is a link to {os.readlink(f)}, which does not exist; fix the link, or "
                                          "exclude it with --glob.")
                     corpus.docs.extend(_file_refs(f, _kind(f, fmt), text_field))
@@ -286,7 +287,8 @@ def open_corpus(
                     corpus.skip(str(f), e)
             if errors and len(errors) == len(files):  # none readable: most likely a wrong flag, so say why
                 raise errors[0]
-        corpus.files = [_file_record(f) for f in files if not _dangling(f)]
+            files = [f for f in files if f not in dangling]  # nothing to record of a link to nothing
+        corpus.files = [_file_record(f) for f in files]
     if text_field != "text" and corpus.docs and all(r.kind == "text" and r.offset < 0 for r in corpus.docs):
         if source != "-" and Path(source).is_dir():
             raise KNNLMError(f"--text-field {text_field} names a JSONL field or a table's column, and the files of "

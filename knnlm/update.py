@@ -130,13 +130,16 @@ def _add(ds: Datastore, corpus: str, cfg: AddConfig, lm, progress) -> dict:
         many = f" ({len(dup)} documents are)" if len(dup) > 1 else ""
         raise KNNLMError(f"{dup[0]} is already in {ds.path}{many}; remove {'them' if many else 'it'} first with "
                          f"`knnlm remove {ds.path} DOC...`, or add other documents.")
-    held = {p: split for name, split in ds.heldout_names().items() for p in spell.stored(name)}
+    held, held_texts = {}, {}  # the held-out documents by path and by text, from one read of holdout.jsonl
+    for split, name, text in ds.iter_heldout():
+        held.update(dict.fromkeys(spell.stored(name), split))
+        held_texts[_digest(text)] = split
     mixed = sorted(name for name, p in paths.items() if p in held)
     if mixed:  # its neighbours would be its own text: eval's held-out perplexity would mean nothing
         many = f" ({len(mixed)} documents are)" if len(mixed) > 1 else ""
         raise KNNLMError(f"{mixed[0]} is held out of {ds.path} as its {held[paths[mixed[0]]]} text{many}; a "
                          "datastore never holds what eval and tune-lambda score, so add other documents.")
-    copies = _heldout_copies(ds, src)  # the same text under another name (a copy, a boilerplate file): left out
+    copies = _heldout_copies(held_texts, src)  # the same text under another name (a copy, a boilerplate file): left out
     if copies:
         for name, split in copies:
             log.warning("skipping %s: its text is a held-out (%s) document's, and a datastore never holds what eval "
@@ -263,9 +266,9 @@ def _file_of(name: str, files: set[str]) -> str | None:
     return file if sep and n.isdigit() and file in files else None
 
 
-def _heldout_copies(ds: Datastore, src) -> list[tuple[str, str]]:
-    """(name, split) of each of src's documents whose text is a held-out document's, under whatever name."""
-    held = {_digest(text): split for split, _, text in ds.iter_heldout()}
+def _heldout_copies(held: dict[bytes, str], src) -> list[tuple[str, str]]:
+    """(name, split) of each of src's documents whose text is a held-out document's (held: _digest(text) → split),
+    under whatever name."""
     if not held:
         return []
     copies = []

@@ -485,6 +485,24 @@ def test_train_index_holds_the_datastore_against_other_changes(ds3, monkeypatch)
     assert len(seen) == 1 and "being changed by another process" in seen[0]
 
 
+def test_a_refused_add_or_train_index_draws_no_progress_bar(ds3, three, tiny_model_dir):
+    """The refusal is all the output: add's bar waits for its checks, train-index's for the datastore's lock."""
+    import threading
+
+    from knnlm.journal import hold
+
+    stored = open_datastore(ds3).documents[0][0]
+    r = invoke("add", ds3, stored, "--model", tiny_model_dir)
+    assert r.exit_code == 1 and "is already in" in r.output and "adding" not in r.output, r.output
+    seen = []
+    with hold(ds3):  # another thread's change: its hold refuses this one's
+        t = threading.Thread(target=lambda: seen.append(invoke("train-index", ds3, "--exact")))
+        t.start()
+        t.join()
+    assert seen[0].exit_code == 1 and "being changed by another process" in seen[0].output, seen[0].output
+    assert "adding keys" not in seen[0].output
+
+
 def test_a_reader_of_a_folder_it_cannot_write_reads_the_last_committed_state(ds3, monkeypatch):
     import knnlm.journal as journal
 
